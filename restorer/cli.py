@@ -1,0 +1,228 @@
+"""The ``restorer`` command: thin Click commands over the library.
+
+Exit codes: 0 done; 1 the job failed (``RestorerError``); 2 bad usage or spec; 3 the job
+finished but some images were quarantined (see ``OUTPUT/_restorer/errors.parquet``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from restorer import jobs
+from restorer.errors import RestorerError, SpecError
+
+EXIT_FAILED_IMAGES = 3
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _errors_to_exit_codes(command):
+    """Map library errors to Click's: spec errors exit 2, other restorer errors exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SpecError as e:
+            raise click.UsageError(str(e)) from e
+        except RestorerError as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def resource_options(command):
+    """Options shared by every command that runs work on Ray."""
+    options = [
+        click.option("--workers", type=int, default=None,
+                     help="Restore actors or train workers (default: sized from the cluster)."),
+        click.option("--gpus-per-worker", type=float, default=None,
+                     help="GPUs per worker; 0 = CPU, fractions allowed (default: 1 if the "
+                          "cluster has GPUs, else 0)."),
+        click.option("--address", default=None,
+                     help="Ray cluster address (default: an embedded local Ray)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    if summary.get("kind") == "train":
+        click.echo(json.dumps({k: v for k, v in summary.items() if k != "spec"}, indent=2))
+        return
+    click.echo(
+        f"\nrestored {summary['succeeded']} of {summary['total']} images "
+        f"({summary['failed']} failed, {summary['skipped']} skipped as already done) "
+        f"in {summary['elapsed_seconds']:.1f} s, {summary['images_per_second']:.2f} images/s "
+        f"({summary['steady_images_per_second']:.2f} after start-up)")
+    job = summary.get("job")
+    if job and summary["skipped"]:
+        click.echo(f"whole job so far: {job['succeeded']} restored, {job['failed']} failed, "
+                   f"of {job['records']} inputs recorded")
+    if summary["errors_by_class"]:
+        click.echo("errors: " + ", ".join(f"{k} x{v}" for k, v in
+                                          summary["errors_by_class"].items()))
+    click.echo(f"model {summary['model']} (sha256 {summary['model_sha256'][:12]})")
+    click.echo(f"details: {summary['output'].rstrip('/')}/_restorer/")
+
+
+def _finish(summary: dict[str, Any], as_json: bool) -> None:
+    _print_summary(summary, as_json)
+    if summary.get("failed"):
+        sys.exit(EXIT_FAILED_IMAGES)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.version_option(package_name="restorer")
+def main(verbose: bool) -> None:
+    """Restore images with CNNs on Ray: locally, or on a cluster."""
+    _setup_logging(verbose)
+
+
+@main.command()
+@click.argument("input_uri", metavar="INPUT")
+@click.argument("output_uri", metavar="OUTPUT")
+@click.option("--model", default=None, help="Zoo name or .safetensors path (default model if "
+              "omitted); see `restorer models`.")
+@click.option("--tile", type=int, default=None, help="Tile side in pixels (0 = whole images).")
+@click.option("--overlap", type=int, default=None, help="Tile overlap (default: receptive field).")
+@click.option("--format", "fmt", type=click.Choice(["same", "png", "jpeg", "webp", "tiff"]),
+              default=None, help="Output format (default: same as the input).")
+@click.option("--jpeg-quality", type=int, default=None)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None)
+@click.option("--strength", type=float, default=None, help="0..1 blend with the input.")
+@click.option("--limit", type=int, default=None, help="Restore at most N inputs.")
+@click.option("--include", multiple=True, help="Glob on relative keys to include (repeatable).")
+@click.option("--exclude", multiple=True, help="Glob on relative keys to exclude (repeatable).")
+@click.option("--overwrite", is_flag=True, default=None, help="Redo everything.")
+@click.option("--retry-failed", is_flag=True, default=None, help="Redo quarantined inputs.")
+@click.option("--max-pixels", type=int, default=None, help="Quarantine larger images.")
+@click.option("--batch-size", type=int, default=None, help="Images per actor call.")
+@click.option("--num-cpus", type=int, default=None, help="Embedded Ray: CPUs to use.")
+@click.option("--object-store-mb", type=int, default=None, help="Embedded Ray: object store.")
+@resource_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_errors_to_exit_codes
+def restore(input_uri, output_uri, model, tile, overlap, fmt, jpeg_quality, precision, strength,
+            limit, include, exclude, overwrite, retry_failed, max_pixels, batch_size, num_cpus,
+            object_store_mb, workers, gpus_per_worker, address, as_json):
+    """Restore every image under INPUT into OUTPUT (same keys)."""
+    from restorer.launch import run_spec
+
+    spec = jobs.spec_from_flags(
+        jobs.RestoreSpec, input=input_uri, output=output_uri, model=model, tile=tile,
+        overlap=overlap, format=fmt, jpeg_quality=jpeg_quality, precision=precision,
+        strength=strength, limit=limit, include=list(include) or None,
+        exclude=list(exclude) or None, overwrite=overwrite, retry_failed=retry_failed,
+        max_pixels=max_pixels, batch_size=batch_size, num_cpus=num_cpus,
+        object_store_mb=object_store_mb, workers=workers, gpus_per_worker=gpus_per_worker,
+        address=address)
+    _finish(run_spec(spec), as_json)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@click.option("--input", "input_uri", default=None, help="Override input.uri.")
+@click.option("--output", "output_uri", default=None, help="Override output.uri.")
+@click.option("--model", default=None, help="Override the model.")
+@click.option("--limit", type=int, default=None, help="Override input.limit.")
+@resource_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_errors_to_exit_codes
+def run(spec_path, input_uri, output_uri, model, limit, workers, gpus_per_worker, address,
+        as_json):
+    """Run the job in a TOML spec file (kind = "restore" or "train")."""
+    from restorer.launch import run_spec
+
+    spec = jobs.load_spec(spec_path)
+    spec = jobs.apply_overrides(spec, input=input_uri, output=output_uri, model=model,
+                                limit=limit, workers=workers, gpus_per_worker=gpus_per_worker,
+                                address=address)
+    _finish(run_spec(spec), as_json)
+
+
+@main.command()
+@click.argument("paths", nargs=-1)
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_exit_codes
+def models(paths, as_json):
+    """List the bundled models, or describe model files given by path."""
+    from restorer.models import DEFAULT_MODEL, describe, zoo
+
+    rows = []
+    if paths:
+        for path in paths:
+            rows.append({"name": path, **describe(path)})
+    else:
+        for name, entry in zoo().items():
+            rows.append({"name": name, "default": name == DEFAULT_MODEL, **describe(str(entry.path)),
+                         "card": str(entry.card) if entry.card else None})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no bundled models found")
+    for row in rows:
+        net = row["net"]
+        metrics = row["provenance"].get("metrics", {})
+        mark = " (default)" if row.get("default") else ""
+        click.echo(f"{row['name']}{mark}: {net.get('arch')} channels={net.get('channels')} "
+                   f"{' '.join(f'{k}={v}' for k, v in net.items() if k not in ('arch', 'channels'))}"
+                   + (f"  metrics: {json.dumps(metrics)}" if metrics else ""))
+        if row.get("card"):
+            click.echo(f"  card: {row['card']}")
+
+
+@main.command()
+@click.argument("output_uri", metavar="OUTPUT")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--top", type=int, default=10, help="How many most-changed images to list.")
+@_errors_to_exit_codes
+def inspect(output_uri, as_json, top):
+    """Summarise a restore job's OUTPUT: summary, errors, the most changed images."""
+    from restorer.inspect import inspect_output
+
+    report = inspect_output(output_uri, top)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    summary = report["summary"]
+    if summary:
+        _print_summary(summary, False)
+    click.echo(f"\nrecords: {report['records']} ({report['failed']} failed)")
+    for row in report["errors"]:
+        click.echo(f"  error {row['key']}: [{row['stage']}] {row['error_class']}: "
+                   f"{row['message']}")
+    click.echo("most changed (mean |output - input|, 8-bit levels):")
+    for row in report["most_changed"]:
+        click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}")
+
+
+@main.command()
+@click.argument("folder")
+@click.option("--sigma", type=float, default=25.0, help="Noise level on the 0-255 scale.")
+@click.option("--clean", "clean_folder", default=None, help="Also write the clean originals here.")
+def samples(folder, sigma, clean_folder):
+    """Write a few noisy synthetic sample images (gray, RGB, RGBA, 16-bit) into FOLDER."""
+    from restorer.samples import write_samples
+
+    keys = write_samples(folder, sigma, clean_folder)
+    click.echo(f"wrote {len(keys)} sample images to {folder}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,277 @@
+"""Job specs: frozen dataclasses loaded from TOML, validated, with unknown keys rejected.
+
+A spec file has ``kind = "restore"`` or ``kind = "train"`` and one table per section below;
+``jobs/README.md`` documents every field. ``restorer restore`` and ``restorer train`` build the
+same specs from flags, and only the fields in :data:`OVERRIDES` may be overridden by flags.
+Specs hold no secrets: credentials stay in the environment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from restorer.codec import FORMATS
+from restorer.errors import SpecError
+from restorer.storage import IMAGE_EXTENSIONS, StorageOptions
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    uri: str = ""  # folder, file:// or s3:// prefix
+    extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # case-insensitive, with the dot
+    include: tuple[str, ...] = ()  # fnmatch globs on the relative key; empty = everything
+    exclude: tuple[str, ...] = ()
+    limit: int = 0  # restore at most this many inputs (in listing order); 0 = all
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    uri: str = ""
+    format: str = "same"  # same | png | jpeg | webp | tiff
+    jpeg_quality: int = 95  # JPEG and WebP; JPEG is always written 4:4:4
+    png_compress_level: int = 3
+    overwrite: bool = False  # redo every input even if the ledger says it is done
+    retry_failed: bool = False  # redo inputs quarantined by an earlier run
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str = ""  # zoo name or path/URI of a .safetensors model; "" = the default model
+    tile: int = 256  # tile side in input pixels; 0 = whole images (needs memory!)
+    overlap: int = 0  # tile overlap in pixels; 0 = the net's receptive field, rounded up to 8
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: bool = True  # on CUDA only
+    strength: float = 1.0  # 0..1 blend of restored output with the input
+
+
+@dataclass(frozen=True)
+class ResourceSpec:
+    address: str = ""  # "" = embedded local Ray; "auto" or ray://host:10001 for a cluster
+    workers: int = 0  # restore actors (or train workers); 0 = sized from the cluster
+    gpus_per_worker: float = -1.0  # -1 = 1 when the cluster has GPUs else 0; fractions allowed
+    cpus_per_worker: float = 0.0  # 0 = sized from the cluster (leaves CPUs for decode/encode)
+    threads_per_worker: int = 0  # torch threads in a CPU actor; 0 = the CPUs of its node
+    batch_size: int = 16  # images per actor call
+    tile_batch: int = 8  # tiles per forward pass
+    num_cpus: int = 0  # embedded Ray only: CPUs to use; 0 = all
+    object_store_mb: int = 0  # embedded Ray only: object store size; 0 = Ray's default
+
+
+@dataclass(frozen=True)
+class LimitSpec:
+    max_pixels: int = 100_000_000  # larger images are quarantined (decompression bombs)
+    max_input_mb: int = 512  # larger files are quarantined before they are read
+
+
+@dataclass(frozen=True)
+class StorageSpec:
+    endpoint_url: str = ""  # S3-compatible endpoint; "" = AWS_ENDPOINT_URL or AWS
+    region: str = ""
+    anon: bool = False
+
+    def options(self) -> StorageOptions:
+        return StorageOptions(self.endpoint_url or None, self.region or None, self.anon)
+
+
+@dataclass(frozen=True)
+class RestoreSpec:
+    kind: str = "restore"
+    name: str = ""  # a label for logs and job metadata
+    input: InputSpec = field(default_factory=InputSpec)
+    output: OutputSpec = field(default_factory=OutputSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
+    resources: ResourceSpec = field(default_factory=ResourceSpec)
+    limits: LimitSpec = field(default_factory=LimitSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
+
+    def validate(self) -> RestoreSpec:
+        if not self.input.uri:
+            raise SpecError("input.uri is empty; give the folder or prefix to restore")
+        if not self.output.uri:
+            raise SpecError("output.uri is empty; give the folder or prefix to write to")
+        if self.output.format not in FORMATS:
+            raise SpecError(f"output.format = {self.output.format!r}; use one of {FORMATS}")
+        if not 1 <= self.output.jpeg_quality <= 100:
+            raise SpecError(f"output.jpeg_quality = {self.output.jpeg_quality}; use 1..100")
+        if not 0 <= self.output.png_compress_level <= 9:
+            raise SpecError(f"output.png_compress_level = {self.output.png_compress_level}; "
+                            "use 0..9")
+        if self.model.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise SpecError(f"model.precision = {self.model.precision!r}; use auto, fp32, bf16 "
+                            "or fp16")
+        if not 0.0 <= self.model.strength <= 1.0:
+            raise SpecError(f"model.strength = {self.model.strength}; use 0..1")
+        if self.model.tile < 0 or self.model.overlap < 0:
+            raise SpecError("model.tile and model.overlap must be >= 0")
+        if 0 < self.model.tile < 32:
+            raise SpecError(f"model.tile = {self.model.tile} is too small; use >= 32 (or 0)")
+        resources = self.resources
+        if resources.workers < 0 or resources.batch_size < 1 or resources.tile_batch < 1:
+            raise SpecError("resources.workers must be >= 0, batch_size and tile_batch >= 1")
+        if resources.gpus_per_worker < 0 and resources.gpus_per_worker != -1.0:
+            raise SpecError(f"resources.gpus_per_worker = {resources.gpus_per_worker}; use -1 "
+                            "(auto), 0 (CPU) or a positive number")
+        if self.input.limit < 0:
+            raise SpecError(f"input.limit = {self.input.limit}; use 0 (all) or a positive count")
+        if self.limits.max_pixels < 1:
+            raise SpecError("limits.max_pixels must be >= 1")
+        return self
+
+    def fingerprint(self, model_sha256: str) -> dict[str, Any]:
+        """Every setting that changes output pixels or names (not workers or batch sizes)."""
+        return {
+            "model_sha256": model_sha256,
+            "tile": self.model.tile,
+            "overlap": self.model.overlap,
+            "precision": self.model.precision,
+            "strength": self.model.strength,
+            "format": self.output.format,
+            "jpeg_quality": self.output.jpeg_quality,
+            "png_compress_level": self.output.png_compress_level,
+        }
+
+
+# Fields that command-line flags may override, as flag name -> (section, field).
+OVERRIDES = {
+    "input": ("input", "uri"),
+    "output": ("output", "uri"),
+    "model": ("model", "name"),
+    "workers": ("resources", "workers"),
+    "gpus_per_worker": ("resources", "gpus_per_worker"),
+    "limit": ("input", "limit"),
+    "address": ("resources", "address"),
+}
+
+
+def _convert(value: Any, annotation: Any, where: str) -> Any:
+    """Check ``value`` against a field's type annotation, converting lists to tuples."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise SpecError(f"[{where}] must be a table, got {type(value).__name__}")
+        return from_dict(annotation, value, where)
+    if origin is tuple:
+        (item,) = {a for a in typing.get_args(annotation) if a is not Ellipsis}
+        if not isinstance(value, list | tuple):
+            raise SpecError(f"{where} must be a list, got {value!r}")
+        return tuple(_convert(v, item, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(annotation):
+            try:
+                return _convert(value, option, where)
+            except SpecError:
+                continue
+        raise SpecError(f"{where} = {value!r} has the wrong type; expected {annotation}")
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation in (int, float, str, bool) and not (
+            isinstance(value, annotation) and not (annotation is int and isinstance(value, bool))):
+        raise SpecError(f"{where} = {value!r} must be of type {annotation.__name__}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass ``cls`` from a TOML table; unknown keys are a ``SpecError``."""
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        section = f"[{where}]" if where else "the spec"
+        raise SpecError(f"Unknown keys {unknown} in {section}; allowed: {sorted(names)}")
+    values = {k: _convert(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**values)
+
+
+def replace_field(spec: Any, section: str, name: str, value: Any) -> Any:
+    """A copy of ``spec`` with ``spec.section.name = value`` (type-checked)."""
+    part = getattr(spec, section)
+    hint = typing.get_type_hints(type(part))[name]
+    value = _convert(value, hint, f"{section}.{name}")
+    return dataclasses.replace(spec, **{section: dataclasses.replace(part, **{name: value})})
+
+
+def apply_overrides(spec: Any, **overrides: Any) -> Any:
+    """Apply flag overrides (names from :data:`OVERRIDES`; ``None`` values are ignored)."""
+    for flag, value in overrides.items():
+        if value is None:
+            continue
+        if flag not in OVERRIDES:
+            raise SpecError(f"{flag!r} cannot be overridden by a flag; allowed: "
+                            f"{sorted(OVERRIDES)}")
+        section, name = OVERRIDES[flag]
+        if not hasattr(spec, section) or not hasattr(getattr(spec, section), name):
+            raise SpecError(f"A {spec.kind} spec has no {section}.{name} for --{flag}")
+        spec = replace_field(spec, section, name, value)
+    return spec
+
+
+def spec_from_flags(cls: type, **values: Any) -> Any:
+    """Build a spec from flat flag names (``tile=128, format="png"``), one field per name.
+
+    ``input``/``output``/``model`` name the URIs and the model; every other name must be a field
+    of exactly one section. ``None`` values are left at their defaults.
+    """
+    spec = cls()
+    aliases = {"input": ("input", "uri"), "output": ("output", "uri"), "model": ("model", "name")}
+    sections = [f.name for f in dataclasses.fields(cls) if dataclasses.is_dataclass(f.type)
+                or dataclasses.is_dataclass(typing.get_type_hints(cls)[f.name])]
+    for flag, value in values.items():
+        if value is None:
+            continue
+        if flag in aliases:
+            section, name = aliases[flag]
+        else:
+            owners = [s for s in sections if flag in
+                      {f.name for f in dataclasses.fields(getattr(spec, s))}]
+            if len(owners) != 1:
+                raise SpecError(f"Unknown option {flag!r} for a {spec.kind} job")
+            section, name = owners[0], flag
+        spec = replace_field(spec, section, name, value)
+    return spec
+
+
+SPEC_KINDS: dict[str, type] = {"restore": RestoreSpec}
+
+
+def register_kind(kind: str, cls: type) -> None:
+    """Register a spec class for ``kind`` (the training layer registers ``train``)."""
+    SPEC_KINDS[kind] = cls
+
+
+def spec_from_dict(data: dict[str, Any], source: str = "spec") -> Any:
+    kind = data.get("kind")
+    if kind not in SPEC_KINDS:
+        raise SpecError(f"{source}: kind = {kind!r}; use one of {sorted(SPEC_KINDS)}")
+    try:
+        return from_dict(SPEC_KINDS[kind], data)
+    except SpecError as e:
+        raise SpecError(f"{source}: {e}") from None
+
+
+def load_spec(path: str | Path) -> Any:
+    """Read and type-check a TOML job spec (not yet validated against storage or models)."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SpecError(f"Job spec {path} does not exist") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"Job spec {path} is not valid TOML: {e}") from None
+    return spec_from_dict(data, str(path))
+
+
+def spec_to_dict(spec: Any) -> dict[str, Any]:
+    """The resolved spec as plain JSON-able data (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(spec)))
+
+
+def digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()

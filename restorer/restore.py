@@ -1,0 +1,662 @@
+"""Restore jobs on Ray Data: list -> read+decode -> restore -> encode+write -> commit.
+
+The graph, top to bottom (:func:`run_restore`):
+
+1. **List** (driver, streaming per folder): input keys become rows, grouped into *work units*
+   of up to 64 keys of one folder. Unit boundaries depend on the keys alone, so a rerun over the
+   same input makes the same units. Two inputs that would write one output key become error
+   records here, and neither is written.
+2. **Read + decode** (CPU tasks, :func:`read_and_decode`): bytes -> pixels; any failure becomes
+   an error record on that row and the row flows on.
+3. **Restore** (a pool of :class:`RestoreActor`, one model per actor on its GPU or CPU): tiles
+   of one shape are batched across the images of a batch.
+4. **Encode + write** (CPU tasks, :func:`encode_and_write`): each output is published atomically
+   at ``OUTPUT/<key with the output extension>``.
+5. **Commit** (driver): when every row of a unit has come back, the unit's records are written
+   as one Parquet file ``_restorer/ledger/unit-<id>.parquet`` (and its failures to
+   ``_restorer/errors.parquet/unit-<id>.parquet``). A rerun skips committed units, so each
+   output is produced exactly once per job; work lost to a crash is bounded by the units that
+   were in flight.
+
+``OUTPUT/_restorer/job.json`` holds the spec and the job fingerprint; ``summary.json`` is
+written at the end of every run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import math
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from restorer import codec, storage
+from restorer.errors import ImageError, JobError, RestorerError, StorageError
+from restorer.jobs import RestoreSpec, digest, spec_from_flags, spec_to_dict
+from restorer.models import get_model, resolve_model_uri
+from restorer.tiling import run_tiled
+
+log = logging.getLogger(__name__)
+
+META_DIR = "_restorer"
+LEDGER_FORMAT_VERSION = 1
+UNIT_MAX_KEYS = 64
+UNIT_BOUNDARY_MODULUS = 16  # a unit also ends after a key whose crc32 is 0 modulo this
+
+PLAN_FIELDS = [
+    ("key", pa.string()), ("uri", pa.string()), ("out_key", pa.string()),
+    ("format", pa.string()), ("unit", pa.string()), ("unit_size", pa.int32()),
+    ("status", pa.string()), ("stage", pa.string()), ("error_class", pa.string()),
+    ("message", pa.string()),
+]
+DECODED_FIELDS = PLAN_FIELDS + [
+    ("pixels", pa.large_binary()), ("height", pa.int32()), ("width", pa.int32()),
+    ("channels", pa.int32()), ("bits", pa.int32()), ("alpha", pa.large_binary()),
+    ("icc", pa.binary()), ("exif", pa.binary()), ("src_format", pa.string()),
+    ("src_mode", pa.string()), ("note", pa.string()), ("in_bytes", pa.int64()),
+]
+RESTORED_FIELDS = DECODED_FIELDS + [
+    ("out_height", pa.int32()), ("out_width", pa.int32()), ("tiles", pa.int32()),
+    ("model_seconds", pa.float64()), ("change_mean", pa.float32()),
+    ("change_p99", pa.float32()),
+]
+RECORD_FIELDS = [f for f in RESTORED_FIELDS if f[0] not in ("pixels", "alpha", "icc", "exif",
+                                                            "uri")] + [
+    ("out_bytes", pa.int64()), ("sha256", pa.string()), ("write_seconds", pa.float64()),
+]
+DECODED_SCHEMA = pa.schema(DECODED_FIELDS)
+RESTORED_SCHEMA = pa.schema(RESTORED_FIELDS)
+RECORD_SCHEMA = pa.schema(RECORD_FIELDS)
+ERROR_COLUMNS = ["key", "unit", "stage", "error_class", "message"]
+
+
+def _defaults(fields: list[tuple[str, pa.DataType]]) -> dict[str, Any]:
+    values = {}
+    for name, kind in fields:
+        if pa.types.is_string(kind):
+            values[name] = ""
+        elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+            values[name] = b""
+        elif pa.types.is_floating(kind):
+            values[name] = 0.0
+        else:
+            values[name] = 0
+    return values
+
+
+def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    defaults = _defaults([(f.name, f.type) for f in schema])
+    return pa.Table.from_pylist([{**defaults, **{k: r[k] for k in r if k in defaults}}
+                                 for r in rows], schema=schema)
+
+
+def _fail(row: dict[str, Any], stage: str, error: BaseException) -> dict[str, Any]:
+    row.update(status="failed", stage=stage, error_class=type(error).__name__,
+               message=str(error)[:2000])
+    return row
+
+
+# --- 1. listing and work units ---------------------------------------------------------------
+
+def output_key(key: str, requested_format: str) -> tuple[str, str]:
+    """(output key, output format) for an input key: same folder and stem, format's extension.
+
+    With format ``same`` an input keeps its extension when that format is written back as is
+    (``a.JPEG`` stays ``a.JPEG``); GIF and BMP become PNG.
+    """
+    stem, _, ext = key.rpartition(".")
+    if not stem:
+        stem, ext = key, ""
+    fmt = codec.output_format(codec.format_from_name(key), requested_format)
+    if requested_format == "same" and codec.format_from_name(key) not in ("GIF", "BMP"):
+        return key, fmt
+    return stem + codec.EXTENSIONS[fmt], fmt
+
+
+@dataclass
+class Unit:
+    id: str
+    rows: list[dict[str, Any]]
+    input_bytes: int = 0
+
+
+def _unit_id(keys: list[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
+
+
+def plan_units(spec: RestoreSpec) -> Iterator[Unit]:
+    """The work units of a job, streaming: one folder is listed at a time."""
+    options = spec.storage.options()
+    remaining = spec.input.limit or math.inf
+    for entries in storage.walk_files(spec.input.uri, spec.input.extensions, spec.input.include,
+                                      spec.input.exclude, options=options):
+        entries = entries[:int(min(len(entries), remaining))]
+        remaining -= len(entries)
+        targets: dict[str, list[str]] = {}
+        rows = []
+        for entry in entries:
+            out_key, fmt = output_key(entry.key, spec.output.format)
+            targets.setdefault(out_key.lower(), []).append(entry.key)
+            rows.append({"key": entry.key, "uri": entry.uri, "out_key": out_key, "format": fmt,
+                         "size": entry.size, "status": "", "stage": "", "error_class": "",
+                         "message": ""})
+        for row in rows:
+            others = targets[row["out_key"].lower()]
+            if len(others) > 1:
+                row.update(status="failed", stage="plan", error_class="OutputCollision",
+                           message=f"inputs {others} would all be written to "
+                                   f"{row['out_key']!r} (names differ only in extension or "
+                                   "case); rename them or choose another --format")
+        unit: list[dict[str, Any]] = []
+        for index, row in enumerate(rows):
+            unit.append(row)
+            last = index == len(rows) - 1
+            if (last or len(unit) >= UNIT_MAX_KEYS
+                    or zlib.crc32(row["key"].encode()) % UNIT_BOUNDARY_MODULUS == 0):
+                unit_id = _unit_id([r["key"] for r in unit])
+                for r in unit:
+                    r["unit"], r["unit_size"] = unit_id, len(unit)
+                yield Unit(unit_id, unit, sum(r["size"] for r in unit))
+                unit = []
+        if remaining <= 0:
+            return
+
+
+# --- 2. read + decode (CPU tasks) ------------------------------------------------------------
+
+def read_and_decode(batch: pa.Table, storage_options: storage.StorageOptions, max_pixels: int,
+                    max_input_bytes: int) -> pa.Table:
+    """Ray Data task: read and decode each row; failures become error records on the row."""
+    rows = []
+    for row in batch.to_pylist():
+        if row["status"] != "failed":
+            try:
+                if row["size"] > max_input_bytes:
+                    raise ImageError(f"{row['key']} is {row['size']} bytes, above "
+                                     f"limits.max_input_mb; raise it if the file is genuine")
+                data = storage.read_bytes(row["uri"], storage_options)
+                row["in_bytes"] = len(data)
+            except (StorageError, ImageError, OSError) as e:
+                rows.append(_fail(row, "read", e))
+                continue
+            try:
+                image = codec.decode(data, max_pixels=max_pixels, name=row["key"])
+                row.update(pixels=image.pixels.tobytes(), height=image.pixels.shape[0],
+                           width=image.pixels.shape[1], channels=image.pixels.shape[2],
+                           bits=image.pixels.dtype.itemsize * 8,
+                           alpha=b"" if image.alpha is None else image.alpha.tobytes(),
+                           icc=image.icc or b"", exif=image.exif or b"",
+                           src_format=image.format, src_mode=image.mode, note=image.note,
+                           status="decoded")
+            except Exception as e:  # noqa: BLE001 - any decoder failure quarantines one image
+                _fail(row, "decode", e)
+        rows.append(row)
+    return _table(rows, DECODED_SCHEMA)
+
+
+def _pixels(row: dict[str, Any], name: str = "pixels", channels: int | None = None,
+            height: int | None = None, width: int | None = None) -> np.ndarray:
+    dtype = np.uint16 if row["bits"] == 16 else np.uint8
+    shape = (height or row["height"], width or row["width"], channels or row["channels"])
+    return np.frombuffer(row[name], dtype=dtype).reshape(shape)
+
+
+# --- 3. restore (actor pool) -----------------------------------------------------------------
+
+class RestoreActor:
+    """Holds one model on one device and restores batches of images.
+
+    Use it in the project's pipeline or in your own Ray Data pipeline::
+
+        ds = ray.data.read_images("s3://bucket/in/")  # an "image" column of HWC uint8 arrays
+        ds = ds.map_batches(RestoreActor, fn_constructor_kwargs={"model": "denoise-gray"},
+                            compute=ray.data.ActorPoolStrategy(size=2), num_gpus=1,
+                            batch_size=16)
+
+    Given a batch with an ``image`` column (numpy format), it returns the batch with restored
+    images in that column. Gray nets restore each plane of an RGB image on its own; color nets
+    restore a gray image as three equal planes and return their mean. Precision: fp32 on CPU;
+    bf16 autocast and channels_last on CUDA unless ``precision="fp32"``.
+    """
+
+    def __init__(self, model: str | None = None, tile: int = 256, overlap: int = 0,
+                 precision: str = "auto", channels_last: bool = True, strength: float = 1.0,
+                 tile_batch: int = 8, threads: int = 0, device: str = "auto",
+                 storage_options: storage.StorageOptions = storage.StorageOptions()):
+        if threads:
+            torch.set_num_threads(threads)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        loaded = get_model(model, storage_options)
+        self.model_sha256 = loaded.sha256
+        self.net = loaded.net.to(self.device).eval()
+        self.channels = self.net.channels
+        self.scale = getattr(self.net, "scale", 1)
+        receptive_field = self.net.receptive_field
+        self.halo = receptive_field // 2
+        self.overlap = max(overlap, 2 * self.halo + 1) if overlap else 8 * math.ceil(
+            (receptive_field + 1) / 8)
+        self.tile = tile
+        self.tile_batch = tile_batch
+        self.strength = strength
+        self.channels_last = channels_last and self.device.type == "cuda"
+        if self.channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if self.device.type != "cuda" or precision == "fp32":
+            self.autocast_dtype = None
+        elif precision == "fp16":
+            self.autocast_dtype = torch.float16
+        else:
+            self.autocast_dtype = torch.bfloat16
+        log.info("RestoreActor: %s on %s (tile %d, overlap %d, threads %d)", loaded.source,
+                 self.device, tile, self.overlap, torch.get_num_threads())
+
+    @torch.inference_mode()
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            batch = batch.contiguous(memory_format=torch.channels_last)
+        if self.autocast_dtype is None:
+            return self.net(batch)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+            return self.net(batch)
+
+    def _to_tensor(self, array: np.ndarray) -> torch.Tensor:
+        peak = 65535.0 if array.dtype == np.uint16 else 255.0
+        # frombuffer arrays are read-only; torch wants writable memory, so copy (cheap vs the net)
+        tensor = torch.from_numpy(array.astype(np.float32 if array.dtype == np.uint16
+                                               else np.uint8, copy=True))
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor.permute(2, 0, 1).float().div_(peak)
+
+    @torch.inference_mode()
+    def restore_arrays(self, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], list[dict]]:
+        """Restore HWC uint8/uint16 arrays; returns same-dtype arrays and per-image stats."""
+        tensors = [self._to_tensor(a) for a in arrays]
+        planes: list[torch.Tensor] = []
+        owners: list[tuple[int, int]] = []  # (image index, how many net inputs it became)
+        for index, tensor in enumerate(tensors):
+            if self.channels == 1:
+                parts = [plane[None] for plane in tensor]
+            elif tensor.shape[0] == 1:
+                parts = [tensor.expand(self.channels, -1, -1)]
+            else:
+                parts = [tensor]
+            planes.extend(parts)
+            owners.append((index, len(parts)))
+        restored = run_tiled(planes, self._forward, self.tile, self.overlap, self.halo,
+                             self.scale, self.tile_batch)
+        results, stats, cursor = [], [], 0
+        for (index, count), source in zip(owners, tensors):
+            parts = restored[cursor:cursor + count]
+            cursor += count
+            out = torch.cat(parts, 0) if self.channels == 1 else parts[0]
+            if out.shape[0] != source.shape[0]:
+                out = out.mean(0, keepdim=True)
+            if self.strength < 1.0:
+                base = source if self.scale == 1 else torch.nn.functional.interpolate(
+                    source[None], scale_factor=self.scale, mode="bicubic")[0]
+                out = base + self.strength * (out - base)
+            out = out.clamp_(0, 1)
+            peak = 65535.0 if arrays[index].dtype == np.uint16 else 255.0
+            stats.append(self._change(source, out, peak))
+            array = (out * peak).round_().permute(1, 2, 0).to("cpu").numpy()
+            results.append(array.astype(arrays[index].dtype))
+        return results, stats
+
+    def _change(self, source: torch.Tensor, out: torch.Tensor, peak: float) -> dict[str, float]:
+        """Mean and 99th percentile of |output - input| in 8-bit levels, on a <=256px view."""
+        if self.scale > 1:
+            out = torch.nn.functional.avg_pool2d(out[None], self.scale)[0]
+        step = max(1, math.ceil(max(source.shape[-2:]) / 256))
+        diff = (out[:, ::step, ::step] - source[:, ::step, ::step]).abs().flatten() * 255.0
+        return {"change_mean": float(diff.mean()), "change_p99": float(torch.quantile(diff, 0.99))}
+
+    def __call__(self, batch):
+        if isinstance(batch, dict):  # a user's pipeline: numpy batches with an "image" column
+            arrays = [np.asarray(a) for a in batch["image"]]
+            arrays = [a[..., None] if a.ndim == 2 else a for a in arrays]
+            restored, _ = self.restore_arrays(arrays)
+            batch["image"] = np.array([r[..., 0] if r.shape[-1] == 1 and a.ndim == 2 else r
+                                       for r, a in zip(restored, batch["image"])] + [None],
+                                      dtype=object)[:-1]
+            return batch
+        rows = batch.to_pylist()
+        ready = [r for r in rows if r["status"] == "decoded"]
+        started = time.perf_counter()
+        try:
+            self._restore_rows(ready)
+        except Exception:  # noqa: BLE001 - find the image at fault, one by one
+            for row in ready:
+                try:
+                    self._restore_rows([row])
+                except Exception as e:  # noqa: BLE001
+                    _fail(row, "restore", e)
+                    row["pixels"] = row["alpha"] = b""
+        seconds = (time.perf_counter() - started) / max(1, len(ready))
+        for row in ready:
+            row["model_seconds"] = seconds
+        return _table(rows, RESTORED_SCHEMA)
+
+    def _restore_rows(self, rows: list[dict[str, Any]]) -> None:
+        if not rows:
+            return
+        arrays = [_pixels(r) for r in rows]
+        restored, stats = self.restore_arrays(arrays)
+        for row, array, stat in zip(rows, restored, stats):
+            row.update(stat, pixels=array.tobytes(), out_height=array.shape[0],
+                       out_width=array.shape[1], status="restored",
+                       tiles=_tile_count(row["height"], row["width"], self.tile, self.overlap))
+
+
+def _tile_count(height: int, width: int, tile: int, overlap: int) -> int:
+    from restorer.tiling import plan_tiles
+
+    return plan_tiles(height, width, tile, overlap).count
+
+
+# --- 4. encode + write (CPU tasks) -----------------------------------------------------------
+
+def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOptions,
+                     storage_options: storage.StorageOptions) -> pa.Table:
+    """Ray Data task: encode each restored row and publish it atomically under the output."""
+    records = []
+    for row in batch.to_pylist():
+        if row["status"] == "restored":
+            started = time.perf_counter()
+            try:
+                pixels = _pixels(row, height=row["out_height"], width=row["out_width"])
+                alpha = None
+                if row["alpha"]:
+                    alpha = _pixels(row, "alpha", channels=1)[..., 0]
+                    if alpha.shape != pixels.shape[:2]:
+                        alpha = _resize_plane(alpha, pixels.shape[1], pixels.shape[0])
+                data = codec.encode(pixels, alpha, row["format"], row["icc"] or None,
+                                    row["exif"] or None, options)
+                storage.write_bytes(storage.join(output_uri, row["out_key"]), data,
+                                    storage_options)
+                row.update(status="ok", out_bytes=len(data),
+                           sha256=hashlib.sha256(data).hexdigest(),
+                           write_seconds=time.perf_counter() - started)
+            except Exception as e:  # noqa: BLE001 - one image's failure is its record
+                _fail(row, "write", e)
+        elif row["status"] != "failed":
+            _fail(row, "restore", RestorerError(f"row arrived with status {row['status']!r}"))
+        records.append(row)
+    return _table(records, RECORD_SCHEMA)
+
+
+def _resize_plane(plane: np.ndarray, width: int, height: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(plane).resize((width, height), Image.BICUBIC))
+
+
+# --- 5. the job: output folder, ledger, commit, summary --------------------------------------
+
+@dataclass
+class JobState:
+    spec: RestoreSpec
+    model_uri: str
+    model_sha256: str
+    fingerprint: dict[str, Any]
+    started: float = field(default_factory=time.time)
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    skipped_units: int = 0
+    committed_units: int = 0
+    input_bytes: int = 0
+    output_bytes: int = 0
+    megapixels: float = 0.0
+    first_result: float | None = None
+    errors_by_class: dict[str, int] = field(default_factory=dict)
+    notes: int = 0
+
+
+def meta_uri(spec: RestoreSpec, *parts: str) -> str:
+    return storage.join(spec.output.uri, "/".join((META_DIR, *parts)))
+
+
+def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: str) -> None:
+    """Claim the output for this job, or refuse it if it holds a different job."""
+    options = spec.storage.options()
+    job_uri = meta_uri(spec, "job.json")
+    if storage.exists(job_uri, options):
+        previous = json.loads(storage.read_bytes(job_uri, options))
+        if previous.get("ledger_format_version", 0) > LEDGER_FORMAT_VERSION:
+            raise JobError(f"{spec.output.uri} was written by a newer restorer (ledger format "
+                           f"{previous['ledger_format_version']}); upgrade restorer")
+        old = previous.get("fingerprint", {})
+        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        if changed and not spec.output.overwrite:
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
+            raise JobError(f"{spec.output.uri} holds a job with different settings ({details}); "
+                           "use the same settings to resume, another output, or --overwrite")
+    elif storage.list_names(spec.output.uri, options) and not spec.output.overwrite:
+        raise JobError(f"Output {spec.output.uri} is not empty and holds no restorer job; "
+                       "choose an empty output or pass --overwrite")
+    if spec.output.overwrite:
+        storage.delete(meta_uri(spec, "ledger"), options, recursive=True)
+        storage.delete(meta_uri(spec, "errors.parquet"), options, recursive=True)
+    record = {"ledger_format_version": LEDGER_FORMAT_VERSION, "fingerprint": fingerprint,
+              "fingerprint_sha256": digest(fingerprint), "model": model_uri,
+              "spec": spec_to_dict(spec), "created": time.time()}
+    storage.write_bytes(job_uri, json.dumps(record, indent=2).encode(), options)
+
+
+def committed_units(spec: RestoreSpec) -> tuple[set[str], set[str]]:
+    """(units with a ledger record, units with error records) in the output."""
+    options = spec.storage.options()
+
+    def ids(folder: str) -> set[str]:
+        return {n[len("unit-"):-len(".parquet")] for n in storage.list_names(
+            meta_uri(spec, folder), options) if n.startswith("unit-") and n.endswith(".parquet")}
+
+    return ids("ledger"), ids("errors.parquet")
+
+
+def ledger_totals(spec: RestoreSpec) -> dict[str, int]:
+    """Counts over the whole job (every run so far), scanning only the ledger's status column."""
+    import pyarrow.dataset as pads
+
+    options = spec.storage.options()
+    totals = {"records": 0, "succeeded": 0, "failed": 0}
+    if not storage.list_names(meta_uri(spec, "ledger"), options):
+        return totals
+    fs, path = storage.filesystem(meta_uri(spec, "ledger"), options)
+    for batch in pads.dataset(path, filesystem=fs, format="parquet").to_batches(
+            columns=["status"]):
+        ok = sum(1 for status in batch.column(0).to_pylist() if status == "ok")
+        totals["records"] += batch.num_rows
+        totals["succeeded"] += ok
+        totals["failed"] += batch.num_rows - ok
+    return totals
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
+                had_errors: bool) -> None:
+    """Write a unit's records atomically: errors first, then the ledger entry that commits it."""
+    options = spec.storage.options()
+    errors = [r for r in records if r["status"] != "ok"]
+    error_uri = meta_uri(spec, "errors.parquet", f"unit-{unit}.parquet")
+    if errors:
+        table = pa.Table.from_pylist([{c: r[c] for c in ERROR_COLUMNS} for r in errors])
+        storage.write_bytes(error_uri, _parquet_bytes(table), options)
+    elif had_errors:
+        storage.delete(error_uri, options)
+    ledger = pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+    storage.write_bytes(meta_uri(spec, "ledger", f"unit-{unit}.parquet"), _parquet_bytes(ledger),
+                        options)
+
+
+def _account(state: JobState, record: dict[str, Any]) -> None:
+    if record["status"] == "ok":
+        state.succeeded += 1
+        state.output_bytes += record["out_bytes"]
+        state.megapixels += record["width"] * record["height"] / 1e6
+    else:
+        state.failed += 1
+        state.errors_by_class[record["error_class"]] = (
+            state.errors_by_class.get(record["error_class"], 0) + 1)
+    state.notes += bool(record["note"])
+
+
+def _summary(state: JobState, elapsed: float) -> dict[str, Any]:
+    processed = state.succeeded + state.failed
+    steady = elapsed - (state.first_result - state.started) if state.first_result else elapsed
+    return {
+        "status": "failed_images" if state.failed else "ok",
+        "total": state.total, "succeeded": state.succeeded, "failed": state.failed,
+        "skipped": state.skipped, "skipped_units": state.skipped_units,
+        "committed_units": state.committed_units,
+        "elapsed_seconds": round(elapsed, 3),
+        "startup_seconds": round((state.first_result or time.time()) - state.started, 3),
+        "images_per_second": round(processed / elapsed, 3) if elapsed > 0 else 0.0,
+        "steady_images_per_second": round(processed / steady, 3) if steady > 0 else 0.0,
+        "megapixels": round(state.megapixels, 3), "input_bytes": state.input_bytes,
+        "output_bytes": state.output_bytes, "errors_by_class": state.errors_by_class,
+        "images_with_notes": state.notes,
+        "model": state.model_uri, "model_sha256": state.model_sha256,
+        "fingerprint": state.fingerprint, "spec": spec_to_dict(state.spec),
+        "output": state.spec.output.uri,
+    }
+
+
+def build_pipeline(spec: RestoreSpec, rows: list[dict[str, Any]], plan) -> Any:
+    """The Ray Data graph of a restore job over planned ``rows`` (one pipeline builder)."""
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    options = spec.storage.options()
+    encode_options = codec.EncodeOptions(spec.output.format, spec.output.jpeg_quality,
+                                         spec.output.png_compress_level)
+    blocks = max(1, min(len(rows), math.ceil(len(rows) / 8)))
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    ds = ds.map_batches(
+        read_and_decode, batch_format="pyarrow", batch_size=8, num_cpus=0.5,
+        fn_kwargs={"storage_options": options, "max_pixels": spec.limits.max_pixels,
+                   "max_input_bytes": spec.limits.max_input_mb * 1024 * 1024})
+    ds = ds.map_batches(
+        RestoreActor, batch_format="pyarrow", batch_size=spec.resources.batch_size,
+        compute=ActorPoolStrategy(size=plan.workers), num_cpus=plan.cpus_per_worker,
+        num_gpus=plan.gpus_per_worker,
+        fn_constructor_kwargs={
+            "model": spec.model.name or None, "tile": spec.model.tile,
+            "overlap": spec.model.overlap, "precision": spec.model.precision,
+            "channels_last": spec.model.channels_last, "strength": spec.model.strength,
+            "tile_batch": spec.resources.tile_batch, "threads": plan.threads_per_worker,
+            "storage_options": options})
+    return ds.map_batches(
+        encode_and_write, batch_format="pyarrow", batch_size=8, num_cpus=0.5,
+        fn_kwargs={"output_uri": spec.output.uri, "options": encode_options,
+                   "storage_options": options})
+
+
+def run_restore(spec: RestoreSpec) -> dict[str, Any]:
+    """Run a restore job to the end; returns (and writes) its summary."""
+    from restorer.runtime import cluster_shape, ensure_ray, plan_workers
+
+    spec = spec.validate()
+    options = spec.storage.options()
+    model_uri = resolve_model_uri(spec.model.name or None)
+    model_sha256 = hashlib.sha256(storage.read_bytes(model_uri, options)).hexdigest()
+    get_model(model_uri, options)  # fail here, before any work, if the model is unusable
+    fingerprint = spec.fingerprint(model_sha256)
+    state = JobState(spec, model_uri, model_sha256, fingerprint)
+    if not storage.is_remote(spec.input.uri) and not storage.is_remote(spec.output.uri):
+        import os
+
+        inp = os.path.realpath(storage.local_path(spec.input.uri))
+        out = os.path.realpath(storage.local_path(spec.output.uri))
+        if out == inp:
+            raise JobError(f"Output {spec.output.uri} is the input folder; outputs would "
+                           "overwrite inputs. Choose another output folder")
+    prepare_output(spec, fingerprint, model_uri)
+    done, with_errors = committed_units(spec)
+    redo = with_errors if spec.output.retry_failed else set()
+
+    rows: list[dict[str, Any]] = []
+    pending_units: dict[str, int] = {}
+    for unit in plan_units(spec):
+        state.total += len(unit.rows)
+        if unit.id in done and unit.id not in redo and not spec.output.overwrite:
+            state.skipped += len(unit.rows)
+            state.skipped_units += 1
+            continue
+        state.input_bytes += unit.input_bytes
+        pending_units[unit.id] = len(unit.rows)
+        rows.extend(unit.rows)
+    log.info("%d inputs in %d units to restore; %d skipped (already committed)",
+             len(rows), len(pending_units), state.skipped)
+
+    if rows:
+        ensure_ray(spec.resources.address, spec.resources.num_cpus,
+                   spec.resources.object_store_mb)
+        plan = plan_workers(spec.resources.workers, spec.resources.gpus_per_worker,
+                            spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
+                            *cluster_shape())
+        log.info("worker plan: %s", plan)
+        _execute(spec, state, build_pipeline(spec, rows, plan), pending_units, with_errors)
+    summary = _summary(state, time.time() - state.started)
+    summary["job"] = ledger_totals(spec)
+    storage.write_bytes(meta_uri(spec, "summary.json"), json.dumps(summary, indent=2).encode(),
+                        options)
+    return summary
+
+
+def _execute(spec: RestoreSpec, state: JobState, ds: Any, pending: dict[str, int],
+             with_errors: set[str]) -> None:
+    """Consume the pipeline's records in the driver and commit units as they complete."""
+    open_units: dict[str, list[dict[str, Any]]] = {}
+    todo = sum(pending.values())
+    last_log = time.time()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if state.first_result is None:
+            state.first_result = time.time()
+        for record in batch.to_pylist():
+            _account(state, record)
+            unit = open_units.setdefault(record["unit"], [])
+            unit.append(record)
+            if len(unit) == pending[record["unit"]]:
+                commit_unit(spec, record["unit"], unit, record["unit"] in with_errors)
+                state.committed_units += 1
+                del open_units[record["unit"]]
+        now = time.time()
+        if now - last_log > 10:
+            done = state.succeeded + state.failed
+            rate = done / max(now - state.started, 1e-9)
+            log.info("restored %d/%d images (%d failed), %.2f images/s, ETA %.0f s", done, todo,
+                     state.failed, rate, (todo - done) / rate if rate else float("nan"))
+            last_log = now
+    if open_units:
+        raise JobError(f"{len(open_units)} work units did not complete; rerun to finish them")
+
+
+def restore(input: str, output: str, model: str | None = None, **options: Any) -> dict[str, Any]:
+    """Restore every image under ``input`` into ``output``; returns the job summary.
+
+    ``options`` are spec fields by name (``tile=256, format="png", workers=2, limit=100,
+    overwrite=True, ...``; see ``jobs/README.md``). Runs on the connected Ray cluster, or starts
+    an embedded one.
+    """
+    spec = spec_from_flags(RestoreSpec, input=input, output=output, model=model, **options)
+    return run_restore(spec)

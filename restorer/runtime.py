@@ -1,0 +1,90 @@
+"""Connecting to Ray and sizing work from the cluster it finds.
+
+The embedded default is a single-node Ray started in this process with explicit CPUs and object
+store size. ``RAY_AUTH_MODE`` is set deliberately: token authentication stays on (Ray's default
+since 2.59; the token lives in ``~/.ray/auth_token`` or ``RAY_AUTH_TOKEN``) unless the caller set
+the variable already.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+from restorer.errors import SpecError
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0) -> None:
+    """Start an embedded Ray (``address == ""``) or connect to ``address``; no-op if connected."""
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray reads its config at import
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return
+    kwargs = {"include_dashboard": False, "configure_logging": True,
+              "logging_level": logging.WARNING}
+    if num_cpus:
+        kwargs["num_cpus"] = num_cpus
+    if object_store_mb:
+        kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
+    ray.init(**kwargs)
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    workers: int  # actors (restore) or train workers
+    cpus_per_worker: float
+    gpus_per_worker: float
+    threads_per_worker: int  # torch intra-op threads
+
+
+def cluster_shape() -> tuple[float, float, float, int]:
+    """(total CPUs, total GPUs, largest node's CPUs, nodes alive) of the connected cluster."""
+    import ray
+
+    total = ray.cluster_resources()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    node_cpus = max((n["Resources"].get("CPU", 0.0) for n in nodes), default=0.0)
+    return total.get("CPU", 0.0), total.get("GPU", 0.0), node_cpus, len(nodes)
+
+
+def plan_workers(workers: int, gpus_per_worker: float, cpus_per_worker: float,
+                 threads_per_worker: int, total_cpus: float, total_gpus: float,
+                 node_cpus: float, nodes: int, reserve_cpus: float = 1.0) -> WorkerPlan:
+    """Size the worker pool from the cluster, refusing plans that cannot be scheduled.
+
+    A plan that takes every CPU would starve the decode/encode tasks and hang the pipeline
+    forever, so ``reserve_cpus`` always stay free. CPU workers ask for half a node's CPUs but
+    run ``threads_per_worker`` torch threads (default: all the node's cores), because decode and
+    encode tasks only use their share in bursts.
+    """
+    if gpus_per_worker == -1.0:
+        gpus_per_worker = 1.0 if total_gpus >= 1 else 0.0
+    if gpus_per_worker > 0:
+        if total_gpus < gpus_per_worker:
+            raise SpecError(f"gpus_per_worker = {gpus_per_worker} but the cluster has "
+                            f"{total_gpus:g} GPUs; use --gpus-per-worker 0 to run on CPUs")
+        workers = workers or max(1, math.floor(total_gpus / gpus_per_worker + 1e-9))
+        cpus_per_worker = cpus_per_worker or 1.0
+        threads_per_worker = threads_per_worker or 2
+        if workers * gpus_per_worker > total_gpus + 1e-9:
+            raise SpecError(f"{workers} workers x {gpus_per_worker:g} GPUs need more than the "
+                            f"cluster's {total_gpus:g} GPUs; lower --workers")
+    else:
+        cpus_per_worker = cpus_per_worker or max(0.5, math.floor(node_cpus / 2))
+        workers = workers or max(1, nodes if total_cpus - nodes * cpus_per_worker >= reserve_cpus
+                                 else 1)
+        threads_per_worker = threads_per_worker or max(1, int(node_cpus))
+    if workers * cpus_per_worker > total_cpus - reserve_cpus + 1e-9:
+        raise SpecError(
+            f"{workers} workers x {cpus_per_worker:g} CPUs leave fewer than {reserve_cpus:g} of "
+            f"the cluster's {total_cpus:g} CPUs for reading and writing, and the job would hang; "
+            "lower --workers or resources.cpus_per_worker")
+    return WorkerPlan(workers, cpus_per_worker, gpus_per_worker, threads_per_worker)

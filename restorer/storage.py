@@ -1,0 +1,232 @@
+"""One storage layer for local paths, ``file://`` and ``s3://`` URIs.
+
+Keys are relative POSIX paths ("a/b.png") under a root URI. Every key that comes from outside
+(a listing, a shard, a manifest) goes through :func:`check_key` before it is joined to an output
+root, so nothing is ever written outside it. Writes are atomic: a local file is written to a
+temporary name beside its final one and renamed into place; an S3 object is one PUT, which S3
+publishes whole. A reader never sees a truncated file at a final key.
+
+Credentials come from the standard AWS environment (``AWS_ACCESS_KEY_ID``, profiles,
+``AWS_ENDPOINT_URL``) or from :class:`StorageOptions`; neither is ever logged.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import fsspec
+
+from restorer.errors import StorageError
+
+IMAGE_EXTENSIONS = (
+    ".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif",
+)
+
+
+@dataclass(frozen=True)
+class StorageOptions:
+    """How to reach object storage; no secrets here (they stay in the environment)."""
+
+    endpoint_url: str | None = None  # e.g. a MinIO or moto server; default: AWS_ENDPOINT_URL
+    region: str | None = None
+    anon: bool = False  # unsigned requests, for public buckets
+
+
+@dataclass(frozen=True)
+class Entry:
+    key: str  # relative POSIX path under the listed root
+    uri: str  # full URI or local path to read it from
+    size: int  # bytes
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.startswith("file://") else uri
+
+
+@lru_cache(maxsize=8)
+def _s3(options: StorageOptions) -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    client_kwargs = {}
+    if options.endpoint_url:
+        client_kwargs["endpoint_url"] = options.endpoint_url
+    if options.region:
+        client_kwargs["region_name"] = options.region
+    return s3fs.S3FileSystem(anon=options.anon, client_kwargs=client_kwargs)
+
+
+def filesystem(uri: str, options: StorageOptions = StorageOptions()):
+    """The fsspec filesystem for ``uri`` and the path to hand it."""
+    if uri.startswith("s3://"):
+        return _s3(options), uri[len("s3://"):]
+    if is_remote(uri):
+        raise StorageError(f"Unsupported URI scheme in {uri!r}; use a local path, file:// or s3://")
+    return fsspec.filesystem("file"), os.path.abspath(local_path(uri))
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is a safe relative POSIX path, else raise ``StorageError``.
+
+    Refused: empty keys, absolute paths, ``..`` or ``.`` components, backslashes, NUL and other
+    control characters. Such keys come from hostile shards or manifests and would write outside
+    the output root.
+    """
+    if not key or key.startswith("/") or "\\" in key or any(ord(c) < 32 for c in key):
+        raise StorageError(f"Unsafe key {key!r}: keys must be relative paths without control "
+                           "characters or backslashes")
+    parts = key.split("/")
+    if any(part in ("", ".", "..") for part in parts) or (len(parts[0]) == 2 and parts[0][1] == ":"):
+        raise StorageError(f"Unsafe key {key!r}: '..', '.', empty and drive components are refused")
+    return key
+
+
+def join(root: str, key: str) -> str:
+    """The URI of ``key`` under ``root``, refusing keys that would escape it."""
+    check_key(key)
+    if is_remote(root) or root.startswith("file://"):
+        return root.rstrip("/") + "/" + key
+    return os.path.join(root, *key.split("/"))
+
+
+def read_bytes(uri: str, options: StorageOptions = StorageOptions()) -> bytes:
+    try:
+        if not is_remote(uri):
+            with open(local_path(uri), "rb") as f:
+                return f.read()
+        fs, path = filesystem(uri, options)
+        return fs.cat_file(path)
+    except FileNotFoundError as e:
+        raise StorageError(f"{uri} does not exist") from e
+    except PermissionError as e:
+        raise StorageError(f"No permission to read {uri}; check its mode or your credentials") from e
+
+
+def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions()) -> None:
+    """Publish ``data`` at ``uri`` atomically (temp + rename locally, one PUT on S3)."""
+    if is_remote(uri):
+        fs, path = filesystem(uri, options)
+        fs.pipe_file(path, data)
+        return
+    path = local_path(uri)
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def exists(uri: str, options: StorageOptions = StorageOptions()) -> bool:
+    if not is_remote(uri):
+        return os.path.exists(local_path(uri))
+    fs, path = filesystem(uri, options)
+    return fs.exists(path)
+
+
+def list_names(uri: str, options: StorageOptions = StorageOptions()) -> list[str]:
+    """Names of the files directly under the folder/prefix ``uri`` (empty if it is missing)."""
+    if not is_remote(uri):
+        path = local_path(uri)
+        return sorted(os.listdir(path)) if os.path.isdir(path) else []
+    fs, path = filesystem(uri, options)
+    try:
+        return sorted(posixpath.basename(p) for p in fs.ls(path, detail=False))
+    except FileNotFoundError:
+        return []
+
+
+def _matches(key: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    if include and not any(fnmatch.fnmatchcase(key, pattern) for pattern in include):
+        return False
+    return not any(fnmatch.fnmatchcase(key, pattern) for pattern in exclude)
+
+
+def walk_files(
+    root: str,
+    extensions: Sequence[str] = IMAGE_EXTENSIONS,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    skip_dirs: Sequence[str] = ("_restorer",),
+    options: StorageOptions = StorageOptions(),
+) -> Iterator[list[Entry]]:
+    """Yield the image files under ``root``, one sorted list per folder, streaming.
+
+    Folders are visited in sorted order and yielded as soon as they are listed, so work starts
+    before a huge tree is fully listed. Files are kept if their extension (case-insensitive) is in
+    ``extensions`` and their key matches an ``include`` glob (if any) and no ``exclude`` glob.
+    Hidden files and folders (".name") and ``skip_dirs`` are not visited.
+    """
+    extensions = tuple(e.lower() for e in extensions)
+
+    def keep(key: str) -> bool:
+        name = posixpath.basename(key)
+        return (not name.startswith(".") and name.lower().endswith(extensions)
+                and _matches(key, include, exclude))
+
+    if not is_remote(root):
+        base = local_path(root)
+        if not os.path.isdir(base):
+            raise StorageError(f"Input folder {root} does not exist or is not a folder")
+        for directory, dirnames, filenames in os.walk(base):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs)
+            rel = os.path.relpath(directory, base)
+            prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
+            entries = []
+            for name in sorted(filenames):
+                key = prefix + name
+                path = os.path.join(directory, name)
+                if keep(key) and os.path.isfile(path):
+                    entries.append(Entry(key, path, os.path.getsize(path)))
+            if entries:
+                yield entries
+        return
+
+    fs, base = filesystem(root, options)
+    base = base.rstrip("/")
+    scheme = root.split("://", 1)[0]
+    try:
+        walker = fs.walk(base, detail=True)
+        for directory, dirs, files in walker:
+            for d in list(dirs):
+                if d.startswith(".") or d in skip_dirs:
+                    del dirs[d]
+            rel = directory[len(base):].strip("/")
+            prefix = rel + "/" if rel else ""
+            entries = []
+            for name in sorted(files):
+                key = prefix + name
+                if keep(key):
+                    entries.append(Entry(key, f"{scheme}://{directory}/{name}",
+                                         int(files[name].get("size") or 0)))
+            if entries:
+                yield entries
+    except FileNotFoundError as e:
+        raise StorageError(f"Input prefix {root} does not exist") from e
+    except PermissionError as e:
+        raise StorageError(f"No permission to list {root}; check your AWS credentials") from e
+
+
+def delete(uri: str, options: StorageOptions = StorageOptions(), recursive: bool = False) -> None:
+    """Remove a file (or a whole folder/prefix with ``recursive``); missing is not an error."""
+    fs, path = filesystem(uri, options)
+    try:
+        fs.rm(path, recursive=recursive)
+    except FileNotFoundError:
+        pass
