@@ -1,0 +1,74 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from restorer.cli import main
+
+
+def test_models_lists_the_default():
+    result = CliRunner().invoke(main, ["models", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert any(r["default"] and r["net"]["arch"] == "dncnn" for r in rows)
+
+
+def test_bad_spec_exits_2_and_names_the_key(tmp_path):
+    spec = tmp_path / "bad.toml"
+    spec.write_text('kind = "restore"\n[input]\nuri = "x"\nwat = 1\n')
+    result = CliRunner().invoke(main, ["run", str(spec)])
+    assert result.exit_code == 2 and "wat" in result.output
+
+
+def test_missing_input_exits_1_with_the_path(tmp_path):
+    result = CliRunner().invoke(main, ["restore", str(tmp_path / "nope"), str(tmp_path / "o")])
+    assert result.exit_code == 1 and "nope" in result.output and "does not exist" in result.output
+
+
+def test_pickle_model_is_refused(tmp_path):
+    (tmp_path / "in").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "in" / "a.png")
+    (tmp_path / "evil.pth").write_bytes(b"\x80\x04K\x01.")
+    result = CliRunner().invoke(main, ["restore", str(tmp_path / "in"), str(tmp_path / "o"),
+                                       "--model", str(tmp_path / "evil.pth")])
+    assert result.exit_code == 1 and "never unpickles" in result.output
+
+
+@pytest.mark.ray
+def test_restore_and_run_share_one_spec(ray_session, mixed_folder, tmp_path, tiny_model):
+    source, _ = mixed_folder
+    runner = CliRunner()
+    result = runner.invoke(main, ["restore", str(source), str(tmp_path / "a"), "--model",
+                                  tiny_model, "--format", "png", "--limit", "3", "--json"])
+    assert result.exit_code == 3, result.output  # corrupt.jpg is among the first 3 inputs
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert (summary["total"], summary["succeeded"], summary["failed"]) == (3, 2, 1)
+    assert summary["spec"]["output"]["format"] == "png"
+
+    spec = tmp_path / "job.toml"
+    spec.write_text(f'kind = "restore"\n[input]\nuri = "{source}"\n[output]\nuri = "unused"\n'
+                    '[model]\ntile = 64\n')
+    result = runner.invoke(main, ["run", str(spec), "--output", str(tmp_path / "b"), "--model",
+                                  tiny_model, "--workers", "1", "--gpus-per-worker", "0"])
+    assert result.exit_code == 3, result.output
+    assert "restored 5 of 6 images" in result.output
+    assert (tmp_path / "b" / "gray.png").exists()
+
+
+@pytest.mark.ray
+def test_cli_as_a_subprocess_on_the_running_cluster(ray_session, mixed_folder, tmp_path,
+                                                    tiny_model):
+    source, _ = mixed_folder
+    address = ray_session.get_runtime_context().gcs_address
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    result = subprocess.run(
+        [sys.executable, "-m", "restorer", "restore", str(source), str(tmp_path / "o"),
+         "--model", tiny_model, "--address", address, "--exclude", "corrupt.jpg"],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "restored 5 of 5 images" in result.stdout
+    assert (tmp_path / "o" / "sub dir" / "rgba é.png").exists()

@@ -1,0 +1,67 @@
+from pathlib import Path
+
+import pytest
+
+from restorer import jobs
+from restorer.errors import SpecError
+
+JOBS = Path(__file__).resolve().parents[1] / "jobs"
+
+
+@pytest.mark.parametrize("path", sorted(JOBS.glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_specs_load_and_validate(path):
+    spec = jobs.load_spec(path)
+    assert spec.kind in ("restore", "train")
+    if spec.kind == "restore":
+        spec.validate()
+
+
+def test_unknown_keys_are_named(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('kind = "restore"\n[input]\nuri = "a"\nlimt = 3\n')
+    with pytest.raises(SpecError, match=r"Unknown keys \['limt'\] in \[input\]"):
+        jobs.load_spec(spec)
+    spec.write_text('kind = "restore"\ncolour = 1\n')
+    with pytest.raises(SpecError, match=r"Unknown keys \['colour'\]"):
+        jobs.load_spec(spec)
+
+
+def test_types_are_checked(tmp_path):
+    spec = tmp_path / "s.toml"
+    spec.write_text('kind = "restore"\n[model]\ntile = "big"\n')
+    with pytest.raises(SpecError, match="model.tile = 'big' must be of type int"):
+        jobs.load_spec(spec)
+    spec.write_text('kind = "restore"\n[resources]\nworkers = true\n')
+    with pytest.raises(SpecError, match="resources.workers"):
+        jobs.load_spec(spec)
+    spec.write_text('kind = "restoration"\n')
+    with pytest.raises(SpecError, match="kind = 'restoration'"):
+        jobs.load_spec(spec)
+
+
+def test_only_named_fields_may_be_overridden():
+    spec = jobs.spec_from_dict({"kind": "restore", "input": {"uri": "a"}, "output": {"uri": "b"}})
+    spec = jobs.apply_overrides(spec, workers=3, gpus_per_worker=0.5, limit=7, model="m",
+                                address=None)
+    assert (spec.resources.workers, spec.resources.gpus_per_worker, spec.input.limit,
+            spec.model.name) == (3, 0.5, 7, "m")
+    with pytest.raises(SpecError, match="cannot be overridden"):
+        jobs.apply_overrides(spec, tile=3)
+
+
+@pytest.mark.parametrize("flags,match", [
+    ({"format": "gif"}, "output.format"), ({"strength": 2.0}, "strength"),
+    ({"precision": "int8"}, "precision"), ({"tile": 8}, "too small"),
+    ({"gpus_per_worker": -3.0}, "gpus_per_worker"),
+])
+def test_validation_names_the_field(flags, match):
+    spec = jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", **flags)
+    with pytest.raises(SpecError, match=match):
+        spec.validate()
+
+
+def test_fingerprint_ignores_workers_but_not_pixels():
+    a = jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", workers=1)
+    b = jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", workers=8, batch_size=2)
+    c = jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", strength=0.5)
+    assert a.fingerprint("x") == b.fingerprint("x") != c.fingerprint("x")

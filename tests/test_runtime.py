@@ -1,0 +1,32 @@
+import pytest
+
+from restorer.errors import SpecError
+from restorer.runtime import plan_workers
+
+
+def test_two_cpu_laptop_leaves_a_cpu_for_io_and_uses_both_cores():
+    plan = plan_workers(0, -1.0, 0.0, 0, total_cpus=2, total_gpus=0, node_cpus=2, nodes=1)
+    assert (plan.workers, plan.cpus_per_worker, plan.gpus_per_worker) == (1, 1, 0.0)
+    assert plan.threads_per_worker == 2
+
+
+def test_gpu_cluster_gets_one_actor_per_gpu():
+    plan = plan_workers(0, -1.0, 0.0, 0, total_cpus=64, total_gpus=8, node_cpus=16, nodes=4)
+    assert (plan.workers, plan.gpus_per_worker, plan.cpus_per_worker) == (8, 1.0, 1.0)
+    half = plan_workers(0, 0.5, 0.0, 0, total_cpus=64, total_gpus=2, node_cpus=16, nodes=1)
+    assert half.workers == 4
+
+
+def test_cpu_cluster_gets_one_actor_per_node():
+    plan = plan_workers(0, 0.0, 0.0, 0, total_cpus=48, total_gpus=0, node_cpus=16, nodes=3)
+    assert (plan.workers, plan.cpus_per_worker, plan.threads_per_worker) == (3, 8, 16)
+
+
+@pytest.mark.parametrize("args,match", [
+    ((2, 0.0, 1.0, 0, 2, 0, 2, 1), "leave fewer than 1"),
+    ((0, 1.0, 0.0, 0, 8, 0, 8, 1), "cluster has 0 GPUs"),
+    ((3, 1.0, 0.0, 0, 8, 2, 8, 1), "more than the cluster's 2 GPUs"),
+])
+def test_impossible_plans_are_refused_not_hung(args, match):
+    with pytest.raises(SpecError, match=match):
+        plan_workers(*args)
