@@ -25,7 +25,11 @@ from restorer.storage import IMAGE_EXTENSIONS, StorageOptions
 
 @dataclass(frozen=True)
 class InputSpec:
-    uri: str = ""  # folder, file:// or s3:// prefix
+    uri: str = ""  # folder, file:// or s3:// prefix, or a manifest file
+    layout: str = "auto"  # auto | files | parquet (shards of encoded images) | manifest
+    key_column: str = "key"  # parquet shards and manifests: the key column
+    bytes_column: str = "bytes"  # parquet shards: the encoded-image column
+    uri_column: str = "uri"  # Parquet manifests: the column of image URIs
     extensions: tuple[str, ...] = IMAGE_EXTENSIONS  # case-insensitive, with the dot
     include: tuple[str, ...] = ()  # fnmatch globs on the relative key; empty = everything
     exclude: tuple[str, ...] = ()
@@ -35,6 +39,7 @@ class InputSpec:
 @dataclass(frozen=True)
 class OutputSpec:
     uri: str = ""
+    layout: str = "files"  # files (one file per image) | parquet (shards: key, bytes, status)
     format: str = "same"  # same | png | jpeg | webp | tiff
     jpeg_quality: int = 95  # JPEG and WebP; JPEG is always written 4:4:4
     png_compress_level: int = 3
@@ -97,6 +102,11 @@ class RestoreSpec:
             raise SpecError("input.uri is empty; give the folder or prefix to restore")
         if not self.output.uri:
             raise SpecError("output.uri is empty; give the folder or prefix to write to")
+        if self.input.layout not in ("auto", "files", "parquet", "manifest"):
+            raise SpecError(f"input.layout = {self.input.layout!r}; use auto, files, parquet "
+                            "or manifest")
+        if self.output.layout not in ("files", "parquet"):
+            raise SpecError(f"output.layout = {self.output.layout!r}; use files or parquet")
         if self.output.format not in FORMATS:
             raise SpecError(f"output.format = {self.output.format!r}; use one of {FORMATS}")
         if not 1 <= self.output.jpeg_quality <= 100:
@@ -134,6 +144,7 @@ class RestoreSpec:
             "precision": self.model.precision,
             "strength": self.model.strength,
             "format": self.output.format,
+            "layout": self.output.layout,
             "jpeg_quality": self.output.jpeg_quality,
             "png_compress_level": self.output.png_compress_level,
         }

@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import time
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,20 +43,18 @@ from restorer import codec, storage
 from restorer.errors import ImageError, JobError, RestorerError, StorageError
 from restorer.jobs import RestoreSpec, digest, spec_from_flags, spec_to_dict
 from restorer.models import get_model, resolve_model_uri
+from restorer.sources import SourceConfig, detect_layout, expand, listing_tasks
 from restorer.tiling import run_tiled
 
 log = logging.getLogger(__name__)
 
 META_DIR = "_restorer"
 LEDGER_FORMAT_VERSION = 1
-UNIT_MAX_KEYS = 64
-UNIT_BOUNDARY_MODULUS = 16  # a unit also ends after a key whose crc32 is 0 modulo this
-
 PLAN_FIELDS = [
     ("key", pa.string()), ("uri", pa.string()), ("out_key", pa.string()),
     ("format", pa.string()), ("unit", pa.string()), ("unit_size", pa.int32()),
     ("status", pa.string()), ("stage", pa.string()), ("error_class", pa.string()),
-    ("message", pa.string()),
+    ("message", pa.string()), ("size", pa.int64()), ("data", pa.large_binary()),
 ]
 DECODED_FIELDS = PLAN_FIELDS + [
     ("pixels", pa.large_binary()), ("height", pa.int32()), ("width", pa.int32()),
@@ -71,8 +68,9 @@ RESTORED_FIELDS = DECODED_FIELDS + [
     ("change_p99", pa.float32()),
 ]
 RECORD_FIELDS = [f for f in RESTORED_FIELDS if f[0] not in ("pixels", "alpha", "icc", "exif",
-                                                            "uri")] + [
+                                                            "uri", "data", "size")] + [
     ("out_bytes", pa.int64()), ("sha256", pa.string()), ("write_seconds", pa.float64()),
+    ("encoded", pa.large_binary()),  # parquet output layout only: the image, for the shard
 ]
 DECODED_SCHEMA = pa.schema(DECODED_FIELDS)
 RESTORED_SCHEMA = pa.schema(RESTORED_FIELDS)
@@ -106,71 +104,7 @@ def _fail(row: dict[str, Any], stage: str, error: BaseException) -> dict[str, An
     return row
 
 
-# --- 1. listing and work units ---------------------------------------------------------------
-
-def output_key(key: str, requested_format: str) -> tuple[str, str]:
-    """(output key, output format) for an input key: same folder and stem, format's extension.
-
-    With format ``same`` an input keeps its extension when that format is written back as is
-    (``a.JPEG`` stays ``a.JPEG``); GIF and BMP become PNG.
-    """
-    stem, _, ext = key.rpartition(".")
-    if not stem:
-        stem, ext = key, ""
-    fmt = codec.output_format(codec.format_from_name(key), requested_format)
-    if requested_format == "same" and codec.format_from_name(key) not in ("GIF", "BMP"):
-        return key, fmt
-    return stem + codec.EXTENSIONS[fmt], fmt
-
-
-@dataclass
-class Unit:
-    id: str
-    rows: list[dict[str, Any]]
-    input_bytes: int = 0
-
-
-def _unit_id(keys: list[str]) -> str:
-    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
-
-
-def plan_units(spec: RestoreSpec) -> Iterator[Unit]:
-    """The work units of a job, streaming: one folder is listed at a time."""
-    options = spec.storage.options()
-    remaining = spec.input.limit or math.inf
-    for entries in storage.walk_files(spec.input.uri, spec.input.extensions, spec.input.include,
-                                      spec.input.exclude, options=options):
-        entries = entries[:int(min(len(entries), remaining))]
-        remaining -= len(entries)
-        targets: dict[str, list[str]] = {}
-        rows = []
-        for entry in entries:
-            out_key, fmt = output_key(entry.key, spec.output.format)
-            targets.setdefault(out_key.lower(), []).append(entry.key)
-            rows.append({"key": entry.key, "uri": entry.uri, "out_key": out_key, "format": fmt,
-                         "size": entry.size, "status": "", "stage": "", "error_class": "",
-                         "message": ""})
-        for row in rows:
-            others = targets[row["out_key"].lower()]
-            if len(others) > 1:
-                row.update(status="failed", stage="plan", error_class="OutputCollision",
-                           message=f"inputs {others} would all be written to "
-                                   f"{row['out_key']!r} (names differ only in extension or "
-                                   "case); rename them or choose another --format")
-        unit: list[dict[str, Any]] = []
-        for index, row in enumerate(rows):
-            unit.append(row)
-            last = index == len(rows) - 1
-            if (last or len(unit) >= UNIT_MAX_KEYS
-                    or zlib.crc32(row["key"].encode()) % UNIT_BOUNDARY_MODULUS == 0):
-                unit_id = _unit_id([r["key"] for r in unit])
-                for r in unit:
-                    r["unit"], r["unit_size"] = unit_id, len(unit)
-                yield Unit(unit_id, unit, sum(r["size"] for r in unit))
-                unit = []
-        if remaining <= 0:
-            return
-
+# --- 1. listing: see restorer.sources ------------------------------------------------------
 
 # --- 2. read + decode (CPU tasks) ------------------------------------------------------------
 
@@ -179,12 +113,12 @@ def read_and_decode(batch: pa.Table, storage_options: storage.StorageOptions, ma
     """Ray Data task: read and decode each row; failures become error records on the row."""
     rows = []
     for row in batch.to_pylist():
-        if row["status"] != "failed":
+        if row["status"] == "":
             try:
                 if row["size"] > max_input_bytes:
                     raise ImageError(f"{row['key']} is {row['size']} bytes, above "
                                      f"limits.max_input_mb; raise it if the file is genuine")
-                data = storage.read_bytes(row["uri"], storage_options)
+                data = row.pop("data") or storage.read_bytes(row["uri"], storage_options)
                 row["in_bytes"] = len(data)
             except (StorageError, ImageError, OSError) as e:
                 rows.append(_fail(row, "read", e))
@@ -369,8 +303,12 @@ def _tile_count(height: int, width: int, tile: int, overlap: int) -> int:
 # --- 4. encode + write (CPU tasks) -----------------------------------------------------------
 
 def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOptions,
-                     storage_options: storage.StorageOptions) -> pa.Table:
-    """Ray Data task: encode each restored row and publish it atomically under the output."""
+                     storage_options: storage.StorageOptions, layout: str = "files") -> pa.Table:
+    """Ray Data task: encode each restored row and publish it atomically under the output.
+
+    With the ``parquet`` output layout the encoded image goes back in the record instead, and
+    the driver writes it into the unit's shard when the unit commits.
+    """
     records = []
     for row in batch.to_pylist():
         if row["status"] == "restored":
@@ -384,14 +322,17 @@ def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOpti
                         alpha = _resize_plane(alpha, pixels.shape[1], pixels.shape[0])
                 data = codec.encode(pixels, alpha, row["format"], row["icc"] or None,
                                     row["exif"] or None, options)
-                storage.write_bytes(storage.join(output_uri, row["out_key"]), data,
-                                    storage_options)
+                if layout == "parquet":
+                    row["encoded"] = data
+                else:
+                    storage.write_bytes(storage.join(output_uri, row["out_key"]), data,
+                                        storage_options)
                 row.update(status="ok", out_bytes=len(data),
                            sha256=hashlib.sha256(data).hexdigest(),
                            write_seconds=time.perf_counter() - started)
             except Exception as e:  # noqa: BLE001 - one image's failure is its record
                 _fail(row, "write", e)
-        elif row["status"] != "failed":
+        elif row["status"] not in ("failed", "skipped"):
             _fail(row, "restore", RestorerError(f"row arrived with status {row['status']!r}"))
         records.append(row)
     return _table(records, RECORD_SCHEMA)
@@ -494,8 +435,22 @@ def _parquet_bytes(table: pa.Table) -> bytes:
 
 def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
                 had_errors: bool) -> None:
-    """Write a unit's records atomically: errors first, then the ledger entry that commits it."""
+    """Commit a unit: its shard (parquet layout), its errors, then the ledger entry.
+
+    Each file is published atomically and the ledger entry comes last, so a unit with a ledger
+    entry is complete; a crash before it means the unit is redone, overwriting the same keys.
+    """
     options = spec.storage.options()
+    if spec.output.layout == "parquet":
+        shard = pa.table({
+            "key": [r["out_key"] or r["key"] for r in records],
+            "bytes": pa.array([r["encoded"] for r in records], pa.large_binary()),
+            "status": [r["status"] for r in records],
+            "error": [r["message"] for r in records],
+            "source_key": [r["key"] for r in records],
+        })
+        storage.write_bytes(storage.join(spec.output.uri, f"part-{unit}.parquet"),
+                            _parquet_bytes(shard), options)
     errors = [r for r in records if r["status"] != "ok"]
     error_uri = meta_uri(spec, "errors.parquet", f"unit-{unit}.parquet")
     if errors:
@@ -503,7 +458,7 @@ def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
         storage.write_bytes(error_uri, _parquet_bytes(table), options)
     elif had_errors:
         storage.delete(error_uri, options)
-    ledger = pa.Table.from_pylist(records, schema=RECORD_SCHEMA)
+    ledger = pa.Table.from_pylist([dict(r, encoded=b"") for r in records], schema=RECORD_SCHEMA)
     storage.write_bytes(meta_uri(spec, "ledger", f"unit-{unit}.parquet"), _parquet_bytes(ledger),
                         options)
 
@@ -541,16 +496,52 @@ def _summary(state: JobState, elapsed: float) -> dict[str, Any]:
     }
 
 
-def build_pipeline(spec: RestoreSpec, rows: list[dict[str, Any]], plan) -> Any:
-    """The Ray Data graph of a restore job over planned ``rows`` (one pipeline builder)."""
+def source_config(spec: RestoreSpec, layout: str) -> SourceConfig:
+    return SourceConfig(layout, spec.input.extensions, spec.input.include, spec.input.exclude,
+                        spec.output.format, spec.input.key_column, spec.input.bytes_column,
+                        spec.input.uri_column, spec.storage.options())
+
+
+def _expand_task(row: dict[str, Any], config: SourceConfig,
+                 done: frozenset[str]) -> list[dict[str, Any]]:
+    """Ray Data flat_map: the rows of one listing task."""
+    return [r for unit in expand(row["task"], config, done) for r in unit]
+
+
+def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
+                   done: frozenset[str]) -> Any:
+    """The Ray Data graph of a restore job (the one pipeline builder).
+
+    With ``input.limit`` the (small) listing runs in the driver; otherwise each listing task
+    runs in a Ray task and its rows stream on in blocks of 8, so decoding starts while listing
+    goes on.
+    """
     import ray.data
     from ray.data import ActorPoolStrategy
 
     options = spec.storage.options()
     encode_options = codec.EncodeOptions(spec.output.format, spec.output.jpeg_quality,
                                          spec.output.png_compress_level)
-    blocks = max(1, min(len(rows), math.ceil(len(rows) / 8)))
-    ds = ray.data.from_items(rows, override_num_blocks=blocks)
+    if spec.input.limit:
+        rows: list[dict[str, Any]] = []
+        for task in tasks:
+            for unit in expand(task, config, done):
+                real = sum(1 for r in unit if r["status"] != "skipped") or unit[0]["unit_size"]
+                if len(rows) + real > spec.input.limit:
+                    unit = _truncate_unit(unit, spec.input.limit - len(rows))
+                rows.extend(unit)
+                if sum(1 if r["status"] != "skipped" else r["unit_size"] for r in rows) >= \
+                        spec.input.limit:
+                    break
+            else:
+                continue
+            break
+        ds = ray.data.from_items(rows or [], override_num_blocks=max(1, math.ceil(len(rows) / 8)))
+    else:
+        ds = ray.data.from_items([{"task": task} for task in tasks],
+                                 override_num_blocks=max(1, len(tasks)))
+        ds = ds.flat_map(_expand_task, fn_kwargs={"config": config, "done": done}, num_cpus=0.5)
+        ds = ds.repartition(target_num_rows_per_block=8)
     ds = ds.map_batches(
         read_and_decode, batch_format="pyarrow", batch_size=8, num_cpus=0.5,
         fn_kwargs={"storage_options": options, "max_pixels": spec.limits.max_pixels,
@@ -568,11 +559,26 @@ def build_pipeline(spec: RestoreSpec, rows: list[dict[str, Any]], plan) -> Any:
     return ds.map_batches(
         encode_and_write, batch_format="pyarrow", batch_size=8, num_cpus=0.5,
         fn_kwargs={"output_uri": spec.output.uri, "options": encode_options,
-                   "storage_options": options})
+                   "storage_options": options, "layout": spec.output.layout})
+
+
+def _truncate_unit(unit: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """The first ``count`` rows of a unit, as a unit of their own (``--limit``)."""
+    from restorer.sources import _unit_id
+
+    rows = [r for r in unit if r["status"] != "skipped"][:count]
+    unit_id = _unit_id([r["key"] for r in rows])
+    for r in rows:
+        r["unit"], r["unit_size"] = unit_id, len(rows)
+    return rows
 
 
 def run_restore(spec: RestoreSpec) -> dict[str, Any]:
-    """Run a restore job to the end; returns (and writes) its summary."""
+    """Run a restore job to the end; returns (and writes) its summary.
+
+    Everything that can fail for the whole job (spec, model, input listing, output access)
+    is checked here before Ray starts or any image is touched.
+    """
     from restorer.runtime import cluster_shape, ensure_ray, plan_workers
 
     spec = spec.validate()
@@ -582,40 +588,27 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
     get_model(model_uri, options)  # fail here, before any work, if the model is unusable
     fingerprint = spec.fingerprint(model_sha256)
     state = JobState(spec, model_uri, model_sha256, fingerprint)
-    if not storage.is_remote(spec.input.uri) and not storage.is_remote(spec.output.uri):
-        import os
-
-        inp = os.path.realpath(storage.local_path(spec.input.uri))
-        out = os.path.realpath(storage.local_path(spec.output.uri))
-        if out == inp:
-            raise JobError(f"Output {spec.output.uri} is the input folder; outputs would "
-                           "overwrite inputs. Choose another output folder")
+    _refuse_input_as_output(spec)
+    layout = detect_layout(spec.input.uri, spec.input.layout, options)
+    config = source_config(spec, layout)
+    tasks = listing_tasks(spec.input.uri, config)
     prepare_output(spec, fingerprint, model_uri)
     done, with_errors = committed_units(spec)
-    redo = with_errors if spec.output.retry_failed else set()
+    if spec.output.overwrite:
+        done = set()
+    elif spec.output.retry_failed:
+        done -= with_errors
+    log.info("input %s (%s layout): %d listing tasks; %d units already committed",
+             spec.input.uri, layout, len(tasks), len(done))
 
-    rows: list[dict[str, Any]] = []
-    pending_units: dict[str, int] = {}
-    for unit in plan_units(spec):
-        state.total += len(unit.rows)
-        if unit.id in done and unit.id not in redo and not spec.output.overwrite:
-            state.skipped += len(unit.rows)
-            state.skipped_units += 1
-            continue
-        state.input_bytes += unit.input_bytes
-        pending_units[unit.id] = len(unit.rows)
-        rows.extend(unit.rows)
-    log.info("%d inputs in %d units to restore; %d skipped (already committed)",
-             len(rows), len(pending_units), state.skipped)
-
-    if rows:
-        ensure_ray(spec.resources.address, spec.resources.num_cpus,
-                   spec.resources.object_store_mb)
-        plan = plan_workers(spec.resources.workers, spec.resources.gpus_per_worker,
-                            spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
-                            *cluster_shape())
-        log.info("worker plan: %s", plan)
-        _execute(spec, state, build_pipeline(spec, rows, plan), pending_units, with_errors)
+    ensure_ray(spec.resources.address, spec.resources.num_cpus, spec.resources.object_store_mb)
+    plan = plan_workers(spec.resources.workers, spec.resources.gpus_per_worker,
+                        spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
+                        *cluster_shape())
+    log.info("worker plan: %s", plan)
+    _execute(spec, state, build_pipeline(spec, plan, tasks, config, frozenset(done)),
+             with_errors)
+    state.total = state.succeeded + state.failed + state.skipped
     summary = _summary(state, time.time() - state.started)
     summary["job"] = ledger_totals(spec)
     storage.write_bytes(meta_uri(spec, "summary.json"), json.dumps(summary, indent=2).encode(),
@@ -623,29 +616,46 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
     return summary
 
 
-def _execute(spec: RestoreSpec, state: JobState, ds: Any, pending: dict[str, int],
-             with_errors: set[str]) -> None:
-    """Consume the pipeline's records in the driver and commit units as they complete."""
+def _refuse_input_as_output(spec: RestoreSpec) -> None:
+    import os
+
+    if storage.is_remote(spec.input.uri) or storage.is_remote(spec.output.uri):
+        same = spec.input.uri.rstrip("/") == spec.output.uri.rstrip("/")
+    else:
+        same = (os.path.realpath(storage.local_path(spec.input.uri))
+                == os.path.realpath(storage.local_path(spec.output.uri)))
+    if same:
+        raise JobError(f"Output {spec.output.uri} is the input; outputs would overwrite inputs. "
+                       "Choose another output")
+
+
+def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str]) -> None:
+    """Consume the pipeline's records in the driver and commit units as they complete.
+
+    Only the units in flight are held here, so driver memory does not grow with the job.
+    """
     open_units: dict[str, list[dict[str, Any]]] = {}
-    todo = sum(pending.values())
     last_log = time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if state.first_result is None:
             state.first_result = time.time()
         for record in batch.to_pylist():
+            if record["status"] == "skipped":
+                state.skipped += record["unit_size"]
+                state.skipped_units += 1
+                continue
             _account(state, record)
             unit = open_units.setdefault(record["unit"], [])
             unit.append(record)
-            if len(unit) == pending[record["unit"]]:
+            if len(unit) == record["unit_size"]:
                 commit_unit(spec, record["unit"], unit, record["unit"] in with_errors)
                 state.committed_units += 1
                 del open_units[record["unit"]]
         now = time.time()
         if now - last_log > 10:
             done = state.succeeded + state.failed
-            rate = done / max(now - state.started, 1e-9)
-            log.info("restored %d/%d images (%d failed), %.2f images/s, ETA %.0f s", done, todo,
-                     state.failed, rate, (todo - done) / rate if rate else float("nan"))
+            log.info("restored %d images (%d failed, %d skipped), %.2f images/s", done,
+                     state.failed, state.skipped, done / max(now - state.started, 1e-9))
             last_log = now
     if open_units:
         raise JobError(f"{len(open_units)} work units did not complete; rerun to finish them")

@@ -25,8 +25,9 @@ def ensure_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0) -
 
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, log_to_driver=True)
+    if address or os.environ.get("RAY_ADDRESS"):
+        # Inside a submitted job (RAY_ADDRESS is set) or pointed at a cluster: connect only.
+        ray.init(address=address or None, log_to_driver=True)
         return
     kwargs = {"include_dashboard": False, "configure_logging": True,
               "logging_level": logging.WARNING}
@@ -68,9 +69,17 @@ def plan_workers(workers: int, gpus_per_worker: float, cpus_per_worker: float,
     if gpus_per_worker == -1.0:
         gpus_per_worker = 1.0 if total_gpus >= 1 else 0.0
     if gpus_per_worker > 0:
+        if workers and total_gpus < workers * gpus_per_worker:
+            # Explicit GPU workers on a cluster that has fewer GPUs now: an autoscaling cluster
+            # (min GPU workers 0) adds them when the actors ask; say so instead of refusing.
+            log.warning("%d workers x %g GPUs requested; the cluster has %g GPUs now and must "
+                        "autoscale to start them", workers, gpus_per_worker, total_gpus)
+            return WorkerPlan(workers, cpus_per_worker or 1.0, gpus_per_worker,
+                              threads_per_worker or 2)
         if total_gpus < gpus_per_worker:
             raise SpecError(f"gpus_per_worker = {gpus_per_worker} but the cluster has "
-                            f"{total_gpus:g} GPUs; use --gpus-per-worker 0 to run on CPUs")
+                            f"{total_gpus:g} GPUs; use --gpus-per-worker 0 to run on CPUs, or "
+                            "give --workers to wait for an autoscaling cluster's GPU nodes")
         workers = workers or max(1, math.floor(total_gpus / gpus_per_worker + 1e-9))
         cpus_per_worker = cpus_per_worker or 1.0
         threads_per_worker = threads_per_worker or 2

@@ -62,7 +62,9 @@ def _s3(options: StorageOptions) -> fsspec.AbstractFileSystem:
         client_kwargs["endpoint_url"] = options.endpoint_url
     if options.region:
         client_kwargs["region_name"] = options.region
-    return s3fs.S3FileSystem(anon=options.anon, client_kwargs=client_kwargs)
+    # No listing cache: a job lists its output's ledger after writing to it.
+    return s3fs.S3FileSystem(anon=options.anon, client_kwargs=client_kwargs,
+                             use_listings_cache=False)
 
 
 def filesystem(uri: str, options: StorageOptions = StorageOptions()):
@@ -115,7 +117,12 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions(
     """Publish ``data`` at ``uri`` atomically (temp + rename locally, one PUT on S3)."""
     if is_remote(uri):
         fs, path = filesystem(uri, options)
-        fs.pipe_file(path, data)
+        try:
+            fs.pipe_file(path, data)  # one PUT: S3 publishes the object whole, or not at all
+        except PermissionError as e:
+            raise StorageError(f"No permission to write {uri}; check your credentials") from e
+        except FileNotFoundError as e:
+            raise StorageError(f"Cannot write {uri}: the bucket does not exist") from e
         return
     path = local_path(uri)
     directory = os.path.dirname(path) or "."
@@ -147,12 +154,16 @@ def list_names(uri: str, options: StorageOptions = StorageOptions()) -> list[str
         return sorted(os.listdir(path)) if os.path.isdir(path) else []
     fs, path = filesystem(uri, options)
     try:
-        return sorted(posixpath.basename(p) for p in fs.ls(path, detail=False))
+        return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path.rstrip("/"),
+                                                                       detail=False, refresh=True))
     except FileNotFoundError:
         return []
+    except PermissionError as e:
+        raise StorageError(f"No permission to list {uri}; check your AWS credentials") from e
 
 
-def _matches(key: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+def matches(key: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
+    """Whether ``key`` matches an ``include`` glob (if any) and no ``exclude`` glob."""
     if include and not any(fnmatch.fnmatchcase(key, pattern) for pattern in include):
         return False
     return not any(fnmatch.fnmatchcase(key, pattern) for pattern in exclude)
@@ -165,26 +176,30 @@ def walk_files(
     exclude: Sequence[str] = (),
     skip_dirs: Sequence[str] = ("_restorer",),
     options: StorageOptions = StorageOptions(),
+    recursive: bool = True,
 ) -> Iterator[list[Entry]]:
     """Yield the image files under ``root``, one sorted list per folder, streaming.
 
     Folders are visited in sorted order and yielded as soon as they are listed, so work starts
     before a huge tree is fully listed. Files are kept if their extension (case-insensitive) is in
     ``extensions`` and their key matches an ``include`` glob (if any) and no ``exclude`` glob.
-    Hidden files and folders (".name") and ``skip_dirs`` are not visited.
+    Hidden files and folders (".name") and ``skip_dirs`` are not visited. ``recursive=False``
+    lists only the files directly under ``root``.
     """
     extensions = tuple(e.lower() for e in extensions)
 
     def keep(key: str) -> bool:
         name = posixpath.basename(key)
         return (not name.startswith(".") and name.lower().endswith(extensions)
-                and _matches(key, include, exclude))
+                and matches(key, include, exclude))
 
     if not is_remote(root):
         base = local_path(root)
         if not os.path.isdir(base):
             raise StorageError(f"Input folder {root} does not exist or is not a folder")
         for directory, dirnames, filenames in os.walk(base):
+            if not recursive:
+                dirnames[:] = []
             dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d not in skip_dirs)
             rel = os.path.relpath(directory, base)
             prefix = "" if rel == "." else rel.replace(os.sep, "/") + "/"
@@ -202,7 +217,7 @@ def walk_files(
     base = base.rstrip("/")
     scheme = root.split("://", 1)[0]
     try:
-        walker = fs.walk(base, detail=True)
+        walker = fs.walk(base, detail=True, maxdepth=None if recursive else 1)
         for directory, dirs, files in walker:
             for d in list(dirs):
                 if d.startswith(".") or d in skip_dirs:
@@ -221,6 +236,39 @@ def walk_files(
         raise StorageError(f"Input prefix {root} does not exist") from e
     except PermissionError as e:
         raise StorageError(f"No permission to list {root}; check your AWS credentials") from e
+
+
+def is_dir(uri: str, options: StorageOptions = StorageOptions()) -> bool:
+    """Whether ``uri`` is an existing folder (or an S3 prefix with objects below it).
+
+    Raises ``StorageError`` when the store refuses to answer (no such bucket, bad credentials).
+    """
+    if not is_remote(uri):
+        return os.path.isdir(local_path(uri))
+    fs, path = filesystem(uri, options)
+    try:
+        return fs.isdir(path.rstrip("/"))
+    except PermissionError as e:
+        raise StorageError(f"No permission to list {uri}; check your AWS credentials") from e
+    except OSError as e:
+        raise StorageError(f"Cannot reach {uri}: {e}; check the bucket name, endpoint and "
+                           "credentials") from e
+
+
+def list_dirs(uri: str, options: StorageOptions = StorageOptions()) -> list[str]:
+    """Names of the folders (or common prefixes) directly under ``uri``, sorted."""
+    if not is_remote(uri):
+        path = local_path(uri)
+        return sorted(e.name for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else []
+    fs, path = filesystem(uri, options)
+    try:
+        entries = fs.ls(path.rstrip("/"), detail=True)
+    except FileNotFoundError:
+        return []
+    except PermissionError as e:
+        raise StorageError(f"No permission to list {uri}; check your AWS credentials") from e
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries
+                  if e.get("type") == "directory")
 
 
 def delete(uri: str, options: StorageOptions = StorageOptions(), recursive: bool = False) -> None:

@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from restorer.errors import JobError
-from restorer.restore import RestoreActor, plan_units, restore
+from restorer.restore import RestoreActor, restore, source_config
+from restorer.sources import expand, listing_tasks
 from restorer.samples import write_samples
 
 pytestmark = pytest.mark.ray
@@ -105,7 +106,7 @@ def test_non_empty_foreign_output_and_input_as_output_are_refused(tmp_path, tiny
     (foreign / "keep.txt").write_text("mine")
     with pytest.raises(JobError, match="not empty"):
         restore(str(source), str(foreign), model=tiny_model)
-    with pytest.raises(JobError, match="input folder"):
+    with pytest.raises(JobError, match="is the input"):
         restore(str(source), str(source), model=tiny_model)
 
 
@@ -115,13 +116,20 @@ def test_units_are_deterministic_and_bounded(tmp_path):
     for i in range(150):
         (tmp_path / f"img{i:03d}.png").write_bytes(b"x")
     spec: RestoreSpec = spec_from_flags(RestoreSpec, input=str(tmp_path), output="o")
-    first = [(u.id, [r["key"] for r in u.rows]) for u in plan_units(spec)]
-    second = [(u.id, [r["key"] for r in u.rows]) for u in plan_units(spec)]
-    assert first == second
+    config = source_config(spec, "files")
+
+    def units(done=frozenset()):
+        return [(u[0]["unit"], [r["key"] for r in u]) for task in listing_tasks(str(tmp_path),
+                                                                                config)
+                for u in expand(task, config, done)]
+
+    first = units()
+    assert first == units()
     assert sum(len(keys) for _, keys in first) == 150
     assert all(1 <= len(keys) <= 64 for _, keys in first)
-    limited = spec_from_flags(RestoreSpec, input=str(tmp_path), output="o", limit=10)
-    assert sum(len(u.rows) for u in plan_units(limited)) == 10
+    # committed units come back as one skipped marker each
+    skipped = units(frozenset({first[0][0]}))
+    assert skipped[0] == (first[0][0], [""]) and skipped[1:] == first[1:]
 
 
 def test_actor_class_in_a_users_own_pipeline(ray_session, tmp_path, tiny_model):

@@ -25,8 +25,12 @@ def test_cpu_cluster_gets_one_actor_per_node():
 @pytest.mark.parametrize("args,match", [
     ((2, 0.0, 1.0, 0, 2, 0, 2, 1), "leave fewer than 1"),
     ((0, 1.0, 0.0, 0, 8, 0, 8, 1), "cluster has 0 GPUs"),
-    ((3, 1.0, 0.0, 0, 8, 2, 8, 1), "more than the cluster's 2 GPUs"),
 ])
 def test_impossible_plans_are_refused_not_hung(args, match):
     with pytest.raises(SpecError, match=match):
         plan_workers(*args)
+
+
+def test_explicit_gpu_workers_wait_for_an_autoscaling_cluster():
+    plan = plan_workers(4, 1.0, 0.0, 0, total_cpus=8, total_gpus=0, node_cpus=8, nodes=1)
+    assert (plan.workers, plan.gpus_per_worker) == (4, 1.0)

@@ -1,0 +1,239 @@
+"""Where a restore job's inputs come from, and how they become rows in work units.
+
+Three layouts, one row shape (``key``, ``uri`` or inline ``data``, ``unit``, ``unit_size``):
+
+- ``files``: a folder or prefix, listed recursively. The driver lists only the top level; each
+  top-level folder is then listed by its own Ray task, so restoring starts while a huge tree is
+  still being listed (Ray's ``read_images`` expands every path in the driver first,
+  ray-project/ray#40686). All files of one folder are listed by one task, which detects output
+  name collisions there.
+- ``parquet``: shards of encoded images (``*.parquet`` under the prefix) with a key column and a
+  bytes column; one task per row group.
+- ``manifest``: a Parquet file with a ``uri`` column (and optional ``key`` column) read one row
+  group per task, or a text file with one URI per line. The default key is the URI's path after
+  the bucket (or after the leading ``/`` of a local path).
+
+A *work unit* is up to 64 consecutive rows of one listing task (folder, row group or text
+file); its id depends only on its keys, so a rerun over the same input makes the same units.
+Units that the output's ledger already holds are not expanded again: they come through as one
+``skipped`` marker row, so the driver can count them without the job holding every key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from restorer import codec, storage
+from restorer.errors import SpecError, StorageError
+
+UNIT_MAX_KEYS = 64
+UNIT_BOUNDARY_MODULUS = 16  # a unit also ends after a key whose crc32 is 0 modulo this
+MANIFEST_SUFFIXES = (".parquet", ".txt", ".lst", ".csv")
+
+
+@dataclass(frozen=True)
+class ListingTask:
+    """One piece of listing work, run in a Ray task (or the driver when a limit is set)."""
+
+    layout: str  # files | parquet | manifest
+    uri: str  # folder/prefix, shard file or manifest file
+    recursive: bool = True  # files: walk below uri, or only the files directly in it
+    key_prefix: str = ""  # files: key of uri relative to the input root
+    row_group: int = -1  # parquet/manifest parquet: which row group
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    layout: str
+    extensions: tuple[str, ...]
+    include: tuple[str, ...]
+    exclude: tuple[str, ...]
+    output_format: str
+    key_column: str
+    bytes_column: str
+    uri_column: str
+    options: storage.StorageOptions
+
+
+def detect_layout(uri: str, layout: str, options: storage.StorageOptions) -> str:
+    """``auto`` -> ``manifest`` for a single manifest file, ``parquet`` for a prefix holding
+    ``.parquet`` files at its top, else ``files``."""
+    if layout != "auto":
+        return layout
+    if uri.lower().endswith(MANIFEST_SUFFIXES) and not storage.is_dir(uri, options):
+        return "manifest"
+    names = storage.list_names(uri, options)
+    if any(n.lower().endswith(".parquet") for n in names):
+        return "parquet"
+    return "files"
+
+
+def listing_tasks(uri: str, config: SourceConfig) -> list[ListingTask]:
+    """The listing tasks of an input (cheap: the top level, shard files, row-group counts)."""
+    options = config.options
+    if config.layout == "manifest":
+        if uri.lower().endswith(".parquet"):
+            return [ListingTask("manifest", uri, row_group=g)
+                    for g in range(_row_groups(uri, options))]
+        return [ListingTask("manifest", uri)]
+    if config.layout == "parquet":
+        shards = sorted(n for n in storage.list_names(uri, options) if n.endswith(".parquet"))
+        if not shards:
+            raise StorageError(f"No .parquet shards under {uri}")
+        tasks = []
+        for name in shards:
+            shard = storage.join(uri, name)
+            tasks.extend(ListingTask("parquet", shard, row_group=g)
+                         for g in range(_row_groups(shard, options)))
+        return tasks
+    if config.layout != "files":
+        raise SpecError(f"input.layout = {config.layout!r}; use auto, files, parquet or manifest")
+    if not storage.is_dir(uri, options):
+        raise StorageError(f"Input {uri} does not exist or is not a folder/prefix (check the "
+                           "path, bucket name and credentials)")
+    tasks = [ListingTask("files", uri, recursive=False)]
+    for name in storage.list_dirs(uri, options):
+        if not name.startswith(".") and name != "_restorer":
+            tasks.append(ListingTask("files", storage.join(uri, name), key_prefix=name + "/"))
+    return tasks
+
+
+def _row_groups(uri: str, options: storage.StorageOptions) -> int:
+    fs, path = storage.filesystem(uri, options)
+    try:
+        with fs.open(path, "rb") as f:
+            return pq.ParquetFile(f).num_row_groups
+    except FileNotFoundError as e:
+        raise StorageError(f"{uri} does not exist") from e
+    except PermissionError as e:
+        raise StorageError(f"No permission to read {uri}; check your credentials") from e
+
+
+def _unit_id(keys: list[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:24]
+
+
+def _mark_collisions(rows: list[dict[str, Any]]) -> None:
+    targets: dict[str, list[str]] = {}
+    for row in rows:
+        if row["status"] != "failed":
+            targets.setdefault(row["out_key"].lower(), []).append(row["key"])
+    for row in rows:
+        others = targets.get(row["out_key"].lower(), [])
+        if len(others) > 1:
+            row.update(status="failed", stage="plan", error_class="OutputCollision",
+                       message=f"inputs {others} would all be written to {row['out_key']!r} "
+                               "(names differ only in extension or case); rename them or "
+                               "choose another --format")
+
+
+def output_key(key: str, requested_format: str) -> tuple[str, str]:
+    """(output key, output format) for an input key: same folder and stem, format's extension.
+
+    With format ``same`` an input keeps its extension (``a.JPEG`` stays ``a.JPEG``), except GIF
+    and BMP, which become PNG.
+    """
+    source = codec.format_from_name(key)
+    fmt = codec.output_format(source, requested_format)
+    if requested_format == "same" and source not in ("GIF", "BMP"):
+        return key, fmt
+    stem = key.rpartition(".")[0] or key
+    return stem + codec.EXTENSIONS[fmt], fmt
+
+
+def _row(key: str, uri: str, config: SourceConfig, size: int = 0, data: bytes = b"") -> dict:
+    row = {"key": key, "uri": uri, "data": data, "size": size or len(data), "status": "",
+           "stage": "", "error_class": "", "message": "", "out_key": "", "format": ""}
+    try:
+        storage.check_key(key)
+        row["out_key"], row["format"] = output_key(key, config.output_format)
+    except (StorageError, ValueError) as e:
+        row.update(status="failed", stage="plan", error_class=type(e).__name__, message=str(e))
+    return row
+
+
+def _units(rows: list[dict[str, Any]], done: frozenset[str]) -> Iterator[list[dict[str, Any]]]:
+    """Cut ``rows`` into units; a committed unit becomes one ``skipped`` marker row."""
+    unit: list[dict[str, Any]] = []
+    for index, row in enumerate(rows):
+        unit.append(row)
+        if (index == len(rows) - 1 or len(unit) >= UNIT_MAX_KEYS
+                or zlib.crc32(row["key"].encode()) % UNIT_BOUNDARY_MODULUS == 0):
+            unit_id = _unit_id([r["key"] for r in unit])
+            if unit_id in done:
+                yield [{"key": "", "uri": "", "data": b"", "size": 0, "status": "skipped",
+                        "stage": "", "error_class": "", "message": "", "out_key": "",
+                        "format": "", "unit": unit_id, "unit_size": len(unit)}]
+            else:
+                for r in unit:
+                    r["unit"], r["unit_size"] = unit_id, len(unit)
+                yield unit
+            unit = []
+
+
+def _manifest_key(uri: str) -> str:
+    if "://" in uri:
+        path = uri.split("://", 1)[1]
+        return path.split("/", 1)[1] if "/" in path else path
+    return uri.lstrip("/")
+
+
+def expand(task: ListingTask, config: SourceConfig,
+           done: frozenset[str] = frozenset()) -> Iterator[list[dict[str, Any]]]:
+    """The units of one listing task, in a stable order."""
+    options = config.options
+    if task.layout == "files":
+        walk = storage.walk_files(task.uri, config.extensions, (), (), options=options,
+                                  recursive=task.recursive)
+        for entries in walk:
+            rows = []
+            for entry in entries:
+                key = task.key_prefix + entry.key
+                if storage.matches(key, config.include, config.exclude):
+                    rows.append(_row(key, entry.uri, config, entry.size))
+            _mark_collisions(rows)
+            yield from _units(rows, done)
+        return
+    if task.layout == "parquet":
+        fs, path = storage.filesystem(task.uri, options)
+        with fs.open(path, "rb") as f:
+            table = pq.ParquetFile(f).read_row_group(
+                task.row_group, columns=[config.key_column, config.bytes_column])
+        shard = posixpath.basename(task.uri)
+        rows = [_row(key or "", f"{shard}#{index}", config, data=data or b"")
+                for index, (key, data) in enumerate(zip(
+                    table.column(config.key_column).to_pylist(),
+                    table.column(config.bytes_column).to_pylist()))]
+        _mark_collisions(rows)
+        yield from _units(rows, done)
+        return
+    # manifest
+    if task.row_group >= 0:
+        fs, path = storage.filesystem(task.uri, options)
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            if config.uri_column not in names:
+                raise SpecError(f"Manifest {task.uri} has no {config.uri_column!r} column "
+                                f"(columns: {names}); set input.uri_column")
+            columns = [config.uri_column] + ([config.key_column] if config.key_column in names
+                                             else [])
+            table = parquet.read_row_group(task.row_group, columns=columns)
+        uris = table.column(config.uri_column).to_pylist()
+        keys = (table.column(config.key_column).to_pylist() if config.key_column in columns
+                else [None] * len(uris))
+    else:
+        lines = storage.read_bytes(task.uri, options).decode("utf-8").splitlines()
+        uris = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+        keys = [None] * len(uris)
+    rows = [_row(key if key is not None else _manifest_key(uri or ""), uri or "", config)
+            for uri, key in zip(uris, keys)]
+    _mark_collisions(rows)
+    yield from _units(rows, done)
