@@ -94,8 +94,11 @@ def main(verbose: bool) -> None:
 
 
 @main.command()
-@click.argument("input_uri", metavar="INPUT")
-@click.argument("output_uri", metavar="OUTPUT")
+@click.argument("uris", nargs=-1, metavar="[INPUT] OUTPUT")
+@click.option("--manifest", default=None, help="Restore the URIs listed in this Parquet (uri, "
+              "key columns) or text manifest instead of an INPUT folder.")
+@click.option("--layout", type=click.Choice(["files", "parquet"]), default=None,
+              help="Output layout: one file per image (default) or Parquet shards.")
 @click.option("--model", default=None, help="Zoo name or .safetensors path (default model if "
               "omitted); see `restorer models`.")
 @click.option("--tile", type=int, default=None, help="Tile side in pixels (0 = whole images).")
@@ -117,12 +120,18 @@ def main(verbose: bool) -> None:
 @resource_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_errors_to_exit_codes
-def restore(input_uri, output_uri, model, tile, overlap, fmt, jpeg_quality, precision, strength,
+def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, precision, strength,
             limit, include, exclude, overwrite, retry_failed, max_pixels, batch_size, num_cpus,
             object_store_mb, workers, gpus_per_worker, address, as_json):
-    """Restore every image under INPUT into OUTPUT (same keys)."""
+    """Restore every image under INPUT (or in --manifest) into OUTPUT, under the same keys.
+
+    INPUT is a folder, an s3:// prefix, or a prefix of Parquet shards (detected).
+    """
     from restorer.launch import run_spec
 
+    if len(uris) != (1 if manifest else 2):
+        raise click.UsageError("give INPUT and OUTPUT, or --manifest URI and OUTPUT")
+    input_uri, output_uri = (manifest, uris[0]) if manifest else uris
     spec = jobs.spec_from_flags(
         jobs.RestoreSpec, input=input_uri, output=output_uri, model=model, tile=tile,
         overlap=overlap, format=fmt, jpeg_quality=jpeg_quality, precision=precision,
@@ -131,6 +140,10 @@ def restore(input_uri, output_uri, model, tile, overlap, fmt, jpeg_quality, prec
         max_pixels=max_pixels, batch_size=batch_size, num_cpus=num_cpus,
         object_store_mb=object_store_mb, workers=workers, gpus_per_worker=gpus_per_worker,
         address=address)
+    if manifest:
+        spec = jobs.replace_field(spec, "input", "layout", "manifest")
+    if layout:
+        spec = jobs.replace_field(spec, "output", "layout", layout)
     _finish(run_spec(spec), as_json)
 
 
@@ -210,6 +223,37 @@ def inspect(output_uri, as_json, top):
     click.echo("most changed (mean |output - input|, 8-bit levels):")
     for row in report["most_changed"]:
         click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}")
+
+
+@main.group()
+def shard():
+    """Pack image files into Parquet shards, or unpack shards into files."""
+
+
+@shard.command("pack")
+@click.argument("source")
+@click.argument("target")
+@click.option("--rows-per-shard", type=int, default=1000, show_default=True)
+@_errors_to_exit_codes
+def shard_pack(source, target, rows_per_shard):
+    """Pack the images under SOURCE into Parquet shards under TARGET."""
+    from restorer.shards import pack
+
+    report = pack(source, target, rows_per_shard)
+    click.echo(f"packed {report.files} images ({report.bytes} bytes) into {report.shards} shards")
+
+
+@shard.command("unpack")
+@click.argument("source")
+@click.argument("target")
+@_errors_to_exit_codes
+def shard_unpack(source, target):
+    """Write the images in the Parquet shards under SOURCE to files under TARGET."""
+    from restorer.shards import unpack
+
+    report = unpack(source, target)
+    click.echo(f"unpacked {report.files} images from {report.shards} shards "
+               f"({report.skipped} rows skipped: failed or unsafe keys)")
 
 
 @main.command()

@@ -228,7 +228,8 @@ def spec_from_flags(cls: type, **values: Any) -> Any:
     """Build a spec from flat flag names (``tile=128, format="png"``), one field per name.
 
     ``input``/``output``/``model`` name the URIs and the model; every other name must be a field
-    of exactly one section. ``None`` values are left at their defaults.
+    of exactly one section, or be qualified by its section (``input_layout``). ``None`` values
+    are left at their defaults.
     """
     spec = cls()
     aliases = {"input": ("input", "uri"), "output": ("output", "uri"), "model": ("model", "name")}
@@ -237,8 +238,12 @@ def spec_from_flags(cls: type, **values: Any) -> Any:
     for flag, value in values.items():
         if value is None:
             continue
+        qualified = flag.split("_", 1)
         if flag in aliases:
             section, name = aliases[flag]
+        elif (len(qualified) == 2 and qualified[0] in sections
+              and qualified[1] in {f.name for f in dataclasses.fields(getattr(spec, qualified[0]))}):
+            section, name = qualified  # e.g. input_layout, output_layout
         else:
             owners = [s for s in sections if flag in
                       {f.name for f in dataclasses.fields(getattr(spec, s))}]

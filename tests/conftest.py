@@ -9,6 +9,25 @@ import os
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# S3 tests talk to a moto server on 127.0.0.1 through s3fs, exactly as production talks to S3:
+# endpoint and credentials come from the standard AWS environment, set here before Ray starts
+# so that Ray's workers inherit them.
+MOTO_PORT = _free_port()
+os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+                  AWS_DEFAULT_REGION="us-east-1",
+                  AWS_ENDPOINT_URL=f"http://127.0.0.1:{MOTO_PORT}")
+for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
+    os.environ.pop(_name, None)
+
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -66,3 +85,37 @@ def ray_session():
              configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 (region us-east-1); yields its endpoint URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=MOTO_PORT, verbose=False)
+    server.start()
+    yield os.environ["AWS_ENDPOINT_URL"]
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3_server, request):
+    """A fresh bucket for one test; yields its name."""
+    import re
+
+    import boto3
+
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:50].strip("-")
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    client.create_bucket(Bucket=name)
+    yield name
+
+
+def upload_folder(client, folder: Path, bucket: str, prefix: str) -> list[str]:
+    keys = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            key = prefix + path.relative_to(folder).as_posix()
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+            keys.append(key)
+    return keys
