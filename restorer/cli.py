@@ -1,7 +1,8 @@
 """The ``restorer`` command: thin Click commands over the library.
 
 Exit codes: 0 done; 1 the job failed (``RestorerError``); 2 bad usage or spec; 3 the job
-finished but some images were quarantined (see ``OUTPUT/_restorer/errors.parquet``).
+finished but some images were quarantined (see ``OUTPUT/_restorer/errors.parquet``); 4 the job
+was stopped (SIGTERM) after draining, and a rerun resumes it.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import Any
 import click
 
 from restorer import jobs
-from restorer.errors import RestorerError, SpecError
+from restorer.errors import JobStopped, RestorerError, SpecError
 
 EXIT_FAILED_IMAGES = 3
+EXIT_STOPPED = 4
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -34,6 +36,9 @@ def _errors_to_exit_codes(command):
             return command(*args, **kwargs)
         except SpecError as e:
             raise click.UsageError(str(e)) from e
+        except JobStopped as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(EXIT_STOPPED)
         except RestorerError as e:
             raise click.ClickException(str(e)) from e
 

@@ -27,3 +27,7 @@ class ImageError(RestorerError):
 
 class JobError(RestorerError):
     """A job cannot start or resume as asked (e.g. its output belongs to a different job)."""
+
+
+class JobStopped(RestorerError):
+    """A job was asked to stop (SIGTERM, ``restorer jobs stop``) and drained; rerun to resume."""

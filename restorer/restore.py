@@ -24,11 +24,15 @@ written at the end of every run.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import io
 import json
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,10 +44,10 @@ import pyarrow.parquet as pq
 import torch
 
 from restorer import codec, storage
-from restorer.errors import ImageError, JobError, RestorerError, StorageError
+from restorer.errors import ImageError, JobError, JobStopped, RestorerError, StorageError
 from restorer.jobs import RestoreSpec, digest, spec_from_flags, spec_to_dict
 from restorer.models import get_model, resolve_model_uri
-from restorer.sources import SourceConfig, detect_layout, expand, listing_tasks
+from restorer.sources import ListingTask, SourceConfig, detect_layout, expand, listing_tasks
 from restorer.tiling import run_tiled
 
 log = logging.getLogger(__name__)
@@ -68,9 +72,10 @@ RESTORED_FIELDS = DECODED_FIELDS + [
     ("change_p99", pa.float32()),
 ]
 RECORD_FIELDS = [f for f in RESTORED_FIELDS if f[0] not in ("pixels", "alpha", "icc", "exif",
-                                                            "uri", "data", "size")] + [
+                                                            "data", "size")] + [
     ("out_bytes", pa.int64()), ("sha256", pa.string()), ("write_seconds", pa.float64()),
     ("encoded", pa.large_binary()),  # parquet output layout only: the image, for the shard
+    ("replaced", pa.int32()),  # 1 if a resumed job found (and replaced) this output already
 ]
 DECODED_SCHEMA = pa.schema(DECODED_FIELDS)
 RESTORED_SCHEMA = pa.schema(RESTORED_FIELDS)
@@ -303,11 +308,14 @@ def _tile_count(height: int, width: int, tile: int, overlap: int) -> int:
 # --- 4. encode + write (CPU tasks) -----------------------------------------------------------
 
 def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOptions,
-                     storage_options: storage.StorageOptions, layout: str = "files") -> pa.Table:
+                     storage_options: storage.StorageOptions, layout: str = "files",
+                     resumed: bool = False) -> pa.Table:
     """Ray Data task: encode each restored row and publish it atomically under the output.
 
     With the ``parquet`` output layout the encoded image goes back in the record instead, and
-    the driver writes it into the unit's shard when the unit commits.
+    the driver writes it into the unit's shard when the unit commits. In a ``resumed`` job an
+    output that already exists (written before a crash, its unit never committed) is replaced
+    and counted, so the summary reports the work that was redone.
     """
     records = []
     for row in batch.to_pylist():
@@ -325,8 +333,9 @@ def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOpti
                 if layout == "parquet":
                     row["encoded"] = data
                 else:
-                    storage.write_bytes(storage.join(output_uri, row["out_key"]), data,
-                                        storage_options)
+                    target = storage.join(output_uri, row["out_key"])
+                    row["replaced"] = int(resumed and storage.exists(target, storage_options))
+                    storage.write_bytes(target, data, storage_options)
                 row.update(status="ok", out_bytes=len(data),
                            sha256=hashlib.sha256(data).hexdigest(),
                            write_seconds=time.perf_counter() - started)
@@ -365,17 +374,23 @@ class JobState:
     first_result: float | None = None
     errors_by_class: dict[str, int] = field(default_factory=dict)
     notes: int = 0
+    replaced: int = 0  # outputs found already written (in units a crash left uncommitted)
+    abandoned: int = 0  # images in units left open by a stop
 
 
 def meta_uri(spec: RestoreSpec, *parts: str) -> str:
     return storage.join(spec.output.uri, "/".join((META_DIR, *parts)))
 
 
-def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: str) -> None:
-    """Claim the output for this job, or refuse it if it holds a different job."""
+def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: str) -> bool:
+    """Claim the output for this job, or refuse it if it holds a different job.
+
+    Returns whether the output already held this job (a resume).
+    """
     options = spec.storage.options()
     job_uri = meta_uri(spec, "job.json")
-    if storage.exists(job_uri, options):
+    resumed = storage.exists(job_uri, options)
+    if resumed:
         previous = json.loads(storage.read_bytes(job_uri, options))
         if previous.get("ledger_format_version", 0) > LEDGER_FORMAT_VERSION:
             raise JobError(f"{spec.output.uri} was written by a newer restorer (ledger format "
@@ -396,6 +411,7 @@ def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: st
               "fingerprint_sha256": digest(fingerprint), "model": model_uri,
               "spec": spec_to_dict(spec), "created": time.time()}
     storage.write_bytes(job_uri, json.dumps(record, indent=2).encode(), options)
+    return resumed
 
 
 def committed_units(spec: RestoreSpec) -> tuple[set[str], set[str]]:
@@ -473,6 +489,7 @@ def _account(state: JobState, record: dict[str, Any]) -> None:
         state.errors_by_class[record["error_class"]] = (
             state.errors_by_class.get(record["error_class"], 0) + 1)
     state.notes += bool(record["note"])
+    state.replaced += record["replaced"]
 
 
 def _summary(state: JobState, elapsed: float) -> dict[str, Any]:
@@ -490,6 +507,7 @@ def _summary(state: JobState, elapsed: float) -> dict[str, Any]:
         "megapixels": round(state.megapixels, 3), "input_bytes": state.input_bytes,
         "output_bytes": state.output_bytes, "errors_by_class": state.errors_by_class,
         "images_with_notes": state.notes,
+        "replaced_outputs": state.replaced, "abandoned_images": state.abandoned,
         "model": state.model_uri, "model_sha256": state.model_sha256,
         "fingerprint": state.fingerprint, "spec": spec_to_dict(state.spec),
         "output": state.spec.output.uri,
@@ -505,11 +523,13 @@ def source_config(spec: RestoreSpec, layout: str) -> SourceConfig:
 def _expand_task(row: dict[str, Any], config: SourceConfig,
                  done: frozenset[str]) -> list[dict[str, Any]]:
     """Ray Data flat_map: the rows of one listing task."""
-    return [r for unit in expand(row["task"], config, done) for r in unit]
+    task = ListingTask(**{k: row[k] for k in ("layout", "uri", "recursive", "key_prefix",
+                                              "row_group")})
+    return [r for unit in expand(task, config, done) for r in unit]
 
 
 def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
-                   done: frozenset[str]) -> Any:
+                   done: frozenset[str], resumed: bool = False) -> Any:
     """The Ray Data graph of a restore job (the one pipeline builder).
 
     With ``input.limit`` the (small) listing runs in the driver; otherwise each listing task
@@ -538,7 +558,7 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
             break
         ds = ray.data.from_items(rows or [], override_num_blocks=max(1, math.ceil(len(rows) / 8)))
     else:
-        ds = ray.data.from_items([{"task": task} for task in tasks],
+        ds = ray.data.from_items([dataclasses.asdict(task) for task in tasks],
                                  override_num_blocks=max(1, len(tasks)))
         ds = ds.flat_map(_expand_task, fn_kwargs={"config": config, "done": done}, num_cpus=0.5)
         ds = ds.repartition(target_num_rows_per_block=8)
@@ -559,7 +579,8 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
     return ds.map_batches(
         encode_and_write, batch_format="pyarrow", batch_size=8, num_cpus=0.5,
         fn_kwargs={"output_uri": spec.output.uri, "options": encode_options,
-                   "storage_options": options, "layout": spec.output.layout})
+                   "storage_options": options, "layout": spec.output.layout,
+                   "resumed": resumed})
 
 
 def _truncate_unit(unit: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
@@ -592,7 +613,7 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
     layout = detect_layout(spec.input.uri, spec.input.layout, options)
     config = source_config(spec, layout)
     tasks = listing_tasks(spec.input.uri, config)
-    prepare_output(spec, fingerprint, model_uri)
+    resumed = prepare_output(spec, fingerprint, model_uri) and not spec.output.overwrite
     done, with_errors = committed_units(spec)
     if spec.output.overwrite:
         done = set()
@@ -606,14 +627,43 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
                         spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
                         *cluster_shape())
     log.info("worker plan: %s", plan)
-    _execute(spec, state, build_pipeline(spec, plan, tasks, config, frozenset(done)),
-             with_errors)
+    with _stop_on_sigterm() as stop:
+        _execute(spec, state, build_pipeline(spec, plan, tasks, config, frozenset(done),
+                                             resumed), with_errors, stop)
     state.total = state.succeeded + state.failed + state.skipped
     summary = _summary(state, time.time() - state.started)
+    summary["resumed"] = resumed
     summary["job"] = ledger_totals(spec)
+    if stop.is_set():
+        summary["status"] = "stopped"
     storage.write_bytes(meta_uri(spec, "summary.json"), json.dumps(summary, indent=2).encode(),
                         options)
+    if stop.is_set():
+        raise JobStopped(f"Stopped by SIGTERM after committing {state.committed_units} units "
+                         f"({state.abandoned} images in unfinished units abandoned); rerun "
+                         "the same command to finish the job")
     return summary
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm():
+    """Turn SIGTERM (pre-emption, ``restorer jobs stop``) into a stop request while running."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum, frame):
+        log.warning("SIGTERM: draining; committed units stay committed, open units are "
+                    "abandoned and redone by the next run")
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _refuse_input_as_output(spec: RestoreSpec) -> None:
@@ -629,7 +679,8 @@ def _refuse_input_as_output(spec: RestoreSpec) -> None:
                        "Choose another output")
 
 
-def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str]) -> None:
+def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
+             stop: threading.Event | None = None) -> None:
     """Consume the pipeline's records in the driver and commit units as they complete.
 
     Only the units in flight are held here, so driver memory does not grow with the job.
@@ -651,6 +702,9 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str])
                 commit_unit(spec, record["unit"], unit, record["unit"] in with_errors)
                 state.committed_units += 1
                 del open_units[record["unit"]]
+        if stop is not None and stop.is_set():
+            state.abandoned = sum(len(rows) for rows in open_units.values())
+            return
         now = time.time()
         if now - last_log > 10:
             done = state.succeeded + state.failed

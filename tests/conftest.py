@@ -76,15 +76,41 @@ def mixed_folder(tmp_path) -> tuple[Path, dict[str, str]]:
     return root, write_mixed_folder(root)
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One local Ray for the whole session: 2 CPUs, a 300 MB object store, no dashboard."""
+@pytest.fixture
+def ray_session(_shared_ray):
+    """The shared local Ray (2 CPUs, 300 MB object store, no dashboard), started on first use.
+
+    Tests that need their own cluster (a real head, a multi-node cluster) take
+    ``exclusive_ray`` instead, which stops this one first; the next test that asks for
+    ``ray_session`` starts it again. So there is only ever one Ray cluster at a time.
+    """
     import ray
 
-    ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
-             configure_logging=False)
-    yield ray
-    ray.shutdown()
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+                 configure_logging=False)
+    return ray
+
+
+@pytest.fixture(scope="session")
+def _shared_ray():
+    import ray
+
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+@pytest.fixture
+def exclusive_ray():
+    """No Ray running in this process: the test starts (and stops) its own cluster."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,173 @@
+"""Fault injection on one machine: a killed actor, a SIGKILLed job, a SIGTERMed job.
+
+The killers are written here (process ids from Ray's state API, os.kill); Ray's private test
+utilities change too often to lean on.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from restorer.codec import decode
+from restorer.restore import restore
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+
+def _alive_actor_pids() -> list[int]:
+    """Pids of the live Ray Data map workers (our RestoreActors), from the GCS actor table.
+
+    ``ray.util.state`` needs the dashboard, which the test cluster does not run.
+    """
+    import ray._private.state
+
+    return [a["Pid"] for a in ray._private.state.actors().values()
+            if a["State"] == "ALIVE" and "MapWorker" in a["ActorClassName"]]
+
+
+def _images(folder, count, size=96):
+    rng = np.random.default_rng(11)
+    for i in range(count):
+        sub = folder / f"d{i % 3}"
+        sub.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (size, size + i % 7), dtype=np.uint8)).save(
+            sub / f"img{i:04d}.png")
+
+
+def _outputs(out):
+    return {p.relative_to(out).as_posix(): p for p in out.rglob("*.png")
+            if "_restorer" not in p.parts}
+
+
+def _ledger_keys(out):
+    return pq.read_table(out / "_restorer" / "ledger", columns=["key"]).column("key").to_pylist()
+
+
+def _wait_for(predicate, timeout=120, step=0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def _committed(out):
+    folder = out / "_restorer" / "ledger"
+    return len(os.listdir(folder)) if folder.exists() else 0
+
+
+def test_killed_actor_job_completes_with_the_same_pixels(ray_session, tmp_path, tiny_model):
+    source = tmp_path / "in"
+    _images(source, 240)
+    clean = restore(str(source), str(tmp_path / "clean"), model=tiny_model, tile=48,
+                    batch_size=2)
+    assert clean["succeeded"] == 240
+
+    killed = []
+
+    def killer():
+        if not _wait_for(lambda: len(_outputs(tmp_path / "faulty")) >= 4):
+            return
+        for pid in _alive_actor_pids():
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    summary = restore(str(source), str(tmp_path / "faulty"), model=tiny_model, tile=48,
+                      batch_size=2)
+    thread.join()
+    assert killed, "the job ended before an actor could be killed; make it longer"
+    assert summary["succeeded"] == 240 and summary["failed"] == 0
+    assert len(_outputs(tmp_path / "faulty")) == 240
+    a, b = _outputs(tmp_path / "clean"), _outputs(tmp_path / "faulty")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert np.array_equal(np.asarray(Image.open(a[key])), np.asarray(Image.open(b[key]))), key
+    assert sorted(_ledger_keys(tmp_path / "faulty")) == sorted(a)
+
+
+def _job(ray_session, source, out, model, *extra):
+    address = ray_session.get_runtime_context().gcs_address
+    return subprocess.Popen(
+        [sys.executable, "-m", "restorer", "restore", str(source), str(out), "--model", model,
+         "--tile", "48", "--batch-size", "2", "--address", address, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=dict(os.environ, RAY_AUTH_MODE="token"))
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_sigkilled_job_reruns_to_exactly_once(ray_session, tmp_path, tiny_model, where,
+                                              request):
+    source = tmp_path / "in"
+    _images(source, 150)
+    if where == "s3":
+        bucket = request.getfixturevalue("bucket")
+        out_uri = f"s3://{bucket}/restored/"
+        import s3fs
+
+        fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+
+        def committed():
+            return len(fs.ls(f"{bucket}/restored/_restorer/ledger")) if fs.exists(
+                f"{bucket}/restored/_restorer/ledger") else 0
+    else:
+        out_uri = str(tmp_path / "out")
+
+        def committed():
+            return _committed(tmp_path / "out")
+
+    job = _job(ray_session, source, out_uri, tiny_model)
+    try:
+        assert _wait_for(lambda: committed() >= 2), "no unit committed in time"
+        job.send_signal(signal.SIGKILL)
+        job.wait(30)
+    finally:
+        job.kill()
+    before = committed()
+    assert before < 14, "the job finished before it was killed; make it longer"
+
+    summary = restore(str(source), out_uri, model=tiny_model, tile=48, batch_size=2)
+    assert summary["resumed"] is True
+    assert summary["skipped"] > 0 and summary["succeeded"] + summary["skipped"] == 150
+    # redone work is bounded by what was in flight, and reported
+    assert summary["replaced_outputs"] <= summary["succeeded"]
+    if where == "s3":
+        keys = [k for k in fs.find(f"{bucket}/restored/") if k.endswith(".png")]
+        blobs = {k: fs.cat_file(k) for k in keys}
+        ledger = pq.read_table(f"{bucket}/restored/_restorer/ledger", filesystem=fs,
+                               columns=["key"]).column("key").to_pylist()
+    else:
+        blobs = {k: p.read_bytes() for k, p in _outputs(tmp_path / "out").items()}
+        ledger = _ledger_keys(tmp_path / "out")
+    assert len(blobs) == 150
+    for key, data in blobs.items():  # nothing truncated: every output decodes whole
+        assert decode(data).pixels.shape[0] == 96, key
+    assert len(ledger) == len(set(ledger)) == 150  # every input recorded exactly once
+
+
+def test_sigterm_drains_and_exits_4_then_rerun_finishes(ray_session, tmp_path, tiny_model):
+    source, out = tmp_path / "in", tmp_path / "out"
+    _images(source, 150)
+    job = _job(ray_session, source, out, tiny_model)
+    try:
+        assert _wait_for(lambda: _committed(out) >= 1), "no unit committed in time"
+        job.send_signal(signal.SIGTERM)
+        output, _ = job.communicate(timeout=120)
+    finally:
+        job.kill()
+    assert job.returncode == 4, output[-3000:]
+    assert "rerun the same command" in output
+    summary = restore(str(source), str(out), model=tiny_model, tile=48, batch_size=2)
+    assert summary["succeeded"] + summary["skipped"] == 150
+    assert sorted(_ledger_keys(out)) == sorted(_outputs(out))
