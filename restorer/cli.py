@@ -122,12 +122,13 @@ def main(verbose: bool) -> None:
 @click.option("--batch-size", type=int, default=None, help="Images per actor call.")
 @click.option("--num-cpus", type=int, default=None, help="Embedded Ray: CPUs to use.")
 @click.option("--object-store-mb", type=int, default=None, help="Embedded Ray: object store.")
+@click.option("--dry-run", is_flag=True, help="Count inputs and estimate time; restore nothing.")
 @resource_options
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_errors_to_exit_codes
 def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, precision, strength,
             limit, include, exclude, overwrite, retry_failed, max_pixels, batch_size, num_cpus,
-            object_store_mb, workers, gpus_per_worker, address, as_json):
+            object_store_mb, dry_run, workers, gpus_per_worker, address, as_json):
     """Restore every image under INPUT (or in --manifest) into OUTPUT, under the same keys.
 
     INPUT is a folder, an s3:// prefix, or a prefix of Parquet shards (detected).
@@ -149,6 +150,23 @@ def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, pre
         spec = jobs.replace_field(spec, "input", "layout", "manifest")
     if layout:
         spec = jobs.replace_field(spec, "output", "layout", layout)
+    if dry_run:
+        from restorer.plan import plan_job
+
+        plan = plan_job(spec, workers or 1)
+        if as_json:
+            click.echo(json.dumps(plan, indent=2))
+            return
+        click.echo(f"{plan['images']} images ({plan['layout']} layout, {plan['input_bytes']} "
+                   f"bytes), ~{plan['megapixels']:.1f} megapixels (mean "
+                   f"{plan['mean_megapixels']:.3f} MP over {plan['sampled']} sampled)")
+        if "estimated_seconds" in plan:
+            click.echo(f"estimated {plan['estimated_hours']:.2f} h on {plan['workers']} workers "
+                       f"({plan['gpu_hours']:.2f} GPU-hours), calibrated on "
+                       f"{plan['calibration_from']}")
+        else:
+            click.echo(plan["estimate"])
+        return
     _finish(run_spec(spec), as_json)
 
 
@@ -228,6 +246,35 @@ def inspect(output_uri, as_json, top):
     click.echo("most changed (mean |output - input|, 8-bit levels):")
     for row in report["most_changed"]:
         click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}")
+
+
+@main.command()
+@click.option("--images", type=int, default=64, show_default=True)
+@click.option("--size", type=int, default=256, show_default=True)
+@click.option("--model", default=None)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--data", default=None, help="Use these images (one shape) instead of synthetic.")
+@click.option("--num-cpus", type=int, default=None, help="Embedded Ray: CPUs to use.")
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_exit_codes
+def bench(images, size, model, batch_size, data, num_cpus, as_json):
+    """Measure forward-only ceiling, a naive loop and a restorer job side by side."""
+    from restorer.bench import CALIBRATION, run_bench
+
+    result = run_bench(images, size, model, batch_size, data, num_cpus or 0)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['images']} images {result['image_shape']} on {result['machine']}, "
+               f"model {result['model']}, batch {result['batch_size']}")
+    for name in ("ceiling", "naive", "restorer"):
+        click.echo(f"  {name:9s} {result[name + '_images_per_second']:9.2f} images/s")
+    click.echo(f"  restorer start-up {result['restorer_startup_seconds']:.1f} s (excluded above)")
+    click.echo(f"efficiency = restorer / ceiling = {result['efficiency']:.3f}")
+    click.echo(f"speedup    = restorer / naive   = {result['speedup']:.3f}")
+    click.echo("naive loop, ms per image: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in result["naive_stages_ms_per_image"].items()))
+    click.echo(f"calibration saved to {CALIBRATION}")
 
 
 @main.group()

@@ -1,48 +1,62 @@
-"""Reading a restore job's ``_restorer/`` folder back: summary, error records, ledger."""
+"""Reading a restore job's ``_restorer/`` folder back: summary, errors, ledger, outliers."""
 
 from __future__ import annotations
 
+import heapq
 import json
+from collections.abc import Iterator
 from typing import Any
-
-import pyarrow.dataset as pads
 
 from restorer import storage
 from restorer.errors import JobError
+from restorer.report import DEFAULT_OPTIONS, flag_outliers, ledger_records, meta_uri, report_uri
 
-
-def _dataset(uri: str, options: storage.StorageOptions):
-    fs, path = storage.filesystem(uri, options)
-    return pads.dataset(path, filesystem=fs, format="parquet")
+MAX_ERRORS = 100  # error records returned; all of them are in _restorer/errors.parquet
 
 
 def inspect_output(output: str, top: int = 10,
-                   options: storage.StorageOptions = storage.StorageOptions()) -> dict[str, Any]:
-    """Summary, error records and the ``top`` most changed images of a job's output.
+                   options: storage.StorageOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
+    """Summary, errors, most changed and flagged images of a job's output, in one ledger scan.
 
-    The ledger is scanned in batches, so this stays cheap at millions of records.
+    Returns a JSON-able dict: ``summary`` (the last run's ``summary.json``, or ``{}``),
+    ``records`` and ``failed`` (whole job), ``errors`` (the first ``MAX_ERRORS`` failed
+    records), ``most_changed`` (the ``top`` successful images by ``change_mean``), ``flagged``
+    (:func:`restorer.report.flag_outliers`: key, change_mean, change_p99, reason, ...) and
+    ``report`` (the URI of ``report.html``, or None if it was not written yet). The ledger is
+    scanned in batches, so this stays cheap at millions of records.
     """
-    meta = storage.join(output, "_restorer")
-    if not storage.exists(storage.join(meta, "job.json"), options):
+    if not storage.exists(meta_uri(output, "job.json"), options):
         raise JobError(f"{output} holds no restorer job (no _restorer/job.json)")
-    summary_uri = storage.join(meta, "summary.json")
+    summary_uri = meta_uri(output, "summary.json")
     summary = (json.loads(storage.read_bytes(summary_uri, options))
                if storage.exists(summary_uri, options) else {})
-    records = failed = 0
+    counts = {"records": 0, "failed": 0}
     errors: list[dict[str, Any]] = []
-    changed: list[dict[str, Any]] = []
-    if storage.list_names(storage.join(meta, "ledger"), options):
-        columns = ["key", "status", "stage", "error_class", "message", "change_mean",
-                   "change_p99"]
-        for batch in _dataset(storage.join(meta, "ledger"), options).to_batches(columns=columns):
-            for row in batch.to_pylist():
-                records += 1
-                if row["status"] != "ok":
-                    failed += 1
-                    if len(errors) < 100:
-                        errors.append(row)
-                else:
-                    changed.append(row)
-            changed = sorted(changed, key=lambda r: -r["change_mean"])[:top]
-    return {"summary": summary, "records": records, "failed": failed, "errors": errors,
-            "most_changed": changed}
+    changed: list[tuple[float, int, dict[str, Any]]] = []  # min-heap of the `top` largest
+    columns = ["key", "uri", "out_key", "unit", "status", "stage", "error_class", "message",
+               "change_mean", "change_p99"]
+
+    def successes() -> Iterator[dict[str, Any]]:
+        for index, row in enumerate(ledger_records(output, columns, options)):
+            counts["records"] += 1
+            if row["status"] != "ok":
+                counts["failed"] += 1
+                if len(errors) < MAX_ERRORS:
+                    errors.append({c: row[c] for c in ("key", "status", "stage", "error_class",
+                                                       "message")})
+                continue
+            item = (row["change_mean"], index, {c: row[c] for c in ("key", "change_mean",
+                                                                    "change_p99")})
+            if top > 0 and len(changed) < top:
+                heapq.heappush(changed, item)
+            elif top > 0 and item[0] > changed[0][0]:
+                heapq.heapreplace(changed, item)
+            yield row
+
+    flagged = flag_outliers(successes())
+    report = report_uri(output)
+    return {"summary": summary, "records": counts["records"], "failed": counts["failed"],
+            "errors": errors,
+            "most_changed": [row for _, _, row in sorted(changed, key=lambda i: (-i[0], i[1]))],
+            "flagged": flagged,
+            "report": report if storage.exists(report, options) else None}

@@ -65,7 +65,7 @@ class ResourceSpec:
     cpus_per_worker: float = 0.0  # 0 = sized from the cluster (leaves CPUs for decode/encode)
     threads_per_worker: int = 0  # torch threads in a CPU actor; 0 = the CPUs of its node
     batch_size: int = 16  # images per actor call
-    tile_batch: int = 8  # tiles per forward pass
+    tile_batch: int = 0  # tiles per forward pass; 0 = sized from the device (pixels / memory)
     num_cpus: int = 0  # embedded Ray only: CPUs to use; 0 = all
     object_store_mb: int = 0  # embedded Ray only: object store size; 0 = Ray's default
 
@@ -124,8 +124,8 @@ class RestoreSpec:
         if 0 < self.model.tile < 32:
             raise SpecError(f"model.tile = {self.model.tile} is too small; use >= 32 (or 0)")
         resources = self.resources
-        if resources.workers < 0 or resources.batch_size < 1 or resources.tile_batch < 1:
-            raise SpecError("resources.workers must be >= 0, batch_size and tile_batch >= 1")
+        if resources.workers < 0 or resources.batch_size < 1 or resources.tile_batch < 0:
+            raise SpecError("resources.workers and tile_batch must be >= 0, batch_size >= 1")
         if resources.gpus_per_worker < 0 and resources.gpus_per_worker != -1.0:
             raise SpecError(f"resources.gpus_per_worker = {resources.gpus_per_worker}; use -1 "
                             "(auto), 0 (CPU) or a positive number")

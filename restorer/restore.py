@@ -170,7 +170,7 @@ class RestoreActor:
 
     def __init__(self, model: str | None = None, tile: int = 256, overlap: int = 0,
                  precision: str = "auto", channels_last: bool = True, strength: float = 1.0,
-                 tile_batch: int = 8, threads: int = 0, device: str = "auto",
+                 tile_batch: int = 0, threads: int = 0, device: str = "auto",
                  storage_options: storage.StorageOptions = storage.StorageOptions()):
         if threads:
             torch.set_num_threads(threads)
@@ -187,7 +187,7 @@ class RestoreActor:
         self.overlap = max(overlap, 2 * self.halo + 1) if overlap else 8 * math.ceil(
             (receptive_field + 1) / 8)
         self.tile = tile
-        self.tile_batch = tile_batch
+        self.tile_batch = tile_batch or self._auto_tile_batch
         self.strength = strength
         self.channels_last = channels_last and self.device.type == "cuda"
         if self.channels_last:
@@ -200,6 +200,22 @@ class RestoreActor:
             self.autocast_dtype = torch.bfloat16
         log.info("RestoreActor: %s on %s (tile %d, overlap %d, threads %d)", loaded.source,
                  self.device, tile, self.overlap, torch.get_num_threads())
+
+    def _auto_tile_batch(self, height: int, width: int) -> int:
+        """Tiles per forward pass when ``tile_batch`` is 0, from the tile's pixels.
+
+        CPU: about 64k pixels per pass (measured: batches of 8 256x256 tiles run ~35% slower
+        per image than 1 on a 2-core machine, as activations leave the cache). CUDA: half
+        the free memory over an activation estimate of 3 live feature maps per pixel, capped.
+        """
+        pixels = height * width
+        if self.device.type != "cuda":
+            return max(1, 65536 // pixels)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        width_features = max((m.out_channels for m in self.net.modules()
+                              if isinstance(m, torch.nn.Conv2d)), default=64)
+        bytes_per_pixel = 3 * width_features * (2 if self.autocast_dtype else 4)
+        return int(max(1, min(256, free // 2 // (bytes_per_pixel * pixels * self.scale ** 2))))
 
     @torch.inference_mode()
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
@@ -371,7 +387,9 @@ class JobState:
     input_bytes: int = 0
     output_bytes: int = 0
     megapixels: float = 0.0
-    first_result: float | None = None
+    first_result: float | None = None  # when the first records reached the driver
+    first_count: int = 0  # records in that first batch
+    last_result: float | None = None
     errors_by_class: dict[str, int] = field(default_factory=dict)
     notes: int = 0
     replaced: int = 0  # outputs found already written (in units a crash left uncommitted)
@@ -494,7 +512,8 @@ def _account(state: JobState, record: dict[str, Any]) -> None:
 
 def _summary(state: JobState, elapsed: float) -> dict[str, Any]:
     processed = state.succeeded + state.failed
-    steady = elapsed - (state.first_result - state.started) if state.first_result else elapsed
+    # Steady state: from the first records to the last, not counting the first batch.
+    steady = (state.last_result - state.first_result) if state.first_result else 0.0
     return {
         "status": "failed_images" if state.failed else "ok",
         "total": state.total, "succeeded": state.succeeded, "failed": state.failed,
@@ -503,7 +522,8 @@ def _summary(state: JobState, elapsed: float) -> dict[str, Any]:
         "elapsed_seconds": round(elapsed, 3),
         "startup_seconds": round((state.first_result or time.time()) - state.started, 3),
         "images_per_second": round(processed / elapsed, 3) if elapsed > 0 else 0.0,
-        "steady_images_per_second": round(processed / steady, 3) if steady > 0 else 0.0,
+        "steady_images_per_second": (round((processed - state.first_count) / steady, 3)
+                                     if steady > 0 else 0.0),
         "megapixels": round(state.megapixels, 3), "input_bytes": state.input_bytes,
         "output_bytes": state.output_bytes, "errors_by_class": state.errors_by_class,
         "images_with_notes": state.notes,
@@ -690,6 +710,8 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if state.first_result is None:
             state.first_result = time.time()
+            state.first_count = batch.num_rows
+        state.last_result = time.time()
         for record in batch.to_pylist():
             if record["status"] == "skipped":
                 state.skipped += record["unit_size"]

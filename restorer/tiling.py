@@ -77,12 +77,13 @@ def run_tiled(
     overlap: int,
     halo: int,
     scale: int = 1,
-    batch_size: int = 8,
+    batch_size: int | Callable[[int, int], int] = 8,
 ) -> list[torch.Tensor]:
     """Restore ``images`` (float32 CHW, any sizes) with ``forward`` on batches of tiles.
 
     ``forward`` maps an NCHW batch to an ``N x C x (H*scale) x (W*scale)`` batch. ``halo`` is the
     net's receptive radius in input pixels; ``overlap`` must be at least ``2 * halo + 1``.
+    ``batch_size`` is tiles per forward pass, or a function of the tile's (height, width).
     Returns float32 CHW tensors on the images' device.
     """
     if tile > 0 and overlap < 2 * halo + 1:
@@ -100,8 +101,9 @@ def run_tiled(
             for x in plan.xs:
                 groups[(image.shape[0], plan.tile_height, plan.tile_width)].append((index, y, x))
     for (_, tile_height, tile_width), members in groups.items():
-        for start in range(0, len(members), batch_size):
-            chunk = members[start:start + batch_size]
+        size = batch_size(tile_height, tile_width) if callable(batch_size) else batch_size
+        for start in range(0, len(members), size):
+            chunk = members[start:start + size]
             batch = torch.stack([images[i][:, y:y + tile_height, x:x + tile_width]
                                  for i, y, x in chunk])
             restored = forward(batch).float()

@@ -1,0 +1,162 @@
+"""Side-by-side throughput of one model on the same images, measured in one run.
+
+Three ways to restore the same images with the same model, batch size and precision:
+
+1. **ceiling**: the net's forward pass alone on pre-decoded tensors, in this process, with as
+   many torch threads as the machine has cores;
+2. **naive**: a plain sequential loop (Pillow decode -> model -> encode -> write), the same
+   threads;
+3. **restorer**: the full ``restore`` job on Ray, end to end; start-up (Ray, actors, model
+   load) is reported apart from the steady state.
+
+``efficiency = restorer / ceiling`` and ``speedup = restorer / naive`` use the steady state.
+The run also writes a calibration (megapixels per second per worker) that ``--dry-run`` uses
+to estimate a job's wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from restorer import codec
+from restorer.models import get_model
+from restorer.samples import noisy, scene
+
+log = logging.getLogger(__name__)
+
+CALIBRATION = Path(os.environ.get("RESTORER_CACHE", Path.home() / ".cache" / "restorer")) / \
+    "bench.json"
+
+
+def make_images(folder: Path, count: int, size: int, channels: int = 1) -> list[Path]:
+    """``count`` noisy synthetic PNGs of ``size`` x ``size`` (a few distinct scenes reused)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    scenes = [noisy(scene(size, size, channels, seed=s), 25, seed=s) for s in range(4)]
+    for i in range(count):
+        pixels = np.round(scenes[i % 4] * 255).astype(np.uint8)
+        path = folder / f"img{i:05d}.png"
+        path.write_bytes(codec.encode(pixels, None, "png"))
+        paths.append(path)
+    return paths
+
+
+def ceiling(net: torch.nn.Module, arrays: list[np.ndarray], batch_size: int) -> float:
+    """Images/s of the forward pass alone on pre-decoded float tensors (one warm-up batch).
+
+    ``batch_size`` is the number of images per forward pass, as the actor batches tiles.
+    """
+    tensors = [torch.from_numpy(a.astype(np.float32) / 255.0).permute(2, 0, 1) for a in arrays]
+    batches = [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
+    with torch.inference_mode():
+        net(batches[0])
+        started = time.perf_counter()
+        for batch in batches:
+            net(batch)
+    return len(tensors) / (time.perf_counter() - started)
+
+
+def naive(net: torch.nn.Module, paths: list[Path], out: Path) -> dict[str, float]:
+    """A plain sequential loop; returns images/s and seconds per image for each stage."""
+    out.mkdir(parents=True, exist_ok=True)
+    stages = {"read": 0.0, "decode": 0.0, "model": 0.0, "encode": 0.0, "write": 0.0}
+    started = time.perf_counter()
+    for path in paths:
+        t0 = time.perf_counter()
+        data = path.read_bytes()
+        t1 = time.perf_counter()
+        image = codec.decode(data)
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            x = torch.from_numpy(image.pixels.astype(np.float32) / 255.0).permute(2, 0, 1)[None]
+            y = net(x)[0].clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).numpy()
+        t3 = time.perf_counter()
+        encoded = codec.encode(y, None, "png")
+        t4 = time.perf_counter()
+        (out / path.name).write_bytes(encoded)
+        t5 = time.perf_counter()
+        for name, seconds in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+            stages[name] += seconds
+    total = time.perf_counter() - started
+    return {"images_per_second": len(paths) / total,
+            **{f"{k}_ms_per_image": 1000 * v / len(paths) for k, v in stages.items()}}
+
+
+def run_bench(count: int = 64, size: int = 256, model: str | None = None, batch_size: int = 8,
+              folder: str | None = None, num_cpus: int = 0) -> dict[str, Any]:
+    """Measure ceiling, naive loop and restorer on ``count`` images of ``size`` pixels."""
+    from restorer.restore import restore
+
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    loaded = get_model(model)
+    net = loaded.net
+    with tempfile.TemporaryDirectory(prefix="restorer-bench-") as scratch:
+        scratch_path = Path(scratch)
+        if folder:
+            paths = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in
+                           (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"))[:count]
+        else:
+            paths = make_images(scratch_path / "in", count, size, net.channels)
+        arrays = [codec.decode(p.read_bytes()).pixels for p in paths]
+        shapes = {a.shape for a in arrays}
+        if len(shapes) != 1:
+            raise ValueError(f"bench needs images of one shape, found {sorted(shapes)}")
+        if arrays[0].shape[-1] != net.channels:
+            arrays = [a[..., :1] if net.channels == 1 else np.repeat(a, 3, -1) for a in arrays]
+        megapixels = arrays[0].shape[0] * arrays[0].shape[1] / 1e6
+
+        log.info("bench: ceiling (forward only, %d threads)", threads)
+        tile_batch = max(1, 65536 // (arrays[0].shape[0] * arrays[0].shape[1]))  # as the actor
+        ceiling_ips = max(ceiling(net, arrays, tile_batch) for _ in range(3))  # best of 3
+        log.info("bench: naive sequential loop")
+        naive_result = naive(net, paths, scratch_path / "naive")
+        log.info("bench: restorer job")
+        tile = max(arrays[0].shape[:2])
+        summary = restore(str(paths[0].parent), str(scratch_path / "restored"),
+                          model=loaded.source, tile=tile, batch_size=batch_size,
+                          tile_batch=tile_batch, format="png", num_cpus=num_cpus)
+    restorer_ips = summary["steady_images_per_second"]
+    result = {
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, "
+                   f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
+        "date": time.strftime("%Y-%m-%d"),
+        "model": loaded.source, "model_sha256": loaded.sha256,
+        "images": len(paths), "image_shape": list(arrays[0].shape), "batch_size": batch_size,
+        "tile_batch": tile_batch,
+        "torch_threads": threads,
+        "ceiling_images_per_second": round(ceiling_ips, 3),
+        "naive_images_per_second": round(naive_result["images_per_second"], 3),
+        "restorer_images_per_second": round(restorer_ips, 3),
+        "restorer_startup_seconds": summary["startup_seconds"],
+        "restorer_end_to_end_images_per_second": summary["images_per_second"],
+        "efficiency": round(restorer_ips / ceiling_ips, 3),
+        "speedup": round(restorer_ips / naive_result["images_per_second"], 3),
+        "naive_stages_ms_per_image": {k[:-len("_ms_per_image")]: round(v, 3) for k, v in
+                                      naive_result.items() if k.endswith("_ms_per_image")},
+        "megapixels_per_second_per_worker": round(restorer_ips * megapixels, 4),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
+    }
+    bound = max(result["naive_stages_ms_per_image"], key=result["naive_stages_ms_per_image"].get)
+    result["slowest_stage"] = bound
+    save_calibration(result)
+    return result
+
+
+def save_calibration(result: dict[str, Any]) -> None:
+    CALIBRATION.parent.mkdir(parents=True, exist_ok=True)
+    CALIBRATION.write_text(json.dumps(result, indent=2))
+
+
+def load_calibration() -> dict[str, Any] | None:
+    return json.loads(CALIBRATION.read_text()) if CALIBRATION.exists() else None

@@ -1,0 +1,75 @@
+"""Planning an overnight job before running it: ``restorer restore ... --dry-run``.
+
+Lists the inputs (streaming, counting only), reads the headers of a random sample to estimate
+megapixels (Pillow reads sizes without decoding pixels), and estimates wall time and GPU-hours
+from the last ``restorer bench`` calibration (megapixels per second per worker).
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from typing import Any
+
+from PIL import Image
+
+from restorer import storage
+from restorer.bench import load_calibration
+from restorer.jobs import RestoreSpec
+from restorer.restore import source_config
+from restorer.sources import detect_layout, expand, listing_tasks
+
+
+def plan_job(spec: RestoreSpec, workers: int, sample_size: int = 200,
+             seed: int = 0) -> dict[str, Any]:
+    """Count inputs and estimate megapixels, wall time and GPU-hours for ``workers`` workers."""
+    spec = spec.validate()
+    options = spec.storage.options()
+    layout = detect_layout(spec.input.uri, spec.input.layout, options)
+    config = source_config(spec, layout)
+    rng = random.Random(seed)
+    count = refused = input_bytes = 0
+    sample: list[dict[str, Any]] = []
+    for task in listing_tasks(spec.input.uri, config):
+        for unit in expand(task, config):
+            for row in unit:
+                if spec.input.limit and count >= spec.input.limit:
+                    break
+                if row["status"] == "failed":
+                    refused += 1
+                    continue
+                count += 1
+                input_bytes += row["size"]
+                if len(sample) < sample_size:  # reservoir sample of the listing
+                    sample.append(row)
+                elif rng.random() < sample_size / count:
+                    sample[rng.randrange(sample_size)] = row
+    pixels = []
+    for row in sample:
+        try:
+            data = row["data"] or storage.read_bytes(row["uri"], options)
+            width, height = Image.open(io.BytesIO(data)).size
+            pixels.append(width * height)
+        except Exception:  # noqa: BLE001 - unreadable samples are simply not measured
+            continue
+    mean_megapixels = sum(pixels) / len(pixels) / 1e6 if pixels else 0.0
+    megapixels = mean_megapixels * count
+    calibration = load_calibration()
+    plan: dict[str, Any] = {
+        "input": spec.input.uri, "layout": layout, "images": count,
+        "refused_at_listing": refused, "input_bytes": input_bytes,
+        "sampled": len(pixels), "mean_megapixels": round(mean_megapixels, 4),
+        "megapixels": round(megapixels, 1), "workers": workers,
+    }
+    if calibration:
+        rate = calibration["megapixels_per_second_per_worker"] * workers
+        seconds = megapixels / rate if rate else float("inf")
+        plan.update(calibration_from=f"{calibration['machine']} on {calibration['date']} "
+                                     f"({calibration['device']})",
+                    estimated_seconds=round(seconds, 1),
+                    estimated_hours=round(seconds / 3600, 2),
+                    gpu_hours=round(seconds / 3600 * workers, 2)
+                    if calibration["device"] == "cuda" else 0.0)
+    else:
+        plan["estimate"] = "no calibration: run `restorer bench` on the target hardware first"
+    return plan

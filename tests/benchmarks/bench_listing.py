@@ -1,0 +1,64 @@
+"""Listing at scale: driver memory and time to the first dispatched task for big manifests.
+
+Writes Parquet manifests of 100k and 1M synthetic s3-style URIs (the objects need not exist:
+every row becomes a 'does not exist' error record, which is fine for this measurement), starts
+the restore pipeline on each, and measures the time until the first records come back from
+the read tasks, and the driver's peak memory growth meanwhile. A driver that expanded every key
+first (as Ray's read_images does, ray-project/ray#40686) would grow with the manifest.
+
+Run:  python tests/benchmarks/bench_listing.py [--counts 100000 1000000]
+"""
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import PeakMemory, _rss_bytes  # noqa: E402
+
+from restorer.jobs import RestoreSpec, spec_from_flags  # noqa: E402
+from restorer.restore import build_pipeline, source_config  # noqa: E402
+from restorer.runtime import WorkerPlan  # noqa: E402
+from restorer.sources import listing_tasks  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--counts", type=int, nargs="+", default=[100_000, 1_000_000])
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    ray.init(num_cpus=2, object_store_memory=400 * 1024 * 1024, include_dashboard=False)
+    with tempfile.TemporaryDirectory() as scratch:
+        for count in args.counts:
+            manifest = Path(scratch) / f"manifest{count}.parquet"
+            uris = [f"s3://no-bucket/raw/{i // 1000:04d}/img{i:07d}.jpg" for i in range(count)]
+            pq.write_table(pa.table({"uri": uris}), manifest, row_group_size=50_000)
+            del uris
+            spec = spec_from_flags(RestoreSpec, input=str(manifest),
+                                   output=str(Path(scratch) / f"out{count}"),
+                                   input_layout="manifest")
+            import os
+
+            baseline = _rss_bytes(os.getpid())
+            with PeakMemory(interval=0.05) as memory:
+                started = time.time()
+                config = source_config(spec, "manifest")
+                tasks = listing_tasks(spec.input.uri, config)
+                ds = build_pipeline(spec, WorkerPlan(1, 1.0, 0.0, 2), tasks, config, frozenset())
+                first = next(iter(ds.iter_batches(batch_size=None)))
+                to_first = time.time() - started
+            print(f"{count:8d} manifest entries: {len(tasks)} listing tasks, first records "
+                  f"after {to_first:6.2f} s ({len(first['key'])} rows), driver peak "
+                  f"{memory.driver_peak / 2**20:7.1f} MiB (before: {baseline / 2**20:.1f} MiB)",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

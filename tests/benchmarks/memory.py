@@ -1,0 +1,55 @@
+"""Peak resident memory of this process (the driver) and of Ray's worker processes, sampled."""
+
+import os
+import threading
+import time
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _ray_worker_pids() -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if f.read(5) == b"ray::":
+                        pids.append(int(name))
+            except OSError:
+                continue
+    return pids
+
+
+class PeakMemory:
+    """Samples driver RSS and the summed RSS of all ``ray::`` worker processes every 0.2 s."""
+
+    def __init__(self, interval: float = 0.2):
+        self.interval = interval
+        self.driver_peak = 0
+        self.workers_peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            self.driver_peak = max(self.driver_peak, _rss_bytes(os.getpid()))
+            self.workers_peak = max(self.workers_peak,
+                                    sum(_rss_bytes(p) for p in _ray_worker_pids()))
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()

@@ -1,0 +1,208 @@
+"""The per-image audit and the report page, on a hand-built job output (no Ray).
+
+The fixture writes what a finished restore job leaves behind: inputs, outputs, ledger parts,
+an errors part, ``job.json`` and ``summary.json``, with one image changed far more than the
+rest and keys an attacker might choose. The browser test renders the page in headless
+Chromium (Debian package ``chromium``) and is skipped where it is not installed.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from restorer.inspect import inspect_output
+from restorer.report import estimate_noise, flag_outliers, ledger_records, write_report
+from restorer.restore import ERROR_COLUMNS, RECORD_SCHEMA
+
+HOSTILE_KEY = "<script>x.png"
+HOSTILE_MESSAGE = "<img src=x onerror=alert(1)> is not an image"
+OUTLIER_KEY = "b/outlier.png"
+SECTIONS = ("summary", "throughput", "errors", "flagged", "samples", "provenance")
+
+
+def _change(source: np.ndarray, restored: np.ndarray) -> tuple[float, float]:
+    """(mean, p99) of |restored - source| in 8-bit levels, as the restore actor measures it."""
+    peak = 65535.0 if source.dtype == np.uint16 else 255.0
+    diff = np.abs(restored.astype(np.float64) - source.astype(np.float64)) / peak * 255.0
+    return float(diff.mean()), float(np.quantile(diff, 0.99))
+
+
+def _record(key: str, unit: str, **values) -> dict:
+    record = {f.name: ("" if pa.types.is_string(f.type) else b"" if pa.types.is_binary(f.type)
+                       or pa.types.is_large_binary(f.type) else 0) for f in RECORD_SCHEMA}
+    record.update(key=key, out_key=key, unit=unit, format="png", unit_size=0, **values)
+    return record
+
+
+@pytest.fixture
+def job_output(tmp_path) -> Path:
+    """A finished two-unit job: 7 restored images (one outlier), one decode failure."""
+    rng = np.random.default_rng(0)
+    inputs, output = tmp_path / "in", tmp_path / "out"
+    units = {"a": ["a/cat.png", "a/dog.png", "a/16bit.png", HOSTILE_KEY],
+             "b": ["b/sea.png", "b/sky.png", OUTLIER_KEY, "b/broken.png"]}
+    yy, xx = np.mgrid[0:72, 0:96]
+    ledgers: dict[str, list[dict]] = {unit: [] for unit in units}
+    for unit, keys in units.items():
+        for key in keys:
+            source_path, target_path = inputs / key, output / key
+            source_path.parent.mkdir(parents=True, exist_ok=True)
+            if key == "b/broken.png":
+                source_path.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+                ledgers[unit].append(_record(
+                    key, unit, uri=str(source_path), status="failed", stage="decode",
+                    error_class="ImageError", message=HOSTILE_MESSAGE))
+                continue
+            clean = (96 + 60 * np.sin(xx / 9.0) * np.cos(yy / 11.0))[..., None].repeat(3, 2)
+            noisy = np.clip(clean + rng.normal(0, 8, clean.shape), 0, 255)
+            restored = clean if key != OUTLIER_KEY else 255 - clean  # the outlier: inverted
+            if key == "a/16bit.png":
+                source = (noisy[..., 0] * 257).astype(np.uint16)
+                output_pixels = (restored[..., 0] * 257).astype(np.uint16)
+            else:
+                source, output_pixels = noisy.astype(np.uint8), restored.astype(np.uint8)
+            Image.fromarray(source).save(source_path)
+            target_path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(output_pixels).save(target_path)
+            mean, p99 = _change(source, output_pixels)
+            ledgers[unit].append(_record(
+                key, unit, uri=str(source_path), status="ok", height=72, width=96,
+                channels=1 if source.ndim == 2 else 3, bits=16 if source.dtype == np.uint16
+                else 8, src_format="PNG", out_height=72, out_width=96, tiles=1,
+                model_seconds=0.01 + 0.002 * len(key), change_mean=mean, change_p99=p99,
+                out_bytes=target_path.stat().st_size, sha256="0" * 64, write_seconds=0.001))
+    meta = output / "_restorer"
+    (meta / "ledger").mkdir(parents=True)
+    (meta / "errors.parquet").mkdir()
+    for offset, (unit, records) in enumerate(ledgers.items()):
+        ledger = meta / "ledger" / f"unit-{unit}.parquet"
+        pq.write_table(pa.Table.from_pylist(records, schema=RECORD_SCHEMA), ledger)
+        os.utime(ledger, (1_700_000_000 + 5 * offset, 1_700_000_000 + 5 * offset))
+        failed = [r for r in records if r["status"] != "ok"]
+        if failed:
+            pq.write_table(pa.Table.from_pylist([{c: r[c] for c in ERROR_COLUMNS}
+                                                 for r in failed]),
+                           meta / "errors.parquet" / f"unit-{unit}.parquet")
+    spec = {"input": {"uri": str(inputs), "layout": "auto"},
+            "output": {"uri": str(output), "layout": "files", "format": "same"},
+            "model": {"name": "denoise-gray", "tile": 256}}
+    (meta / "job.json").write_text(json.dumps({
+        "ledger_format_version": 1, "model": "/zoo/denoise-gray.safetensors",
+        "fingerprint": {"model_sha256": "ab" * 32, "layout": "files"},
+        "fingerprint_sha256": "cd" * 32, "spec": spec, "created": 1_699_999_990.0}))
+    (meta / "summary.json").write_text(json.dumps({
+        "status": "failed_images", "total": 8, "succeeded": 7, "failed": 1, "skipped": 0,
+        "elapsed_seconds": 12.5, "startup_seconds": 4.0, "images_per_second": 0.64,
+        "steady_images_per_second": 0.94, "errors_by_class": {"ImageError": 1},
+        "model": "/zoo/denoise-gray.safetensors", "model_sha256": "ab" * 32, "spec": spec,
+        "job": {"records": 8, "succeeded": 7, "failed": 1}}))
+    return output
+
+
+def test_flag_outliers_flags_only_the_outlier(job_output):
+    records = ledger_records(str(job_output), ["key", "status", "change_mean", "change_p99"])
+    flagged = flag_outliers(records)
+    assert [f["key"] for f in flagged] == [OUTLIER_KEY]
+    assert flagged[0]["change_mean"] > 50 and "change_mean" in flagged[0]["reason"]
+
+
+def test_flag_outliers_streams_and_has_a_floor():
+    def stream():  # a generator: consumed once, never held in memory
+        for i in range(50_000):
+            yield {"key": f"{i}.png", "status": "ok", "change_mean": 3.0 + (i % 7) * 0.01,
+                   "change_p99": 9.0}
+        yield {"key": "odd.png", "status": "ok", "change_mean": 40.0, "change_p99": 90.0}
+        yield {"key": "failed.png", "status": "failed", "change_mean": 0.0, "change_p99": 0.0}
+
+    assert [f["key"] for f in flag_outliers(stream())] == ["odd.png"]
+    # Identical changes (MAD = 0): the floor keeps a fraction of a level from being flagged.
+    same = [{"key": f"{i}", "change_mean": 2.0 + 0.2 * (i == 0), "change_p99": 5.0}
+            for i in range(10)]
+    assert flag_outliers(same) == []
+    # An absolute threshold flags on its own, even below MIN_RECORDS images.
+    assert [f["key"] for f in flag_outliers(same[:2], threshold=2.1)] == ["0"]
+    with pytest.raises(ValueError):
+        flag_outliers([], k=0)
+
+
+def test_estimate_noise_finds_the_added_noise():
+    rng = np.random.default_rng(1)
+    flat = np.full((256, 256), 128.0)
+    assert estimate_noise(flat) == pytest.approx(0.0)
+    assert estimate_noise(flat + rng.normal(0, 10, flat.shape)) == pytest.approx(10, rel=0.05)
+
+
+def test_report_has_sections_crops_and_escaped_keys(job_output):
+    uri = write_report(str(job_output))
+    assert uri == str(job_output / "_restorer" / "report.html")
+    page = Path(uri).read_text("utf-8")
+    for section in SECTIONS:
+        assert f'<section id="{section}">' in page
+    crops = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(crops) >= 4 and len(crops) % 2 == 0
+    for crop in crops:
+        assert Image.open(io.BytesIO(base64.b64decode(crop))).size[0] > 0
+    assert OUTLIER_KEY in page and "ImageError" in page and "ab" * 32 in page
+    assert "<svg" in page and "<polyline" in page  # throughput from the ledger's commit times
+    # Hostile strings only ever appear escaped.
+    assert "<script>x.png" not in page and "&lt;script&gt;x.png" in page
+    assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert "http://" not in page and "https://" not in page  # nothing from the network
+    assert page.count("<script>") == 1
+
+
+def test_inspect_output_lists_flagged_and_the_report(job_output):
+    before = inspect_output(str(job_output))
+    assert before["records"] == 8 and before["failed"] == 1
+    assert [f["key"] for f in before["flagged"]] == [OUTLIER_KEY]
+    assert before["most_changed"][0]["key"] == OUTLIER_KEY
+    assert before["report"] is None
+    write_report(str(job_output))
+    assert inspect_output(str(job_output))["report"].endswith("report.html")
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(_chromium() is None, reason="headless browser test needs Chromium "
+                    "(apt-get install chromium); not found on PATH")
+def test_report_renders_in_headless_chromium(job_output, tmp_path):
+    page = Path(write_report(str(job_output)))
+    screenshot = tmp_path / "report.png"
+    base = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+            "--no-first-run", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1200,2000", "--virtual-time-budget=5000"]
+    env = dict(os.environ, HOME=str(tmp_path))
+    shot = subprocess.run([*base, f"--screenshot={screenshot}", page.as_uri()], check=False,
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert shot.returncode == 0, shot.stderr[-2000:]
+    dom = subprocess.run([*base, "--dump-dom", page.as_uri()], check=False,
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+
+    body = re.search(r"<body[^>]*>", dom.stdout).group(0)
+    images = len(re.findall(r"<img ", dom.stdout))
+    assert images >= 4
+    assert 'data-loaded="true"' in body and f'data-images="{images}"' in body, body
+    for section in SECTIONS:
+        assert f'id="{section}"' in dom.stdout
+    assert "&lt;script&gt;x.png" in dom.stdout
+
+    image = np.asarray(Image.open(screenshot).convert("RGB"))
+    assert image.shape[:2] == (2000, 1200)
+    assert len(np.unique(image.reshape(-1, 3), axis=0)) > 50  # text, charts, crops: not blank
