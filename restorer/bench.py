@@ -127,6 +127,9 @@ def run_bench(count: int = 64, size: int = 256, model: str | None = None, batch_
                           model=loaded.source, tile=tile, batch_size=batch_size,
                           tile_batch=tile_batch, format="png", num_cpus=num_cpus)
     restorer_ips = summary["steady_images_per_second"]
+    if not restorer_ips:
+        raise ValueError(f"{len(paths)} images gave no steady state (all arrived in one batch); "
+                         "bench with more images")
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, "
                    f"{'cuda' if torch.cuda.is_available() else 'cpu'}",

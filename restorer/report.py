@@ -149,7 +149,8 @@ def scan_outliers(records: Iterable[dict[str, Any]], k: float = OUTLIER_K,
         if mean is None or p99 is None or not (math.isfinite(mean) and math.isfinite(p99)):
             continue
         sample.add((float(mean), float(p99)))
-        entry = {"key": record["key"], "change_mean": float(mean), "change_p99": float(p99),
+        entry = {"key": record["key"], "change_mean": round(float(mean), 3),
+                 "change_p99": round(float(p99), 3),
                  **{f: record[f] for f in CARRIED if f in record}}
         for heap, value in ((top_mean, float(mean)), (top_p99, float(p99))):
             if len(heap) < limit:

@@ -164,6 +164,7 @@ class _Client:
 
     @contextlib.contextmanager
     def _errors(self, job_id: str | None = None) -> Iterator[None]:
+        import aiohttp
         import requests
         from ray.exceptions import AuthenticationError
 
@@ -180,7 +181,7 @@ class _Client:
                 f"The Ray cluster at {self.url} rejected the token from {self.token_source}: "
                 "it is not this cluster's token. Use the token the head was started with "
                 "(`ray get-auth-token` on the head)") from None
-        except (ConnectionError, requests.exceptions.ConnectionError) as e:
+        except (ConnectionError, requests.exceptions.ConnectionError, aiohttp.ClientError) as e:
             raise ClusterError(f"Lost the connection to the Ray Jobs API at {self.url}: {e}. "
                                "Check that the head is still running") from None
         except RuntimeError as e:
@@ -401,15 +402,16 @@ def job_status(address: str | None, job_id: str) -> SubmittedJob:
 
 
 def job_logs(address: str | None, job_id: str, follow: bool = False) -> Iterator[str]:
-    """The job's log: one chunk with everything so far, or (``follow``) chunks until it ends."""
+    """The job's log: one chunk with everything so far, or (``follow``) chunks until it ends.
+
+    Connection, token and unknown-job errors are raised here, before the first chunk.
+    """
     connection = _Client(address)
-    connection.info(job_id)  # a clear error for an unknown job before any streaming
-    if not follow:
-        with connection._errors(job_id):
-            logs = connection.client.get_job_logs(job_id)
-        yield logs
-        return
-    yield from _tail(connection, job_id)
+    connection.info(job_id)
+    if follow:
+        return _tail(connection, job_id)
+    with connection._errors(job_id):
+        return iter([connection.client.get_job_logs(job_id)])
 
 
 def _tail(connection: _Client, job_id: str) -> Iterator[str]:
@@ -473,5 +475,5 @@ def stop_job(address: str | None, job_id: str, wait: float = 0.0) -> SubmittedJo
     return job
 
 
-__all__ = ["AuthError", "ClusterError", "SUBMIT_OVERRIDES", "SubmittedJob", "dashboard_url",
+__all__ = ["SUBMIT_OVERRIDES", "AuthError", "ClusterError", "SubmittedJob", "dashboard_url",
            "follow", "job_logs", "job_status", "list_jobs", "stop_job", "submit"]

@@ -108,7 +108,7 @@ def job_output(tmp_path) -> Path:
         "elapsed_seconds": 12.5, "startup_seconds": 4.0, "images_per_second": 0.64,
         "steady_images_per_second": 0.94, "errors_by_class": {"ImageError": 1},
         "model": "/zoo/denoise-gray.safetensors", "model_sha256": "ab" * 32, "spec": spec,
-        "job": {"records": 8, "succeeded": 7, "failed": 1}}))
+        "job": {"records": 8, "succeeded": 7, "failed": 1}, "output": str(output)}))
     return output
 
 
@@ -162,6 +162,30 @@ def test_report_has_sections_crops_and_escaped_keys(job_output):
     assert "<img src=x" not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
     assert "http://" not in page and "https://" not in page  # nothing from the network
     assert page.count("<script>") == 1
+
+
+def test_report_takes_crops_from_parquet_output_shards(job_output):
+    """Parquet output layout: outputs come from part-<unit>.parquet; shard-row inputs are noted."""
+    job = json.loads((job_output / "_restorer" / "job.json").read_text())
+    job["spec"]["output"]["layout"] = "parquet"
+    (job_output / "_restorer" / "job.json").write_text(json.dumps(job))
+    for ledger in sorted((job_output / "_restorer" / "ledger").iterdir()):
+        table = pq.read_table(ledger)
+        unit = table.column("unit")[0].as_py()
+        keys = table.column("out_key").to_pylist()
+        blobs = [(job_output / k).read_bytes() if (job_output / k).exists() else b""
+                 for k in keys]
+        pq.write_table(pa.table({"key": keys, "bytes": pa.array(blobs, pa.large_binary())}),
+                       job_output / f"part-{unit}.parquet")
+        if unit == "a":  # inputs that were rows of an input shard cannot be read back by uri
+            uris = [f"in-{unit}.parquet#{i}" for i in range(table.num_rows)]
+            table = table.set_column(table.schema.get_field_index("uri"), "uri", pa.array(uris))
+            pq.write_table(table, ledger)
+    shutil.rmtree(job_output / "a")
+    shutil.rmtree(job_output / "b")
+    page = Path(write_report(str(job_output), sample=8)).read_text("utf-8")
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 2 * 3  # unit b's 3
+    assert page.count("input is a row of a Parquet shard; no crop") == 4  # unit a's 4
 
 
 def test_inspect_output_lists_flagged_and_the_report(job_output):
