@@ -80,8 +80,14 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if summary["errors_by_class"]:
         click.echo("errors: " + ", ".join(f"{k} x{v}" for k, v in
                                           summary["errors_by_class"].items()))
+    flagged = summary.get("flagged") or []
+    if flagged:
+        click.echo(f"{len(flagged)} images changed far more than the rest; check first: "
+                   + ", ".join(f["key"] for f in flagged[:5]))
     click.echo(f"model {summary['model']} (sha256 {summary['model_sha256'][:12]})")
-    click.echo(f"details: {summary['output'].rstrip('/')}/_restorer/")
+    if summary.get("report"):
+        click.echo(f"report: {summary['report']}")
+    click.echo(f"details: {summary.get('output', '').rstrip('/')}/_restorer/")
 
 
 def _finish(summary: dict[str, Any], as_json: bool) -> None:
@@ -243,9 +249,15 @@ def inspect(output_uri, as_json, top):
     for row in report["errors"]:
         click.echo(f"  error {row['key']}: [{row['stage']}] {row['error_class']}: "
                    f"{row['message']}")
+    click.echo("flagged (changed far more than the job's typical image):")
+    for row in report["flagged"]:
+        click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}"
+                   f" ({row['reason']})")
     click.echo("most changed (mean |output - input|, 8-bit levels):")
     for row in report["most_changed"]:
         click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}")
+    if report.get("report"):
+        click.echo(f"report page: {report['report']}")
 
 
 @main.command()

@@ -362,7 +362,7 @@ def _svg_histogram(values: Sequence[float], label: str, marker: float | None = N
         mx = pad + (width - 2 * pad) * (marker - low) / (high - low)
         parts.append(f'<line x1="{mx:.1f}" y1="{pad / 2}" x2="{mx:.1f}" y2="{height - pad}" '
                      'stroke="#c0392b" stroke-dasharray="4 3"/>'
-                     f'<text x="{mx + 3:.1f}" y="{pad:.0f}" fill="#c0392b">cutoff '
+                     f'<text x="{mx + 3:.1f}" y="{pad + 14:.0f}" fill="#c0392b">cutoff '
                      f'{marker:.3g}</text>')
     parts.append(f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" '
                  'stroke="#333"/>'
@@ -486,6 +486,7 @@ def write_report(output_uri: str, options: storage.StorageOptions = DEFAULT_OPTI
                "model_seconds"]
     per_unit: dict[str, int] = {}
     seconds = _Reservoir(RESERVOIR, seed=1)
+    changes = _Reservoir(RESERVOIR, seed=3)
     others = _Reservoir(max(4 * sample, 1), seed=2)
     tally = {"records": 0, "ok": 0}
 
@@ -498,16 +499,18 @@ def write_report(output_uri: str, options: storage.StorageOptions = DEFAULT_OPTI
             tally["ok"] += 1
             if record.get("model_seconds"):
                 seconds.add(float(record["model_seconds"]))
+            if record.get("change_mean") is not None and math.isfinite(record["change_mean"]):
+                changes.add(float(record["change_mean"]))
             others.add({c: record.get(c) for c in ("key", "uri", "out_key", "unit",
                                                    "change_mean", "change_p99")})
             yield record
 
     flagged, stats = scan_outliers(ok_records(), k=k, threshold=threshold)
 
-    sections = [_summary_section(summary, tally, job),
+    sections = [_summary_section(summary, tally),
                 _throughput_section(output_uri, options, per_unit, seconds, summary, job),
                 _errors_section(output_uri, options),
-                _flagged_section(flagged, stats),
+                _flagged_section(flagged, stats, changes.items),
                 _samples_section(output_uri, options, layout, flagged, others, sample),
                 _provenance_section(job, summary, spec)]
     title = f"restorer report: {output_uri}"
@@ -523,7 +526,7 @@ def write_report(output_uri: str, options: storage.StorageOptions = DEFAULT_OPTI
     return uri
 
 
-def _summary_section(summary: dict[str, Any], tally: dict[str, int], job: dict[str, Any]) -> str:
+def _summary_section(summary: dict[str, Any], tally: dict[str, int]) -> str:
     parts = ['<section id="summary"><h2>Summary</h2>']
     if summary:
         names = ["status", "total", "succeeded", "failed", "skipped", "elapsed_seconds",
@@ -604,7 +607,8 @@ def _errors_section(output: str, options: storage.StorageOptions) -> str:
     return "".join(parts) + "</section>"
 
 
-def _flagged_section(flagged: list[dict[str, Any]], stats: dict[str, Any]) -> str:
+def _flagged_section(flagged: list[dict[str, Any]], stats: dict[str, Any],
+                     values: Sequence[float]) -> str:
     changes, p99 = stats["change_mean"], stats["change_p99"]
     parts = [f'<section id="flagged"><h2>Flagged images ({len(flagged):,})</h2>']
     if changes is None:
@@ -617,7 +621,8 @@ def _flagged_section(flagged: list[dict[str, Any]], stats: dict[str, Any]) -> st
             f"{' (medians from a sample)' if stats['sampled'] else ''}: mean change median "
             f"{changes['median']:.2f}, cutoff {changes['cutoff']:.2f}; p99 change median "
             f"{p99['median']:.2f}, cutoff {p99['cutoff']:.2f} (median + {stats['k']:g} x "
-            f"max(1.4826 MAD, {stats['min_spread']:g})).</p>")
+            f"max(1.4826 MAD, {stats['min_spread']:g})).</p>"
+            + _svg_histogram(values, "mean change per image (8-bit levels)", changes["cutoff"]))
     if flagged:
         parts.append(_table(["key", "change mean", "change p99", "reason"],
                             [(f["key"], round(f["change_mean"], 2), round(f["change_p99"], 2),

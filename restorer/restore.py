@@ -69,7 +69,7 @@ DECODED_FIELDS = PLAN_FIELDS + [
 RESTORED_FIELDS = DECODED_FIELDS + [
     ("out_height", pa.int32()), ("out_width", pa.int32()), ("tiles", pa.int32()),
     ("model_seconds", pa.float64()), ("change_mean", pa.float32()),
-    ("change_p99", pa.float32()),
+    ("change_p99", pa.float32()), ("noise_in", pa.float32()), ("noise_out", pa.float32()),
 ]
 RECORD_FIELDS = [f for f in RESTORED_FIELDS if f[0] not in ("pixels", "alpha", "icc", "exif",
                                                             "data", "size")] + [
@@ -271,12 +271,23 @@ class RestoreActor:
         return results, stats
 
     def _change(self, source: torch.Tensor, out: torch.Tensor, peak: float) -> dict[str, float]:
-        """Mean and 99th percentile of |output - input| in 8-bit levels, on a <=256px view."""
+        """What the model did, cheaply: |output - input| (mean, 99th percentile) on a <=256px
+        strided view, and the noise level of input and output (scikit-image's wavelet
+        ``estimate_sigma`` on a central <=256px crop of the first plane), in 8-bit levels."""
+        from skimage.restoration import estimate_sigma
+
         if self.scale > 1:
             out = torch.nn.functional.avg_pool2d(out[None], self.scale)[0]
         step = max(1, math.ceil(max(source.shape[-2:]) / 256))
         diff = (out[:, ::step, ::step] - source[:, ::step, ::step]).abs().flatten() * 255.0
-        return {"change_mean": float(diff.mean()), "change_p99": float(torch.quantile(diff, 0.99))}
+        height, width = source.shape[-2:]
+        y0, x0 = max(0, (height - 256) // 2), max(0, (width - 256) // 2)
+        noise = []
+        for image in (source, out):
+            crop = image[0, y0:y0 + 256, x0:x0 + 256].float().cpu().numpy()
+            noise.append(float(estimate_sigma(crop)) * 255.0 if min(crop.shape) >= 8 else 0.0)
+        return {"change_mean": float(diff.mean()), "change_p99": float(torch.quantile(diff, 0.99)),
+                "noise_in": noise[0], "noise_out": noise[1]}
 
     def __call__(self, batch):
         if isinstance(batch, dict):  # a user's pipeline: numpy batches with an "image" column
@@ -656,13 +667,32 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
     summary["job"] = ledger_totals(spec)
     if stop.is_set():
         summary["status"] = "stopped"
-    storage.write_bytes(meta_uri(spec, "summary.json"), json.dumps(summary, indent=2).encode(),
-                        options)
+    _audit(spec, summary)
     if stop.is_set():
         raise JobStopped(f"Stopped by SIGTERM after committing {state.committed_units} units "
                          f"({state.abandoned} images in unfinished units abandoned); rerun "
                          "the same command to finish the job")
     return summary
+
+
+def _audit(spec: RestoreSpec, summary: dict[str, Any]) -> None:
+    """Flag outliers into the summary, write summary.json, then the report page.
+
+    A report that cannot be written is logged, never a failed job.
+    """
+    from restorer.report import flag_outliers, ledger_records, write_report
+
+    options = spec.storage.options()
+    summary["flagged"] = flag_outliers(ledger_records(
+        spec.output.uri, ["key", "status", "change_mean", "change_p99"], options), limit=20)
+    summary["report"] = storage.join(spec.output.uri, f"{META_DIR}/report.html")
+    storage.write_bytes(meta_uri(spec, "summary.json"), json.dumps(summary, indent=2).encode(),
+                        options)
+    try:
+        write_report(spec.output.uri, options)
+    except (RestorerError, OSError, ValueError) as e:
+        log.warning("could not write the report page: %s", e)
+        summary["report"] = None
 
 
 @contextlib.contextmanager

@@ -1,0 +1,267 @@
+"""Submitting specs through the Jobs API of a real, token-protected Ray head.
+
+The head is started here with ``ray start --head --block`` on free ports, its own temp dir and
+its own token file, and stopped by its process id (never ``ray stop``, which would stop every
+Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from restorer import submit as jobs_api
+from restorer.errors import JobError, ModelError, SpecError
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+HEAD_START_TIMEOUT_S = 90
+JOB_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _write_images(folder: Path, count: int, size: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"img{i:03d}.png" for i in range(count)]
+    for name in names:
+        Image.fromarray(rng.integers(0, 255, (size, size), dtype=np.uint8)).save(folder / name)
+    return names
+
+
+def _write_spec(path: Path, input_uri: str, output_uri: str, model: str = "",
+                extra: str = "") -> Path:
+    path.write_text(f"""kind = "restore"
+name = "{path.stem}"
+[input]
+uri = "{input_uri}"
+[output]
+uri = "{output_uri}"
+[model]
+name = "{model}"
+tile = 64
+[resources]
+workers = 1
+gpus_per_worker = 0
+cpus_per_worker = 0.5
+threads_per_worker = 1
+batch_size = 4
+{extra}""")
+    return path
+
+
+def _stop_process_tree(process: subprocess.Popen) -> None:
+    """SIGTERM the blocking `ray start` (it stops what it started), then SIGKILL leftovers."""
+    import psutil
+
+    try:
+        children = psutil.Process(process.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        children = []
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for child in alive:
+        child.kill()
+
+
+@pytest.fixture(scope="module")
+def head():
+    """A token-protected Ray head (2 CPUs, 300 MB object store); yields its dashboard URL.
+
+    The shared in-process Ray is shut down first, as ``exclusive_ray`` does, so that only one
+    cluster runs at a time. This process sees the head's token through RAY_AUTH_TOKEN_PATH.
+    """
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    run_dir = Path(tempfile.mkdtemp(prefix="rs-", dir="/tmp"))  # short: socket paths
+    token_file = run_dir / "token"
+    token_file.write_text(secrets.token_hex(32))
+    token_file.chmod(0o600)
+    dashboard_port = _free_port()
+    ports = {"--port": _free_port(), "--dashboard-port": dashboard_port,
+             "--ray-client-server-port": _free_port(),
+             "--dashboard-agent-listen-port": _free_port(),
+             "--dashboard-agent-grpc-port": _free_port(),
+             "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
+             "--node-manager-port": _free_port(), "--object-manager-port": _free_port()}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+    ray_cli = Path(sys.executable).with_name("ray")
+    command = [str(ray_cli) if ray_cli.exists() else "ray", "start", "--head", "--block",
+               "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
+               "--num-cpus", "2", "--num-gpus", "0", "--object-store-memory", str(300 * 2**20),
+               "--temp-dir", str(run_dir / "ray"), "--disable-usage-stats"]
+    for flag, port in ports.items():
+        command += [flag, str(port)]
+    url = f"http://127.0.0.1:{dashboard_port}"
+    with open(run_dir / "head.log", "wb") as head_log:
+        process = subprocess.Popen(command, env=env, stdout=head_log, stderr=subprocess.STDOUT)
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+            patch.delenv(name, raising=False)
+        patch.setenv("RAY_AUTH_TOKEN_PATH", str(token_file))
+        try:
+            deadline = time.monotonic() + HEAD_START_TIMEOUT_S
+            while True:
+                if process.poll() is not None:
+                    pytest.fail("ray start exited with code "
+                                f"{process.returncode}:\n{(run_dir / 'head.log').read_text()}")
+                try:
+                    jobs_api.list_jobs(url)
+                    break
+                except jobs_api.ClusterError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(1)
+            yield url
+        finally:
+            _stop_process_tree(process)
+            shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def small_folder(tmp_path_factory) -> tuple[Path, list[str]]:
+    folder = tmp_path_factory.mktemp("submit") / "in"
+    return folder, _write_images(folder, 6, 48)
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def test_submit_follow_restore_job(head, small_folder, tiny_model, tmp_path, monkeypatch,
+                                   exclusive_ray):
+    folder, names = small_folder
+    monkeypatch.chdir(tmp_path)  # the output is relative: submit makes it absolute
+    spec = _write_spec(tmp_path / "small-restore.toml", str(folder), "out", model=tiny_model)
+    job_id = jobs_api.submit(spec, head, overrides={"limit": 5, "workers": None})
+    assert job_id.startswith("small-restore-")
+    chunks: list[str] = []
+    job = jobs_api.follow(head, job_id, write=chunks.append)
+    logs = "".join(chunks)
+    assert (job.status, job.driver_exit_code) == ("SUCCEEDED", 0), logs
+    assert "restored 5 of 5 images" in logs
+    written = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert written == names[:5]
+    summary = json.loads((tmp_path / "out" / "_restorer" / "summary.json").read_text())
+    assert summary["succeeded"] == 5
+    # The job ran the shipped copy of the local model, and says which model it was.
+    sha = hashlib.sha256(Path(tiny_model).read_bytes()).hexdigest()
+    assert summary["model_sha256"] == job.metadata["model_sha256"] == sha
+    assert job.metadata["kind"] == "restore" and job.metadata["spec"] == spec.name
+    assert job.metadata["output"] == str(tmp_path / "out")
+    assert "--model models/tiny.safetensors" in job.entrypoint
+    assert "--limit 5" in job.entrypoint
+
+    assert job_id in [j.job_id for j in jobs_api.list_jobs(head)]
+    assert jobs_api.job_status(head, job_id).status == "SUCCEEDED"
+    assert "restored 5 of 5 images" in "".join(jobs_api.job_logs(head, job_id))
+    followed = "".join(jobs_api.job_logs(head, job_id, follow=True))
+    assert "restored 5 of 5 images" in followed
+
+
+def test_bad_specs_submit_nothing(head, small_folder, tmp_path, exclusive_ray):
+    folder, _ = small_folder
+    before = len(jobs_api.list_jobs(head))
+    typo = _write_spec(tmp_path / "typo.toml", str(folder), str(tmp_path / "out"),
+                       extra="[limits]\nmax_pixel = 3\n")
+    with pytest.raises(SpecError, match="max_pixel"):
+        jobs_api.submit(typo, head)
+    good = _write_spec(tmp_path / "good.toml", str(folder), str(tmp_path / "out"))
+    with pytest.raises(SpecError, match="gpus_per_worker"):
+        jobs_api.submit(good, head, overrides={"gpus_per_worker": -3.0})
+    with pytest.raises(SpecError, match="cannot be overridden"):
+        jobs_api.submit(good, head, overrides={"address": "auto"})
+    with pytest.raises(ModelError, match="Unknown model"):
+        jobs_api.submit(good, head, overrides={"model": "no-such-model"})
+    with pytest.raises(SpecError, match="does not exist"):
+        jobs_api.submit(tmp_path / "missing.toml", head)
+    assert len(jobs_api.list_jobs(head)) == before
+
+
+def test_stop_a_running_job(head, tmp_path, exclusive_ray):
+    folder = tmp_path / "many"
+    _write_images(folder, 400, 64, seed=1)
+    output = tmp_path / "out"
+    spec = _write_spec(tmp_path / "long.toml", str(folder), str(output))  # the default model
+    job_id = jobs_api.submit(spec, head, stop_grace_s=60)
+    _wait_for(lambda: "worker plan" in next(jobs_api.job_logs(head, job_id)), JOB_TIMEOUT_S,
+              "the job to start restoring")
+    job = jobs_api.stop_job(head, job_id, wait=JOB_TIMEOUT_S)
+    logs = next(jobs_api.job_logs(head, job_id))
+    assert job.status == "STOPPED", logs
+    # SIGTERM reached `restorer run`, which drained and recorded the stop before exiting.
+    assert "SIGTERM: draining" in logs
+    summary = json.loads((output / "_restorer" / "summary.json").read_text())
+    assert summary["status"] == "stopped"
+    assert len(list(output.glob("*.png"))) < 400
+    # Stopping a job that has ended changes nothing.
+    assert jobs_api.stop_job(head, job_id).status == "STOPPED"
+
+
+def test_token_and_address_errors(head, small_folder, tmp_path, monkeypatch, exclusive_ray):
+    wrong = "0" * 64
+    monkeypatch.setenv("RAY_AUTH_TOKEN", wrong)
+    with pytest.raises(jobs_api.AuthError, match="rejected the token from RAY_AUTH_TOKEN") as e:
+        jobs_api.list_jobs(head)
+    assert wrong not in str(e.value) and head in str(e.value)
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+
+    empty = tmp_path / "empty-token"
+    empty.write_text("")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(empty))
+    with pytest.raises(jobs_api.AuthError, match="is empty"):
+        jobs_api.list_jobs(head)
+    monkeypatch.undo()
+
+    nobody = f"http://127.0.0.1:{_free_port()}"
+    with pytest.raises(jobs_api.ClusterError, match=f"Cannot reach the Ray Jobs API at {nobody}"):
+        jobs_api.list_jobs(nobody)
+    with pytest.raises(jobs_api.ClusterError, match="not the address of a Ray dashboard"):
+        jobs_api.list_jobs("ray://127.0.0.1:10001")
+    # An explicit address wins over RAY_ADDRESS, which is only the default.
+    monkeypatch.setenv("RAY_ADDRESS", nobody)
+    assert isinstance(jobs_api.list_jobs(head), list)
+    with pytest.raises(jobs_api.ClusterError, match=nobody):
+        jobs_api.list_jobs()
+    monkeypatch.delenv("RAY_ADDRESS")
+
+    with pytest.raises(JobError, match="No job 'no-such-job'"):
+        jobs_api.job_status(head, "no-such-job")
+    with pytest.raises(JobError, match="No job 'no-such-job'"):
+        jobs_api.job_logs(head, "no-such-job")
+    with pytest.raises(JobError, match="No job 'no-such-job'"):
+        jobs_api.stop_job(head, "no-such-job")
