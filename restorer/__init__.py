@@ -1,0 +1,13 @@
+"""restorer: distributed batch image restoration with CNNs on Ray.
+
+Ray reads ``RAY_AUTH_MODE`` once, when it is first imported, and the clusters this package
+starts must agree with the driver; so the mode is set here, before any submodule imports Ray.
+Token authentication (Ray's default for local clusters since 2.59) stays on unless the caller
+set the variable already.
+"""
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+__version__ = "0.1.0"

@@ -188,13 +188,43 @@ def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, pre
 def run(spec_path, input_uri, output_uri, model, limit, workers, gpus_per_worker, address,
         as_json):
     """Run the job in a TOML spec file (kind = "restore" or "train")."""
-    from restorer.launch import run_spec
+    from restorer.launch import load_spec, run_spec
 
-    spec = jobs.load_spec(spec_path)
+    spec = load_spec(spec_path)
     spec = jobs.apply_overrides(spec, input=input_uri, output=output_uri, model=model,
                                 limit=limit, workers=workers, gpus_per_worker=gpus_per_worker,
                                 address=address)
     _finish(run_spec(spec), as_json)
+
+
+@main.command()
+@click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
+@resource_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@_errors_to_exit_codes
+def train(spec_path, workers, gpus_per_worker, address, as_json):
+    """Train a restoration net with Ray Train (DDP) from a kind = "train" SPEC.
+
+    Rerunning the same spec (same name and storage path) resumes from the latest checkpoint.
+    """
+    from restorer.launch import load_spec, run_spec
+
+    spec = load_spec(spec_path)
+    if spec.kind != "train":
+        raise SpecError(f"{spec_path} is a {spec.kind!r} spec; use `restorer run` for it")
+    spec = jobs.apply_overrides(spec, workers=workers, gpus_per_worker=gpus_per_worker,
+                                address=address)
+    summary = run_spec(spec)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    final = summary["final"]
+    click.echo(f"trained {summary['name']} to step {summary['steps']} in "
+               f"{summary['elapsed_seconds']:.0f} s: loss {final['loss']:.4f}"
+               + (f", validation PSNR {final['val_psnr']:.2f} dB (input "
+                  f"{final['val_input_psnr']:.2f} dB)" if "val_psnr" in final else ""))
+    click.echo(f"model: {summary['model']}  (restorer restore IN OUT --model {summary['model']})")
+    click.echo(f"history: {summary['history']}")
 
 
 @main.command()

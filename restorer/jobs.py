@@ -165,6 +165,10 @@ OVERRIDES = {
 def _convert(value: Any, annotation: Any, where: str) -> Any:
     """Check ``value`` against a field's type annotation, converting lists to tuples."""
     origin = typing.get_origin(annotation)
+    if annotation is dict or typing.get_origin(annotation) is dict:
+        if not isinstance(value, dict):
+            raise SpecError(f"[{where}] must be a table, got {type(value).__name__}")
+        return dict(value)
     if dataclasses.is_dataclass(annotation):
         if not isinstance(value, dict):
             raise SpecError(f"[{where}] must be a table, got {type(value).__name__}")

@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from restorer import jobs
 from restorer.errors import SpecError
+
+
+def load_spec(path: str) -> Any:
+    """Load a job spec of any kind (the train kind registers itself when imported)."""
+    import restorer.train_job  # noqa: F401
+
+    return jobs.load_spec(path)
 
 
 def run_spec(spec: Any) -> dict[str, Any]:
@@ -18,7 +26,7 @@ def run_spec(spec: Any) -> dict[str, Any]:
 
         return run_restore(spec)
     if spec.kind == "train":
-        from restorer.train import run_train
+        from restorer.train_job import run_train
 
         return run_train(spec)
     raise SpecError(f"Unknown job kind {spec.kind!r}")

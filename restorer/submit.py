@@ -1,16 +1,16 @@
 """Submitting job specs to a Ray cluster through its Jobs API, and watching them there.
 
-A submitted job runs ``python -m restorer run SPEC [--flag value ...]`` as its driver, in a
-runtime environment that ships this package (``py_modules``) and a small working directory
-holding the spec (and the model file, when the model is a local file outside the zoo). So the
-cluster needs Ray and restorer's dependencies, not a checkout; ``pip`` installs extra
-requirements on bare clusters.
+A submitted job's driver runs ``python -m restorer run SPEC`` in a working directory that holds
+the resolved spec (flag overrides applied, relative paths made absolute, as TOML) and, when the
+model is a local file outside the zoo, that file under ``models/``. This package travels with it
+(``py_modules``), so the cluster needs Ray and restorer's dependencies but not restorer itself;
+``pip`` installs requirements on bare clusters.
 
 Everything that can be checked on this machine is checked before anything is submitted: the spec
-is loaded, overridden and validated, and the model is resolved and loaded, exactly as the
-driver will do it. Relative local paths in the spec are made absolute here (a job runs in a
-temporary directory on the cluster), which suits a one-machine cluster or a shared file system;
-on other clusters use ``s3://`` URIs.
+is loaded, overridden and validated, and the model is resolved and loaded, as the driver will do
+it. Relative local paths are made absolute against this process's working directory (the driver
+runs in a temporary directory), which suits a one-machine cluster or a shared file system; on
+other clusters use ``s3://`` URIs.
 
 Addresses are the dashboard's HTTP address, e.g. ``http://127.0.0.1:8265`` (``HOST:PORT``
 means ``http://HOST:PORT``); the default is ``RAY_API_SERVER_ADDRESS`` or ``RAY_ADDRESS``. An
@@ -27,7 +27,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.metadata
+import ipaddress
+import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -145,6 +148,9 @@ class _Client:
         self.token_source = found[1] if found else None
         headers = {"Authorization": f"Bearer {found[0]}"} if found else {}
         self._check_reachable()
+        if found and self.url.startswith("http://") and not _is_loopback(self.url):
+            log.warning("sending the Ray token over plain HTTP to %s; reach remote clusters "
+                        "through an SSH tunnel to 127.0.0.1 (or HTTPS) instead", self.url)
         # Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address it is
         # given; hide them while it is built so that an explicit address is the one used.
         with self._errors(), _without_address_variables():
@@ -196,6 +202,14 @@ class _Client:
             return _job_from_details(self.client.get_job_info(job_id))
 
 
+def _is_loopback(url: str) -> bool:
+    host = urllib.parse.urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 @contextlib.contextmanager
 def _without_address_variables() -> Iterator[None]:
     saved = {name: os.environ.pop(name) for name in _ADDRESS_VARIABLES if name in os.environ}
@@ -221,74 +235,88 @@ def _job_from_details(details: Any) -> SubmittedJob:
     )
 
 
+# Spec fields that may name local files or folders, by kind. Relative ones are made absolute
+# before submitting, since the driver runs in a temporary directory on the cluster.
+PATH_FIELDS = {
+    "restore": (("input", "uri"), ("output", "uri")),
+    "train": (("data", "uri"), ("data", "val_uri"), ("output", "storage_path")),
+}
+# The field naming the model a job starts from (a zoo name, path or URI), by kind.
+MODEL_FIELDS = {"restore": ("model", "name"), "train": ("output", "init")}
+
+
 @dataclass(frozen=True)
 class _Prepared:
-    spec: Any  # the validated spec, as the driver will see it
-    flags: dict[str, Any]  # `restorer run` overrides for the entrypoint
-    model_uri: str  # the model on this machine ("" for kinds without one)
+    spec: Any  # validated, overridden, with absolute paths: what the driver runs
+    model_uri: str  # the model on this machine; "" when the job starts from none
     model_sha256: str
-    shipped_model: str  # path of the model file inside the working dir, or ""
+    shipped_model: str  # "models/NAME": a local model file shipped in the working dir; or ""
 
 
-def _local_relative(uri: str) -> bool:
+def _is_relative_path(uri: str) -> bool:
     return bool(uri) and not storage.is_remote(uri) and not os.path.isabs(storage.local_path(uri))
 
 
-def _prepare(spec_path: Path, overrides: dict[str, Any], working_dir: Path | None) -> _Prepared:
+def _prepare(spec_path: Path, overrides: dict[str, Any]) -> _Prepared:
     """Load, override and validate the spec and load its model, as the driver will."""
     import hashlib
+
+    from restorer.checkpoint import load_model_bytes
+    from restorer.launch import load_spec
+    from restorer.models import resolve_model_uri, zoo
 
     unknown = sorted(set(overrides) - set(SUBMIT_OVERRIDES))
     if unknown:
         raise SpecError(f"{unknown} cannot be overridden when submitting; allowed: "
                         f"{list(SUBMIT_OVERRIDES)} (the job runs on the cluster it is "
                         "submitted to)")
-    flags = {k: v for k, v in overrides.items() if v is not None}
-    spec = jobs.apply_overrides(jobs.load_spec(spec_path), **flags)
-    for flag in ("input", "output"):
-        section, name = jobs.OVERRIDES[flag]
-        value = getattr(getattr(spec, section, None), name, None)
-        if isinstance(value, str) and _local_relative(value):
-            flags[flag] = os.path.abspath(storage.local_path(value))
-            log.info("%s.%s %r is relative: submitting it as %s, which must exist on the "
-                     "cluster's nodes", section, name, value, flags[flag])
-    resources = getattr(spec, "resources", None)
-    if resources is not None and getattr(resources, "address", ""):
-        flags["address"] = ""  # connect to the cluster the driver runs on, via RAY_ADDRESS
-    spec = jobs.apply_overrides(spec, **flags)
-    if hasattr(spec, "validate"):
-        spec = spec.validate()
+    spec = jobs.apply_overrides(load_spec(spec_path), **overrides)
+    spec = jobs.replace_field(spec, "resources", "address", "")  # the cluster it runs on
+    for section, name in PATH_FIELDS.get(spec.kind, ()):
+        value = getattr(getattr(spec, section), name)
+        if _is_relative_path(value):
+            absolute = os.path.abspath(storage.local_path(value))
+            log.info("%s.%s = %r is relative: submitting it as %s, which must exist on the "
+                     "cluster's nodes", section, name, value, absolute)
+            spec = jobs.replace_field(spec, section, name, absolute)
+    spec = spec.validate()
 
-    model_uri = sha256 = shipped = ""
-    if hasattr(spec, "model"):
-        from restorer.checkpoint import load_model_bytes
-        from restorer.models import resolve_model_uri, zoo
-
-        options = spec.storage.options() if hasattr(spec, "storage") else storage.StorageOptions()
-        name = spec.model.name
-        model_uri = resolve_model_uri(name or None)
-        data = storage.read_bytes(model_uri, options)
-        load_model_bytes(data, model_uri)  # fail here, not on the cluster, if it is unusable
-        sha256 = hashlib.sha256(data).hexdigest()
-        if name and name not in zoo() and not storage.is_remote(model_uri):
-            local = Path(storage.local_path(model_uri)).resolve()
-            if working_dir is None:
-                shipped = f"models/{local.name}"
-                flags["model"] = shipped
-            elif local.is_relative_to(working_dir):
-                flags["model"] = local.relative_to(working_dir).as_posix()
-            else:
-                flags["model"] = str(local)
-                log.warning("model %s is outside the working directory %s and is not shipped; "
-                            "it must exist on the cluster's nodes", local, working_dir)
-    return _Prepared(spec, flags, model_uri, sha256, shipped)
+    if spec.kind not in MODEL_FIELDS:
+        return _Prepared(spec, "", "", "")
+    section, name = MODEL_FIELDS[spec.kind]
+    model = getattr(getattr(spec, section), name)
+    if not model and spec.kind != "restore":  # only restore jobs have a default model
+        return _Prepared(spec, "", "", "")
+    model_uri = resolve_model_uri(model or None)
+    data = storage.read_bytes(model_uri, spec.storage.options())
+    load_model_bytes(data, model_uri)  # fail here, not on the cluster, if it is unusable
+    shipped = ""
+    if model and model not in zoo() and not storage.is_remote(model_uri):
+        shipped = f"models/{Path(storage.local_path(model_uri)).name}"
+        spec = jobs.replace_field(spec, section, name, shipped)
+    return _Prepared(spec, model_uri, hashlib.sha256(data).hexdigest(), shipped)
 
 
-def _entrypoint(spec_name: str, flags: dict[str, Any]) -> str:
-    words = ["python", "-m", "restorer", "run", spec_name]
-    for name, value in flags.items():
-        words += [f"--{name.replace('_', '-')}", str(value)]
-    return shlex.join(words)
+def _toml_value(value: Any) -> str:
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)  # JSON strings, numbers and booleans are valid TOML
+
+
+def spec_toml(spec: Any) -> str:
+    """The spec as TOML that :func:`restorer.jobs.load_spec` reads back to an equal spec."""
+    def table(data: dict[str, Any], name: str) -> list[str]:
+        lines = [f"[{name}]"] if name else []
+        lines += [f"{key} = {_toml_value(value)}" for key, value in data.items()
+                  if value is not None and not isinstance(value, dict)]
+        for key, value in data.items():
+            if isinstance(value, dict):
+                lines += ["", *table(value, f"{name}.{key}" if name else key)]
+        return lines
+
+    return "\n".join(table(jobs.spec_to_dict(spec), "")) + "\n"
 
 
 def _metadata(spec_path: Path, prepared: _Prepared) -> dict[str, str]:
@@ -297,19 +325,24 @@ def _metadata(spec_path: Path, prepared: _Prepared) -> dict[str, str]:
     metadata = {
         "restorer_version": importlib.metadata.version("restorer"),
         "spec": spec_path.name,
-        "name": getattr(spec, "name", "") or spec_path.stem,
+        "name": spec.name or spec_path.stem,
         "kind": spec.kind,
         "spec_sha256": jobs.digest(jobs.spec_to_dict(spec)),
     }
     if prepared.model_uri:
-        metadata["model"] = spec.model.name or prepared.model_uri
+        from restorer.models import DEFAULT_MODEL
+
+        section, name = MODEL_FIELDS[spec.kind]
+        model = getattr(getattr(spec, section), name)
+        metadata["model"] = (str(Path(storage.local_path(prepared.model_uri)).resolve())
+                             if prepared.shipped_model else model or DEFAULT_MODEL)
         metadata["model_sha256"] = prepared.model_sha256
     if hasattr(spec, "fingerprint"):
         metadata["fingerprint"] = jobs.digest(spec.fingerprint(prepared.model_sha256))
-    for section in ("input", "output"):
-        uri = getattr(getattr(spec, section, None), "uri", None)
-        if uri:
-            metadata[section] = uri
+    for section, name in PATH_FIELDS.get(spec.kind, ()):
+        value = getattr(getattr(spec, section), name)
+        if value:
+            metadata[f"{section}.{name}"] = value
     return metadata
 
 
@@ -320,23 +353,24 @@ def _submission_id(label: str) -> str:
 
 def submit(spec_path: str | Path, address: str | None = None,
            overrides: dict[str, Any] | None = None, follow: bool = False,
-           working_dir: str | Path | None = None, pip: list[str] | None = None,
-           entrypoint_num_cpus: float = 0.5, stop_grace_s: int = 60,
-           write: Callable[[str], Any] | None = None) -> str:
+           pip: list[str] | None = None, entrypoint_num_cpus: float = 0.5,
+           stop_grace_s: int = 60, write: Callable[[str], Any] | None = None) -> str:
     """Submit the job in ``spec_path`` to the cluster at ``address``; returns its job ID.
 
+    The job's working directory holds the resolved spec (overrides applied, paths absolute)
+    and, when the model is a local file outside the zoo, that file; its driver runs
+    ``python -m restorer run SPEC`` there.
+
     Args:
-        spec_path: a TOML job spec (see ``jobs/README.md``).
+        spec_path: a TOML job spec (see ``jobs/README.md``), of any kind.
         address: the dashboard's address; default ``RAY_API_SERVER_ADDRESS``/``RAY_ADDRESS``.
         overrides: flag values by name (those of :data:`SUBMIT_OVERRIDES`; ``None`` = unset).
         follow: stream the job's logs to ``write`` until it ends (then see :func:`job_status`).
-        working_dir: a local folder shipped as the job's working directory, holding the spec;
-            default: a temporary folder with only the spec (and a local model file).
         pip: requirements to install on the cluster first, for clusters without restorer's
             dependencies (Ray's ``pip`` runtime environment).
-        entrypoint_num_cpus: CPUs reserved for the driver. Reserving any resource hides every
-            GPU from the driver (it only coordinates; the actors hold GPUs); 0 lets Ray pin the
-            driver to the head node instead, unreserved.
+        entrypoint_num_cpus: CPUs reserved for the driver, which coordinates and commits work
+            but holds no GPU. Reserving any resource also hides every GPU from the driver;
+            0 lets Ray pin the driver to the head node instead, unreserved.
         stop_grace_s: seconds a stopped job has, after SIGTERM, to commit its finished work
             units before it is killed (``RAY_JOB_STOP_WAIT_TIME_S``).
         write: where ``follow`` sends log chunks; default: this module's logger.
@@ -346,16 +380,10 @@ def submit(spec_path: str | Path, address: str | None = None,
         ClusterError, AuthError: the Jobs API cannot be reached or refused the token.
     """
     spec_path = Path(spec_path)
-    root = Path(working_dir).resolve() if working_dir is not None else None
-    if root is not None:
-        if not root.is_dir():
-            raise SpecError(f"Working directory {working_dir} is not a folder")
-        if not spec_path.resolve().is_relative_to(root):
-            raise SpecError(f"Job spec {spec_path} is outside the working directory "
-                            f"{working_dir}; the driver reads the spec from there")
-    prepared = _prepare(spec_path, dict(overrides or {}), root)
+    prepared = _prepare(spec_path, {k: v for k, v in (overrides or {}).items() if v is not None})
     connection = _Client(address)
     metadata = _metadata(spec_path, prepared)
+    entrypoint = shlex.join(["python", "-m", "restorer", "run", spec_path.name])
     runtime_env: dict[str, Any] = {
         "py_modules": [str(PACKAGE_DIR)],
         "excludes": ["__pycache__/", "*.pyc"],
@@ -364,24 +392,18 @@ def submit(spec_path: str | Path, address: str | None = None,
     if pip:
         runtime_env["pip"] = list(pip)
     with tempfile.TemporaryDirectory(prefix="restorer-submit-") as bundle:
-        if root is None:
-            spec_name = spec_path.name
-            shutil.copyfile(spec_path, Path(bundle) / spec_name)
-            if prepared.shipped_model:
-                target = Path(bundle) / prepared.shipped_model
-                target.parent.mkdir(parents=True)
-                shutil.copyfile(storage.local_path(prepared.model_uri), target)
-            runtime_env["working_dir"] = bundle
-        else:
-            spec_name = spec_path.resolve().relative_to(root).as_posix()
-            runtime_env["working_dir"] = str(root)
-        entrypoint = _entrypoint(spec_name, prepared.flags)
+        (Path(bundle) / spec_path.name).write_text(spec_toml(prepared.spec), encoding="utf-8")
+        if prepared.shipped_model:
+            target = Path(bundle) / prepared.shipped_model
+            target.parent.mkdir(parents=True)
+            shutil.copyfile(storage.local_path(prepared.model_uri), target)
+        runtime_env["working_dir"] = bundle
         with connection._errors():
             job_id = connection.client.submit_job(
                 entrypoint=entrypoint, runtime_env=runtime_env, metadata=metadata,
                 submission_id=_submission_id(metadata["name"]),
                 entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=0)
-    log.info("submitted %s as job %s to %s: %s", spec_path, job_id, connection.url, entrypoint)
+    log.info("submitted %s as job %s to %s", spec_path, job_id, connection.url)
     if follow:
         _follow(connection, job_id, write)
     return job_id
@@ -475,5 +497,6 @@ def stop_job(address: str | None, job_id: str, wait: float = 0.0) -> SubmittedJo
     return job
 
 
-__all__ = ["SUBMIT_OVERRIDES", "AuthError", "ClusterError", "SubmittedJob", "dashboard_url",
-           "follow", "job_logs", "job_status", "list_jobs", "stop_job", "submit"]
+__all__ = ["MODEL_FIELDS", "PATH_FIELDS", "SUBMIT_OVERRIDES", "AuthError", "ClusterError",
+           "SubmittedJob", "dashboard_url", "follow", "job_logs", "job_status", "list_jobs",
+           "spec_toml", "stop_job", "submit"]

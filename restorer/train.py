@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from restorer import degrade
-from restorer.checkpoint import count_parameters, save_model
+from restorer.checkpoint import count_parameters, load_model, save_model
 from restorer.evaluate import evaluate, image_files, read_image
 from restorer.nets import build_net
 
@@ -128,7 +128,7 @@ def hardware() -> str:
 
 def train_local(config: TrainConfig, data_dir: str | Path, out_uri: str,
                 minutes: float | None = None, val_dir: str | Path | None = None,
-                command: str | None = None) -> dict[str, Any]:
+                command: str | None = None, init_uri: str | None = None) -> dict[str, Any]:
     """Train a gray blind denoiser on ``data_dir`` in this process and save it to ``out_uri``.
 
     Runs ``config.steps`` steps or until ``minutes`` of wall time have passed, whichever comes
@@ -136,7 +136,8 @@ def train_local(config: TrainConfig, data_dir: str | Path, out_uri: str,
     ``config.val_every`` steps and at the end, PSNR on ``val_dir`` (noise ``val_sigma``, see
     :func:`restorer.evaluate.evaluate`) is logged and the model saved with its provenance.
     ``command`` is recorded as how the run was started (default: this process's argv).
-    Returns the provenance dict.
+    ``init_uri``: a model file to continue training from (its spec must equal ``config.net``);
+    its sha256 and provenance are kept under ``provenance["init"]``. Returns the provenance.
     """
     if minutes is not None and not minutes > 0:
         raise ValueError(f"minutes must be > 0, got {minutes}")
@@ -147,6 +148,13 @@ def train_local(config: TrainConfig, data_dir: str | Path, out_uri: str,
         raise ValueError(f"train_local trains gray nets; the net spec has channels="
                          f"{config.net.get('channels')}")
     net = build_net(config.net)
+    init = None
+    if init_uri is not None:
+        start = load_model(init_uri)
+        if start.spec != config.net:
+            raise ValueError(f"{init_uri} holds net {start.spec}, not the configured {config.net}")
+        net.load_state_dict(start.net.state_dict())
+        init = {"uri": init_uri, "sha256": start.sha256, "provenance": start.provenance}
     optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
     log.info("training %s (%d parameters) on %d images from %s for %d steps%s",
              config.net, count_parameters(net), len(images), data_dir, config.steps,
@@ -160,6 +168,7 @@ def train_local(config: TrainConfig, data_dir: str | Path, out_uri: str,
         "config": asdict(config),
         "hardware": hardware(),
         "parameters": count_parameters(net),
+        "init": init,
     }
     history: list[dict[str, float]] = []
     running, step = 0.0, 0
@@ -199,7 +208,7 @@ def train_local(config: TrainConfig, data_dir: str | Path, out_uri: str,
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m restorer.train DATA_DIR OUT [--val-dir DIR] [--minutes M] [--steps N]``."""
+    """``python -m restorer.train DATA_DIR OUT [--val-dir DIR] [--minutes M] [--steps N] ...``."""
     parser = argparse.ArgumentParser(prog="python -m restorer.train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("data_dir", help="folder of clean training images (converted to gray)")
@@ -207,12 +216,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--val-dir", help="folder of clean validation images")
     parser.add_argument("--minutes", type=float, help="wall-time budget")
     parser.add_argument("--steps", type=int, default=TrainConfig.steps, help="optimiser steps")
+    parser.add_argument("--lr", type=float, default=TrainConfig.lr, help="initial learning rate")
+    parser.add_argument("--init", help="model file to continue training from")
+    parser.add_argument("--seed", type=int, default=TrainConfig.seed, help="random seed")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    train_local(TrainConfig(steps=args.steps), args.data_dir, args.out, minutes=args.minutes,
-                val_dir=args.val_dir,
+    train_local(TrainConfig(steps=args.steps, lr=args.lr, seed=args.seed), args.data_dir, args.out,
+                minutes=args.minutes, val_dir=args.val_dir, init_uri=args.init,
                 command=shlex.join(["python", "-m", "restorer.train"] + list(argv or sys.argv[1:])))
 
 

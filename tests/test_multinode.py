@@ -8,10 +8,12 @@ cannot disturb another Ray on the machine, and stops every process it started wh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -85,8 +87,7 @@ def run_cluster(work: Path) -> dict:
     from restorer.restore import run_restore
 
     def node_args(**extra):
-        return {"num_cpus": CPUS_PER_NODE, "object_store_memory": 100 * 2**20,
-                "node_ip_address": "127.0.0.1", **extra}
+        return {"num_cpus": CPUS_PER_NODE, "object_store_memory": 100 * 2**20, **extra}
 
     cluster = Cluster(initialize_head=True, head_node_args=node_args(
         include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
@@ -150,13 +151,22 @@ def cluster_run(tmp_path_factory) -> dict:
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token), RAY_TMPDIR=str(ray_tmp),
                PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                            env.get("PYTHONPATH", "")]))
+    # A session of its own, so that its process group holds every Ray process it starts.
+    script = subprocess.Popen([sys.executable, __file__, str(work)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              start_new_session=True)
     try:
-        done = subprocess.run([sys.executable, __file__, str(work)], check=False, env=env,
-                              capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S)
+        output, _ = script.communicate(timeout=SCRIPT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(script.pid, signal.SIGKILL)
+        output, _ = script.communicate()
+        pytest.fail(f"cluster script timed out after {SCRIPT_TIMEOUT_S} s:\n{output[-6000:]}")
     finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(script.pid, signal.SIGKILL)  # anything left behind
         shutil.rmtree(ray_tmp, ignore_errors=True)
-    if done.returncode != 0:
-        pytest.fail(f"cluster script failed ({done.returncode}):\n{done.stderr[-6000:]}")
+    if script.returncode != 0:
+        pytest.fail(f"cluster script failed ({script.returncode}):\n{output[-6000:]}")
     return json.loads((work / "result.json").read_text())
 
 

@@ -1,0 +1,476 @@
+"""Training jobs on Ray Train: ``TorchTrainer`` (Train V2), DDP on CPUs or GPUs.
+
+The per-worker loop is plain PyTorch around :func:`restorer.train.train_step`; this module adds
+what a cluster needs:
+
+- **data**: clean images from the restore input layer (a folder or ``s3://`` prefix), read by
+  every worker; random patches with flips/rotations and degradations synthesised on the fly
+  with an explicit RNG seeded by (seed, rank, step), so a resumed run draws the same batches;
+- **checkpoints**: every ``validation.every`` steps rank 0 validates (PSNR, SSIM on a held-apart
+  folder), and writes a checkpoint folder: ``model.safetensors`` (a restorer model with its net
+  spec and provenance, loadable by ``restorer restore --model``), ``state.pt`` (optimizer, EMA,
+  step; loaded with ``weights_only=True``), ``meta.json`` (format version, step) and the
+  ``history.jsonl`` so far. Ray keeps the best (by validation PSNR) and the latest;
+- **resume**: the same run name and storage path continue from the latest checkpoint
+  (``ray.train.get_checkpoint()``); ``FailureConfig`` restarts dead workers from it;
+- **results**: ``STORAGE/NAME/model.safetensors`` (the best), ``history.jsonl`` and
+  ``curves.png`` (loss and validation PSNR by step).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from restorer import degrade, storage
+from restorer.checkpoint import count_parameters, model_bytes
+from restorer.errors import JobError, SpecError
+from restorer.jobs import ResourceSpec, StorageSpec, register_kind, spec_to_dict
+from restorer.nets import build_net
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT_VERSION = 1
+DEGRADATIONS = ("noise", "jpeg", "blur", "blind")
+
+
+def _default_net() -> dict[str, Any]:
+    return {"arch": "dncnn", "channels": 1, "num_features": 32, "num_layers": 12}
+
+
+@dataclass(frozen=True)
+class TrainData:
+    uri: str = ""  # clean training images: folder or s3:// prefix
+    val_uri: str = ""  # clean validation images, held apart; "" = no validation
+    val_images: int = 4  # validate on at most this many images (first in listing order)
+    val_crop: int = 256  # centre crop of each validation image, pixels; 0 = whole image
+
+
+@dataclass(frozen=True)
+class Degradation:
+    kind: str = "noise"  # noise | jpeg | blur | blind (a mixture of noise and jpeg, DnCNN-3)
+    sigma_min: float = 0.0  # Gaussian noise std range, 0-255 scale (blind when min < max)
+    sigma_max: float = 55.0
+    quality_min: int = 10  # JPEG quality range
+    quality_max: int = 40
+    blur_min: float = 0.5  # Gaussian blur std range, pixels
+    blur_max: float = 2.0
+    val_sigma: float = 25.0  # validation: noise std (noise and blind kinds)
+    val_quality: int = 20  # validation: JPEG quality (jpeg kind)
+
+
+@dataclass(frozen=True)
+class Optim:
+    steps: int = 2000  # optimiser steps in all (a resumed run continues to this count)
+    batch_size: int = 32  # patches per step per worker
+    patch_size: int = 48
+    lr: float = 1e-3  # Adam, cosine-decayed to min_lr
+    min_lr: float = 1e-5
+    loss: str = "l1"  # l1 | mse
+    seed: int = 0
+    ema: float = 0.0  # 0 = off; else the decay of an exponential moving average of weights
+
+
+@dataclass(frozen=True)
+class Validation:
+    every: int = 200  # steps between validation + checkpoint
+
+
+@dataclass(frozen=True)
+class Output:
+    storage_path: str = "checkpoints"  # local folder or s3:// prefix for runs
+    init: str = ""  # fine-tune from this model (zoo name or path); "" = from scratch
+    keep: int = 2  # checkpoints kept (the best by validation PSNR and the latest)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    kind: str = "train"
+    name: str = "train"  # the run name: same name + storage path = resume
+    net: dict[str, Any] = field(default_factory=_default_net)  # see restorer.nets
+    data: TrainData = field(default_factory=TrainData)
+    degradation: Degradation = field(default_factory=Degradation)
+    optim: Optim = field(default_factory=Optim)
+    validation: Validation = field(default_factory=Validation)
+    output: Output = field(default_factory=Output)
+    resources: ResourceSpec = field(default_factory=ResourceSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
+
+    def validate(self) -> TrainSpec:
+        if not self.data.uri:
+            raise SpecError("data.uri is empty; give the folder or prefix of clean images")
+        if self.degradation.kind not in DEGRADATIONS:
+            raise SpecError(f"degradation.kind = {self.degradation.kind!r}; use one of "
+                            f"{DEGRADATIONS}")
+        if self.optim.loss not in ("l1", "mse"):
+            raise SpecError(f"optim.loss = {self.optim.loss!r}; use l1 or mse")
+        if self.optim.steps < 1 or self.optim.batch_size < 1 or self.validation.every < 1:
+            raise SpecError("optim.steps, optim.batch_size and validation.every must be >= 1")
+        if not self.name or "/" in self.name:
+            raise SpecError(f"name = {self.name!r}; give a run name without '/'")
+        try:
+            build_net(self.net)
+        except Exception as e:  # noqa: BLE001 - report the net spec error as a spec error
+            raise SpecError(f"[net]: {e}") from None
+        return self
+
+
+register_kind("train", TrainSpec)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def load_clean_images(uri: str, channels: int, options: storage.StorageOptions,
+                      limit: int = 0, min_side: int = 0) -> tuple[list[np.ndarray], list[str]]:
+    """Clean images under ``uri`` as float32 HW (gray) or HWC (RGB) in ``[0, 1]``."""
+    from restorer.codec import decode
+
+    images, keys = [], []
+    for entries in storage.walk_files(uri, options=options):
+        for entry in entries:
+            pixels = decode(storage.read_bytes(entry.uri, options), name=entry.key).pixels
+            peak = 65535.0 if pixels.dtype == np.uint16 else 255.0
+            image = pixels.astype(np.float32) / peak
+            if channels == 1:
+                image = image.mean(-1) if image.shape[-1] == 3 else image[..., 0]
+            elif image.shape[-1] == 1:
+                image = np.repeat(image, 3, -1)
+            if min(image.shape[:2]) >= min_side:
+                images.append(image)
+                keys.append(entry.key)
+            if limit and len(images) >= limit:
+                return images, keys
+    if not images:
+        raise JobError(f"No usable images (at least {min_side}px on each side) under {uri}")
+    return images, keys
+
+
+def degrade_batch(clean: np.ndarray, spec: Degradation, rng: np.random.Generator) -> np.ndarray:
+    """Degrade each patch of ``clean`` (N, H, W[, C]) float32 [0, 1] as ``spec`` says."""
+    out = []
+    for patch in clean:
+        kind = spec.kind if spec.kind != "blind" else ("noise", "jpeg")[int(rng.integers(2))]
+        if kind == "noise":
+            out.append(degrade.add_gaussian_noise(
+                patch, float(rng.uniform(spec.sigma_min, spec.sigma_max)), rng))
+        elif kind == "jpeg":
+            quality = int(rng.integers(spec.quality_min, spec.quality_max + 1))
+            as_uint8 = np.round(np.clip(patch, 0, 1) * 255).astype(np.uint8)
+            out.append(degrade.jpeg_compress(as_uint8, quality).astype(np.float32) / 255.0)
+        else:
+            out.append(degrade.gaussian_blur(
+                patch, float(rng.uniform(spec.blur_min, spec.blur_max))))
+    return np.stack(out).astype(np.float32)
+
+
+def _nchw(batch: np.ndarray) -> torch.Tensor:
+    tensor = torch.from_numpy(np.ascontiguousarray(batch))
+    return tensor[:, None] if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+def validate_net(net: torch.nn.Module, images: list[np.ndarray], spec: Degradation,
+                 crop: int, seed: int = 0) -> dict[str, float]:
+    """Mean PSNR/SSIM of ``net`` on degraded copies of ``images`` (fixed per-image seeds;
+    output clamped, x255, rounded to uint8, as the reference code)."""
+    from restorer import metrics
+
+    psnrs, ssims, inputs = [], [], []
+    net.eval()
+    for index, image in enumerate(images):
+        if crop:
+            top = max(0, (image.shape[0] - crop) // 2)
+            left = max(0, (image.shape[1] - crop) // 2)
+            image = image[top:top + crop, left:left + crop]
+        rng = np.random.default_rng([seed, index])
+        kind = "noise" if spec.kind in ("noise", "blind") else spec.kind
+        if kind == "noise":
+            degraded = degrade.add_gaussian_noise(image, spec.val_sigma, rng)
+        elif kind == "jpeg":
+            degraded = degrade.jpeg_compress(np.round(image * 255).astype(np.uint8),
+                                             spec.val_quality).astype(np.float32) / 255.0
+        else:
+            degraded = degrade.gaussian_blur(image, (spec.blur_min + spec.blur_max) / 2)
+        with torch.no_grad():
+            restored = net(_nchw(degraded[None]))[0]
+        restored = restored[0] if image.ndim == 2 else restored.permute(1, 2, 0)
+        to8 = lambda a: np.round(np.clip(np.asarray(a), 0, 1) * 255).astype(np.uint8)  # noqa: E731
+        clean8 = to8(image)
+        psnrs.append(metrics.psnr(to8(restored.numpy()), clean8))
+        ssims.append(metrics.ssim(to8(restored.numpy()), clean8))
+        inputs.append(metrics.psnr(to8(degraded), clean8))
+    return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims)),
+            "val_input_psnr": float(np.mean(inputs))}
+
+
+# --- the per-worker loop ---------------------------------------------------------------------
+
+def _cosine(optim: Optim, step: int) -> float:
+    progress = min(step / optim.steps, 1.0)
+    return float(optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + np.cos(np.pi * progress)))
+
+
+def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
+    return net.module if hasattr(net, "module") else net
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train worker: plain PyTorch around ``train_step``; reports and checkpoints."""
+    import ray.train
+    import ray.train.torch
+
+    from restorer.train import train_step
+
+    spec: TrainSpec = config["spec"]
+    options = spec.storage.options()
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(spec.optim.seed)  # same initial weights on every rank
+    net = build_net(spec.net)
+    if spec.output.init:
+        from restorer.models import get_model
+
+        start = get_model(spec.output.init, options)
+        if start.spec != _spec_of(spec.net):
+            raise JobError(f"{spec.output.init} holds net {start.spec}, not {spec.net}; "
+                           "fine-tuning needs the same net spec")
+        net.load_state_dict(start.net.state_dict())
+    channels = net.channels
+    images, _ = load_clean_images(spec.data.uri, channels, options,
+                                  min_side=spec.optim.patch_size)
+    val_images = []
+    if rank == 0 and spec.data.val_uri:
+        val_images, _ = load_clean_images(spec.data.val_uri, channels, options,
+                                          limit=spec.data.val_images)
+    optimizer = torch.optim.Adam(net.parameters(), lr=spec.optim.lr)
+    ema = None
+    step, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            meta = json.loads(open(os.path.join(folder, "meta.json")).read())
+            if meta["format_version"] > CHECKPOINT_FORMAT_VERSION:
+                raise JobError("checkpoint written by a newer restorer; upgrade restorer")
+            state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
+            net.load_state_dict(state["net"])  # the trained weights (the model file may be EMA)
+            optimizer.load_state_dict(state["optimizer"])
+            ema = state.get("ema")
+            step = meta["step"]
+            with open(os.path.join(folder, "history.jsonl")) as f:
+                history = [json.loads(line) for line in f if line.strip()]
+        log.info("rank %d resumes at step %d", rank, step)
+    net = ray.train.torch.prepare_model(net)
+    if spec.optim.ema and ema is None:
+        ema = {k: v.detach().clone() for k, v in _unwrap(net).state_dict().items()}
+    running, count, started = 0.0, 0, time.time()
+    while step < spec.optim.steps:
+        rng = np.random.default_rng([spec.optim.seed, rank, step])
+        clean = degrade.sample_patches(images, spec.optim.patch_size, spec.optim.batch_size, rng)
+        degraded = degrade_batch(clean, spec.degradation, rng)
+        for group in optimizer.param_groups:
+            group["lr"] = _cosine(spec.optim, step)
+        running += train_step(net, optimizer, _nchw(clean).to(device),
+                              _nchw(degraded).to(device), spec.optim.loss)
+        count += 1
+        step += 1
+        if ema is not None:
+            with torch.no_grad():
+                for k, v in _unwrap(net).state_dict().items():
+                    ema[k].mul_(spec.optim.ema).add_(v.detach(), alpha=1 - spec.optim.ema) \
+                        if v.dtype.is_floating_point else ema[k].copy_(v)
+        if step % spec.validation.every == 0 or step == spec.optim.steps:
+            metrics = {"step": step, "loss": running / count, "lr": _cosine(spec.optim, step),
+                       "seconds": round(time.time() - started, 2)}
+            running, count = 0.0, 0
+            if rank == 0:
+                model = _unwrap(net)
+                if ema is not None:
+                    model = build_net(spec.net)
+                    model.load_state_dict(ema)
+                if val_images:
+                    metrics.update(validate_net(model.cpu() if ema is not None else model,
+                                                val_images, spec.degradation,
+                                                spec.data.val_crop))
+                    if ema is None:
+                        _unwrap(net).to(device)
+                history.append(metrics)
+                with tempfile.TemporaryDirectory() as folder:
+                    _write_checkpoint(folder, spec, model, net, optimizer, ema, step, history,
+                                      context.get_world_size())
+                    ray.train.report(metrics,
+                                     checkpoint=ray.train.Checkpoint.from_directory(folder))
+            else:
+                ray.train.report(metrics, checkpoint=None)
+
+
+def _spec_of(net_spec: dict[str, Any]) -> dict[str, Any]:
+    from restorer.nets import net_spec as spec_from_net
+
+    return spec_from_net(build_net(net_spec))
+
+
+def _write_checkpoint(folder: str, spec: TrainSpec, model: torch.nn.Module, net, optimizer,
+                      ema, step: int, history: list[dict[str, Any]], world_size: int) -> None:
+    last = history[-1]
+    provenance = {"command": f"restorer train (run {spec.name})", "spec": spec_to_dict(spec),
+                  "steps": step, "workers": world_size, "metrics": {
+                      k: round(v, 4) for k, v in last.items() if k.startswith("val_")},
+                  "parameters": count_parameters(model)}
+    with open(os.path.join(folder, "model.safetensors"), "wb") as f:
+        f.write(model_bytes(model, provenance))
+    torch.save({"optimizer": optimizer.state_dict(), "ema": ema,
+                "net": _unwrap(net).state_dict()}, os.path.join(folder, "state.pt"))
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({"format_version": CHECKPOINT_FORMAT_VERSION, "step": step}, f)
+    with open(os.path.join(folder, "history.jsonl"), "w") as f:
+        f.writelines(json.dumps(h) + "\n" for h in history)
+
+
+# --- the driver ------------------------------------------------------------------------------
+
+def _storage_filesystem(uri: str, options: storage.StorageOptions):
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
+    if not storage.is_remote(uri):
+        return os.path.abspath(storage.local_path(uri)), None
+    import pyarrow.fs
+
+    fs, path = storage.filesystem(uri, options)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+def _absolute_paths(spec: TrainSpec) -> TrainSpec:
+    """Local paths made absolute: Ray Train workers run in another working directory."""
+    def absolute(uri: str) -> str:
+        if not uri or storage.is_remote(uri):
+            return uri
+        path = storage.local_path(uri)
+        return os.path.abspath(path) if os.path.exists(path) or "/" in uri or "." in uri \
+            else uri  # a zoo name (output.init) stays a name
+
+    return dataclasses.replace(
+        spec,
+        data=dataclasses.replace(spec.data, uri=absolute(spec.data.uri),
+                                 val_uri=absolute(spec.data.val_uri)),
+        output=dataclasses.replace(spec.output, storage_path=absolute(spec.output.storage_path),
+                                   init=absolute(spec.output.init)))
+
+
+def run_train(spec: TrainSpec) -> dict[str, Any]:
+    """Train with Ray Train's TorchTrainer; returns (and writes) the run's summary."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from restorer.runtime import cluster_shape, ensure_ray, plan_workers
+
+    spec = _absolute_paths(spec.validate())
+    options = spec.storage.options()
+    for uri in filter(None, (spec.data.uri, spec.data.val_uri)):
+        if not storage.is_dir(uri, options):
+            raise JobError(f"Training data {uri} does not exist or is not a folder")
+    ensure_ray(spec.resources.address, spec.resources.num_cpus, spec.resources.object_store_mb)
+    total_cpus, total_gpus, node_cpus, nodes = cluster_shape()
+    workers = spec.resources.workers or 1
+    plan = plan_workers(workers, spec.resources.gpus_per_worker,
+                        spec.resources.cpus_per_worker or 1.0, spec.resources.threads_per_worker,
+                        total_cpus, total_gpus, node_cpus, nodes, reserve_cpus=0.0)
+    per_node = -(-plan.workers // max(nodes, 1))  # workers sharing a node's cores
+    threads = 2 if plan.gpus_per_worker else max(1, int(node_cpus // per_node))
+    storage_path, filesystem = _storage_filesystem(spec.output.storage_path, options)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec, "threads": spec.resources.threads_per_worker or threads},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.workers, use_gpu=plan.gpus_per_worker > 0,
+            resources_per_worker={"CPU": plan.cpus_per_worker,
+                                  **({"GPU": plan.gpus_per_worker}
+                                     if plan.gpus_per_worker else {})}),
+        run_config=ray.train.RunConfig(
+            name=spec.name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=3),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=max(1, spec.output.keep),
+                checkpoint_score_attribute="val_psnr" if spec.data.val_uri else "step",
+                checkpoint_score_order="max")))
+    started = time.time()
+    result = trainer.fit()
+    if result.error:
+        raise JobError(f"Training run {spec.name} failed: {result.error}")
+    return finish_run(spec, result, time.time() - started)
+
+
+def finish_run(spec: TrainSpec, result, seconds: float) -> dict[str, Any]:
+    """Copy the best model, the history and a plot of the curves next to the run."""
+    options = spec.storage.options()
+    run_uri = storage.join(spec.output.storage_path, spec.name)
+    best = result.get_best_checkpoint("val_psnr" if spec.data.val_uri else "step", "max") \
+        or result.checkpoint
+    with best.as_directory() as folder:
+        model = open(os.path.join(folder, "model.safetensors"), "rb").read()
+    with result.checkpoint.as_directory() as folder:
+        history = [json.loads(line) for line in open(os.path.join(folder, "history.jsonl"))]
+    storage.write_bytes(storage.join(run_uri, "model.safetensors"), model, options)
+    storage.write_bytes(storage.join(run_uri, "history.jsonl"),
+                        "".join(json.dumps(h) + "\n" for h in history).encode(), options)
+    storage.write_bytes(storage.join(run_uri, "curves.png"), plot_curves(history), options)
+    summary = {"kind": "train", "name": spec.name, "steps": history[-1]["step"],
+               "final": history[-1], "best_val_psnr": max(
+                   (h.get("val_psnr", float("nan")) for h in history), default=None),
+               "model": storage.join(run_uri, "model.safetensors"),
+               "history": storage.join(run_uri, "history.jsonl"),
+               "elapsed_seconds": round(seconds, 1), "spec": spec_to_dict(spec)}
+    storage.write_bytes(storage.join(run_uri, "summary.json"),
+                        json.dumps(summary, indent=2).encode(), options)
+    return summary
+
+
+def plot_curves(history: list[dict[str, Any]], width: int = 640, height: int = 360) -> bytes:
+    """A PNG with the training loss (left axis) and validation PSNR (right axis) by step."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 50, width - 50, 20, height - 40
+    draw.rectangle([left, top, right, bottom], outline="black")
+    steps = [h["step"] for h in history]
+    span = max(max(steps) - min(steps), 1)
+
+    def series(key: str, color: str, label_x: int) -> None:
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if not points:
+            return
+        low = min(v for _, v in points)
+        high = max(v for _, v in points)
+        scale = (high - low) or 1.0
+        xy = [(left + (s - min(steps)) / span * (right - left),
+               bottom - (v - low) / scale * (bottom - top)) for s, v in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2)
+        for x, y in xy:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        draw.text((label_x, 4), f"{key}: {low:.4g}..{high:.4g}", fill=color)
+
+    series("loss", "blue", left)
+    series("val_psnr", "red", width // 2)
+    draw.text((left, bottom + 8), f"step {min(steps)}", fill="black")
+    draw.text((right - 60, bottom + 8), f"step {max(steps)}", fill="black")
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
+
+
+__all__ = ["TrainSpec", "run_train", "train_loop_per_worker", "validate_net", "degrade_batch",
+           "load_clean_images", "plot_curves", "dataclasses"]
