@@ -227,6 +227,68 @@ def train(spec_path, workers, gpus_per_worker, address, as_json):
     click.echo(f"history: {summary['history']}")
 
 
+@main.command("eval")
+@click.option("--model", default=None, help="Zoo name or model path (default model if omitted).")
+@click.option("--data", "data_dir", required=True, help="Folder of clean test images.")
+@click.option("--task", type=click.Choice(["denoise", "jpeg", "sr"]), default="denoise")
+@click.option("--sigma", type=float, default=25.0, help="denoise: noise std, 0-255 scale.")
+@click.option("--quality", type=int, default=None, help="jpeg: JPEG quality.")
+@click.option("--scale", type=int, default=None, help="sr: downscale factor.")
+@click.option("--baseline", type=click.Choice(["nlm"]), default=None,
+              help="Add scikit-image non-local means (denoise only) to the table.")
+@click.option("--json", "as_json", is_flag=True)
+@_errors_to_exit_codes
+def evaluate_command(model, data_dir, task, sigma, quality, scale, baseline, as_json):
+    """Measure a model in the reference conventions (PSNR/SSIM on 8-bit, seeded noise)."""
+    from restorer.evaluate import evaluate
+
+    try:
+        result = evaluate(model, data_dir, task=task, sigma=sigma, quality=quality, scale=scale,
+                          baseline=baseline)
+    except ValueError as e:
+        raise SpecError(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    has_baseline = "baseline_psnr" in result
+    click.echo(f"{'image':24s} {'input':>8s} {'restored':>9s} {'ssim':>7s}"
+               + (f" {'baseline':>9s}" if has_baseline else ""))
+    for row in result["rows"]:
+        click.echo(f"{row['name'][:24]:24s} {row['input_psnr']:8.2f} {row['psnr']:9.2f} "
+                   f"{row['ssim']:7.4f}" + (f" {row['baseline_psnr']:9.2f}" if has_baseline
+                                            else ""))
+    click.echo(f"{'mean':24s} {result['input_psnr']:8.2f} {result['psnr']:9.2f} "
+               f"{result['ssim']:7.4f}" + (f" {result['baseline_psnr']:9.2f}" if has_baseline
+                                           else ""))
+
+
+@main.command()
+@click.argument("source")
+@click.argument("target")
+@click.option("--net", "arch", required=True, help="Net architecture, e.g. dncnn.")
+@click.option("--channels", type=int, default=1)
+@click.option("--num-features", type=int, default=None)
+@click.option("--num-layers", type=int, default=None)
+@click.option("--batch-norm/--no-batch-norm", default=None)
+@click.option("--key-prefix", default="", help="Strip this prefix from the weight names.")
+@_errors_to_exit_codes
+def convert(source, target, arch, channels, num_features, num_layers, batch_norm, key_prefix):
+    """Import published PyTorch weights (.pth) into a restorer model (safetensors).
+
+    The file is read with torch.load(weights_only=True), so no code in it runs; its tensors
+    must match the net spec exactly (names after --key-prefix is stripped, and shapes).
+    """
+    from restorer.convert import convert_weights
+
+    spec = {"arch": arch, "channels": channels}
+    for name, value in (("num_features", num_features), ("num_layers", num_layers),
+                        ("batch_norm", batch_norm)):
+        if value is not None:
+            spec[name] = value
+    sha = convert_weights(source, target, spec, key_prefix)
+    click.echo(f"wrote {target} (sha256 {sha[:12]})")
+
+
 @main.command()
 @click.argument("paths", nargs=-1)
 @click.option("--json", "as_json", is_flag=True)

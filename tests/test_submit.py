@@ -27,6 +27,7 @@ from PIL import Image
 
 from restorer import submit as jobs_api
 from restorer.errors import JobError, ModelError, SpecError
+from restorer.launch import load_spec
 
 HEAD_START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 120
@@ -74,6 +75,30 @@ threads_per_worker = 1
 batch_size = 4
 {extra}""")
     return path
+
+
+def _train_spec(data: str, storage_path: str) -> str:
+    return f"""kind = "train"
+name = "tiny-train"
+[net]
+arch = "dncnn"
+channels = 1
+num_features = 8
+num_layers = 4
+[data]
+uri = "{data}"
+[optim]
+steps = 4
+batch_size = 4
+patch_size = 32
+[validation]
+every = 2
+[output]
+storage_path = "{storage_path}"
+[resources]
+workers = 1
+gpus_per_worker = 0
+"""
 
 
 def _stop_head(process: subprocess.Popen) -> None:
@@ -192,9 +217,9 @@ def test_submit_follow_restore_job(head, small_folder, tiny_model, tmp_path, mon
     sha = hashlib.sha256(Path(tiny_model).read_bytes()).hexdigest()
     assert summary["model_sha256"] == job.metadata["model_sha256"] == sha
     assert job.metadata["kind"] == "restore" and job.metadata["spec"] == spec.name
-    assert job.metadata["output"] == str(tmp_path / "out")
-    assert "--model models/tiny.safetensors" in job.entrypoint
-    assert "--limit 5" in job.entrypoint and "--address ''" in job.entrypoint
+    assert job.metadata["output.uri"] == str(tmp_path / "out")
+    assert job.metadata["model"] == str(Path(tiny_model).resolve())
+    assert job.entrypoint == "python -m restorer run small-restore.toml"
 
     assert job_id in [j.job_id for j in jobs_api.list_jobs(head)]
     assert jobs_api.job_status(head, job_id).status == "SUCCEEDED"
@@ -242,6 +267,23 @@ def test_stop_a_running_job(head, tmp_path, exclusive_ray):
     assert len(list(output.glob("*.png"))) < 400
     # Stopping a job that has ended changes nothing.
     assert jobs_api.stop_job(head, job_id).status == "STOPPED"
+
+
+@_on_head
+def test_submit_train_job(head, tmp_path, monkeypatch, exclusive_ray):
+    from restorer.samples import write_samples
+
+    write_samples(str(tmp_path / "data"), sigma=0)
+    monkeypatch.chdir(tmp_path)  # both paths are relative: submit makes them absolute
+    spec = tmp_path / "tiny-train.toml"
+    spec.write_text(_train_spec("data", "ckpt"))
+    job_id = jobs_api.submit(spec, head)
+    chunks: list[str] = []
+    job = jobs_api.follow(head, job_id, write=chunks.append)
+    assert (job.status, job.metadata["kind"]) == ("SUCCEEDED", "train"), "".join(chunks)
+    summary = json.loads((tmp_path / "ckpt" / "tiny-train" / "summary.json").read_text())
+    assert summary["steps"] == 4
+    assert (tmp_path / "ckpt" / "tiny-train" / "model.safetensors").exists()
 
 
 @_on_head
@@ -329,18 +371,34 @@ def test_spec_is_checked_before_the_cluster_is_contacted(small_folder, tmp_path)
         jobs_api.submit(spec, nobody)
 
 
-def test_entrypoint_ships_the_spec_and_local_model(tiny_model, tmp_path, monkeypatch):
+def test_shipped_spec_is_resolved(tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     spec = _write_spec(tmp_path / "s.toml", "in dir", "out", model=tiny_model,
                        extra='address = "ray://elsewhere:10001"\n')
-    (tmp_path / "in dir").mkdir()
-    prepared = jobs_api._prepare(spec, {"workers": 2, "limit": None}, None)
-    assert prepared.flags == {"workers": 2, "input": str(tmp_path / "in dir"),
-                              "output": str(tmp_path / "out"), "address": "",
-                              "model": "models/tiny.safetensors"}
-    assert prepared.spec.resources.workers == 2
-    assert jobs_api._entrypoint("s.toml", prepared.flags) == (
-        f"python -m restorer run s.toml --workers 2 --input '{tmp_path}/in dir' "
-        f"--output {tmp_path}/out --address '' --model models/tiny.safetensors")
+    prepared = jobs_api._prepare(spec, {"workers": 2, "limit": 3})
+    shipped = tmp_path / "shipped.toml"
+    shipped.write_text(jobs_api.spec_toml(prepared.spec))
+    resolved = load_spec(shipped)
+    assert resolved == prepared.spec
+    assert (resolved.input.uri, resolved.output.uri) == (str(tmp_path / "in dir"),
+                                                         str(tmp_path / "out"))
+    assert (resolved.resources.workers, resolved.input.limit) == (2, 3)
+    assert resolved.resources.address == ""  # runs on the cluster it is submitted to
+    assert resolved.model.name == prepared.shipped_model == "models/tiny.safetensors"
+    assert prepared.model_sha256 == hashlib.sha256(Path(tiny_model).read_bytes()).hexdigest()
     with pytest.raises(SpecError, match="cannot be overridden when submitting"):
-        jobs_api._prepare(spec, {"address": "auto"}, None)
+        jobs_api._prepare(spec, {"address": "auto"})
+
+
+def test_shipped_train_spec_is_resolved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = tmp_path / "t.toml"
+    spec.write_text(_train_spec("data", "ckpt"))
+    prepared = jobs_api._prepare(spec, {"workers": 1})
+    assert prepared.model_uri == ""  # trained from scratch
+    shipped = tmp_path / "shipped.toml"
+    shipped.write_text(jobs_api.spec_toml(prepared.spec))
+    resolved = load_spec(shipped)
+    assert resolved == prepared.spec and resolved.net["num_features"] == 8
+    assert (resolved.data.uri, resolved.output.storage_path) == (str(tmp_path / "data"),
+                                                                 str(tmp_path / "ckpt"))
