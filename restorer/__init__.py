@@ -3,11 +3,15 @@
 Ray reads ``RAY_AUTH_MODE`` once, when it is first imported, and the clusters this package
 starts must agree with the driver; so the mode is set here, before any submodule imports Ray.
 Token authentication (Ray's default for local clusters since 2.59) stays on unless the caller
-set the variable already.
+set the variable already, or imported Ray before restorer.
 """
 
 import os
+import sys
 
-os.environ.setdefault("RAY_AUTH_MODE", "token")
+# If Ray was imported first, it has already read the variable: changing it now would make the
+# clusters Ray starts disagree with this driver, so leave it as it is.
+if "ray" not in sys.modules:
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 __version__ = "0.1.0"

@@ -20,8 +20,7 @@ log = logging.getLogger(__name__)
 
 def ensure_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0) -> None:
     """Start an embedded Ray (``address == ""``) or connect to ``address``; no-op if connected."""
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # before Ray reads its config at import
-    import ray
+    import ray  # RAY_AUTH_MODE is settled in restorer/__init__.py, before Ray is imported
 
     if ray.is_initialized():
         return

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import importlib.metadata
 import ipaddress
 import json
@@ -259,8 +260,6 @@ def _is_relative_path(uri: str) -> bool:
 
 def _prepare(spec_path: Path, overrides: dict[str, Any]) -> _Prepared:
     """Load, override and validate the spec and load its model, as the driver will."""
-    import hashlib
-
     from restorer.checkpoint import load_model_bytes
     from restorer.launch import load_spec
     from restorer.models import resolve_model_uri, zoo

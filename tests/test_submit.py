@@ -402,3 +402,29 @@ def test_shipped_train_spec_is_resolved(tmp_path, monkeypatch):
     assert resolved == prepared.spec and resolved.net["num_features"] == 8
     assert (resolved.data.uri, resolved.output.storage_path) == (str(tmp_path / "data"),
                                                                  str(tmp_path / "ckpt"))
+
+
+@_on_head
+def test_cli_submit_follow_and_jobs_commands(head, small_folder, tmp_path, monkeypatch,
+                                            exclusive_ray):
+    from click.testing import CliRunner
+
+    from restorer.cli import main
+
+    folder, _ = small_folder
+    monkeypatch.chdir(tmp_path)
+    spec = _write_spec(tmp_path / "cli-restore.toml", str(folder), "cli-out")
+    runner = CliRunner()
+    result = runner.invoke(main, ["submit", str(spec), "--address", head, "--limit", "3",
+                                  "--follow"])
+    assert result.exit_code == 0, result.output
+    assert "restored 3 of 3 images" in result.output and "SUCCEEDED" in result.output
+    job_id = result.output.split()[1].rstrip(";")
+    listed = runner.invoke(main, ["jobs", "list", "--address", head])
+    assert job_id in listed.output
+    status = runner.invoke(main, ["jobs", "status", job_id, "--address", head])
+    assert json.loads(status.output)["status"] == "SUCCEEDED"
+    logs = runner.invoke(main, ["jobs", "logs", job_id, "--address", head])
+    assert "restored 3 of 3 images" in logs.output
+    bad = runner.invoke(main, ["submit", str(tmp_path / "missing.toml"), "--address", head])
+    assert bad.exit_code == 2

@@ -1,4 +1,4 @@
-"""Peak resident memory of this process (the driver) and of Ray's worker processes, sampled."""
+"""Peak resident memory of this process (the driver) and of its Ray processes, sampled."""
 
 import os
 import threading
@@ -16,21 +16,31 @@ def _rss_bytes(pid: int) -> int:
     return 0
 
 
-def _ray_worker_pids() -> list[int]:
-    pids = []
+def _descendants(root: int) -> list[int]:
+    """Every process below ``root`` (the embedded Ray's GCS, raylet and workers)."""
+    children: dict[int, list[int]] = {}
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if f.read(5) == b"ray::":
-                        pids.append(int(name))
-            except OSError:
+                with open(f"/proc/{name}/stat") as f:
+                    parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
                 continue
-    return pids
+            children.setdefault(parent, []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 class PeakMemory:
-    """Samples driver RSS and the summed RSS of all ``ray::`` worker processes every 0.2 s."""
+    """Samples driver RSS and the summed RSS of the driver's Ray processes every 0.2 s.
+
+    Only processes started below this driver count (its embedded Ray), not other Ray clusters
+    on the machine.
+    """
 
     def __init__(self, interval: float = 0.2):
         self.interval = interval
@@ -43,7 +53,7 @@ class PeakMemory:
         while not self._stop.is_set():
             self.driver_peak = max(self.driver_peak, _rss_bytes(os.getpid()))
             self.workers_peak = max(self.workers_peak,
-                                    sum(_rss_bytes(p) for p in _ray_worker_pids()))
+                                    sum(_rss_bytes(p) for p in _descendants(os.getpid())))
             time.sleep(self.interval)
 
     def __enter__(self):
