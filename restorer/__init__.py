@@ -15,3 +15,9 @@ if "ray" not in sys.modules:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 __version__ = "0.1.0"
+
+# The public API: ``restorer.restore("photos/", "restored/", model="denoise-gray")``. The
+# module of the same name stays importable as ``from restorer.restore import RestoreActor``.
+from restorer.restore import restore
+
+__all__ = ["__version__", "restore"]

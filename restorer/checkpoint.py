@@ -108,5 +108,12 @@ def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
 
 
-__all__ = ["LoadedModel", "load_model", "load_model_bytes", "save_model", "model_bytes",
-           "read_metadata", "count_parameters"]
+__all__ = [
+    "LoadedModel",
+    "count_parameters",
+    "load_model",
+    "load_model_bytes",
+    "model_bytes",
+    "read_metadata",
+    "save_model",
+]

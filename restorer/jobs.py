@@ -11,12 +11,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 from restorer.codec import FORMATS
 from restorer.errors import SpecError
@@ -54,6 +55,7 @@ class ModelSpec:
     overlap: int = 0  # tile overlap in pixels; 0 = the net's receptive field, rounded up to 8
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: bool = True  # on CUDA only
+    compile: bool = False  # torch.compile the net in each actor (CUDA; slower start-up)
     strength: float = 1.0  # 0..1 blend of restored output with the input
 
 

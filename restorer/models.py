@@ -67,5 +67,13 @@ def describe(uri: str) -> dict:
             "provenance": json.loads(metadata.get("provenance", "{}"))}
 
 
-__all__ = ["DEFAULT_MODEL", "ZOO_DIR", "ZooEntry", "describe", "get_model", "resolve_model_uri",
-           "zoo", "LoadedModel"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "ZOO_DIR",
+    "LoadedModel",
+    "ZooEntry",
+    "describe",
+    "get_model",
+    "resolve_model_uri",
+    "zoo",
+]

@@ -678,3 +678,59 @@ def _provenance_section(job: dict[str, Any], summary: dict[str, Any],
             ("ledger format version", job.get("ledger_format_version", ""))]
     return ('<section id="provenance"><h2>Spec and model</h2>' + _table(["", "value"], rows)
             + f"<pre>{html.escape(json.dumps(spec, indent=2, sort_keys=True))}</pre></section>")
+
+
+def write_train_report(run_uri: str, summary: dict[str, Any], history: list[dict[str, Any]],
+                       curves_png: bytes, samples: list[dict[str, Any]],
+                       options: storage.StorageOptions = DEFAULT_OPTIONS) -> str:
+    """Write ``RUN/report.html`` for a training run; returns its URI.
+
+    ``samples``: dicts with ``name``, uint8 HWC ``degraded``/``restored``/``clean`` crops and
+    their ``input_psnr``/``psnr``. The page holds the run's summary, the loss and validation
+    PSNR curves, the validation history and before/after crops on the validation set.
+    """
+    curves = "data:image/png;base64," + base64.b64encode(curves_png).decode("ascii")
+    final = summary.get("final", {})
+    rows = [(k, final[k]) for k in sorted(final)]
+    sections = [
+        '<section id="summary"><h2>Summary</h2>'
+        + _table(["", "value"], [("run", summary.get("name")), ("steps", summary.get("steps")),
+                                 ("elapsed_seconds", summary.get("elapsed_seconds")),
+                                 ("best_val_psnr", summary.get("best_val_psnr")), *rows])
+        + "</section>",
+        '<section id="curves"><h2>Curves</h2><p>Training loss (blue) and validation PSNR '
+        f'(red) by step.</p><img src="{curves}" alt="loss and validation PSNR"></section>',
+        '<section id="history"><h2>Validation history</h2>'
+        + _table(["step", "loss", "val_psnr", "val_ssim", "val_input_psnr", "seconds"],
+                 [(h.get("step"), h.get("loss"), h.get("val_psnr"), h.get("val_ssim"),
+                   h.get("val_input_psnr"), h.get("seconds")) for h in history])
+        + "</section>",
+    ]
+    figures = ['<section id="samples"><h2>Before / after (validation set)</h2>']
+    if not samples:
+        figures.append("<p>No validation images were given (data.val_uri).</p>")
+    for sample in samples:
+        figures.append(f"<h3>{_esc(sample['name'])}</h3><div class=\"pair\">")
+        for label, key in (("degraded", "degraded"), ("restored", "restored"),
+                           ("clean", "clean")):
+            caption = label
+            if key == "degraded":
+                caption += f" ({sample['input_psnr']:.2f} dB)"
+            elif key == "restored":
+                caption += f" ({sample['psnr']:.2f} dB)"
+            figures.append(f'<figure><img src="{_png_data_uri(sample[key])}" alt="{label}">'
+                           f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+        figures.append("</div>")
+    figures.append("</section>")
+    sections.append("".join(figures))
+    sections.append('<section id="provenance"><h2>Spec</h2><pre>'
+                    + html.escape(json.dumps(summary.get("spec", {}), indent=2)) + "</pre></section>")
+    title = f"restorer training report: {summary.get('name', '')}"
+    page = ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f'<meta http-equiv="Content-Security-Policy" content="{_CSP}">'
+            f"<title>{html.escape(title)}</title><style>{_STYLE}</style>"
+            f"<script>{_SCRIPT}</script></head><body>"
+            f"<h1>{html.escape(title)}</h1>" + "".join(sections) + "</body></html>\n")
+    uri = storage.join(run_uri, "report.html")
+    storage.write_bytes(uri, page.encode("utf-8"), options)
+    return uri

@@ -34,7 +34,6 @@ import math
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -171,7 +170,8 @@ class RestoreActor:
     def __init__(self, model: str | None = None, tile: int = 256, overlap: int = 0,
                  precision: str = "auto", channels_last: bool = True, strength: float = 1.0,
                  tile_batch: int = 0, threads: int = 0, device: str = "auto",
-                 storage_options: storage.StorageOptions = storage.StorageOptions()):
+                 storage_options: storage.StorageOptions = storage.StorageOptions(),
+                 compile: bool = False):
         if threads:
             torch.set_num_threads(threads)
         if device == "auto":
@@ -192,6 +192,8 @@ class RestoreActor:
         self.channels_last = channels_last and self.device.type == "cuda"
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
+        if compile:
+            self.net = torch.compile(self.net, dynamic=False)  # one graph per tile shape
         if self.device.type != "cuda" or precision == "fp32":
             self.autocast_dtype = None
         elif precision == "fp16":
@@ -606,7 +608,7 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
             "overlap": spec.model.overlap, "precision": spec.model.precision,
             "channels_last": spec.model.channels_last, "strength": spec.model.strength,
             "tile_batch": spec.resources.tile_batch, "threads": plan.threads_per_worker,
-            "storage_options": options})
+            "storage_options": options, "compile": spec.model.compile})
     return ds.map_batches(
         encode_and_write, batch_format="pyarrow", batch_size=8, num_cpus=0.5,
         fn_kwargs={"output_uri": spec.output.uri, "options": encode_options,

@@ -205,7 +205,7 @@ def validate_net(net: torch.nn.Module, images: list[np.ndarray], spec: Degradati
         with torch.no_grad():
             restored = net(_nchw(degraded[None]))[0]
         restored = restored[0] if image.ndim == 2 else restored.permute(1, 2, 0)
-        to8 = lambda a: np.round(np.clip(np.asarray(a), 0, 1) * 255).astype(np.uint8)  # noqa: E731
+        to8 = lambda a: np.round(np.clip(np.asarray(a), 0, 1) * 255).astype(np.uint8)
         clean8 = to8(image)
         psnrs.append(metrics.psnr(to8(restored.numpy()), clean8))
         ssims.append(metrics.ssim(to8(restored.numpy()), clean8))
@@ -262,7 +262,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
-            meta = json.loads(open(os.path.join(folder, "meta.json")).read())
+            with open(os.path.join(folder, "meta.json")) as f:
+                meta = json.load(f)
             if meta["format_version"] > CHECKPOINT_FORMAT_VERSION:
                 raise JobError("checkpoint written by a newer restorer; upgrade restorer")
             state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
@@ -419,22 +420,64 @@ def finish_run(spec: TrainSpec, result, seconds: float) -> dict[str, Any]:
     best = result.get_best_checkpoint("val_psnr" if spec.data.val_uri else "step", "max") \
         or result.checkpoint
     with best.as_directory() as folder:
-        model = open(os.path.join(folder, "model.safetensors"), "rb").read()
-    with result.checkpoint.as_directory() as folder:
-        history = [json.loads(line) for line in open(os.path.join(folder, "history.jsonl"))]
+        with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+            model = f.read()
+    with result.checkpoint.as_directory() as folder, \
+            open(os.path.join(folder, "history.jsonl")) as f:
+        history = [json.loads(line) for line in f]
     storage.write_bytes(storage.join(run_uri, "model.safetensors"), model, options)
     storage.write_bytes(storage.join(run_uri, "history.jsonl"),
                         "".join(json.dumps(h) + "\n" for h in history).encode(), options)
-    storage.write_bytes(storage.join(run_uri, "curves.png"), plot_curves(history), options)
+    curves = plot_curves(history)
+    storage.write_bytes(storage.join(run_uri, "curves.png"), curves, options)
     summary = {"kind": "train", "name": spec.name, "steps": history[-1]["step"],
                "final": history[-1], "best_val_psnr": max(
                    (h.get("val_psnr", float("nan")) for h in history), default=None),
                "model": storage.join(run_uri, "model.safetensors"),
                "history": storage.join(run_uri, "history.jsonl"),
                "elapsed_seconds": round(seconds, 1), "spec": spec_to_dict(spec)}
+    from restorer.report import write_train_report
+
+    summary["report"] = write_train_report(run_uri, summary, history, curves,
+                                           validation_samples(spec, model), options)
     storage.write_bytes(storage.join(run_uri, "summary.json"),
                         json.dumps(summary, indent=2).encode(), options)
     return summary
+
+
+def validation_samples(spec: TrainSpec, model: bytes, count: int = 3,
+                       crop: int = 128) -> list[dict[str, Any]]:
+    """Degraded / restored / clean centre crops of the first validation images (uint8 HWC)."""
+    from restorer import metrics
+    from restorer.checkpoint import load_model_bytes
+
+    if not spec.data.val_uri:
+        return []
+    net = load_model_bytes(model, "the run's best model").net
+    images, keys = load_clean_images(spec.data.val_uri, net.channels, spec.storage.options(),
+                                     limit=count)
+    samples = []
+    for index, (image, key) in enumerate(zip(images, keys)):
+        top, left = max(0, (image.shape[0] - crop) // 2), max(0, (image.shape[1] - crop) // 2)
+        clean = image[top:top + crop, left:left + crop]
+        degraded = degrade_batch(clean[None], dataclasses.replace(
+            spec.degradation, sigma_min=spec.degradation.val_sigma,
+            sigma_max=spec.degradation.val_sigma, kind="noise" if spec.degradation.kind in (
+                "noise", "blind") else spec.degradation.kind,
+            quality_min=spec.degradation.val_quality, quality_max=spec.degradation.val_quality),
+            np.random.default_rng([spec.optim.seed, index]))[0]
+        with torch.no_grad():
+            restored = net(_nchw(degraded[None]))[0]
+        restored = restored[0].numpy() if clean.ndim == 2 else restored.permute(1, 2, 0).numpy()
+
+        def to8(array):
+            array = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
+            return array[..., None] if array.ndim == 2 else array
+
+        samples.append({"name": key, "degraded": to8(degraded), "restored": to8(restored),
+                        "clean": to8(clean), "input_psnr": metrics.psnr(to8(degraded), to8(clean)),
+                        "psnr": metrics.psnr(to8(restored), to8(clean))})
+    return samples
 
 
 def plot_curves(history: list[dict[str, Any]], width: int = 640, height: int = 360) -> bytes:
@@ -472,5 +515,13 @@ def plot_curves(history: list[dict[str, Any]], width: int = 640, height: int = 3
     return out.getvalue()
 
 
-__all__ = ["TrainSpec", "run_train", "train_loop_per_worker", "validate_net", "degrade_batch",
-           "load_clean_images", "plot_curves", "dataclasses"]
+__all__ = [
+    "TrainSpec",
+    "dataclasses",
+    "degrade_batch",
+    "load_clean_images",
+    "plot_curves",
+    "run_train",
+    "train_loop_per_worker",
+    "validate_net",
+]

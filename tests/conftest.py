@@ -28,15 +28,15 @@ os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
 for _name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
     os.environ.pop(_name, None)
 
-from pathlib import Path  # noqa: E402
+from pathlib import Path
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from PIL import Image
 
-from restorer.checkpoint import save_model  # noqa: E402
-from restorer.nets import build_net  # noqa: E402
+from restorer.checkpoint import save_model
+from restorer.nets import build_net
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

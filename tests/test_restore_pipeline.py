@@ -9,8 +9,8 @@ from PIL import Image
 
 from restorer.errors import JobError
 from restorer.restore import RestoreActor, restore, source_config
-from restorer.sources import expand, listing_tasks
 from restorer.samples import write_samples
+from restorer.sources import expand, listing_tasks
 
 pytestmark = pytest.mark.ray
 

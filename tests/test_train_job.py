@@ -69,6 +69,10 @@ def test_two_workers_checkpoint_resume_and_survive_a_killed_worker(ray_session, 
     curve = _curve(_history(tmp_path / "clean" / "history.jsonl"))
     assert [s for s, _, _ in curve] == [2, 4, 6, 8]
     assert (tmp_path / "clean" / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    page = (tmp_path / "clean" / "report.html").read_text()
+    for section in ("summary", "curves", "history", "samples"):
+        assert f'id="{section}"' in page
+    assert page.count("data:image/png;base64,") >= 1 + 3 * 2  # curves + 2 validation crops
 
     # the checkpoint is a restorer model: restore and its provenance use it
     model = get_model(str(tmp_path / "clean" / "model.safetensors"))

@@ -21,12 +21,12 @@ import pyarrow.parquet as pq
 import ray
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import PeakMemory, _rss_bytes  # noqa: E402
+from memory import PeakMemory, _rss_bytes
 
-from restorer.jobs import RestoreSpec, spec_from_flags  # noqa: E402
-from restorer.restore import build_pipeline, source_config  # noqa: E402
-from restorer.runtime import WorkerPlan  # noqa: E402
-from restorer.sources import listing_tasks  # noqa: E402
+from restorer.jobs import RestoreSpec, spec_from_flags
+from restorer.restore import build_pipeline, source_config
+from restorer.runtime import WorkerPlan
+from restorer.sources import listing_tasks
 
 
 def main() -> None:

@@ -18,9 +18,9 @@ import ray
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from memory import PeakMemory  # noqa: E402
+from memory import PeakMemory
 
-from restorer.restore import restore  # noqa: E402
+from restorer.restore import restore
 
 
 def write_images(folder: Path, count: int, size: int) -> None:
