@@ -144,7 +144,12 @@ def exists(uri: str, options: StorageOptions = StorageOptions()) -> bool:
     if not is_remote(uri):
         return os.path.exists(local_path(uri))
     fs, path = filesystem(uri, options)
-    return fs.exists(path)
+    try:
+        return fs.exists(path)
+    except PermissionError as e:
+        raise StorageError(f"No permission to read {uri}; check your AWS credentials") from e
+    except OSError as e:
+        raise StorageError(f"Cannot reach {uri}: {e}; check the endpoint and credentials") from e
 
 
 def list_names(uri: str, options: StorageOptions = StorageOptions()) -> list[str]:
@@ -278,3 +283,5 @@ def delete(uri: str, options: StorageOptions = StorageOptions(), recursive: bool
         fs.rm(path, recursive=recursive)
     except FileNotFoundError:
         pass
+    except PermissionError as e:
+        raise StorageError(f"No permission to delete {uri}; check your AWS credentials") from e
