@@ -556,8 +556,7 @@ def source_config(spec: RestoreSpec, layout: str) -> SourceConfig:
 def _expand_task(row: dict[str, Any], config: SourceConfig,
                  done: frozenset[str]) -> list[dict[str, Any]]:
     """Ray Data flat_map: the rows of one listing task."""
-    task = ListingTask(**{k: row[k] for k in ("layout", "uri", "recursive", "key_prefix",
-                                              "row_group")})
+    task = ListingTask(**{f.name: row[f.name] for f in dataclasses.fields(ListingTask)})
     return [r for unit in expand(task, config, done) for r in unit]
 
 
@@ -566,8 +565,8 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
     """The Ray Data graph of a restore job (the one pipeline builder).
 
     With ``input.limit`` the (small) listing runs in the driver; otherwise each listing task
-    runs in a Ray task and its rows stream on in blocks of 8, so decoding starts while listing
-    goes on.
+    runs in a Ray task and its rows stream on in small blocks, so decoding starts while
+    listing goes on.
     """
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -593,8 +592,12 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
     else:
         ds = ray.data.from_items([dataclasses.asdict(task) for task in tasks],
                                  override_num_blocks=max(1, len(tasks)))
-        ds = ds.flat_map(_expand_task, fn_kwargs={"config": config, "done": done}, num_cpus=0.5)
-        ds = ds.repartition(target_num_rows_per_block=8)
+        ds = ds.flat_map(_expand_task, fn_kwargs={"config": config, "done": done},
+                         num_cpus=0.25)
+        if config.layout == "files":
+            # A folder is listed by one task, whatever its size: cut its rows into blocks so
+            # that many decode tasks share them. Manifests and shards are listed in chunks.
+            ds = ds.repartition(target_num_rows_per_block=32)
     ds = ds.map_batches(
         read_and_decode, batch_format="pyarrow", batch_size=8, num_cpus=0.5,
         fn_kwargs={"storage_options": options, "max_pixels": spec.limits.max_pixels,

@@ -35,6 +35,8 @@ from restorer.errors import SpecError, StorageError
 
 UNIT_MAX_KEYS = 64
 UNIT_BOUNDARY_MODULUS = 16  # a unit also ends after a key whose crc32 is 0 modulo this
+MANIFEST_CHUNK_ROWS = 512  # rows of a manifest listed by one task
+SHARD_CHUNK_ROWS = 64  # rows (encoded images) of a Parquet shard listed by one task
 MANIFEST_SUFFIXES = (".parquet", ".txt", ".lst", ".csv")
 
 
@@ -47,6 +49,8 @@ class ListingTask:
     recursive: bool = True  # files: walk below uri, or only the files directly in it
     key_prefix: str = ""  # files: key of uri relative to the input root
     row_group: int = -1  # parquet/manifest parquet: which row group
+    offset: int = 0  # parquet/manifest parquet: first row of this task within the row group
+    length: int = 0  # ... and how many rows (0 = to the end of the row group)
 
 
 @dataclass(frozen=True)
@@ -80,8 +84,7 @@ def listing_tasks(uri: str, config: SourceConfig) -> list[ListingTask]:
     options = config.options
     if config.layout == "manifest":
         if uri.lower().endswith(".parquet"):
-            return [ListingTask("manifest", uri, row_group=g)
-                    for g in range(_row_groups(uri, options))]
+            return _chunked("manifest", uri, _row_groups(uri, options), MANIFEST_CHUNK_ROWS)
         return [ListingTask("manifest", uri)]
     if config.layout == "parquet":
         shards = sorted(n for n in storage.list_names(uri, options) if n.endswith(".parquet"))
@@ -90,8 +93,8 @@ def listing_tasks(uri: str, config: SourceConfig) -> list[ListingTask]:
         tasks = []
         for name in shards:
             shard = storage.join(uri, name)
-            tasks.extend(ListingTask("parquet", shard, row_group=g)
-                         for g in range(_row_groups(shard, options)))
+            tasks.extend(_chunked("parquet", shard, _row_groups(shard, options),
+                                  SHARD_CHUNK_ROWS))
         return tasks
     if config.layout != "files":
         raise SpecError(f"input.layout = {config.layout!r}; use auto, files, parquet or manifest")
@@ -105,11 +108,19 @@ def listing_tasks(uri: str, config: SourceConfig) -> list[ListingTask]:
     return tasks
 
 
-def _row_groups(uri: str, options: storage.StorageOptions) -> int:
+def _chunked(layout: str, uri: str, row_counts: list[int], chunk: int) -> list[ListingTask]:
+    """Tasks of at most ``chunk`` rows, so that no task emits one huge block of rows."""
+    return [ListingTask(layout, uri, row_group=group, offset=offset, length=chunk)
+            for group, rows in enumerate(row_counts) for offset in range(0, rows, chunk)]
+
+
+def _row_groups(uri: str, options: storage.StorageOptions) -> list[int]:
+    """Rows in each row group of a Parquet file (from its footer only)."""
     fs, path = storage.filesystem(uri, options)
     try:
         with fs.open(path, "rb") as f:
-            return pq.ParquetFile(f).num_row_groups
+            metadata = pq.ParquetFile(f).metadata
+            return [metadata.row_group(g).num_rows for g in range(metadata.num_row_groups)]
     except FileNotFoundError as e:
         raise StorageError(f"{uri} does not exist") from e
     except PermissionError as e:
@@ -178,6 +189,10 @@ def _units(rows: list[dict[str, Any]], done: frozenset[str]) -> Iterator[list[di
             unit = []
 
 
+def _slice(table, task: ListingTask):
+    return table.slice(task.offset, task.length or None)
+
+
 def _manifest_key(uri: str) -> str:
     if "://" in uri:
         path = uri.split("://", 1)[1]
@@ -204,10 +219,10 @@ def expand(task: ListingTask, config: SourceConfig,
     if task.layout == "parquet":
         fs, path = storage.filesystem(task.uri, options)
         with fs.open(path, "rb") as f:
-            table = pq.ParquetFile(f).read_row_group(
-                task.row_group, columns=[config.key_column, config.bytes_column])
+            table = _slice(pq.ParquetFile(f).read_row_group(
+                task.row_group, columns=[config.key_column, config.bytes_column]), task)
         shard = posixpath.basename(task.uri)
-        rows = [_row(key or "", f"{shard}#{index}", config, data=data or b"")
+        rows = [_row(key or "", f"{shard}#{task.offset + index}", config, data=data or b"")
                 for index, (key, data) in enumerate(zip(
                     table.column(config.key_column).to_pylist(),
                     table.column(config.bytes_column).to_pylist()))]
@@ -225,7 +240,7 @@ def expand(task: ListingTask, config: SourceConfig,
                                 f"(columns: {names}); set input.uri_column")
             columns = [config.uri_column] + ([config.key_column] if config.key_column in names
                                              else [])
-            table = parquet.read_row_group(task.row_group, columns=columns)
+            table = _slice(parquet.read_row_group(task.row_group, columns=columns), task)
         uris = table.column(config.uri_column).to_pylist()
         keys = (table.column(config.key_column).to_pylist() if config.key_column in columns
                 else [None] * len(uris))
