@@ -16,8 +16,8 @@ if "ray" not in sys.modules:
 
 __version__ = "0.1.0"
 
-# The public API: ``restorer.restore("photos/", "restored/", model="denoise-gray")``. The
-# module of the same name stays importable as ``from restorer.restore import RestoreActor``.
-from restorer.restore import restore
+# The public API: ``restorer.restore("photos/", "restored/", model="denoise-gray")``; the
+# pipeline itself (and the actor class) live in ``restorer.pipeline``.
+from restorer.pipeline import restore
 
 __all__ = ["__version__", "restore"]

@@ -95,7 +95,7 @@ def naive(net: torch.nn.Module, paths: list[Path], out: Path) -> dict[str, float
 def run_bench(count: int = 64, size: int = 256, model: str | None = None, batch_size: int = 8,
               folder: str | None = None, num_cpus: int = 0) -> dict[str, Any]:
     """Measure ceiling, naive loop and restorer on ``count`` images of ``size`` pixels."""
-    from restorer.restore import restore
+    from restorer.pipeline import restore
 
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)

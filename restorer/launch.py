@@ -22,7 +22,7 @@ def load_spec(path: str) -> Any:
 def run_spec(spec: Any) -> dict[str, Any]:
     """Run ``spec`` to the end and return its summary."""
     if spec.kind == "restore":
-        from restorer.restore import run_restore
+        from restorer.pipeline import run_restore
 
         return run_restore(spec)
     if spec.kind == "train":

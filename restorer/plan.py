@@ -16,7 +16,7 @@ from PIL import Image
 from restorer import storage
 from restorer.bench import load_calibration
 from restorer.jobs import RestoreSpec
-from restorer.restore import source_config
+from restorer.pipeline import source_config
 from restorer.sources import detect_layout, expand, listing_tasks
 
 

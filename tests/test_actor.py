@@ -7,7 +7,7 @@ import torch
 import restorer
 from restorer.checkpoint import save_model
 from restorer.nets import build_net
-from restorer.restore import RestoreActor
+from restorer.pipeline import RestoreActor
 
 
 def _model(tmp_path, channels):
@@ -59,7 +59,7 @@ def test_strength_blends_with_the_input_and_16_bit_stays_16_bit(tmp_path):
 
 def test_public_api_is_restorer_restore():
     assert callable(restorer.restore)
-    assert restorer.restore.__module__ == "restorer.restore"
+    assert restorer.restore.__module__ == "restorer.pipeline"
 
 
 @pytest.mark.gpu

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from restorer.codec import decode
-from restorer.restore import restore
+from restorer.pipeline import restore
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

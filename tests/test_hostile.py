@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from restorer.restore import restore
+from restorer.pipeline import restore
 
 pytestmark = pytest.mark.ray
 

@@ -84,7 +84,7 @@ def run_cluster(work: Path) -> dict:
     import ray
     from ray.cluster_utils import Cluster
 
-    from restorer.restore import run_restore
+    from restorer.pipeline import run_restore
 
     def node_args(**extra):
         return {"num_cpus": CPUS_PER_NODE, "object_store_memory": 100 * 2**20, **extra}

@@ -25,7 +25,7 @@ from PIL import Image
 
 from restorer.inspect import inspect_output
 from restorer.report import estimate_noise, flag_outliers, ledger_records, write_report
-from restorer.restore import ERROR_COLUMNS, RECORD_SCHEMA
+from restorer.pipeline import ERROR_COLUMNS, RECORD_SCHEMA
 
 HOSTILE_KEY = "<script>x.png"
 HOSTILE_MESSAGE = "<img src=x onerror=alert(1)> is not an image"

@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from restorer.errors import JobError
-from restorer.restore import RestoreActor, restore, source_config
+from restorer.pipeline import RestoreActor, restore, source_config
 from restorer.samples import write_samples
 from restorer.sources import expand, listing_tasks
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from restorer.cli import main
 from restorer.errors import StorageError
-from restorer.restore import restore
+from restorer.pipeline import restore
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3]
 

@@ -13,7 +13,7 @@ import pytest
 
 from restorer.jobs import spec_from_dict
 from restorer.models import get_model
-from restorer.restore import RestoreActor
+from restorer.pipeline import RestoreActor
 from restorer.samples import write_samples
 from restorer.train_job import TrainSpec, run_train  # noqa: F401  (registers the kind)
 

@@ -20,7 +20,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import PeakMemory
 
-from restorer.restore import restore
+from restorer.pipeline import restore
 
 
 def write_images(folder: Path, count: int, size: int) -> None:
