@@ -92,7 +92,7 @@ def naive(net: torch.nn.Module, paths: list[Path], out: Path) -> dict[str, float
             **{f"{k}_ms_per_image": 1000 * v / len(paths) for k, v in stages.items()}}
 
 
-def run_bench(count: int = 64, size: int = 256, model: str | None = None, batch_size: int = 8,
+def run_bench(count: int = 128, size: int = 256, model: str | None = None, batch_size: int = 8,
               folder: str | None = None, num_cpus: int = 0) -> dict[str, Any]:
     """Measure ceiling, naive loop and restorer on ``count`` images of ``size`` pixels."""
     from restorer.pipeline import restore

@@ -450,7 +450,7 @@ def inspect(output_uri, as_json, top):
 
 
 @main.command()
-@click.option("--images", type=int, default=64, show_default=True)
+@click.option("--images", type=int, default=128, show_default=True)
 @click.option("--size", type=int, default=256, show_default=True)
 @click.option("--model", default=None)
 @click.option("--batch-size", type=int, default=8, show_default=True)

@@ -31,7 +31,7 @@ def test_dry_run_counts_and_estimates_from_the_calibration(tmp_path, monkeypatch
 @pytest.mark.slow
 def test_bench_runs_the_three_measurements_side_by_side(ray_session, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "CALIBRATION", tmp_path / "bench.json")
-    result = bench.run_bench(count=32, size=64, batch_size=2)
+    result = bench.run_bench(count=96, size=32, batch_size=4)  # 3 blocks of 32
     for key in ("ceiling_images_per_second", "naive_images_per_second",
                 "restorer_images_per_second"):
         assert result[key] > 0
