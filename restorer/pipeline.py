@@ -734,35 +734,6 @@ def _refuse_input_as_output(spec: RestoreSpec) -> None:
                        "Choose another output")
 
 
-class _Committer:
-    """Commits completed units in small Ray tasks, at most ``window`` in flight.
-
-    Serialising every unit's Parquet ledger in the driver made the driver's memory grow with
-    the job (tests/benchmarks/bench_load.py); a task per unit keeps it flat. A unit's outputs
-    are all written before its records reach the driver, so committing later keeps the order
-    that exactly-once needs: outputs first, then the ledger entry.
-    """
-
-    def __init__(self, spec: RestoreSpec, state: JobState, window: int = 8):
-        import ray
-
-        self._ray = ray
-        self._task = ray.remote(num_cpus=0)(commit_unit)
-        self._spec = spec
-        self._state = state
-        self._window = window
-        self._in_flight: list[Any] = []
-
-    def submit(self, unit: str, records: list[dict[str, Any]], had_errors: bool) -> None:
-        self._in_flight.append(self._task.remote(self._spec, unit, records, had_errors))
-        self.settle(self._window)
-
-    def settle(self, limit: int = 0) -> None:
-        while len(self._in_flight) > limit:
-            self._ray.get(self._in_flight.pop(0))
-            self._state.committed_units += 1
-
-
 def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
              stop: threading.Event | None = None) -> None:
     """Consume the pipeline's records in the driver and commit units as they complete.
@@ -770,36 +741,33 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
     Only the units in flight are held here, so driver memory does not grow with the job.
     """
     open_units: dict[str, list[dict[str, Any]]] = {}
-    committer = _Committer(spec, state)
     last_log = time.time()
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            if state.first_result is None:
-                state.first_result = time.time()
-                state.first_count = batch.num_rows
-            state.last_result = time.time()
-            for record in batch.to_pylist():
-                if record["status"] == "skipped":
-                    state.skipped += record["unit_size"]
-                    state.skipped_units += 1
-                    continue
-                _account(state, record)
-                unit = open_units.setdefault(record["unit"], [])
-                unit.append(record)
-                if len(unit) == record["unit_size"]:
-                    committer.submit(record["unit"], unit, record["unit"] in with_errors)
-                    del open_units[record["unit"]]
-            if stop is not None and stop.is_set():
-                state.abandoned = sum(len(rows) for rows in open_units.values())
-                return
-            now = time.time()
-            if now - last_log > 10:
-                done = state.succeeded + state.failed
-                log.info("restored %d images (%d failed, %d skipped), %.2f images/s", done,
-                         state.failed, state.skipped, done / max(now - state.started, 1e-9))
-                last_log = now
-    finally:
-        committer.settle()  # every complete unit is committed before the job returns
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        if state.first_result is None:
+            state.first_result = time.time()
+            state.first_count = batch.num_rows
+        state.last_result = time.time()
+        for record in batch.to_pylist():
+            if record["status"] == "skipped":
+                state.skipped += record["unit_size"]
+                state.skipped_units += 1
+                continue
+            _account(state, record)
+            unit = open_units.setdefault(record["unit"], [])
+            unit.append(record)
+            if len(unit) == record["unit_size"]:
+                commit_unit(spec, record["unit"], unit, record["unit"] in with_errors)
+                state.committed_units += 1
+                del open_units[record["unit"]]
+        if stop is not None and stop.is_set():
+            state.abandoned = sum(len(rows) for rows in open_units.values())
+            return
+        now = time.time()
+        if now - last_log > 10:
+            done = state.succeeded + state.failed
+            log.info("restored %d images (%d failed, %d skipped), %.2f images/s", done,
+                     state.failed, state.skipped, done / max(now - state.started, 1e-9))
+            last_log = now
     if open_units:
         raise JobError(f"{len(open_units)} work units did not complete; rerun to finish them")
 
