@@ -24,8 +24,8 @@ import pytest
 from PIL import Image
 
 from restorer.inspect import inspect_output
-from restorer.report import estimate_noise, flag_outliers, ledger_records, write_report
 from restorer.pipeline import ERROR_COLUMNS, RECORD_SCHEMA
+from restorer.report import estimate_noise, flag_outliers, ledger_records, write_report
 
 HOSTILE_KEY = "<script>x.png"
 HOSTILE_MESSAGE = "<img src=x onerror=alert(1)> is not an image"

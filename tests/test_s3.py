@@ -2,8 +2,8 @@
 by s3fs and boto3 exactly as in production (no mocking)."""
 
 import io
-import os
 import json
+import os
 
 import boto3
 import numpy as np

@@ -15,7 +15,7 @@ from restorer.jobs import spec_from_dict
 from restorer.models import get_model
 from restorer.pipeline import RestoreActor
 from restorer.samples import write_samples
-from restorer.train_job import TrainSpec, run_train  # noqa: F401  (registers the kind)
+from restorer.train_job import TrainSpec, run_train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 

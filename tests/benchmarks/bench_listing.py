@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from memory import PeakMemory, _rss_bytes
 
 from restorer.jobs import RestoreSpec, spec_from_flags
-from restorer.pipeline import _expand_task, source_config  # noqa: E402
+from restorer.pipeline import _expand_task, source_config
 from restorer.sources import listing_tasks
 
 
