@@ -47,7 +47,7 @@ from restorer.errors import ImageError, JobError, JobStopped, RestorerError, Sto
 from restorer.jobs import RestoreSpec, digest, spec_from_flags, spec_to_dict
 from restorer.models import get_model, resolve_model_uri
 from restorer.sources import ListingTask, SourceConfig, detect_layout, expand, listing_tasks
-from restorer.tiling import run_tiled
+from restorer.tiling import plan_tiles, run_tiled
 
 log = logging.getLogger(__name__)
 
@@ -329,8 +329,6 @@ class RestoreActor:
 
 
 def _tile_count(height: int, width: int, tile: int, overlap: int) -> int:
-    from restorer.tiling import plan_tiles
-
     return plan_tiles(height, width, tile, overlap).count
 
 

@@ -459,7 +459,12 @@ def _follow(connection: _Client, job_id: str, write: Callable[[str], Any] | None
     for chunk in _tail(connection, job_id):
         write(chunk)
     # The log stream closes when the driver exits; the status may trail it by a moment.
-    deadline = time.monotonic() + settle_s
+    return _wait(connection, job_id, settle_s)
+
+
+def _wait(connection: _Client, job_id: str, seconds: float) -> SubmittedJob:
+    """The job's state once it has ended, or after ``seconds``, whichever comes first."""
+    deadline = time.monotonic() + seconds
     job = connection.info(job_id)
     while not job.finished and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -488,12 +493,7 @@ def stop_job(address: str | None, job_id: str, wait: float = 0.0) -> SubmittedJo
     connection.info(job_id)
     with connection._errors(job_id):
         connection.client.stop_job(job_id)
-    deadline = time.monotonic() + wait
-    job = connection.info(job_id)
-    while not job.finished and time.monotonic() < deadline:
-        time.sleep(0.5)
-        job = connection.info(job_id)
-    return job
+    return _wait(connection, job_id, wait)
 
 
 __all__ = ["MODEL_FIELDS", "PATH_FIELDS", "SUBMIT_OVERRIDES", "AuthError", "ClusterError",

@@ -74,7 +74,10 @@ class TrainConfig:
 
 
 def cosine_lr(config: TrainConfig, progress: float) -> float:
-    """Learning rate at ``progress`` in ``[0, 1]`` of training: cosine from lr to min_lr."""
+    """Learning rate at ``progress`` in ``[0, 1]`` of training: cosine from lr to min_lr.
+
+    ``config`` is anything with ``lr`` and ``min_lr`` (``TrainConfig``, the Ray Train ``Optim``).
+    """
     progress = min(max(progress, 0.0), 1.0)
     return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
 

@@ -173,6 +173,11 @@ def degrade_batch(clean: np.ndarray, spec: Degradation, rng: np.random.Generator
     return np.stack(out).astype(np.float32)
 
 
+def _to_uint8(array) -> np.ndarray:
+    """Float ``[0, 1]`` -> uint8 as the reference code does: clamp, x255, round."""
+    return np.round(np.clip(np.asarray(array), 0, 1) * 255).astype(np.uint8)
+
+
 def _nchw(batch: np.ndarray) -> torch.Tensor:
     tensor = torch.from_numpy(np.ascontiguousarray(batch))
     return tensor[:, None] if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
@@ -205,11 +210,10 @@ def validate_net(net: torch.nn.Module, images: list[np.ndarray], spec: Degradati
         with torch.no_grad():
             restored = net(_nchw(degraded[None]))[0]
         restored = restored[0] if image.ndim == 2 else restored.permute(1, 2, 0)
-        to8 = lambda a: np.round(np.clip(np.asarray(a), 0, 1) * 255).astype(np.uint8)
-        clean8 = to8(image)
-        psnrs.append(metrics.psnr(to8(restored.numpy()), clean8))
-        ssims.append(metrics.ssim(to8(restored.numpy()), clean8))
-        inputs.append(metrics.psnr(to8(degraded), clean8))
+        clean8 = _to_uint8(image)
+        psnrs.append(metrics.psnr(_to_uint8(restored.numpy()), clean8))
+        ssims.append(metrics.ssim(_to_uint8(restored.numpy()), clean8))
+        inputs.append(metrics.psnr(_to_uint8(degraded), clean8))
     return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims)),
             "val_input_psnr": float(np.mean(inputs))}
 
@@ -217,8 +221,10 @@ def validate_net(net: torch.nn.Module, images: list[np.ndarray], spec: Degradati
 # --- the per-worker loop ---------------------------------------------------------------------
 
 def _cosine(optim: Optim, step: int) -> float:
-    progress = min(step / optim.steps, 1.0)
-    return float(optim.min_lr + 0.5 * (optim.lr - optim.min_lr) * (1 + np.cos(np.pi * progress)))
+    """The learning rate at ``step``: the same cosine schedule as the local trainer."""
+    from restorer.train import cosine_lr
+
+    return cosine_lr(optim, step / optim.steps)
 
 
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
@@ -470,13 +476,14 @@ def validation_samples(spec: TrainSpec, model: bytes, count: int = 3,
             restored = net(_nchw(degraded[None]))[0]
         restored = restored[0].numpy() if clean.ndim == 2 else restored.permute(1, 2, 0).numpy()
 
-        def to8(array):
-            array = np.round(np.clip(array, 0, 1) * 255).astype(np.uint8)
+        def hwc(array):
+            array = _to_uint8(array)
             return array[..., None] if array.ndim == 2 else array
 
-        samples.append({"name": key, "degraded": to8(degraded), "restored": to8(restored),
-                        "clean": to8(clean), "input_psnr": metrics.psnr(to8(degraded), to8(clean)),
-                        "psnr": metrics.psnr(to8(restored), to8(clean))})
+        samples.append({"name": key, "degraded": hwc(degraded), "restored": hwc(restored),
+                        "clean": hwc(clean),
+                        "input_psnr": metrics.psnr(hwc(degraded), hwc(clean)),
+                        "psnr": metrics.psnr(hwc(restored), hwc(clean))})
     return samples
 
 
