@@ -18,6 +18,16 @@ __version__ = "0.1.0"
 
 # The public API: ``restorer.restore("photos/", "restored/", model="denoise-gray")``; the
 # pipeline itself (and the actor class) live in ``restorer.pipeline``.
-from restorer.pipeline import restore
+# Imported on first use, so that the Ray-free parts (nets, training steps, checkpoints) import
+# where Ray is not installed (a bare GPU box that runs ``python -m restorer.recipes``).
+
+
+def __getattr__(name):
+    if name == "restore":
+        from restorer.pipeline import restore
+
+        return restore
+    raise AttributeError(f"module 'restorer' has no attribute {name!r}")
+
 
 __all__ = ["__version__", "restore"]

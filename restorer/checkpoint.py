@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
@@ -39,9 +40,16 @@ class LoadedModel:
     source: str  # where it was loaded from
 
 
-def model_bytes(net: nn.Module, provenance: dict[str, Any] | None = None) -> bytes:
-    """Serialise ``net`` with its spec into safetensors bytes."""
+def model_bytes(net: nn.Module, provenance: dict[str, Any] | None = None,
+                dtype: torch.dtype | None = None) -> bytes:
+    """Serialise ``net`` with its spec into safetensors bytes.
+
+    ``dtype`` (e.g. ``torch.float16``, half the size) stores the floating-point tensors in that
+    type; loading casts them back to the net's float32 parameters.
+    """
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     metadata = {
         "format": MODEL_FORMAT,
         "format_version": MODEL_FORMAT_VERSION,
@@ -52,15 +60,22 @@ def model_bytes(net: nn.Module, provenance: dict[str, Any] | None = None) -> byt
 
 
 def save_model(uri: str, net: nn.Module, provenance: dict[str, Any] | None = None,
-               options: storage.StorageOptions = storage.StorageOptions()) -> str:
-    """Write ``net`` to ``uri`` atomically; returns the file's sha256."""
-    data = model_bytes(net, provenance)
+               options: storage.StorageOptions = storage.StorageOptions(),
+               dtype: torch.dtype | None = None) -> str:
+    """Write ``net`` to ``uri`` atomically (weights in ``dtype`` if given, see
+    :func:`model_bytes`); returns the file's sha256."""
+    data = model_bytes(net, provenance, dtype)
     storage.write_bytes(uri, data, options)
     return hashlib.sha256(data).hexdigest()
 
 
 def _check_not_pickle(data: bytes, source: str) -> None:
-    if data[:2] == b"PK" or data[:1] == b"\x80":
+    # A safetensors file starts with its header's length (8 bytes, little-endian) and then "{";
+    # that length's first byte can be 0x80 too, so recognise safetensors before pickles.
+    if len(data) >= 10 and data[8:9] == b"{" and int.from_bytes(data[:8], "little") < len(data):
+        return
+    if data[:2] == b"PK" or (data[:1] == b"\x80" and data[1:2] in (b"\x02", b"\x03", b"\x04",
+                                                                    b"\x05")):
         raise ModelError(
             f"{source} is a pickled PyTorch checkpoint; restorer never unpickles models. Convert "
             f"it once with `restorer convert {source} model.safetensors --net ...`"

@@ -236,17 +236,25 @@ def train(spec_path, workers, gpus_per_worker, address, as_json):
 @click.option("--scale", type=int, default=None, help="sr: downscale factor.")
 @click.option("--baseline", type=click.Choice(["nlm"]), default=None,
               help="Add scikit-image non-local means (denoise only) to the table.")
+@click.option("--sheet", type=click.Path(dir_okay=False), default=None,
+              help="Also write a PNG contact sheet (degraded | restored | clean, and zoomed "
+                   "crops) of the first images here.")
+@click.option("--sheet-rows", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Images on the contact sheet.")
 @click.option("--json", "as_json", is_flag=True)
 @_errors_to_exit_codes
-def evaluate_command(model, data_dir, task, sigma, quality, scale, baseline, as_json):
+def evaluate_command(model, data_dir, task, sigma, quality, scale, baseline, sheet, sheet_rows,
+                     as_json):
     """Measure a model in the reference conventions (PSNR/SSIM on 8-bit, seeded noise)."""
     from restorer.evaluate import evaluate
 
     try:
         result = evaluate(model, data_dir, task=task, sigma=sigma, quality=quality, scale=scale,
-                          baseline=baseline)
+                          baseline=baseline, sheet=sheet, sheet_rows=sheet_rows)
     except ValueError as e:
         raise SpecError(str(e)) from e
+    except OSError as e:  # an unreadable image, or a sheet that cannot be written
+        raise click.ClickException(str(e)) from e
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
@@ -260,6 +268,8 @@ def evaluate_command(model, data_dir, task, sigma, quality, scale, baseline, as_
     click.echo(f"{'mean':24s} {result['input_psnr']:8.2f} {result['psnr']:9.2f} "
                f"{result['ssim']:7.4f}" + (f" {result['baseline_psnr']:9.2f}" if has_baseline
                                            else ""))
+    if sheet:
+        click.echo(f"contact sheet: {result['sheet']}")
 
 
 @main.command()

@@ -2,13 +2,17 @@
 
 The protocol is that of the DnCNN/FFDNet reference code (``shared/data/README.md``):
 
-1. each clean image is read as uint8 and converted to the net's planes (1: Pillow ``"L"``,
-   3: ``"RGB"``), then to float32 ``[0, 1]``;
+1. each clean image is read as uint8 as the restore pipeline would see it: a gray file as
+   one plane (a 3-channel net sees three equal planes, with equal noise, and its output
+   planes are averaged), a colour file as RGB (a 1-channel net restores each plane on its own
+   and JPEG/SR are measured on Y), except that 1-channel denoising reads colour files as
+   Pillow ``"L"``; then to float32 ``[0, 1]``;
 2. the degraded input is synthesised with :mod:`restorer.degrade`. Noise is drawn from
    ``numpy.random.default_rng(zlib.crc32(file name))``, a seed fixed per image that depends on
    the file name only (not on listing order or sigma), and it is *not* clipped: the net sees the
    unclipped noisy float;
 3. the net runs on the whole image under ``torch.no_grad()`` (float32 NCHW ``[0, 1]``);
+   a 1-channel net on an RGB image runs once per plane;
 4. its output is clamped to ``[0, 1]``, scaled by 255 and rounded to uint8;
 5. PSNR (float64, ``[0, 255]``) and SSIM (11x11 Gaussian window, sigma 1.5) against the clean
    uint8 image: on the whole image for denoising, on the Y channel for JPEG on colour images,
@@ -17,13 +21,19 @@ The protocol is that of the DnCNN/FFDNet reference code (``shared/data/README.md
 ``input_psnr`` measures the degraded input the same way (clamped, scaled, rounded), i.e. the
 image a user would have saved; for unclipped sigma-25 noise that is a little above the
 20.17 dB of the raw noise.
+
+:func:`contact_sheet` draws degraded / restored / clean side by side, with zoomed crops, for
+a look at what the numbers mean (``restorer eval --sheet OUT.png``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +72,23 @@ def read_image(path: str | Path, channels: int) -> np.ndarray:
         return np.asarray(im.convert("L" if channels == 1 else "RGB"))
 
 
+def _read_test_image(path: Path, channels: int, task: str) -> np.ndarray:
+    """The clean uint8 image the protocol measures, as the restore pipeline would see it.
+
+    A gray file (one plane, or three equal planes) is HW whatever the net: a 3-channel net is
+    shown it as three equal planes by :func:`_run_planes`, with equal noise, as the pipeline
+    does. A colour file is HWx3 for a 3-channel net, and for a 1-channel net in JPEG and
+    super-resolution (restored plane by plane, measured on Y); for 1-channel denoising it is
+    Pillow ``"L"`` (the reference convention for gray denoisers).
+    """
+    rgb = read_image(path, 3)
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+        return rgb[..., 0]
+    if channels == 1 and task == "denoise":
+        return read_image(path, 1)
+    return rgb
+
+
 def image_seed(name: str) -> int:
     """The noise seed of the test image called ``name`` (a file name): its CRC-32."""
     return zlib.crc32(name.encode("utf-8"))
@@ -89,6 +116,18 @@ def run_net(net: nn.Module, img: np.ndarray) -> np.ndarray:
     finally:
         net.train(was_training)
     return (y[0] if img.ndim == 2 else y.permute(1, 2, 0)).numpy()
+
+
+def _run_planes(net: nn.Module, img: np.ndarray) -> np.ndarray:
+    """:func:`run_net`, adapted as the pipeline adapts: a 1-channel net restores each plane
+    of an HWC image on its own; a 3-channel net sees an HW image as three equal planes and
+    returns the mean of its output planes."""
+    channels = getattr(net, "channels", 1)
+    if img.ndim == 3 and channels == 1:
+        return np.stack([run_net(net, img[..., c]) for c in range(img.shape[2])], axis=2)
+    if img.ndim == 2 and channels > 1:
+        return run_net(net, np.repeat(img[..., None], channels, axis=2)).mean(axis=2)
+    return run_net(net, img)
 
 
 def _as_net(model: str | LoadedModel | nn.Module) -> nn.Module:
@@ -119,7 +158,8 @@ def _nlm_baseline(noisy: np.ndarray, sigma_255: float) -> np.ndarray:
 
 def evaluate(model: str | LoadedModel | nn.Module, data_dir: str | Path, task: str = "denoise",
              sigma: float = 25, quality: int | None = None, scale: int | None = None,
-             baseline: str | None = None) -> dict[str, Any]:
+             baseline: str | None = None, sheet: str | Path | None = None,
+             sheet_rows: int = 4) -> dict[str, Any]:
     """Restore every image in ``data_dir`` after degrading it, and measure PSNR/SSIM.
 
     ``model``: a zoo name, a model path, a ``LoadedModel`` or a net (float32 NCHW ``[0, 1]`` in
@@ -128,11 +168,13 @@ def evaluate(model: str | LoadedModel | nn.Module, data_dir: str | Path, task: s
     ``scale``; a net with ``scale == 1`` gets the bicubic upscale back to full size, as DnCNN-3,
     and the image is first cropped to a multiple of ``scale``). ``baseline="nlm"`` adds
     scikit-image non-local means given the true sigma (denoising only; a few seconds per
-    512x512 image).
+    512x512 image). ``sheet``: also write a PNG :func:`contact_sheet` of the first
+    ``sheet_rows`` images there.
 
     Returns ``{"task", "sigma"|"quality"|"scale", "count", "psnr", "ssim", "input_psnr",
     ["baseline_psnr"], "seconds", "rows"}`` where ``rows`` holds one dict per image with
     ``name``, ``psnr``, ``ssim``, ``input_psnr`` (and ``baseline_psnr``); means are in dB.
+    With ``sheet``, ``"sheet"`` is its path.
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose from {list(TASKS)}")
@@ -145,13 +187,15 @@ def evaluate(model: str | LoadedModel | nn.Module, data_dir: str | Path, task: s
     if baseline is not None and (baseline not in BASELINES or task != "denoise"):
         raise ValueError(f"Unknown baseline {baseline!r} for task {task!r}; "
                          f"denoising offers {list(BASELINES)}")
+    if sheet is not None and sheet_rows < 1:
+        raise ValueError(f"sheet_rows must be >= 1, got {sheet_rows}")
     net = _as_net(model)
     channels = getattr(net, "channels", 1)
     net_scale = getattr(net, "scale", 1)
     started = time.perf_counter()
-    rows = []
+    rows, sheet_samples = [], []
     for path in image_files(data_dir):
-        clean8 = read_image(path, channels)
+        clean8 = _read_test_image(path, channels, task)
         if task == "sr":
             height, width = clean8.shape[:2]
             clean8 = clean8[: height - height % scale, : width - width % scale]
@@ -165,7 +209,7 @@ def evaluate(model: str | LoadedModel | nn.Module, data_dir: str | Path, task: s
             degraded = degrade.bicubic_downscale(clean, scale)
         if task == "sr" and net_scale == 1:
             degraded = degrade.bicubic_resize(degraded, float(scale))
-        restored8 = to_uint8(run_net(net, degraded))
+        restored8 = to_uint8(_run_planes(net, degraded))
         if restored8.shape != clean8.shape:
             raise ValueError(f"the net turned {path.name} of shape {clean8.shape} into "
                              f"{restored8.shape}; does its scale match the task?")
@@ -174,14 +218,17 @@ def evaluate(model: str | LoadedModel | nn.Module, data_dir: str | Path, task: s
                "psnr": metrics.psnr(_measured(restored8, task, scale), target),
                "ssim": metrics.ssim(_measured(restored8, task, scale), target)}
         if degraded.shape == clean8.shape:
-            row["input_psnr"] = metrics.psnr(_measured(to_uint8(degraded), task, scale), target)
+            degraded8 = to_uint8(degraded)
         else:  # LR input of an SR net: measure the bicubic upscale
-            upscaled = to_uint8(degrade.bicubic_resize(degraded, float(scale)))
-            row["input_psnr"] = metrics.psnr(_measured(upscaled, task, scale), target)
+            degraded8 = to_uint8(degrade.bicubic_resize(degraded, float(scale)))
+        row["input_psnr"] = metrics.psnr(_measured(degraded8, task, scale), target)
         if baseline == "nlm":
             row["baseline_psnr"] = metrics.psnr(to_uint8(_nlm_baseline(degraded, sigma)), clean8)
         log.debug("%s: %s", path.name, row)
         rows.append(row)
+        if sheet is not None and len(sheet_samples) < sheet_rows:
+            sheet_samples.append(SheetRow(path.name, degraded8, restored8, clean8,
+                                          row["input_psnr"], row["psnr"]))
     result: dict[str, Any] = {"task": task}
     if task == "denoise":
         result["sigma"] = sigma
@@ -195,8 +242,114 @@ def evaluate(model: str | LoadedModel | nn.Module, data_dir: str | Path, task: s
             result[key] = float(np.mean([row[key] for row in rows]))
     result["seconds"] = time.perf_counter() - started
     result["rows"] = rows
+    if sheet is not None:
+        Image.fromarray(contact_sheet(sheet_samples)).save(sheet, format="PNG")
+        result["sheet"] = str(sheet)
     return result
 
 
-__all__ = ["IMAGE_SUFFIXES", "TASKS", "evaluate", "image_files", "image_seed", "read_image",
-           "run_net", "to_uint8"]
+# --- contact sheet ---------------------------------------------------------------------------
+
+SHEET_PANEL = 256  # longest side of a whole-image panel (larger images are shrunk to it)
+SHEET_CROP = 48  # side of the zoomed crop, in pixels of the (output-size) images
+SHEET_ZOOM = 3  # the crop is enlarged this many times (nearest neighbour)
+SHEET_GAP = 6
+SHEET_BACKGROUND = (236, 236, 236)
+
+
+@dataclass(frozen=True)
+class SheetRow:
+    """One image of a contact sheet: uint8 HW or HWC arrays of one size (the output's)."""
+
+    name: str
+    degraded: np.ndarray  # for super-resolution, the degraded input upscaled to the output size
+    restored: np.ndarray
+    clean: np.ndarray
+    input_psnr: float  # dB
+    psnr: float  # dB
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+    if img.ndim == 2:
+        img = img[..., None]
+    return np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img
+
+
+def _crop_window(row: SheetRow, size: int) -> tuple[int, int]:
+    """Top-left (y, x) of the ``size`` window where the restored image differs most from the
+    degraded one (the net's work), on a grid of ``size // 4`` steps."""
+    diff = np.abs(_rgb(row.restored).astype(np.float32) - _rgb(row.degraded)).mean(axis=2)
+    integral = np.pad(diff.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    step = max(1, size // 4)
+    ys = np.arange(0, diff.shape[0] - size + 1, step)
+    xs = np.arange(0, diff.shape[1] - size + 1, step)
+    sums = (integral[ys[:, None] + size, xs[None, :] + size]
+            - integral[ys[:, None], xs[None, :] + size]
+            - integral[ys[:, None] + size, xs[None, :]] + integral[ys[:, None], xs[None, :]])
+    iy, ix = np.unravel_index(int(np.argmax(sums)), sums.shape)
+    return int(ys[iy]), int(xs[ix])
+
+
+def contact_sheet(rows: Sequence[SheetRow]) -> np.ndarray:
+    """A uint8 HWx3 contact sheet: one band per row, labelled with its name and PSNRs.
+
+    Each band shows degraded | restored | clean, shrunk together to at most ``SHEET_PANEL``
+    pixels on their longest side (a red box marks the crop), then the same ``SHEET_CROP``
+    window of each enlarged ``SHEET_ZOOM`` times (nearest neighbour), at the place where the
+    net changed its input most. Labels use Pillow's default font.
+    """
+    from PIL import ImageDraw, ImageFont
+
+    if not rows:
+        raise ValueError("a contact sheet needs at least one row")
+    font = ImageFont.load_default()
+    line = 14  # pixels per text line
+    bands = []
+    for row in rows:
+        panels = [_rgb(row.degraded), _rgb(row.restored), _rgb(row.clean)]
+        if len({p.shape for p in panels}) != 1:
+            raise ValueError(f"{row.name}: degraded, restored and clean differ in size: "
+                             f"{[p.shape for p in panels]}")
+        height, width = panels[0].shape[:2]
+        crop = min(SHEET_CROP, height, width)
+        y, x = _crop_window(row, crop)
+        shrink = min(1.0, SHEET_PANEL / max(height, width))
+        size = (max(1, round(width * shrink)), max(1, round(height * shrink)))
+        wholes = [Image.fromarray(p).resize(size, Image.LANCZOS) if shrink < 1
+                  else Image.fromarray(p) for p in panels]
+        zooms = [Image.fromarray(p[y:y + crop, x:x + crop]).resize(
+            (crop * SHEET_ZOOM, crop * SHEET_ZOOM), Image.NEAREST) for p in panels]
+        images = wholes + zooms
+        labels = [f"degraded {row.input_psnr:.2f} dB", f"restored {row.psnr:.2f} dB", "clean",
+                  f"degraded x{SHEET_ZOOM}", f"restored x{SHEET_ZOOM}", f"clean x{SHEET_ZOOM}"]
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        columns = [max(i.width, math.ceil(measure.textlength(label, font=font)))
+                   for i, label in zip(images, labels)]
+        band_width = sum(columns) + SHEET_GAP * (len(images) + 1)
+        band_height = 2 * line + max(i.height for i in images) + 2 * SHEET_GAP
+        band = Image.new("RGB", (band_width, band_height), SHEET_BACKGROUND)
+        draw = ImageDraw.Draw(band)
+        draw.text((SHEET_GAP, SHEET_GAP), f"{row.name}: {row.input_psnr:.2f} dB -> "
+                  f"{row.psnr:.2f} dB ({row.psnr - row.input_psnr:+.2f})", fill=(0, 0, 0),
+                  font=font)
+        left, top = SHEET_GAP, SHEET_GAP + 2 * line
+        for index, (image, label, column) in enumerate(zip(images, labels, columns)):
+            band.paste(image, (left, top))
+            draw.text((left, SHEET_GAP + line), label, fill=(60, 60, 60), font=font)
+            if index < 3:  # where the crop comes from
+                draw.rectangle([left + round(x * shrink), top + round(y * shrink),
+                                left + round((x + crop) * shrink) - 1,
+                                top + round((y + crop) * shrink) - 1], outline=(220, 30, 30))
+            left += column + SHEET_GAP
+        bands.append(band)
+    sheet = Image.new("RGB", (max(b.width for b in bands), sum(b.height for b in bands)),
+                      SHEET_BACKGROUND)
+    top = 0
+    for band in bands:
+        sheet.paste(band, (0, top))
+        top += band.height
+    return np.asarray(sheet)
+
+
+__all__ = ["IMAGE_SUFFIXES", "TASKS", "SheetRow", "contact_sheet", "evaluate", "image_files",
+           "image_seed", "read_image", "run_net", "to_uint8"]

@@ -51,7 +51,10 @@ class OutputSpec:
 @dataclass(frozen=True)
 class ModelSpec:
     name: str = ""  # zoo name or path/URI of a .safetensors model; "" = the default model
-    tile: int = 256  # tile side in input pixels; 0 = whole images (needs memory!)
+    # Tile side in input pixels; 0 = whole images (needs memory!). Raised to 4x the overlap
+    # (rounded up to the net's alignment) when smaller, e.g. 448 for a default U-Net, so that
+    # tiles do not mostly recompute their neighbours; the fingerprint keeps this value.
+    tile: int = 256
     overlap: int = 0  # tile overlap in pixels; 0 = the net's receptive field, rounded up to 8
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: bool = True  # on CUDA only

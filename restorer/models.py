@@ -18,7 +18,7 @@ from restorer.errors import ModelError
 ZOO_DIR = Path(__file__).parent / "zoo"
 
 # The model `restorer restore` uses when no --model is given.
-DEFAULT_MODEL = "denoise-gray"
+DEFAULT_MODEL = "restore-default"
 
 
 @dataclass(frozen=True)

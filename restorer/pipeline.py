@@ -34,6 +34,7 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,7 +48,7 @@ from restorer.errors import ImageError, JobError, JobStopped, RestorerError, Sto
 from restorer.jobs import RestoreSpec, digest, spec_from_flags, spec_to_dict
 from restorer.models import get_model, resolve_model_uri
 from restorer.sources import ListingTask, SourceConfig, detect_layout, expand, listing_tasks
-from restorer.tiling import plan_tiles, run_tiled
+from restorer.tiling import effective_tile, plan_tiles, run_tiled
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +165,14 @@ class RestoreActor:
     Given a batch with an ``image`` column (numpy format), it returns the batch with restored
     images in that column. Gray nets restore each plane of an RGB image on its own; color nets
     restore a gray image as three equal planes and return their mean. Precision: fp32 on CPU;
-    bf16 autocast and channels_last on CUDA unless ``precision="fp32"``.
+    bf16 autocast and channels_last on CUDA unless ``precision="fp32"``. A super-resolution
+    net (``scale`` > 1) returns images ``scale`` times larger.
+
+    Tiles overlap by the net's receptive field (``overlap=0``) and start on multiples of its
+    ``alignment`` (see :mod:`restorer.tiling`). A ``tile`` below 4x the overlap is raised to
+    that, rounded up to the alignment, and logged: with a large receptive field (a default
+    4-level U-Net needs 112 px of overlap) 256 px tiles would compute each pixel about three
+    times. :attr:`tile` is the tile used; job fingerprints keep the configured one.
     """
 
     def __init__(self, model: str | None = None, tile: int = 256, overlap: int = 0,
@@ -186,7 +194,12 @@ class RestoreActor:
         self.halo = receptive_field // 2
         self.overlap = max(overlap, 2 * self.halo + 1) if overlap else 8 * math.ceil(
             (receptive_field + 1) / 8)
-        self.tile = tile
+        self.alignment = getattr(self.net, "alignment", 1)
+        self.tile = effective_tile(tile, self.overlap, self.alignment)
+        if self.tile != tile:
+            log.info("RestoreActor: tile %d raised to %d (4x the overlap of %d px, a multiple of "
+                     "the net's alignment %d) so that tiles do not mostly recompute their "
+                     "neighbours", tile, self.tile, self.overlap, self.alignment)
         self.tile_batch = tile_batch or self._auto_tile_batch
         self.strength = strength
         self.channels_last = channels_last and self.device.type == "cuda"
@@ -201,7 +214,7 @@ class RestoreActor:
         else:
             self.autocast_dtype = torch.bfloat16
         log.info("RestoreActor: %s on %s (tile %d, overlap %d, threads %d)", loaded.source,
-                 self.device, tile, self.overlap, torch.get_num_threads())
+                 self.device, self.tile, self.overlap, torch.get_num_threads())
 
     def _auto_tile_batch(self, height: int, width: int) -> int:
         """Tiles per forward pass when ``tile_batch`` is 0, from the tile's pixels.
@@ -253,7 +266,7 @@ class RestoreActor:
             planes.extend(parts)
             owners.append((index, len(parts)))
         restored = run_tiled(planes, self._forward, self.tile, self.overlap, self.halo,
-                             self.scale, self.tile_batch)
+                             self.scale, self.tile_batch, self.alignment)
         results, stats, cursor = [], [], 0
         for (index, count), source in zip(owners, tensors):
             parts = restored[cursor:cursor + count]
@@ -325,11 +338,8 @@ class RestoreActor:
         for row, array, stat in zip(rows, restored, stats):
             row.update(stat, pixels=array.tobytes(), out_height=array.shape[0],
                        out_width=array.shape[1], status="restored",
-                       tiles=_tile_count(row["height"], row["width"], self.tile, self.overlap))
-
-
-def _tile_count(height: int, width: int, tile: int, overlap: int) -> int:
-    return plan_tiles(height, width, tile, overlap).count
+                       tiles=plan_tiles(row["height"], row["width"], self.tile, self.overlap,
+                                        self.alignment).count)
 
 
 # --- 4. encode + write (CPU tasks) -----------------------------------------------------------
@@ -454,24 +464,6 @@ def committed_units(spec: RestoreSpec) -> tuple[set[str], set[str]]:
     return ids("ledger"), ids("errors.parquet")
 
 
-def ledger_totals(spec: RestoreSpec) -> dict[str, int]:
-    """Counts over the whole job (every run so far), scanning only the ledger's status column."""
-    import pyarrow.dataset as pads
-
-    options = spec.storage.options()
-    totals = {"records": 0, "succeeded": 0, "failed": 0}
-    if not storage.list_names(meta_uri(spec, "ledger"), options):
-        return totals
-    fs, path = storage.filesystem(meta_uri(spec, "ledger"), options)
-    for batch in pads.dataset(path, filesystem=fs, format="parquet").to_batches(
-            columns=["status"]):
-        ok = sum(1 for status in batch.column(0).to_pylist() if status == "ok")
-        totals["records"] += batch.num_rows
-        totals["succeeded"] += ok
-        totals["failed"] += batch.num_rows - ok
-    return totals
-
-
 def _parquet_bytes(table: pa.Table) -> bytes:
     sink = io.BytesIO()
     pq.write_table(table, sink, compression="zstd")
@@ -484,6 +476,10 @@ def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
 
     Each file is published atomically and the ledger entry comes last, so a unit with a ledger
     entry is complete; a crash before it means the unit is redone, overwriting the same keys.
+    The ledger entry is created once (a conditional create; see :func:`storage.write_bytes`):
+    finding another run's entry for the unit means two jobs write into one output, and is an
+    error. Only a unit redone for its errors (``had_errors``, ``--retry-failed``) replaces its
+    entry.
     """
     options = spec.storage.options()
     if spec.output.layout == "parquet":
@@ -505,7 +501,7 @@ def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
         storage.delete(error_uri, options)
     ledger = pa.Table.from_pylist([dict(r, encoded=b"") for r in records], schema=RECORD_SCHEMA)
     storage.write_bytes(meta_uri(spec, "ledger", f"unit-{unit}.parquet"), _parquet_bytes(ledger),
-                        options)
+                        options, create=not had_errors)
 
 
 def _account(state: JobState, record: dict[str, Any]) -> None:
@@ -578,7 +574,7 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
             for unit in expand(task, config, done):
                 real = sum(1 for r in unit if r["status"] != "skipped") or unit[0]["unit_size"]
                 if len(rows) + real > spec.input.limit:
-                    unit = _truncate_unit(unit, spec.input.limit - len(rows))
+                    unit = _truncate_unit(unit, spec.input.limit - len(rows), done)
                 rows.extend(unit)
                 if sum(1 if r["status"] != "skipped" else r["unit_size"] for r in rows) >= \
                         spec.input.limit:
@@ -617,12 +613,17 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
                    "resumed": resumed})
 
 
-def _truncate_unit(unit: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
-    """The first ``count`` rows of a unit, as a unit of their own (``--limit``)."""
+def _truncate_unit(unit: list[dict[str, Any]], count: int,
+                   done: frozenset[str]) -> list[dict[str, Any]]:
+    """The first ``count`` rows of a unit, as a unit of their own (``--limit``), or its
+    ``skipped`` marker row when an earlier run with the same limit committed it."""
     from restorer.sources import _unit_id
 
     rows = [r for r in unit if r["status"] != "skipped"][:count]
     unit_id = _unit_id([r["key"] for r in rows])
+    if rows and unit_id in done:
+        return [dict(rows[0], key="", uri="", data=b"", size=0, out_key="", format="",
+                     status="skipped", unit=unit_id, unit_size=len(rows))]
     for r in rows:
         r["unit"], r["unit_size"] = unit_id, len(rows)
     return rows
@@ -667,7 +668,6 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
     state.total = state.succeeded + state.failed + state.skipped
     summary = _summary(state, time.time() - state.started)
     summary["resumed"] = resumed
-    summary["job"] = ledger_totals(spec)
     if stop.is_set():
         summary["status"] = "stopped"
     _audit(spec, summary)
@@ -679,15 +679,24 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
 
 
 def _audit(spec: RestoreSpec, summary: dict[str, Any]) -> None:
-    """Flag outliers into the summary, write summary.json, then the report page.
+    """Count the whole job (every run so far) and flag outliers into the summary, in one pass
+    over the ledger, streamed unit file by unit file; write summary.json, then the report page.
 
     A report that cannot be written is logged, never a failed job.
     """
     from restorer.report import flag_outliers, ledger_records, write_report
 
     options = spec.storage.options()
-    summary["flagged"] = flag_outliers(ledger_records(
-        spec.output.uri, ["key", "status", "change_mean", "change_p99"], options), limit=20)
+    totals = summary["job"] = {"records": 0, "succeeded": 0, "failed": 0}
+
+    def counted(records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        for record in records:
+            totals["records"] += 1
+            totals["succeeded" if record["status"] == "ok" else "failed"] += 1
+            yield record
+
+    summary["flagged"] = flag_outliers(counted(ledger_records(
+        spec.output.uri, ["key", "status", "change_mean", "change_p99"], options)), limit=20)
     summary["report"] = storage.join(spec.output.uri, f"{META_DIR}/report.html")
     storage.write_bytes(meta_uri(spec, "summary.json"), json.dumps(summary, indent=2).encode(),
                         options)

@@ -29,12 +29,13 @@ import logging
 import math
 import random
 import re
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from restorer import codec, storage
@@ -61,6 +62,7 @@ CROP = 192  # side of the before/after crops, in input pixels
 MAX_CROP_DISPLAY = 384  # crops are shown at most this wide (super-resolution outputs are larger)
 MAX_SEARCH_PIXELS = 25_000_000  # above this the crop is centred instead of placed on the change
 MAX_ERRORS_SHOWN = 200
+READ_AHEAD = 8  # Parquet files of a folder read ahead while one is consumed (S3 latency)
 
 
 # --- reading the ledger ----------------------------------------------------------------------
@@ -80,15 +82,34 @@ def table_batches(uri: str, columns: Sequence[str],
                   ) -> Iterator[pa.RecordBatch]:
     """Arrow batches of ``columns`` of the Parquet folder at ``uri`` (none if it is empty).
 
-    Hidden and temporary files (``.unit-x.parquet.tmp-...``, written by a running job) are
-    skipped. Columns missing from the files (an older ledger) are left out of the batches.
+    The files (a ledger holds one per work unit) are read one at a time, in name order, with
+    up to ``READ_AHEAD`` of them fetched ahead in threads, so memory stays flat however many
+    files the folder holds. (A ``pyarrow.dataset`` scan holds on to about 80 KB per file it has
+    read until the dataset is dropped, presumably each fragment's parsed metadata: 115 MiB for
+    the 1,477 unit files of a 20,000-image job.) Hidden and temporary files
+    (``.unit-x.parquet.tmp-...``, written by a running job) are skipped.
+    Columns missing from a file (an older ledger) are left out of its batches.
     """
-    if not storage.list_names(uri, options):
-        return
-    fs, path = storage.filesystem(uri, options)
-    dataset = pads.dataset(path, filesystem=fs, format="parquet")
-    names = set(dataset.schema.names)
-    yield from dataset.to_batches(columns=[c for c in columns if c in names])
+    names = [n for n in storage.list_names(uri, options)
+             if n.endswith(".parquet") and not n.startswith((".", "_"))]
+
+    def read(name: str) -> pa.Table:
+        data = storage.read_bytes(storage.join(uri, name), options)
+        parquet = pq.ParquetFile(pa.BufferReader(data))
+        present = set(parquet.schema_arrow.names)
+        return parquet.read(columns=[c for c in columns if c in present], use_threads=False)
+
+    pool = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="parquet-read")
+    pending: deque[Future[pa.Table]] = deque()
+    try:
+        for name in names:
+            pending.append(pool.submit(read, name))
+            if len(pending) > READ_AHEAD:
+                yield from pending.popleft().result().to_batches()
+        while pending:
+            yield from pending.popleft().result().to_batches()
+    finally:  # also when the caller stops early: drop the reads not started yet
+        pool.shutdown(cancel_futures=True)
 
 
 def ledger_records(output: str, columns: Sequence[str],

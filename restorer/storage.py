@@ -4,7 +4,9 @@ Keys are relative POSIX paths ("a/b.png") under a root URI. Every key that comes
 (a listing, a shard, a manifest) goes through :func:`check_key` before it is joined to an output
 root, so nothing is ever written outside it. Writes are atomic: a local file is written to a
 temporary name beside its final one and renamed into place; an S3 object is one PUT, which S3
-publishes whole. A reader never sees a truncated file at a final key.
+publishes whole. A reader never sees a truncated file at a final key. Writes that must never
+replace anything (a job's ledger entries) can be create-only: a hard link locally, a conditional
+PUT (``If-None-Match: *``) on S3.
 
 Credentials come from the standard AWS environment (``AWS_ACCESS_KEY_ID``, profiles,
 ``AWS_ENDPOINT_URL``) or from :class:`StorageOptions`; neither is ever logged.
@@ -12,7 +14,9 @@ Credentials come from the standard AWS environment (``AWS_ACCESS_KEY_ID``, profi
 
 from __future__ import annotations
 
+import errno
 import fnmatch
+import logging
 import os
 import posixpath
 import uuid
@@ -23,6 +27,8 @@ from functools import lru_cache
 import fsspec
 
 from restorer.errors import StorageError
+
+log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = (
     ".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif",
@@ -113,12 +119,33 @@ def read_bytes(uri: str, options: StorageOptions = StorageOptions()) -> bytes:
         raise StorageError(f"No permission to read {uri}; check its mode or your credentials") from e
 
 
-def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions()) -> None:
-    """Publish ``data`` at ``uri`` atomically (temp + rename locally, one PUT on S3)."""
+def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions(),
+                create: bool = False) -> None:
+    """Publish ``data`` at ``uri`` atomically (temp + rename locally, one PUT on S3).
+
+    ``create=True`` only creates: an object already at ``uri`` with other bytes is left as it
+    is and ``StorageError`` is raised (one with these very bytes counts as written, so a
+    retried request whose first attempt had in fact succeeded is not an error). Locally the
+    temporary file is hard-linked to its final name, which fails if the name exists; on S3 the
+    PUT is conditional (``If-None-Match: *``: AWS S3, MinIO, R2 and moto honour it). Where the
+    store cannot do that (no hard links; an S3 store answering 501 Not Implemented), the write
+    falls back to a plain replace after a warning.
+    """
     if is_remote(uri):
         fs, path = filesystem(uri, options)
         try:
-            fs.pipe_file(path, data)  # one PUT: S3 publishes the object whole, or not at all
+            if not create:
+                fs.pipe_file(path, data)  # one PUT: S3 publishes the object whole, or not at all
+                return
+            try:
+                fs.pipe_file(path, data, mode="create")
+            except FileExistsError:
+                _refuse_other_bytes(uri, data, fs.cat_file(path))
+            except OSError as e:
+                if e.errno != errno.ENOSYS:
+                    raise
+                _warn_no_create(uri, "the store does not implement conditional PUTs")
+                fs.pipe_file(path, data)
         except PermissionError as e:
             raise StorageError(f"No permission to write {uri}; check your credentials") from e
         except FileNotFoundError as e:
@@ -133,11 +160,42 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions(
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+        if not create:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)  # atomic, and refused if the name exists
+        except FileExistsError:
+            with open(path, "rb") as f:
+                _refuse_other_bytes(uri, data, f.read())
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+                raise
+            _warn_no_create(uri, "the file system has no hard links")
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    _refuse_other_bytes(uri, data, f.read())
+            os.replace(tmp, path)
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def _refuse_other_bytes(uri: str, data: bytes, existing: bytes) -> None:
+    if existing != data:
+        raise StorageError(f"{uri} already exists with other contents and was not replaced (a "
+                           "create-only write): is another job writing to the same place?")
+
+
+_WARNED_NO_CREATE: set[str] = set()
+
+
+def _warn_no_create(uri: str, why: str) -> None:
+    """Log once per reason that create-only writes fall back to replacing."""
+    if why not in _WARNED_NO_CREATE:
+        _WARNED_NO_CREATE.add(why)
+        log.warning("create-only writes are not enforced (first seen at %s): %s; existing "
+                    "objects are replaced instead", uri, why)
 
 
 def exists(uri: str, options: StorageOptions = StorageOptions()) -> bool:

@@ -41,7 +41,7 @@ from restorer.nets import build_net
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT_VERSION = 1
-DEGRADATIONS = ("noise", "jpeg", "blur", "blind")
+DEGRADATIONS = ("noise", "jpeg", "blur", "blind", "sr")
 
 
 def _default_net() -> dict[str, Any]:
@@ -58,7 +58,8 @@ class TrainData:
 
 @dataclass(frozen=True)
 class Degradation:
-    kind: str = "noise"  # noise | jpeg | blur | blind (a mixture of noise and jpeg, DnCNN-3)
+    kind: str = "noise"  # noise | jpeg | blur | blind (noise or jpeg, DnCNN-3) | sr (MATLAB
+    # bicubic downscale by the net's scale; for super-resolution nets)
     sigma_min: float = 0.0  # Gaussian noise std range, 0-255 scale (blind when min < max)
     sigma_max: float = 55.0
     quality_min: int = 10  # JPEG quality range
@@ -79,6 +80,7 @@ class Optim:
     loss: str = "l1"  # l1 | mse
     seed: int = 0
     ema: float = 0.0  # 0 = off; else the decay of an exponential moving average of weights
+    precision: str = "auto"  # auto: bf16 autocast + channels_last on CUDA, fp32 on CPU | fp32
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ class TrainSpec:
         if self.degradation.kind not in DEGRADATIONS:
             raise SpecError(f"degradation.kind = {self.degradation.kind!r}; use one of "
                             f"{DEGRADATIONS}")
+        if self.optim.precision not in ("auto", "fp32"):
+            raise SpecError(f"optim.precision = {self.optim.precision!r}; use auto or fp32")
         if self.optim.loss not in ("l1", "mse"):
             raise SpecError(f"optim.loss = {self.optim.loss!r}; use l1 or mse")
         if self.optim.steps < 1 or self.optim.batch_size < 1 or self.validation.every < 1:
@@ -119,9 +123,16 @@ class TrainSpec:
         if not self.name or "/" in self.name:
             raise SpecError(f"name = {self.name!r}; give a run name without '/'")
         try:
-            build_net(self.net)
+            scale = getattr(build_net(self.net), "scale", 1)
         except Exception as e:  # noqa: BLE001 - report the net spec error as a spec error
             raise SpecError(f"[net]: {e}") from None
+        if (scale > 1) != (self.degradation.kind == "sr"):
+            raise SpecError(f"the net's scale is {scale} and degradation.kind is "
+                            f"{self.degradation.kind!r}: super-resolution nets (scale > 1) "
+                            "train with kind = \"sr\", and only they do")
+        if scale > 1 and self.optim.patch_size % scale:
+            raise SpecError(f"optim.patch_size = {self.optim.patch_size} must be a multiple of "
+                            f"the net's scale {scale}")
         return self
 
 
@@ -155,12 +166,16 @@ def load_clean_images(uri: str, channels: int, options: storage.StorageOptions,
     return images, keys
 
 
-def degrade_batch(clean: np.ndarray, spec: Degradation, rng: np.random.Generator) -> np.ndarray:
-    """Degrade each patch of ``clean`` (N, H, W[, C]) float32 [0, 1] as ``spec`` says."""
+def degrade_batch(clean: np.ndarray, spec: Degradation, rng: np.random.Generator,
+                  scale: int = 1) -> np.ndarray:
+    """Degrade each patch of ``clean`` (N, H, W[, C]) float32 [0, 1] as ``spec`` says; kind
+    ``sr`` shrinks by ``scale`` (MATLAB bicubic, unrounded)."""
     out = []
     for patch in clean:
         kind = spec.kind if spec.kind != "blind" else ("noise", "jpeg")[int(rng.integers(2))]
-        if kind == "noise":
+        if kind == "sr":
+            out.append(degrade.bicubic_downscale(patch, scale))
+        elif kind == "noise":
             out.append(degrade.add_gaussian_noise(
                 patch, float(rng.uniform(spec.sigma_min, spec.sigma_max)), rng))
         elif kind == "jpeg":
@@ -200,7 +215,12 @@ def validate_net(net: torch.nn.Module, images: list[np.ndarray], spec: Degradati
             image = image[top:top + crop, left:left + crop]
         rng = np.random.default_rng([seed, index])
         kind = "noise" if spec.kind in ("noise", "blind") else spec.kind
-        if kind == "noise":
+        scale = getattr(net, "scale", 1)
+        if kind == "sr":
+            image = image[: image.shape[0] - image.shape[0] % scale,
+                          : image.shape[1] - image.shape[1] % scale]
+            degraded = degrade.bicubic_downscale(image, scale)
+        elif kind == "noise":
             degraded = degrade.add_gaussian_noise(image, spec.val_sigma, rng)
         elif kind == "jpeg":
             degraded = degrade.jpeg_compress(np.round(image * 255).astype(np.uint8),
@@ -213,7 +233,8 @@ def validate_net(net: torch.nn.Module, images: list[np.ndarray], spec: Degradati
         clean8 = _to_uint8(image)
         psnrs.append(metrics.psnr(_to_uint8(restored.numpy()), clean8))
         ssims.append(metrics.ssim(_to_uint8(restored.numpy()), clean8))
-        inputs.append(metrics.psnr(_to_uint8(degraded), clean8))
+        shown = degrade.bicubic_resize(degraded, float(scale)) if kind == "sr" else degraded
+        inputs.append(metrics.psnr(_to_uint8(shown), clean8))
     return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims)),
             "val_input_psnr": float(np.mean(inputs))}
 
@@ -221,10 +242,10 @@ def validate_net(net: torch.nn.Module, images: list[np.ndarray], spec: Degradati
 # --- the per-worker loop ---------------------------------------------------------------------
 
 def _cosine(optim: Optim, step: int) -> float:
-    """The learning rate at ``step``: the same cosine schedule as the local trainer."""
+    """The learning rate at ``step``: the cosine schedule of :func:`restorer.train.cosine_lr`."""
     from restorer.train import cosine_lr
 
-    return cosine_lr(optim, step / optim.steps)
+    return cosine_lr(optim.lr, optim.min_lr, step / optim.steps)
 
 
 def _unwrap(net: torch.nn.Module) -> torch.nn.Module:
@@ -280,6 +301,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with open(os.path.join(folder, "history.jsonl")) as f:
                 history = [json.loads(line) for line in f if line.strip()]
         log.info("rank %d resumes at step %d", rank, step)
+    scale = getattr(net, "scale", 1)
+    fast_cuda = device.type == "cuda" and spec.optim.precision == "auto"
+    if fast_cuda:
+        net = net.to(device, memory_format=torch.channels_last)
     net = ray.train.torch.prepare_model(net)
     if spec.optim.ema and ema is None:
         ema = {k: v.detach().clone() for k, v in _unwrap(net).state_dict().items()}
@@ -287,11 +312,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     while step < spec.optim.steps:
         rng = np.random.default_rng([spec.optim.seed, rank, step])
         clean = degrade.sample_patches(images, spec.optim.patch_size, spec.optim.batch_size, rng)
-        degraded = degrade_batch(clean, spec.degradation, rng)
+        degraded = degrade_batch(clean, spec.degradation, rng, scale)
         for group in optimizer.param_groups:
             group["lr"] = _cosine(spec.optim, step)
-        running += train_step(net, optimizer, _nchw(clean).to(device),
-                              _nchw(degraded).to(device), spec.optim.loss)
+        degraded = _nchw(degraded).to(device)
+        if fast_cuda:
+            degraded = degraded.contiguous(memory_format=torch.channels_last)
+        running += train_step(net, optimizer, _nchw(clean).to(device), degraded,
+                              spec.optim.loss, torch.bfloat16 if fast_cuda else None)
         count += 1
         step += 1
         if ema is not None:
@@ -425,9 +453,9 @@ def finish_run(spec: TrainSpec, result, seconds: float) -> dict[str, Any]:
     run_uri = storage.join(spec.output.storage_path, spec.name)
     best = result.get_best_checkpoint("val_psnr" if spec.data.val_uri else "step", "max") \
         or result.checkpoint
-    with best.as_directory() as folder:
-        with open(os.path.join(folder, "model.safetensors"), "rb") as f:
-            model = f.read()
+    with best.as_directory() as folder, \
+            open(os.path.join(folder, "model.safetensors"), "rb") as f:
+        model = f.read()
     with result.checkpoint.as_directory() as folder, \
             open(os.path.join(folder, "history.jsonl")) as f:
         history = [json.loads(line) for line in f]
@@ -463,17 +491,22 @@ def validation_samples(spec: TrainSpec, model: bytes, count: int = 3,
     images, keys = load_clean_images(spec.data.val_uri, net.channels, spec.storage.options(),
                                      limit=count)
     samples = []
+    scale = getattr(net, "scale", 1)
     for index, (image, key) in enumerate(zip(images, keys)):
         top, left = max(0, (image.shape[0] - crop) // 2), max(0, (image.shape[1] - crop) // 2)
         clean = image[top:top + crop, left:left + crop]
+        clean = clean[: clean.shape[0] - clean.shape[0] % scale,
+                      : clean.shape[1] - clean.shape[1] % scale]
         degraded = degrade_batch(clean[None], dataclasses.replace(
             spec.degradation, sigma_min=spec.degradation.val_sigma,
             sigma_max=spec.degradation.val_sigma, kind="noise" if spec.degradation.kind in (
                 "noise", "blind") else spec.degradation.kind,
             quality_min=spec.degradation.val_quality, quality_max=spec.degradation.val_quality),
-            np.random.default_rng([spec.optim.seed, index]))[0]
+            np.random.default_rng([spec.optim.seed, index]), scale)[0]
         with torch.no_grad():
             restored = net(_nchw(degraded[None]))[0]
+        if scale > 1:  # shown (and measured) at the clean image's size, as bicubic upscales
+            degraded = degrade.bicubic_resize(degraded, float(scale))
         restored = restored[0].numpy() if clean.ndim == 2 else restored.permute(1, 2, 0).numpy()
 
         def hwc(array):

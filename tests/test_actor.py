@@ -70,3 +70,74 @@ def test_cuda_bf16_channels_last_matches_fp32(tmp_path):
     (fast,), _ = RestoreActor(model=path, tile=128).restore_arrays([image])
     (exact,), _ = RestoreActor(model=path, tile=128, precision="fp32").restore_arrays([image])
     assert np.abs(fast.astype(int) - exact.astype(int)).max() <= 3
+
+
+def _save(tmp_path, spec, name):
+    torch.manual_seed(0)
+    net = build_net(spec).eval()
+    path = tmp_path / f"{name}.safetensors"
+    save_model(str(path), net)
+    return str(path), net
+
+
+def test_small_tiles_are_raised_to_four_overlaps_on_the_alignment(tmp_path, caplog):
+    path, _ = _save(tmp_path, {"arch": "unet", "channels": 1}, "unet")  # 4 levels: rf 105
+    with caplog.at_level("INFO", logger="restorer.pipeline"):
+        actor = RestoreActor(model=path, tile=256)
+    assert (actor.overlap, actor.alignment, actor.tile) == (112, 8, 448)
+    assert "tile 256 raised to 448" in caplog.text
+    assert RestoreActor(model=path, tile=512).tile == 512  # wide enough already
+    assert RestoreActor(model=path, tile=0).tile == 0  # whole images
+    dncnn, _ = _model(tmp_path, 1)
+    assert RestoreActor(model=dncnn, tile=256).tile == 256  # overlap 16: nothing to do
+
+
+def test_unet_tiles_agree_with_whole_images(tmp_path):
+    path, _ = _save(tmp_path, {"arch": "unet", "channels": 1, "features": [8, 16, 32],
+                               "blocks": 1}, "small-unet")
+    image = np.random.default_rng(4).integers(0, 255, (203, 150, 3), dtype=np.uint8)
+    tiled_actor = RestoreActor(model=path, tile=32)
+    assert tiled_actor.tile == 128 and tiled_actor.alignment == 4  # 4 x overlap 32
+    (tiled,), _ = tiled_actor.restore_arrays([image])
+    (whole,), _ = RestoreActor(model=path, tile=0).restore_arrays([image])
+    assert tiled.shape == whole.shape == image.shape
+    assert np.abs(tiled.astype(int) - whole.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_super_resolution_outputs_are_scale_times_larger(tmp_path, scale):
+    path, net = _save(tmp_path, {"arch": "srnet", "channels": 1, "scale": scale,
+                                 "num_features": 8, "num_blocks": 2}, f"sr{scale}")
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 255, (45, 37, 3), dtype=np.uint8)
+    gray16 = rng.integers(0, 65535, (21, 30, 1), dtype=np.uint16)
+    (out_rgb, out16), stats = RestoreActor(model=path, tile=32).restore_arrays([rgb, gray16])
+    assert out_rgb.shape == (45 * scale, 37 * scale, 3) and out_rgb.dtype == np.uint8
+    assert out16.shape == (21 * scale, 30 * scale, 1) and out16.dtype == np.uint16
+    plane = torch.from_numpy(rgb[..., 1].astype(np.float32) / 255)[None, None]
+    with torch.no_grad():
+        expected = (net(plane)[0, 0].clamp(0, 1) * 255).round().numpy()
+    assert np.abs(out_rgb[..., 1].astype(int) - expected.astype(int)).max() <= 1
+    assert all(np.isfinite(s["change_mean"]) and s["change_mean"] > 0 for s in stats)
+    # strength 0 is the bicubic upscale of the input
+    (base,), _ = RestoreActor(model=path, tile=0, strength=0.0).restore_arrays([rgb])
+    x = torch.from_numpy(rgb.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    bicubic = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bicubic")[0]
+    bicubic = (bicubic.clamp(0, 1) * 255).round().permute(1, 2, 0).numpy()
+    assert np.abs(base.astype(int) - bicubic.astype(int)).max() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("spec", [{"arch": "unet", "features": [8, 16, 32], "blocks": 1},
+                                  {"arch": "srnet", "scale": 2, "num_features": 8,
+                                   "num_blocks": 2}], ids=["unet", "srnet"])
+def test_cuda_unet_and_srnet_tile_like_cpu(tmp_path, spec):
+    path, _ = _save(tmp_path, {"channels": 1, **spec}, spec["arch"])
+    image = np.random.default_rng(6).integers(0, 255, (301, 257, 3), dtype=np.uint8)
+    (cpu,), _ = RestoreActor(model=path, tile=0, device="cpu").restore_arrays([image])
+    (exact,), _ = RestoreActor(model=path, tile=32, precision="fp32").restore_arrays([image])
+    (fast,), _ = RestoreActor(model=path, tile=32).restore_arrays([image])
+    assert cpu.shape == exact.shape == fast.shape
+    assert np.abs(exact.astype(int) - cpu.astype(int)).max() <= 1
+    assert np.abs(fast.astype(int) - cpu.astype(int)).max() <= 4  # bf16

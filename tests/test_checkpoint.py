@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_tensors
 
-from restorer.checkpoint import load_model, save_model
+from restorer.checkpoint import load_model, model_bytes, save_model
 from restorer.errors import ModelError
 from restorer.models import DEFAULT_MODEL, get_model, resolve_model_uri, zoo
 from restorer.nets import build_net
@@ -37,6 +37,19 @@ def test_pickles_are_refused_without_unpickling(tmp_path):
         load_model(str(tmp_path / "zip.pt"))
 
 
+def test_a_safetensors_header_whose_length_starts_with_0x80_is_not_a_pickle(tmp_path):
+    """Regression: a header of 128 + 256k bytes made the file look like a pickle (0x80)."""
+    net = build_net({"arch": "dncnn", "channels": 1, "num_features": 8, "num_layers": 4})
+    for pad in range(300):
+        data = model_bytes(net, {"note": "x" * pad})
+        if data[0] == 0x80:
+            break
+    else:
+        pytest.fail("no provenance length gave a header length with low byte 0x80")
+    (tmp_path / "m.safetensors").write_bytes(data)
+    assert load_model(str(tmp_path / "m.safetensors")).provenance["note"] == "x" * pad
+
+
 def test_bare_or_mismatched_safetensors_are_refused(tmp_path):
     (tmp_path / "bare.safetensors").write_bytes(save_tensors({"w": torch.zeros(2)}))
     with pytest.raises(ModelError, match="without a restorer net spec"):
@@ -54,6 +67,6 @@ def test_bare_or_mismatched_safetensors_are_refused(tmp_path):
 def test_default_model_is_bundled_and_loads():
     assert DEFAULT_MODEL in zoo()
     loaded = get_model(None)
-    assert loaded.spec["arch"] == "dncnn" and loaded.provenance
+    assert loaded.spec["arch"] == "unet" and loaded.spec["channels"] == 3 and loaded.provenance
     with pytest.raises(ModelError, match="Unknown model 'no-such-model'"):
         resolve_model_uri("no-such-model")

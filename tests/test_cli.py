@@ -14,7 +14,7 @@ def test_models_lists_the_default():
     result = CliRunner().invoke(main, ["models", "--json"])
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
-    assert any(r["default"] and r["net"]["arch"] == "dncnn" for r in rows)
+    assert any(r["default"] and r["name"] == "restore-default" for r in rows)
 
 
 def test_bad_spec_exits_2_and_names_the_key(tmp_path):

@@ -39,3 +39,22 @@ def test_eval_prints_a_table_and_json(tmp_path):
     assert table["count"] == 2 and table["psnr"] > table["input_psnr"] + 5
     result = runner.invoke(main, ["eval", "--data", str(tmp_path), "--task", "jpeg"])
     assert result.exit_code == 2  # jpeg needs --quality: a usage error naming it
+
+
+def test_eval_writes_a_contact_sheet(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        pixels = (scene(40, 56, 1, seed=i)[..., 0] * 255).round().astype("uint8")
+        Image.fromarray(pixels).save(data / f"{i}.png")
+    sheet = tmp_path / "sheet.png"
+    runner = CliRunner()
+    result = runner.invoke(main, ["eval", "--data", str(data), "--sheet", str(sheet),
+                                  "--sheet-rows", "2"])
+    assert result.exit_code == 0, result.output
+    assert f"contact sheet: {sheet}" in result.output
+    width, height = Image.open(sheet).size
+    assert 2 * (40 + 28) <= height <= 2 * (3 * 40 + 60) and width > 3 * 56  # two bands
+    result = runner.invoke(main, ["eval", "--data", str(data), "--sheet",
+                                  str(tmp_path / "nowhere" / "sheet.png")])
+    assert result.exit_code == 1 and "nowhere" in result.output

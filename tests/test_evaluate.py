@@ -86,3 +86,82 @@ def test_bundled_denoise_gray_gains_5_db_at_sigma_25(image_dir):
     result = ev.evaluate(model, image_dir, task="denoise", sigma=25)
     for row in result["rows"]:
         assert row["psnr"] - row["input_psnr"] >= 5.0, row
+
+
+class PlaneRecorder(torch.nn.Module):
+    """A 1-channel identity net that records the shapes it is given."""
+
+    channels, scale = 1, 1
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.shapes = []
+
+    def forward(self, x):
+        self.shapes.append(tuple(x.shape))
+        return x + self.weight
+
+
+@pytest.fixture
+def rgb_dir(tmp_path):
+    from restorer.samples import scene
+
+    for i in range(2):
+        pixels = (scene(48, 40, 3, seed=i) * 255).round().astype(np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"rgb{i}.png")
+    return tmp_path
+
+
+def test_gray_net_on_colour_jpeg_restores_each_plane_and_measures_y(rgb_dir):
+    from restorer import degrade, metrics
+
+    net = PlaneRecorder()
+    result = ev.evaluate(net, rgb_dir, task="jpeg", quality=20)
+    assert net.shapes == [(1, 1, 48, 40)] * 6  # three planes of each of two images
+    clean = ev.read_image(rgb_dir / "rgb0.png", 3)
+    expected = metrics.psnr(metrics.rgb_to_y(degrade.jpeg_compress(clean, 20)),
+                            metrics.rgb_to_y(clean))
+    row = result["rows"][0]
+    assert row["input_psnr"] == pytest.approx(expected)
+    assert row["psnr"] == pytest.approx(row["input_psnr"])  # the identity changes nothing
+
+
+def test_gray_net_denoises_colour_images_as_gray(rgb_dir):
+    net = PlaneRecorder()
+    ev.evaluate(net, rgb_dir, task="denoise", sigma=25)
+    assert net.shapes == [(1, 1, 48, 40)] * 2  # Pillow "L": one plane per image
+
+
+def test_sr_net_on_colour_images_and_its_contact_sheet(rgb_dir, tmp_path):
+    torch.manual_seed(0)
+    net = build_net({"arch": "srnet", "channels": 1, "scale": 2, "num_features": 8,
+                     "num_blocks": 2})
+    sheet = tmp_path / "sheet.png"
+    result = ev.evaluate(net, rgb_dir, task="sr", scale=2, sheet=sheet, sheet_rows=1)
+    assert result["count"] == 2 and result["sheet"] == str(sheet)
+    image = Image.open(sheet)
+    assert image.format == "PNG" and image.mode == "RGB"
+    # one band: 3 whole panels (48 x 40) and 3 crops of 40 px zoomed x3, with labels
+    assert 3 * 40 + 3 * 120 <= image.width <= 1200 and 120 < image.height < 300
+
+
+def test_contact_sheet_draws_distinct_panels_per_row():
+    size = (30, 50)
+    rows = [ev.SheetRow(f"img{i}", np.full(size, 0, np.uint8), np.full(size, 128, np.uint8),
+                        np.full(size + (3,), (0, 0, 255), np.uint8), 20.0 + i, 30.0 + i)
+            for i in range(3)]
+    sheet = ev.contact_sheet(rows)
+    assert sheet.dtype == np.uint8 and sheet.shape[2] == 3
+    band = sheet.shape[0] // 3
+    assert band >= 30 * ev.SHEET_ZOOM + 28  # two lines of labels over the zoomed crops
+    colours = {tuple(c) for c in sheet[:band].reshape(-1, 3)}
+    assert {(0, 0, 0), (128, 128, 128), (0, 0, 255), (220, 30, 30)} <= colours
+    # each panel appears twice: whole (30 x 50) and zoomed (30 x 30, x3)
+    for colour in ((0, 0, 0), (128, 128, 128), (0, 0, 255)):
+        count = np.all(sheet[:band] == colour, axis=2).sum()
+        assert count >= 0.9 * (30 * 50 + (30 * ev.SHEET_ZOOM) ** 2), colour
+    with pytest.raises(ValueError, match="differ in size"):
+        ev.contact_sheet([ev.SheetRow("bad", np.zeros((4, 4), np.uint8),
+                                      np.zeros((8, 8), np.uint8), np.zeros((4, 4), np.uint8),
+                                      1.0, 2.0)])

@@ -97,6 +97,17 @@ def test_colliding_outputs_are_errors_never_overwrites(ray_session, tmp_path, ti
     assert not (tmp_path / "out" / "a.png").exists()
 
 
+def test_a_rerun_with_the_same_limit_skips_the_committed_part(ray_session, tmp_path, tiny_model):
+    source = tmp_path / "in"
+    source.mkdir()
+    for index in range(20):  # one folder: --limit 3 cuts its first unit short
+        Image.fromarray(np.full((8, 8), index, np.uint8)).save(source / f"{index:02d}.png")
+    first = restore(str(source), str(tmp_path / "out"), model=tiny_model, limit=3)
+    again = restore(str(source), str(tmp_path / "out"), model=tiny_model, limit=3)
+    assert (first["succeeded"], again["succeeded"], again["skipped"]) == (3, 0, 3)
+    assert again["job"] == {"records": 3, "succeeded": 3, "failed": 0}
+
+
 def test_non_empty_foreign_output_and_input_as_output_are_refused(tmp_path, tiny_model):
     source = tmp_path / "in"
     source.mkdir()

@@ -1,3 +1,4 @@
+import errno
 import os
 
 import pytest
@@ -44,3 +45,43 @@ def test_missing_input_folder_is_a_clear_error(tmp_path):
         list(storage.walk_files(str(tmp_path / "nope")))
     with pytest.raises(StorageError, match="does not exist"):
         storage.read_bytes(str(tmp_path / "nope.png"))
+
+
+def test_create_only_write_never_replaces_other_bytes(tmp_path):
+    target = tmp_path / "ledger" / "unit-a.parquet"
+    storage.write_bytes(str(target), b"one", create=True)
+    storage.write_bytes(str(target), b"one", create=True)  # the same bytes: already written
+    with pytest.raises(StorageError, match="already exists with other contents"):
+        storage.write_bytes(str(target), b"two", create=True)
+    assert target.read_bytes() == b"one"
+    assert os.listdir(target.parent) == ["unit-a.parquet"]  # no temporary file left behind
+    storage.write_bytes(str(target), b"two")  # a plain write replaces
+    assert target.read_bytes() == b"two"
+
+
+def test_create_only_write_without_hard_links_checks_then_replaces(tmp_path, monkeypatch, caplog):
+    def no_links(source, target):
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    monkeypatch.setattr(storage, "_WARNED_NO_CREATE", set())
+    target = tmp_path / "unit-a.parquet"
+    storage.write_bytes(str(target), b"one", create=True)
+    assert target.read_bytes() == b"one" and "not enforced" in caplog.text
+    with pytest.raises(StorageError, match="already exists with other contents"):
+        storage.write_bytes(str(target), b"two", create=True)
+    assert os.listdir(tmp_path) == ["unit-a.parquet"]
+
+
+@pytest.mark.s3
+def test_create_only_write_on_s3_is_a_conditional_put(bucket):
+    """moto honours ``If-None-Match: *`` as S3 does; nothing is checked before the PUT, so the
+    refusal can only come from the store."""
+    uri = f"s3://{bucket}/out/_restorer/ledger/unit-a.parquet"
+    storage.write_bytes(uri, b"one", create=True)
+    storage.write_bytes(uri, b"one", create=True)  # a retried PUT that had succeeded
+    with pytest.raises(StorageError, match="already exists with other contents"):
+        storage.write_bytes(uri, b"two", create=True)
+    assert storage.read_bytes(uri) == b"one"
+    storage.write_bytes(uri, b"two")
+    assert storage.read_bytes(uri) == b"two"

@@ -1,9 +1,11 @@
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 from restorer.nets import build_net
-from restorer.tiling import plan_tiles, run_tiled, tile_positions
+from restorer.tiling import effective_tile, plan_tiles, run_tiled, tile_positions
 
 
 @pytest.fixture(scope="module")
@@ -17,8 +19,17 @@ def net():
 def test_positions_cover_with_overlap(length, tile, overlap):
     starts = tile_positions(length, tile, overlap)
     assert starts[0] == 0 and starts[-1] + min(tile, length) == length
-    for a, b in zip(starts, starts[1:]):
+    for a, b in itertools.pairwise(starts):
         assert b - a <= tile - overlap  # neighbours overlap by at least `overlap`
+
+
+def _assert_same_up_to_rounding(whole, tiled):
+    assert tiled.shape == whole.shape
+    whole8 = (whole.clamp(0, 1) * 255).round()
+    tiled8 = (tiled.clamp(0, 1) * 255).round()
+    assert (whole8 - tiled8).abs().max() <= 1
+    mse = float(((whole - tiled) ** 2).mean())
+    assert mse == 0 or 10 * np.log10(1 / mse) >= 50
 
 
 @pytest.mark.parametrize("shape", [(300, 517), (64, 64), (3, 400), (129, 65)])
@@ -29,11 +40,81 @@ def test_tiled_equals_whole_image(net, shape):
         whole = net(image[None])[0]
         tiled = run_tiled([image], net, tile=48, overlap=net.receptive_field + 3,
                           halo=net.receptive_field // 2, batch_size=3)[0]
-    whole8 = (whole.clamp(0, 1) * 255).round()
-    tiled8 = (tiled.clamp(0, 1) * 255).round()
-    assert (whole8 - tiled8).abs().max() <= 1
-    mse = float(((whole - tiled) ** 2).mean())
-    assert mse == 0 or 10 * np.log10(1 / mse) >= 50
+    _assert_same_up_to_rounding(whole, tiled)
+
+
+SMALL_NETS = {
+    "unet": {"arch": "unet", "features": (8, 16, 32), "blocks": 1},  # alignment 4
+    "srnet-x2": {"arch": "srnet", "scale": 2, "num_features": 8, "num_blocks": 2},
+    "srnet-x4": {"arch": "srnet", "scale": 4, "num_features": 8, "num_blocks": 2},
+}
+
+
+@pytest.fixture(scope="module", params=sorted(SMALL_NETS))
+def other_net(request):
+    torch.manual_seed(0)
+    return build_net({"channels": 1, **SMALL_NETS[request.param]}).eval()
+
+
+# odd sides, sides not a multiple of the U-Net's alignment, thinner and smaller than one tile
+@pytest.mark.parametrize("shape", [(100, 133), (61, 64), (3, 170), (7, 9)])
+def test_aligned_and_super_resolution_nets_tile_like_whole_images(other_net, shape):
+    torch.manual_seed(1)
+    image = torch.rand(1, *shape)
+    rf = other_net.receptive_field
+    with torch.no_grad():
+        whole = other_net(image[None])[0]
+        tiled = run_tiled([image], other_net, tile=60, overlap=rf + 3, halo=rf // 2,
+                          scale=other_net.scale, batch_size=3,
+                          alignment=getattr(other_net, "alignment", 1))[0]
+    assert tiled.shape == (1, shape[0] * other_net.scale, shape[1] * other_net.scale)
+    _assert_same_up_to_rounding(whole, tiled)
+
+
+def test_unaligned_tiles_break_a_unet():
+    """Why the alignment exists: off the pooling grid, a U-Net's tiles disagree."""
+    torch.manual_seed(0)
+    unet = build_net({"channels": 1, **SMALL_NETS["unet"]}).eval()
+    image = torch.rand(1, 150, 203)
+    rf = unet.receptive_field
+    with torch.no_grad():
+        whole = unet(image[None])[0]
+        plain = run_tiled([image], unet, tile=58, overlap=rf + 3, halo=rf // 2)[0]
+        aligned = run_tiled([image], unet, tile=58, overlap=rf + 3, halo=rf // 2,
+                            alignment=unet.alignment)[0]
+    assert (whole - plain).abs().max() > 1e-3
+    assert (whole - aligned).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("length,tile,overlap,alignment", [(400, 64, 29, 4), (8, 64, 29, 4),
+                                                           (1000, 448, 112, 8), (456, 448, 112, 8),
+                                                           (96, 32, 13, 16)])
+def test_aligned_positions_cover_with_overlap(length, tile, overlap, alignment):
+    starts = tile_positions(length, tile, overlap, alignment)
+    assert starts[0] == 0 and starts[-1] + min(tile, length) == length
+    assert all(s % alignment == 0 for s in starts)
+    for a, b in itertools.pairwise(starts):
+        assert b - a <= tile - overlap
+
+
+def test_aligned_plan_pads_the_image_and_rounds_the_tile():
+    plan = plan_tiles(301, 517, 100, 29, alignment=8)
+    assert (plan.height, plan.width) == (304, 520)  # padded to multiples of 8
+    assert (plan.tile_height, plan.tile_width) == (96, 96)  # 100 rounded down to 8
+    assert all(y % 8 == 0 for y in plan.ys) and all(x % 8 == 0 for x in plan.xs)
+    small = plan_tiles(5, 13, 100, 29, alignment=8)
+    assert small.count == 1 and (small.tile_height, small.tile_width) == (8, 16)
+    assert plan_tiles(5, 13, 0, 0, alignment=8).tile_width == 16
+    with pytest.raises(ValueError, match="alignment"):
+        tile_positions(100, 30, 10, alignment=8)
+
+
+def test_effective_tile_is_at_least_four_overlaps():
+    assert effective_tile(256, 112, alignment=8) == 448  # a default 4-level U-Net
+    assert effective_tile(256, 40) == 256  # DnCNN-17: already wide enough
+    assert effective_tile(0, 112, alignment=8) == 0  # whole images stay whole
+    assert effective_tile(100, 30, alignment=16) == 128  # rounded up to the alignment
+    assert effective_tile(1024, 112, alignment=8) == 1024
 
 
 def test_tiles_of_many_images_share_batches(net):

@@ -15,7 +15,7 @@ from restorer.jobs import spec_from_dict
 from restorer.models import get_model
 from restorer.pipeline import RestoreActor
 from restorer.samples import write_samples
-from restorer.train_job import TrainSpec, run_train
+from restorer.train_job import run_train
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -159,3 +159,24 @@ def test_checkpoints_on_s3_and_resume_from_them(ray_session, data, bucket):
                fs.cat_file(f"{bucket}/runs/s3run/history.jsonl").decode().splitlines()]
     assert [h["step"] for h in history] == [2, 4, 6]  # steps 2 and 4 came from the first run
     assert second["steps"] == 6
+
+
+def test_a_super_resolution_net_trains_and_its_model_restores(ray_session, data, tmp_path):
+    spec = spec_from_dict({
+        "kind": "train", "name": "sr",
+        "net": {"arch": "srnet", "scale": 2, "num_features": 8, "num_blocks": 1},
+        "data": {"uri": str(data / "train"), "val_uri": str(data / "val"), "val_images": 2,
+                 "val_crop": 64},
+        "degradation": {"kind": "sr"},
+        "optim": {"steps": 4, "batch_size": 4, "patch_size": 32},
+        "validation": {"every": 2},
+        "output": {"storage_path": str(tmp_path)},
+        "resources": {"workers": 1},
+    })
+    summary = run_train(spec)
+    assert summary["steps"] == 4 and np.isfinite(summary["final"]["val_psnr"])
+    model = get_model(summary["model"])
+    assert model.net.scale == 2
+    actor = RestoreActor(model=summary["model"], tile=0)
+    restored, _ = actor.restore_arrays([np.zeros((20, 30, 1), np.uint8)])
+    assert restored[0].shape == (40, 60, 1)

@@ -6,7 +6,9 @@ residual), with these attributes that the tiler and the pipeline rely on:
 - ``channels``: planes in and out (1 gray, 3 RGB);
 - ``scale``: output size / input size (1, or 2/4 for super-resolution);
 - ``receptive_field``: width in input pixels of what one output pixel sees; tiles overlap by at
-  least this much so that tiled and whole-image outputs agree.
+  least this much so that tiled and whole-image outputs agree;
+- ``alignment`` (optional, default 1): the net is translation-equivariant in steps of this many
+  input pixels (``2 ** (levels - 1)`` for a U-Net), so tiles start on multiples of it.
 
 A net spec is a plain mapping ``{"arch": NAME, **config fields}``; it is stored inside every
 checkpoint, so a checkpoint rebuilds its own net.
@@ -20,9 +22,13 @@ from torch import nn
 
 from restorer.errors import ModelError
 from restorer.nets.dncnn import DnCNN
+from restorer.nets.srnet import SRNet
+from restorer.nets.unet import UNet
 
 NETS: dict[str, type[nn.Module]] = {
     "dncnn": DnCNN,
+    "srnet": SRNet,
+    "unet": UNet,
 }
 
 

@@ -1,0 +1,94 @@
+"""U-Net (Ronneberger et al. 2015) for restoration: max pooling down, transposed convolutions up,
+skip connections by concatenation, and a residual output ``x - body(x)`` as DnCNN.
+
+Input and output are float32 ``[0, 1]`` NCHW with ``channels`` planes. Any height and width
+work: the input is padded (edge replicated) to a multiple of ``alignment`` on the bottom and
+right, and the output cropped back. Pooling makes the net translation-equivariant only in steps
+of ``alignment`` pixels, so the tiler starts tiles on multiples of it.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    channels: int = 1  # 1 for gray nets, 3 for color nets
+    features: tuple[int, ...] = (32, 64, 128, 256)  # width per level, full resolution first
+    blocks: int = 2  # 3x3 convolutions (each + ReLU) per level on each side
+    residual: bool = True  # return x - body(x); False returns body(x)
+
+    def __post_init__(self):
+        object.__setattr__(self, "features", tuple(int(f) for f in self.features))
+        if len(self.features) < 2 or min(self.features) < 1:
+            raise ValueError(f"U-Net needs at least two levels of positive width, got "
+                             f"features={self.features}")
+        if self.blocks < 1:
+            raise ValueError(f"U-Net needs blocks >= 1, got {self.blocks}")
+
+
+def _stage(width_in: int, width: int, blocks: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for index in range(blocks):
+        layers += [nn.Conv2d(width_in if index == 0 else width, width, 3, padding=1),
+                   nn.ReLU(inplace=True)]
+    return nn.Sequential(*layers)
+
+
+class UNet(nn.Module):
+    config_class = UNetConfig
+    scale = 1
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = config
+        self.channels = config.channels
+        widths = config.features
+        self.alignment = 2 ** (len(widths) - 1)
+        self.down = nn.ModuleList([_stage(config.channels, widths[0], config.blocks)])
+        self.down.extend(_stage(widths[i - 1], widths[i], config.blocks)
+                         for i in range(1, len(widths)))
+        self.pool = nn.MaxPool2d(2)
+        self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
+                                for i in range(len(widths) - 1))
+        self.merge = nn.ModuleList(_stage(2 * widths[i], widths[i], config.blocks)
+                                   for i in range(len(widths) - 1))
+        self.tail = nn.Conv2d(widths[0], config.channels, 3, padding=1)
+
+    @property
+    def receptive_field(self) -> int:
+        """Width in input pixels of the widest window one output pixel can depend on.
+
+        Along the deepest path: each 3x3 convolution adds 2 pixels at its level's stride, each
+        2x2 max pool adds 1 pixel at the stride before it, and each 2x2 transposed convolution
+        can add one pixel at its output stride (where the pooling grid falls). The window
+        depends on where the pixel sits in the pooling grid; this is its largest width.
+        """
+        levels, blocks = len(self.config.features), self.config.blocks
+        width = 1 + 2  # the tail convolution
+        for level in range(levels - 1):
+            stride = 2 ** level
+            width += 2 * blocks * stride * 2  # the convolutions down and back up at this level
+            width += stride  # the pool down from this level
+            width += stride  # the transposed convolution back up to this level
+        width += 2 * blocks * 2 ** (levels - 1)  # the bottom level
+        return width
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % self.alignment, -width % self.alignment
+        y = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
+        skips = []
+        for index, stage in enumerate(self.down):
+            if index:
+                y = self.pool(y)
+            y = stage(y)
+            skips.append(y)
+        skips.pop()
+        for index in reversed(range(len(self.up))):
+            y = self.merge[index](torch.cat([skips[index], self.up[index](y)], 1))
+        y = self.tail(y)[..., :height, :width]
+        return x - y if self.config.residual else y

@@ -1,0 +1,174 @@
+"""Tests of the on-device batch synthesis (restorer.synth) and the zoo recipes (restorer.recipes),
+on CPU with generated images."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from restorer import degrade, recipes, synth
+from restorer.checkpoint import load_model
+from restorer.evaluate import to_uint8
+from restorer.samples import scene
+
+
+def _images(count, height, width, channels, seed=0):
+    rng = np.random.default_rng(seed)
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    return [(rng.random(shape) * 255).astype(np.uint8) for _ in range(count)]
+
+
+def _is_transformed_crop(crop, source):
+    """Whether ``crop`` (HWC) is one of the 8 flips/rotations of a window of ``source``."""
+    size = crop.shape[0]
+    for turns in range(4):
+        for flip in (False, True):
+            candidate = np.rot90(crop, turns)
+            candidate = candidate[:, ::-1] if flip else candidate
+            windows = np.lib.stride_tricks.sliding_window_view(source, (size, size), (0, 1))
+            if (windows == np.moveaxis(candidate, 2, 0)[None, None]).all(axis=(2, 3, 4)).any():
+                return True
+    return False
+
+
+def test_bank_crops_are_flipped_rotated_windows_of_the_images():
+    images = _images(2, 30, 37, 3) + _images(1, 20, 20, 3, seed=1)
+    bank = synth.ImageBank(images, "cpu", variants=[images])
+    out = bank.sample(12, 40, torch.Generator().manual_seed(0))
+    assert out["clean"].shape == (40, 3, 12, 12) and out["clean"].dtype == torch.uint8
+    for crop, index in zip(out["clean"], out["image"]):
+        assert _is_transformed_crop(crop.permute(1, 2, 0).numpy(), images[index])
+    assert torch.equal(out["variant"][0], out["clean"])  # variants share the crop and flip
+    again = bank.sample(12, 40, torch.Generator().manual_seed(0))
+    assert torch.equal(again["clean"], out["clean"])
+    with pytest.raises(ValueError, match="at least 64"):
+        bank.sample(64, 1, torch.Generator())
+
+
+def test_bank_never_picks_images_smaller_than_the_crop():
+    images = _images(1, 40, 40, 1) + _images(1, 8, 8, 1, seed=2)
+    bank = synth.ImageBank(images, "cpu")
+    assert set(bank.sample(16, 50, torch.Generator().manual_seed(3))["image"].tolist()) == {0}
+
+
+def test_permuted_channels_are_a_permutation_per_crop():
+    images = [np.stack([np.full((20, 20), v, np.uint8) for v in (10, 20, 30)], axis=2)]
+    bank = synth.ImageBank(images, "cpu")
+    out = bank.sample(4, 30, torch.Generator().manual_seed(0), permute_channels=True)
+    planes = out["clean"][:, :, 0, 0]
+    assert all(sorted(p.tolist()) == [10, 20, 30] for p in planes)
+    assert len({tuple(p.tolist()) for p in planes}) > 1
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_super_resolution_crops_are_aligned_with_matlab_downscales(scale):
+    images = [to_uint8(scene(67, 75, 1, seed)) for seed in range(2)]
+    cleans, lows = synth.bicubic_lows(images, scale)
+    assert all(c.shape[0] % scale == 0 and c.shape[1] % scale == 0 for c in cleans)
+    bank = synth.ImageBank(cleans, "cpu", low=lows, scale=scale)
+    out = bank.sample(12, 6, torch.Generator().manual_seed(1))
+    assert out["clean"].shape == (6, 1, 12 * scale, 12 * scale)
+    assert out["low"].shape == (6, 1, 12, 12) and out["low"].dtype == torch.float32
+    for clean, low in zip(out["clean"], out["low"]):
+        redone = degrade.bicubic_downscale(clean[0].numpy().astype(np.float32) / 255, scale)
+        # Away from the crop's border (where MATLAB pads the crop, not the image) they agree.
+        np.testing.assert_allclose(redone[3:-3, 3:-3], low[0].numpy()[3:-3, 3:-3], atol=1e-5)
+
+
+def test_jpeg_variants_are_pillow_jpegs_and_gray_stays_gray():
+    color = to_uint8(scene(24, 32, 3, 0))
+    gray3 = np.repeat(to_uint8(scene(24, 32, 1, 1)), 3, axis=2)
+    variants = synth.jpeg_variants([color, gray3], [10, 50], workers=1)
+    assert len(variants) == 2 and variants[0][0].shape == color.shape
+    np.testing.assert_array_equal(variants[0][0], degrade.jpeg_compress(color, 10))
+    np.testing.assert_array_equal(variants[1][1][..., 0], degrade.jpeg_compress(gray3[..., 0], 50))
+    assert (variants[1][1] == variants[1][1][..., :1]).all()
+
+
+def test_noise_is_shared_across_planes_only_where_asked():
+    clean = torch.zeros(2, 3, 8, 8)
+    noisy = synth.add_noise(clean, (25, 25), torch.Generator().manual_seed(0),
+                            shared_planes=torch.tensor([True, False]))
+    assert torch.equal(noisy[0, 0], noisy[0, 1]) and not torch.equal(noisy[1, 0], noisy[1, 1])
+    assert float(noisy.std()) == pytest.approx(25 / 255, rel=0.15)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """A tiny shared/data: gray training and validation sets."""
+    for folder, count in (("train", 3), ("val", 2)):
+        (tmp_path / folder).mkdir()
+        for i in range(count):
+            image = to_uint8(scene(48, 48, 1, 10 * len(folder) + i))[..., 0]
+            Image.fromarray(image).save(tmp_path / folder / f"{i}.png")
+    return tmp_path
+
+
+@pytest.fixture
+def tiny(monkeypatch):
+    recipe = recipes.Recipe(
+        net={"arch": "unet", "channels": 1, "features": [4, 8], "blocks": 1},
+        train=("train",), task="denoise", patch=16, batch=4, warmup=2,
+        validation=(recipes.Validation("val", "denoise", sigma=25),))
+    monkeypatch.setitem(recipes.RECIPES, "tiny", recipe)
+    monkeypatch.setitem(recipes.CARD_EVALS, "tiny", (("val", {"task": "denoise", "sigma": 25,
+                                                              "baseline": "nlm"}),))
+    monkeypatch.setitem(recipes.CARD_TEXT, "tiny", ("A tiny test model.", "No notes."))
+    return recipe
+
+
+@pytest.mark.parametrize("task", ["denoise", "jpeg", "sr", "mixture"])
+def test_batches_have_the_recipe_shapes(task):
+    net = {"arch": "srnet", "scale": 2, "channels": 3} if task == "sr" else {
+        "arch": "unet", "channels": 3}
+    recipe = recipes.Recipe(net=net, train=(), task=task, qualities=(10, 30), patch=8, batch=5,
+                            validation=())
+    images = [to_uint8(scene(40, 40, 3, i)) for i in range(2)]
+    images.append(np.repeat(to_uint8(scene(40, 40, 1, 9)), 3, axis=2))
+    clean, degraded = recipes.Batches(recipe, images, torch.device("cpu"), seed=0, workers=1)()
+    side = 8 * (2 if task == "sr" else 1)
+    assert degraded.shape == (5, 3, 8, 8) and degraded.dtype == torch.float32
+    assert clean.shape == (5, 3, side, side)
+    assert 0 <= float(clean.min()) and float(clean.max()) <= 1
+    if task in ("denoise", "jpeg"):
+        assert not torch.equal(clean, degraded)
+
+
+def test_train_recipe_saves_a_validated_model_and_continues(data, tiny, tmp_path):
+    out = tmp_path / "out"
+    first = recipes.train_recipe("tiny", data, out, minutes=0.05, device="cpu", workers=1,
+                                 val_seconds=1.0)
+    assert first["steps"] >= 1 and first["history"][-1]["validation"][0]["set"] == "val"
+    model = load_model(str(out / "tiny.safetensors"))
+    assert model.spec == {**tiny.net, "features": [4, 8], "residual": True}
+    assert model.provenance["recipe"] == "tiny"
+    second = recipes.train_recipe("tiny", data, tmp_path / "out2", minutes=0.02, device="cpu",
+                                  init=str(out / "tiny.safetensors"), lr=1e-4, workers=1)
+    assert second["init"]["sha256"] == model.sha256
+    assert second["steps_total"] == first["steps"] + second["steps"]
+    assert second["config"]["lr"] == 1e-4
+
+
+def test_ship_writes_float16_weights_and_a_measured_card(data, tiny, tmp_path):
+    stage = tmp_path / "stage"
+    recipes.train_recipe("tiny", data, stage, minutes=0.02, device="cpu", workers=1)
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    path = recipes.ship("tiny", [stage / "tiny.safetensors"], data, zoo_dir=zoo)
+    shipped = load_model(str(path))
+    assert next(shipped.net.parameters()).dtype == torch.float32  # cast back on load
+    card = path.with_suffix(".md").read_text()
+    assert shipped.sha256 in card and "| val | sigma 25 | 2 |" in card
+    assert "restorer eval --model tiny --data DATA/val --task denoise --sigma 25" in card
+    assert json.loads(json.dumps(shipped.provenance))["stages"][0]["recipe"] == "tiny"
+    with pytest.raises(ValueError, match="recipe 'denoise-gray'"):
+        recipes.ship("denoise-gray", [stage / "tiny.safetensors"], data, zoo_dir=zoo)
+
+
+def test_every_zoo_recipe_builds_its_net_and_has_a_card_entry():
+    for name, recipe in recipes.RECIPES.items():
+        assert name in recipes.CARD_EVALS and name in recipes.CARD_TEXT
+        assert dataclasses.asdict(recipe)["net"]["arch"] in ("unet", "srnet")
