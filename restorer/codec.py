@@ -104,7 +104,7 @@ def _read_tiff16(data: bytes, max_pixels: int, name: str) -> Decoded | None:
             icc = page.tags["InterColorProfile"].value if "InterColorProfile" in page.tags else None
     except ImageError:
         raise
-    except Exception:  # let Pillow try, and report, what tifffile cannot read
+    except Exception:  # noqa: BLE001 - let Pillow try, and report, what tifffile cannot read
         return None
     if array.ndim == 3 and array.shape[0] in (2, 3, 4) and array.shape[-1] not in (2, 3, 4):
         array = np.moveaxis(array, 0, -1)  # planar configuration

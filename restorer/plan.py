@@ -8,6 +8,7 @@ from the last ``restorer bench`` calibration (megapixels per second per worker).
 from __future__ import annotations
 
 import io
+import logging
 import random
 from typing import Any
 
@@ -18,6 +19,8 @@ from restorer.bench import load_calibration
 from restorer.jobs import RestoreSpec
 from restorer.pipeline import source_config
 from restorer.sources import detect_layout, expand, listing_tasks
+
+log = logging.getLogger(__name__)
 
 
 def plan_job(spec: RestoreSpec, workers: int, sample_size: int = 200,
@@ -50,7 +53,8 @@ def plan_job(spec: RestoreSpec, workers: int, sample_size: int = 200,
             data = row["data"] or storage.read_bytes(row["uri"], options)
             width, height = Image.open(io.BytesIO(data)).size
             pixels.append(width * height)
-        except Exception:  # noqa: BLE001 - unreadable samples are simply not measured
+        except Exception as e:  # noqa: BLE001 - unreadable samples are simply not measured
+            log.debug("not measuring %s: %s", row.get("uri"), e)
             continue
     mean_megapixels = sum(pixels) / len(pixels) / 1e6 if pixels else 0.0
     megapixels = mean_megapixels * count

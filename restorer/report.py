@@ -719,8 +719,8 @@ def write_train_report(run_uri: str, summary: dict[str, Any], history: list[dict
                                  ("elapsed_seconds", summary.get("elapsed_seconds")),
                                  ("best_val_psnr", summary.get("best_val_psnr")), *rows])
         + "</section>",
-        '<section id="curves"><h2>Curves</h2><p>Training loss (blue) and validation PSNR '
-        f'(red) by step.</p><img src="{curves}" alt="loss and validation PSNR"></section>',
+        ('<section id="curves"><h2>Curves</h2><p>Training loss (blue) and validation PSNR '
+         f'(red) by step.</p><img src="{curves}" alt="loss and validation PSNR"></section>'),
         '<section id="history"><h2>Validation history</h2>'
         + _table(["step", "loss", "val_psnr", "val_ssim", "val_input_psnr", "seconds"],
                  [(h.get("step"), h.get("loss"), h.get("val_psnr"), h.get("val_ssim"),

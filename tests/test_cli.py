@@ -65,7 +65,7 @@ def test_cli_as_a_subprocess_on_the_running_cluster(ray_session, mixed_folder, t
     source, _ = mixed_folder
     address = ray_session.get_runtime_context().gcs_address
     env = dict(os.environ, RAY_AUTH_MODE="token")
-    result = subprocess.run(
+    result = subprocess.run(  # noqa: PLW1510 - the test reads returncode
         [sys.executable, "-m", "restorer", "restore", str(source), str(tmp_path / "o"),
          "--model", tiny_model, "--address", address, "--exclude", "corrupt.jpg"],
         capture_output=True, text=True, timeout=300, env=env)

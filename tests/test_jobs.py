@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-import restorer.train_job
+import restorer.train_job  # noqa: F401 - registers the "train" kind
 from restorer import jobs
 from restorer.errors import SpecError
 

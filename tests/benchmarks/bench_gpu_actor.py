@@ -18,7 +18,7 @@ import time
 import numpy as np
 import torch
 
-from restorer.actor import RestoreActor
+from restorer.pipeline import RestoreActor
 from restorer.samples import scene
 
 
@@ -32,6 +32,35 @@ def _timed(fn, repeats: int) -> float:
     return (time.perf_counter() - started) / repeats
 
 
+def measure(args: argparse.Namespace, precision: str, arrays: list[np.ndarray]
+            ) -> tuple[dict, list[np.ndarray]]:
+    """Ceiling and actor timings at one precision, and the actor's outputs."""
+    actor = RestoreActor(model=args.model, precision=precision, device="cuda")
+    on_gpu = [torch.from_numpy(a).permute(2, 0, 1)[None].float().div(255).cuda() for a in arrays]
+    if actor.channels == 1:
+        on_gpu = [x.reshape(-1, 1, *x.shape[-2:]) for x in on_gpu]
+    outputs: list[np.ndarray] = []
+
+    def ceiling():
+        for x in on_gpu:
+            actor._forward(x)
+
+    def restore():
+        outputs.clear()
+        for start in range(0, len(arrays), args.batch):
+            outputs.extend(actor.restore_arrays(arrays[start:start + args.batch])[0])
+
+    seconds = {"ceiling": _timed(ceiling, 2), "actor": _timed(restore, 2)}
+    megapixels = len(arrays) * args.size * args.size / 1e6
+    return {
+        "tile": actor.tile, "overlap": actor.overlap,
+        "ceiling_images_per_s": len(arrays) / seconds["ceiling"],
+        "actor_images_per_s": len(arrays) / seconds["actor"],
+        "actor_megapixels_per_s": megapixels / seconds["actor"],
+        "actor_over_ceiling": seconds["ceiling"] / seconds["actor"],
+    }, list(outputs)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="restore-default")
@@ -42,49 +71,18 @@ def main() -> None:
     torch.backends.cudnn.benchmark = True
     arrays = [np.round(scene(args.size, args.size, 3, seed) * 255).astype(np.uint8)
               for seed in range(args.images)]
-    megapixels = args.images * args.size * args.size / 1e6
     result = {"model": args.model, "images": args.images, "size": args.size,
               "device": torch.cuda.get_device_name(0), "torch": torch.__version__}
     outputs = {}
     for precision in ("fp32", "bf16"):
-        actor = RestoreActor(model=args.model, precision=precision, device="cuda")
-        net = actor.net
-        on_gpu = [torch.from_numpy(a).permute(2, 0, 1)[None].float().div(255).cuda()
-                  for a in arrays]
-        if actor.channels == 1:
-            on_gpu = [x.reshape(-1, 1, *x.shape[-2:]) for x in on_gpu]
-
-        def ceiling():
-            for x in on_gpu:
-                actor._forward(x)
-
-        def restore(keep=False):
-            out = []
-            for start in range(0, len(arrays), args.batch):
-                restored, _ = actor.restore_arrays(arrays[start:start + args.batch])
-                out.extend(restored)
-            if keep:
-                outputs[precision] = out
-
-        restore(keep=True)
-        seconds = {"ceiling": _timed(ceiling, 2), "actor": _timed(restore, 2)}
-        result[precision] = {
-            "tile": actor.tile, "overlap": actor.overlap,
-            "ceiling_images_per_s": args.images / seconds["ceiling"],
-            "actor_images_per_s": args.images / seconds["actor"],
-            "actor_megapixels_per_s": megapixels / seconds["actor"],
-            "actor_over_ceiling": seconds["ceiling"] / seconds["actor"],
-        }
-        del net, actor
+        result[precision], outputs[precision] = measure(args, precision, arrays)
         torch.cuda.empty_cache()
     result["bf16_over_fp32_actor"] = (result["bf16"]["actor_images_per_s"]
                                       / result["fp32"]["actor_images_per_s"])
-    result["bf16_vs_fp32_max_levels"] = int(max(
-        np.abs(a.astype(np.int16) - b.astype(np.int16)).max()
-        for a, b in zip(outputs["fp32"], outputs["bf16"])))
-    result["bf16_vs_fp32_mean_levels"] = float(np.mean([
-        np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()
-        for a, b in zip(outputs["fp32"], outputs["bf16"])]))
+    diffs = [np.abs(a.astype(np.int16) - b.astype(np.int16))
+             for a, b in zip(outputs["fp32"], outputs["bf16"])]
+    result["bf16_vs_fp32_max_levels"] = int(max(d.max() for d in diffs))
+    result["bf16_vs_fp32_mean_levels"] = float(np.mean([d.mean() for d in diffs]))
     print(json.dumps(result, indent=2))
     for precision in ("fp32", "bf16"):
         r = result[precision]
