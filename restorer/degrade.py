@@ -29,6 +29,12 @@ def _check_image(img: np.ndarray, name: str = "img") -> None:
         raise ValueError(f"{name} must be HW or HWC, got shape {img.shape}")
 
 
+def is_gray(img: np.ndarray) -> bool:
+    """Whether ``img`` (HW or HWC) is gray: one plane, or planes that are all equal (a gray
+    file read as RGB)."""
+    return img.ndim == 2 or img.shape[2] == 1 or bool((img == img[..., :1]).all())
+
+
 def add_gaussian_noise(img: np.ndarray, sigma_255: float, rng: np.random.Generator) -> np.ndarray:
     """``img`` plus white Gaussian noise of std ``sigma_255 / 255``, not clipped.
 
@@ -220,5 +226,14 @@ def sample_patches(images: Sequence[np.ndarray], patch_size: int, count: int,
     return np.ascontiguousarray(np.stack(patches))
 
 
-__all__ = ["DEGRADATIONS", "add_gaussian_noise", "bicubic_downscale", "bicubic_resize",
-           "gaussian_blur", "jpeg_compress", "random_degradation", "sample_patches"]
+__all__ = [
+    "DEGRADATIONS",
+    "add_gaussian_noise",
+    "bicubic_downscale",
+    "bicubic_resize",
+    "gaussian_blur",
+    "is_gray",
+    "jpeg_compress",
+    "random_degradation",
+    "sample_patches",
+]

@@ -82,7 +82,7 @@ def _read_test_image(path: Path, channels: int, task: str) -> np.ndarray:
     Pillow ``"L"`` (the reference convention for gray denoisers).
     """
     rgb = read_image(path, 3)
-    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 1], rgb[..., 2]):
+    if degrade.is_gray(rgb):
         return rgb[..., 0]
     if channels == 1 and task == "denoise":
         return read_image(path, 1)

@@ -159,8 +159,12 @@ class Batches:
         else:
             self.bank = synth.ImageBank(images, device, variants=variants)
         self.generator = torch.Generator(device=device).manual_seed(seed)  # after the fork
-        gray = [image.ndim == 3 and bool((image == image[..., :1]).all()) for image in images]
+        # Gray images of a colour net's bank (three equal planes) get equal noise per plane.
+        gray = [image.ndim == 3 and degrade.is_gray(image) for image in images]
         self.gray_images = torch.tensor(gray, device=device)
+        mixture = recipe.mixture
+        self.mixture_weights = torch.tensor([mixture.clean, mixture.noise, mixture.jpeg],
+                                            device=device)
 
     def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
         recipe, generator = self.recipe, self.generator
@@ -177,9 +181,7 @@ class Batches:
         jpeg = synth.to_float(crops["variant"][pick, torch.arange(count, device=clean.device)])
         if recipe.task == "jpeg":
             return clean, jpeg
-        weights = torch.tensor([recipe.mixture.clean, recipe.mixture.noise, recipe.mixture.jpeg],
-                               device=clean.device)
-        kind = torch.multinomial(weights, count, replacement=True, generator=generator)
+        kind = torch.multinomial(self.mixture_weights, count, replacement=True, generator=generator)
         noisy = synth.add_noise(clean, recipe.sigma_range, generator, shared)
         kind = kind[:, None, None, None]
         return clean, torch.where(kind == 0, clean, torch.where(kind == 1, noisy, jpeg))
@@ -496,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.ship:
-        print(ship(args.name, args.ship, args.data))
+        log.info("shipped %s and its card", ship(args.name, args.ship, args.data))
         return
     if not args.out or not args.minutes:
         parser.error("training needs --out and --minutes")

@@ -153,7 +153,7 @@ def jpeg_variants(images: Sequence[np.ndarray], qualities: Sequence[int], worker
     ``workers`` processes. A gray image stored as three equal planes is compressed as gray and
     expanded again, as a gray file would be."""
     def as_stored(image: np.ndarray) -> np.ndarray:
-        if image.ndim == 3 and image.shape[2] == 3 and (image == image[..., :1]).all():
+        if image.ndim == 3 and image.shape[2] == 3 and degrade.is_gray(image):
             return image[..., 0]
         return image
 
