@@ -18,6 +18,7 @@ import click
 from restorer import jobs
 from restorer.errors import JobStopped, RestorerError, SpecError
 
+EXIT_USAGE = 2
 EXIT_FAILED_IMAGES = 3
 EXIT_STOPPED = 4
 
@@ -34,8 +35,9 @@ def _errors_to_exit_codes(command):
     def wrapper(*args, **kwargs):
         try:
             return command(*args, **kwargs)
-        except SpecError as e:
-            raise click.UsageError(str(e)) from e
+        except SpecError as e:  # bad spec, flag, model name, input or resources: exit 2
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(EXIT_USAGE)
         except JobStopped as e:
             click.echo(f"Error: {e}", err=True)
             sys.exit(EXIT_STOPPED)
@@ -61,6 +63,10 @@ def resource_options(command):
     return command
 
 
+def _rate(value: float | None) -> str:
+    return "no rate" if value is None else f"{value:.2f} images/s"
+
+
 def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -68,11 +74,18 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if summary.get("kind") == "train":
         click.echo(json.dumps({k: v for k, v in summary.items() if k != "spec"}, indent=2))
         return
-    click.echo(
-        f"\nrestored {summary['succeeded']} of {summary['total']} images "
-        f"({summary['failed']} failed, {summary['skipped']} skipped as already done) "
-        f"in {summary['elapsed_seconds']:.1f} s, {summary['images_per_second']:.2f} images/s "
-        f"({summary['steady_images_per_second']:.2f} after start-up)")
+    if summary.get("status") == "empty":
+        click.echo(f"no images found under {summary.get('input') or 'the input'} "
+                   "(check the path, --include/--exclude and input.extensions)")
+        return
+    processed = summary["succeeded"] + summary["failed"]
+    line = (f"\nrestored {summary['succeeded']} of {summary['total']} images "
+            f"({summary['failed']} failed, {summary['skipped']} skipped as already done) "
+            f"in {summary['elapsed_seconds']:.1f} s")
+    if processed:
+        line += (f", {_rate(summary['images_per_second'])} "
+                 f"({_rate(summary['steady_images_per_second'])} after start-up)")
+    click.echo(line)
     job = summary.get("job")
     if job and summary["skipped"]:
         click.echo(f"whole job so far: {job['succeeded']} restored, {job['failed']} failed, "
@@ -90,6 +103,14 @@ def _print_summary(summary: dict[str, Any], as_json: bool) -> None:
     click.echo(f"details: {summary.get('output', '').rstrip('/')}/_restorer/")
 
 
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 def _finish(summary: dict[str, Any], as_json: bool) -> None:
     _print_summary(summary, as_json)
     if summary.get("failed"):
@@ -97,15 +118,20 @@ def _finish(summary: dict[str, Any], as_json: bool) -> None:
 
 
 @click.group()
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+@click.option("-v", "--verbose", is_flag=True,
+              help="Debug logging, and Ray's own console output unfiltered.")
 @click.version_option(package_name="restorer")
 def main(verbose: bool) -> None:
     """Restore images with CNNs on Ray: locally, or on a cluster."""
     _setup_logging(verbose)
+    if not verbose:
+        from restorer.console import quiet_ray
+
+        quiet_ray()
 
 
 @main.command()
-@click.argument("uris", nargs=-1, metavar="[INPUT] OUTPUT")
+@click.argument("uris", nargs=-1, metavar="INPUT... OUTPUT")
 @click.option("--manifest", default=None, help="Restore the URIs listed in this Parquet (uri, "
               "key columns) or text manifest instead of an INPUT folder.")
 @click.option("--layout", type=click.Choice(["files", "parquet"]), default=None,
@@ -137,13 +163,20 @@ def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, pre
             object_store_mb, dry_run, workers, gpus_per_worker, address, as_json):
     """Restore every image under INPUT (or in --manifest) into OUTPUT, under the same keys.
 
-    INPUT is a folder, an s3:// prefix, or a prefix of Parquet shards (detected).
+    INPUT is a folder, an s3:// prefix, a prefix of Parquet shards (detected), or one or more
+    image files (written under their names, or their paths below the files' common folder).
     """
     from restorer.launch import run_spec
 
-    if len(uris) != (1 if manifest else 2):
-        raise click.UsageError("give INPUT and OUTPUT, or --manifest URI and OUTPUT")
-    input_uri, output_uri = (manifest, uris[0]) if manifest else uris
+    if manifest and len(uris) != 1 or not manifest and len(uris) < 2:
+        raise click.UsageError("give INPUT and OUTPUT (INPUT: a folder, a prefix, or one or "
+                               "more image files), or --manifest URI and OUTPUT")
+    if manifest:
+        input_uri, output_uri = manifest, uris[0]
+    else:
+        output_uri = uris[-1]
+        input_uri, picked = jobs.input_from_files(list(uris[:-1]))
+        include = include + picked
     spec = jobs.spec_from_flags(
         jobs.RestoreSpec, input=input_uri, output=output_uri, model=model, tile=tile,
         overlap=overlap, format=fmt, jpeg_quality=jpeg_quality, precision=precision,
@@ -167,9 +200,10 @@ def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, pre
                    f"bytes), ~{plan['megapixels']:.1f} megapixels (mean "
                    f"{plan['mean_megapixels']:.3f} MP over {plan['sampled']} sampled)")
         if "estimated_seconds" in plan:
-            click.echo(f"estimated {plan['estimated_hours']:.2f} h on {plan['workers']} workers "
-                       f"({plan['gpu_hours']:.2f} GPU-hours), calibrated on "
-                       f"{plan['calibration_from']}")
+            click.echo(f"estimated {_duration(plan['estimated_seconds'])} on {plan['workers']} "
+                       f"worker{'s' if plan['workers'] != 1 else ''}"
+                       + (f" ({plan['gpu_hours']:.2f} GPU-hours)" if plan["gpu_hours"] else "")
+                       + f", calibrated on {plan['calibration_from']}")
         else:
             click.echo(plan["estimate"])
         return
@@ -445,16 +479,22 @@ def inspect(output_uri, as_json, top):
     if summary:
         _print_summary(summary, False)
     click.echo(f"\nrecords: {report['records']} ({report['failed']} failed)")
+    click.echo("errors:")
     for row in report["errors"]:
-        click.echo(f"  error {row['key']}: [{row['stage']}] {row['error_class']}: "
-                   f"{row['message']}")
+        click.echo(f"  {row['key']}: [{row['stage']}] {row['error_class']}: {row['message']}")
+    if not report["errors"]:
+        click.echo("  none")
     click.echo("flagged (changed far more than the job's typical image):")
     for row in report["flagged"]:
         click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}"
                    f" ({row['reason']})")
+    if not report["flagged"]:
+        click.echo("  none")
     click.echo("most changed (mean |output - input|, 8-bit levels):")
     for row in report["most_changed"]:
         click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}")
+    if not report["most_changed"]:
+        click.echo("  none")
     if report.get("report"):
         click.echo(f"report page: {report['report']}")
 

@@ -29,5 +29,17 @@ class JobError(RestorerError):
     """A job cannot start or resume as asked (e.g. its output belongs to a different job)."""
 
 
+class NotFoundError(StorageError, SpecError):
+    """A named input, output, model or data folder does not exist (a usage error: exit 2)."""
+
+
+class UnknownModelError(ModelError, SpecError):
+    """A model name is neither bundled nor a file (a usage error: exit 2)."""
+
+
+class OutputConflictError(JobError, SpecError):
+    """The output holds another job (other settings, a live job): a usage error, exit 2."""
+
+
 class JobStopped(RestorerError):
     """A job was asked to stop (SIGTERM, ``restorer jobs stop``) and drained; rerun to resume."""

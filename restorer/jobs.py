@@ -9,18 +9,20 @@ Specs hold no secrets: credentials stay in the environment.
 from __future__ import annotations
 
 import dataclasses
+import glob
 import hashlib
 import json
+import os
+import posixpath
+import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
-
 from restorer.codec import FORMATS
-from restorer.errors import SpecError
+from restorer.errors import NotFoundError, SpecError
 from restorer.storage import IMAGE_EXTENSIONS, StorageOptions
 
 
@@ -79,6 +81,8 @@ class ResourceSpec:
 class LimitSpec:
     max_pixels: int = 100_000_000  # larger images are quarantined (decompression bombs)
     max_input_mb: int = 512  # larger files are quarantined before they are read
+    # An output's lease (one job per output) whose heartbeat is older than this is taken over
+    lease_stale_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -231,6 +235,38 @@ def apply_overrides(spec: Any, **overrides: Any) -> Any:
             raise SpecError(f"A {spec.kind} spec has no {section}.{name} for --{flag}")
         spec = replace_field(spec, section, name, value)
     return spec
+
+
+def input_from_files(uris: list[str]) -> tuple[str, tuple[str, ...]]:
+    """(input.uri, include globs) for the inputs named on a command line.
+
+    One folder, prefix, manifest or file stands as it is (a file is listed alone, under its
+    name). Several files become their common folder with one exact include pattern each, so
+    they keep their paths below that folder.
+    """
+    if len(uris) == 1:
+        return uris[0], ()
+    local = [u for u in uris if "://" not in u or u.startswith("file://")]
+    if local and len(local) != len(uris):
+        raise SpecError("give several inputs either all local or all in one object store")
+    if local:
+        paths = [os.path.abspath(u.removeprefix("file://")) for u in uris]
+        folders = [p for p in paths if os.path.isdir(p)]
+        if folders:
+            raise SpecError(f"{folders[0]} is a folder: give one folder, or several files")
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise NotFoundError(f"Input {missing[0]} does not exist; check the path")
+        root = os.path.commonpath([os.path.dirname(p) for p in paths])
+        keys = [os.path.relpath(p, root).replace(os.sep, "/") for p in paths]
+    else:
+        schemes = {u.split("://", 1)[0] for u in uris}
+        root = posixpath.commonpath([u.split("://", 1)[1].rpartition("/")[0] for u in uris])
+        if len(schemes) != 1 or not root:
+            raise SpecError("several object-store inputs must share one bucket")
+        keys = [u.split("://", 1)[1][len(root):].lstrip("/") for u in uris]
+        root = f"{schemes.pop()}://{root}"
+    return root, tuple(glob.escape(k) for k in keys)
 
 
 def spec_from_flags(cls: type, **values: Any) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from restorer import storage
 from restorer.checkpoint import LoadedModel, load_model, read_metadata
-from restorer.errors import ModelError
+from restorer.errors import UnknownModelError
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 
@@ -45,7 +45,7 @@ def resolve_model_uri(model: str | None) -> str:
         return str(bundled[model].path)
     if storage.is_remote(model) or os.path.exists(storage.local_path(model)):
         return model
-    raise ModelError(
+    raise UnknownModelError(
         f"Unknown model {model!r}: not a bundled model ({', '.join(sorted(bundled)) or 'none'}) "
         "and no such file. Pass a zoo name or the path of a .safetensors model."
     )

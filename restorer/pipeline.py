@@ -44,16 +44,35 @@ import pyarrow.parquet as pq
 import torch
 
 from restorer import codec, storage
-from restorer.errors import ImageError, JobError, JobStopped, RestorerError, StorageError
-from restorer.jobs import RestoreSpec, digest, spec_from_flags, spec_to_dict
-from restorer.models import get_model, resolve_model_uri
-from restorer.sources import ListingTask, SourceConfig, detect_layout, expand, listing_tasks
+from restorer.errors import (
+    ImageError,
+    JobError,
+    JobStopped,
+    ModelError,
+    OutputConflictError,
+    RestorerError,
+    StorageError,
+)
+from restorer.jobs import RestoreSpec, digest, replace_field, spec_from_flags, spec_to_dict
+from restorer.lease import Lease
+from restorer.models import DEFAULT_MODEL, get_model, resolve_model_uri
+from restorer.progress import Progress
+from restorer.sources import (
+    ListingTask,
+    SourceConfig,
+    count_inputs,
+    detect_layout,
+    expand,
+    known_total,
+    listing_tasks,
+)
 from restorer.tiling import effective_tile, plan_tiles, run_tiled
 
 log = logging.getLogger(__name__)
 
 META_DIR = "_restorer"
 LEDGER_FORMAT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: tile, overlap and precision resolved (as the actors run them)
 PLAN_FIELDS = [
     ("key", pa.string()), ("uri", pa.string()), ("out_key", pa.string()),
     ("format", pa.string()), ("unit", pa.string()), ("unit_size", pa.int32()),
@@ -165,6 +184,26 @@ def noise_sigma(plane: torch.Tensor) -> torch.Tensor:
     return diagonal.abs().median() / 0.6745
 
 
+def tile_settings(net: torch.nn.Module, tile: int, overlap: int) -> tuple[int, int]:
+    """(tile, overlap) that the actor uses for ``net`` given the configured ones.
+
+    Overlap 0 means the net's receptive field, rounded up to 8; a given overlap is raised to
+    cover the receptive field. The tile is raised to 4x the overlap, rounded up to the net's
+    alignment (:func:`restorer.tiling.effective_tile`); 0 (whole images) stays 0.
+    """
+    receptive_field = net.receptive_field
+    halo = receptive_field // 2
+    overlap = max(overlap, 2 * halo + 1) if overlap else 8 * math.ceil((receptive_field + 1) / 8)
+    return effective_tile(tile, overlap, getattr(net, "alignment", 1)), overlap
+
+
+def resolve_precision(precision: str, on_gpu: bool) -> str:
+    """The precision actors really run: ``auto`` is bf16 on GPUs; on CPUs always fp32."""
+    if not on_gpu:
+        return "fp32"
+    return "bf16" if precision == "auto" else precision
+
+
 class RestoreActor:
     """Holds one model on one device and restores batches of images.
 
@@ -192,23 +231,25 @@ class RestoreActor:
                  precision: str = "auto", channels_last: bool = True, strength: float = 1.0,
                  tile_batch: int = 0, threads: int = 0, device: str = "auto",
                  storage_options: storage.StorageOptions = storage.StorageOptions(),
-                 compile: bool = False):
+                 compile: bool = False, model_sha256: str = ""):
         if threads:
             torch.set_num_threads(threads)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         loaded = get_model(model, storage_options)
+        if model_sha256 and loaded.sha256 != model_sha256:
+            raise ModelError(f"Model {model} on this worker has sha256 {loaded.sha256[:12]}, "
+                             f"not the job's {model_sha256[:12]}: the file changed after the "
+                             "job started, or the nodes see different files; give every node "
+                             "the same model (an s3:// URI or a bundled name)")
         self.model_sha256 = loaded.sha256
         self.net = loaded.net.to(self.device).eval()
         self.channels = self.net.channels
         self.scale = getattr(self.net, "scale", 1)
-        receptive_field = self.net.receptive_field
-        self.halo = receptive_field // 2
-        self.overlap = max(overlap, 2 * self.halo + 1) if overlap else 8 * math.ceil(
-            (receptive_field + 1) / 8)
+        self.halo = self.net.receptive_field // 2
         self.alignment = getattr(self.net, "alignment", 1)
-        self.tile = effective_tile(tile, self.overlap, self.alignment)
+        self.tile, self.overlap = tile_settings(self.net, tile, overlap)
         if self.tile != tile:
             log.info("RestoreActor: tile %d raised to %d (4x the overlap of %d px, a multiple of "
                      "the net's alignment %d) so that tiles do not mostly recompute their "
@@ -446,10 +487,14 @@ def meta_uri(spec: RestoreSpec, *parts: str) -> str:
     return storage.join(spec.output.uri, "/".join((META_DIR, *parts)))
 
 
-def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: str) -> bool:
+def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: str,
+                   legacy_fingerprint: dict[str, Any] | None = None) -> bool:
     """Claim the output for this job, or refuse it if it holds a different job.
 
-    Returns whether the output already held this job (a resume).
+    Returns whether the output already held this job (a resume). Fingerprints carry a version:
+    version 2 holds resolved settings (tile, overlap, precision as the actors ran them);
+    outputs of earlier versions held them as configured, so they are compared with
+    ``legacy_fingerprint`` (the spec's unresolved settings) and resume when those match.
     """
     options = spec.storage.options()
     job_uri = meta_uri(spec, "job.json")
@@ -460,18 +505,25 @@ def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: st
             raise JobError(f"{spec.output.uri} was written by a newer restorer (ledger format "
                            f"{previous['ledger_format_version']}); upgrade restorer")
         old = previous.get("fingerprint", {})
-        changed = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+        ours = fingerprint
+        if previous.get("fingerprint_version", 1) < FINGERPRINT_VERSION and legacy_fingerprint:
+            ours = legacy_fingerprint  # compare like with like; job.json is upgraded below
+        changed = sorted(k for k in set(old) | set(ours) if old.get(k) != ours.get(k))
         if changed and not spec.output.overwrite:
-            details = ", ".join(f"{k}: {old.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed)
-            raise JobError(f"{spec.output.uri} holds a job with different settings ({details}); "
-                           "use the same settings to resume, another output, or --overwrite")
-    elif storage.list_names(spec.output.uri, options) and not spec.output.overwrite:
-        raise JobError(f"Output {spec.output.uri} is not empty and holds no restorer job; "
-                       "choose an empty output or pass --overwrite")
+            details = ", ".join(f"{k}: {old.get(k)!r} -> {ours.get(k)!r}" for k in changed)
+            raise OutputConflictError(
+                f"{spec.output.uri} holds a job with different settings ({details}); use the "
+                "same settings (or --model the old model file) to resume, another output, or "
+                "--overwrite to redo everything")
+    elif ([n for n in storage.list_names(spec.output.uri, options) if n != META_DIR]
+          and not spec.output.overwrite):
+        raise OutputConflictError(f"Output {spec.output.uri} is not empty and holds no restorer "
+                                  "job; choose an empty output or pass --overwrite")
     if spec.output.overwrite:
         storage.delete(meta_uri(spec, "ledger"), options, recursive=True)
         storage.delete(meta_uri(spec, "errors.parquet"), options, recursive=True)
-    record = {"ledger_format_version": LEDGER_FORMAT_VERSION, "fingerprint": fingerprint,
+    record = {"ledger_format_version": LEDGER_FORMAT_VERSION,
+              "fingerprint_version": FINGERPRINT_VERSION, "fingerprint": fingerprint,
               "fingerprint_sha256": digest(fingerprint), "model": model_uri,
               "spec": spec_to_dict(spec), "created": time.time()}
     storage.write_bytes(job_uri, json.dumps(record, indent=2).encode(), options)
@@ -530,6 +582,7 @@ def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
 
 
 def _account(state: JobState, record: dict[str, Any]) -> None:
+    state.input_bytes += record["in_bytes"]
     if record["status"] == "ok":
         state.succeeded += 1
         state.output_bytes += record["out_bytes"]
@@ -543,33 +596,58 @@ def _account(state: JobState, record: dict[str, Any]) -> None:
 
 
 def _summary(state: JobState, elapsed: float) -> dict[str, Any]:
+    """The run's figures. Rates count the images this run processed (restored or failed), not
+    the units it skipped; a run that processed none has no rate (``None``). The steady rate
+    runs from the first processed records to the last, so Ray's and the actors' start-up is
+    left out; it needs at least two batches of results."""
     processed = state.succeeded + state.failed
-    # Steady state: from the first records to the last, not counting the first batch.
-    steady = (state.last_result - state.first_result) if state.first_result else 0.0
+    steady = None
+    if state.first_result is not None and state.last_result is not None:
+        span = state.last_result - state.first_result
+        if span > 0 and processed > state.first_count:
+            steady = round((processed - state.first_count) / span, 3)
     return {
         "status": "failed_images" if state.failed else "ok",
         "total": state.total, "succeeded": state.succeeded, "failed": state.failed,
         "skipped": state.skipped, "skipped_units": state.skipped_units,
         "committed_units": state.committed_units,
         "elapsed_seconds": round(elapsed, 3),
-        "startup_seconds": round((state.first_result or time.time()) - state.started, 3),
-        "images_per_second": round(processed / elapsed, 3) if elapsed > 0 else 0.0,
-        "steady_images_per_second": (round((processed - state.first_count) / steady, 3)
-                                     if steady > 0 else 0.0),
+        "startup_seconds": (round(state.first_result - state.started, 3)
+                            if state.first_result is not None else None),
+        "images_per_second": round(processed / elapsed, 3) if processed and elapsed > 0 else None,
+        "steady_images_per_second": steady,
         "megapixels": round(state.megapixels, 3), "input_bytes": state.input_bytes,
         "output_bytes": state.output_bytes, "errors_by_class": state.errors_by_class,
         "images_with_notes": state.notes,
         "replaced_outputs": state.replaced, "abandoned_images": state.abandoned,
         "model": state.model_uri, "model_sha256": state.model_sha256,
         "fingerprint": state.fingerprint, "spec": spec_to_dict(state.spec),
-        "output": state.spec.output.uri,
+        "input": state.spec.input.uri, "output": state.spec.output.uri,
     }
 
 
 def source_config(spec: RestoreSpec, layout: str) -> SourceConfig:
     return SourceConfig(layout, spec.input.extensions, spec.input.include, spec.input.exclude,
                         spec.output.format, spec.input.key_column, spec.input.bytes_column,
-                        spec.input.uri_column, spec.storage.options())
+                        spec.input.uri_column, spec.storage.options(),
+                        skip_prefix=output_inside_input(spec))
+
+
+def output_inside_input(spec: RestoreSpec) -> str:
+    """The output's key prefix inside the input folder ("" when it lies elsewhere)."""
+    import os
+
+    source, target = spec.input.uri, spec.output.uri
+    if storage.is_remote(source) != storage.is_remote(target):
+        return ""
+    if storage.is_remote(source):
+        source, target = source.rstrip("/") + "/", target.rstrip("/") + "/"
+        return target[len(source):] if target.startswith(source) and target != source else ""
+    source = os.path.realpath(storage.local_path(source))
+    target = os.path.realpath(storage.local_path(target))
+    if target != source and target.startswith(source.rstrip(os.sep) + os.sep):
+        return os.path.relpath(target, source).replace(os.sep, "/") + "/"
+    return ""
 
 
 def _expand_task(row: dict[str, Any], config: SourceConfig,
@@ -580,7 +658,7 @@ def _expand_task(row: dict[str, Any], config: SourceConfig,
 
 
 def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
-                   done: frozenset[str], resumed: bool = False) -> Any:
+                   done: frozenset[str], resumed: bool = False, model_sha256: str = "") -> Any:
     """The Ray Data graph of a restore job (the one pipeline builder).
 
     With ``input.limit`` the (small) listing runs in the driver; otherwise each listing task
@@ -590,6 +668,9 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
     import ray.data
     from ray.data import ActorPoolStrategy
 
+    from restorer.console import configure_ray_data
+
+    configure_ray_data()
     options = spec.storage.options()
     encode_options = codec.EncodeOptions(spec.output.format, spec.output.jpeg_quality,
                                          spec.output.png_compress_level)
@@ -630,7 +711,8 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
             "overlap": spec.model.overlap, "precision": spec.model.precision,
             "channels_last": spec.model.channels_last, "strength": spec.model.strength,
             "tile_batch": spec.resources.tile_batch, "threads": plan.threads_per_worker,
-            "storage_options": options, "compile": spec.model.compile})
+            "storage_options": options, "compile": spec.model.compile,
+            "model_sha256": model_sha256})
     return ds.map_batches(
         encode_and_write, batch_format="pyarrow", batch_size=8, num_cpus=0.5,
         fn_kwargs={"output_uri": spec.output.uri, "options": encode_options,
@@ -657,23 +739,60 @@ def _truncate_unit(unit: list[dict[str, Any]], count: int,
 def run_restore(spec: RestoreSpec) -> dict[str, Any]:
     """Run a restore job to the end; returns (and writes) its summary.
 
-    Everything that can fail for the whole job (spec, model, input listing, output access)
-    is checked here before Ray starts or any image is touched.
+    Everything that can fail for the whole job (spec, model, input listing, output access) is
+    checked before Ray starts or any image is touched; settings left to ``auto``/0 (model,
+    tile, overlap, precision) are resolved before they enter the fingerprint, so a resume on
+    other hardware cannot mix outputs made differently.
     """
-    from restorer.runtime import cluster_shape, ensure_ray, plan_workers
-
     spec = spec.validate()
     options = spec.storage.options()
-    model_uri = resolve_model_uri(spec.model.name or None)
+    if not spec.model.name:
+        spec = replace_field(spec, "model", "name", DEFAULT_MODEL)
+    model_uri = resolve_model_uri(spec.model.name)
     model_sha256 = hashlib.sha256(storage.read_bytes(model_uri, options)).hexdigest()
-    get_model(model_uri, options)  # fail here, before any work, if the model is unusable
-    fingerprint = spec.fingerprint(model_sha256)
-    state = JobState(spec, model_uri, model_sha256, fingerprint)
+    net = get_model(model_uri, options).net  # fail here, before any work, if it is unusable
     _refuse_input_as_output(spec)
     layout = detect_layout(spec.input.uri, spec.input.layout, options)
     config = source_config(spec, layout)
+    if config.skip_prefix:
+        log.warning("the output %s lies inside the input; it is left out of the listing",
+                    spec.output.uri)
     tasks = listing_tasks(spec.input.uri, config)
-    resumed = prepare_output(spec, fingerprint, model_uri) and not spec.output.overwrite
+    if (layout == "files" and not storage.is_remote(spec.input.uri)
+            and storage.is_dir(spec.input.uri)
+            and not storage.has_local_file(spec.input.uri, spec.input.extensions,
+                                           skip_dirs=(META_DIR,))):
+        log.warning("no images found under %s (extensions %s)", spec.input.uri,
+                    " ".join(spec.input.extensions))
+        state = JobState(spec, model_uri, model_sha256, {})
+        return dict(_summary(state, time.time() - state.started), status="empty")
+
+    storage.exists(meta_uri(spec, "job.json"), options)  # a bad output bucket fails here
+    lease = Lease(meta_uri(spec, "lease.json"), options, spec.limits.lease_stale_seconds)
+    with lease:  # one job per output, from before anything is written until the end
+        return _run_leased(spec, model_uri, model_sha256, net, layout, config, tasks)
+
+
+def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch.nn.Module,
+                layout: str, config: SourceConfig, tasks: list[ListingTask]) -> dict[str, Any]:
+    from restorer.runtime import cluster_shape, ensure_ray, plan_workers
+
+    embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
+                          spec.resources.object_store_mb)
+    plan = plan_workers(spec.resources.workers, spec.resources.gpus_per_worker,
+                        spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
+                        *cluster_shape(), can_autoscale=not embedded)
+    log.info("worker plan: %s", plan)
+    legacy_fingerprint = spec.fingerprint(model_sha256)  # outputs of restorer before 0.2
+    tile, overlap = tile_settings(net, spec.model.tile, spec.model.overlap)
+    spec = replace_field(spec, "model", "tile", tile)
+    spec = replace_field(spec, "model", "overlap", overlap)
+    spec = replace_field(spec, "model", "precision",
+                         resolve_precision(spec.model.precision, plan.gpus_per_worker > 0))
+    fingerprint = spec.fingerprint(model_sha256)
+    state = JobState(spec, model_uri, model_sha256, fingerprint)
+    resumed = (prepare_output(spec, fingerprint, model_uri, legacy_fingerprint)
+               and not spec.output.overwrite)
     done, with_errors = committed_units(spec)
     if spec.output.overwrite:
         done = set()
@@ -682,25 +801,40 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
     log.info("input %s (%s layout): %d listing tasks; %d units already committed",
              spec.input.uri, layout, len(tasks), len(done))
 
-    ensure_ray(spec.resources.address, spec.resources.num_cpus, spec.resources.object_store_mb)
-    plan = plan_workers(spec.resources.workers, spec.resources.gpus_per_worker,
-                        spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
-                        *cluster_shape())
-    log.info("worker plan: %s", plan)
-    with _stop_on_sigterm() as stop:
+    total = known_total(tasks)
+    if spec.input.limit:
+        total = min(total or spec.input.limit, spec.input.limit)
+    with _stop_on_signals() as stop, Progress("restore", total) as progress:
+        if total is None and layout == "files" and not storage.is_remote(spec.input.uri):
+            _count_in_background(tasks, config, progress)
         _execute(spec, state, build_pipeline(spec, plan, tasks, config, frozenset(done),
-                                             resumed), with_errors, stop)
+                                             resumed, model_sha256),
+                 with_errors, stop, progress)
     state.total = state.succeeded + state.failed + state.skipped
     summary = _summary(state, time.time() - state.started)
     summary["resumed"] = resumed
+    if state.total == 0:
+        summary["status"] = "empty"
     if stop.is_set():
         summary["status"] = "stopped"
     _audit(spec, summary)
     if stop.is_set():
-        raise JobStopped(f"Stopped by SIGTERM after committing {state.committed_units} units "
+        raise JobStopped(f"Stopped after committing {state.committed_units} units "
                          f"({state.abandoned} images in unfinished units abandoned); rerun "
                          "the same command to finish the job")
     return summary
+
+
+def _count_in_background(tasks: list[ListingTask], config: SourceConfig,
+                         progress: Progress) -> None:
+    """Give a local folder's progress bar its total once a counting walk has finished."""
+    def count() -> None:
+        try:
+            progress.set_total(count_inputs(tasks, config))
+        except (OSError, RestorerError) as e:  # progress only: the listing reports errors
+            log.debug("could not count the inputs: %s", e)
+
+    threading.Thread(target=count, name="restorer-count", daemon=True).start()
 
 
 def _audit(spec: RestoreSpec, summary: dict[str, Any]) -> None:
@@ -733,24 +867,31 @@ def _audit(spec: RestoreSpec, summary: dict[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def _stop_on_sigterm():
-    """Turn SIGTERM (pre-emption, ``restorer jobs stop``) into a stop request while running."""
+def _stop_on_signals():
+    """Turn SIGTERM (pre-emption, ``restorer jobs stop``) and a first Ctrl-C (SIGINT) into a
+    stop request while running: the driver commits the units that are complete and returns. A
+    second Ctrl-C aborts at once (``KeyboardInterrupt``); a rerun still resumes."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         yield stop
         return
-    previous = signal.getsignal(signal.SIGTERM)
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handler(signum, frame):
-        log.warning("SIGTERM: draining; committed units stay committed, open units are "
-                    "abandoned and redone by the next run")
+        if signum == signal.SIGINT and stop.is_set():
+            raise KeyboardInterrupt
+        log.warning("%s: draining; committed units stay committed, open units are abandoned "
+                    "and redone by the next run%s", signal.Signals(signum).name,
+                    " (Ctrl-C again to abort now)" if signum == signal.SIGINT else "")
         stop.set()
 
-    signal.signal(signal.SIGTERM, handler)
+    for sig in previous:
+        signal.signal(sig, handler)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 def _refuse_input_as_output(spec: RestoreSpec) -> None:
@@ -762,28 +903,27 @@ def _refuse_input_as_output(spec: RestoreSpec) -> None:
         same = (os.path.realpath(storage.local_path(spec.input.uri))
                 == os.path.realpath(storage.local_path(spec.output.uri)))
     if same:
-        raise JobError(f"Output {spec.output.uri} is the input; outputs would overwrite inputs. "
+        raise OutputConflictError(f"Output {spec.output.uri} is the input; outputs would overwrite inputs. "
                        "Choose another output")
 
 
 def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
-             stop: threading.Event | None = None) -> None:
+             stop: threading.Event | None = None, progress: Progress | None = None) -> None:
     """Consume the pipeline's records in the driver and commit units as they complete.
 
     Only the units in flight are held here, so driver memory does not grow with the job.
     """
     open_units: dict[str, list[dict[str, Any]]] = {}
-    last_log = time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if state.first_result is None:
-            state.first_result = time.time()
-            state.first_count = batch.num_rows
-        state.last_result = time.time()
+        processed = 0
         for record in batch.to_pylist():
             if record["status"] == "skipped":
                 state.skipped += record["unit_size"]
                 state.skipped_units += 1
+                if progress is not None:
+                    progress.update(record["unit_size"])
                 continue
+            processed += 1
             _account(state, record)
             unit = open_units.setdefault(record["unit"], [])
             unit.append(record)
@@ -791,15 +931,16 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
                 commit_unit(spec, record["unit"], unit, record["unit"] in with_errors)
                 state.committed_units += 1
                 del open_units[record["unit"]]
+        if processed:
+            now = time.time()
+            if state.first_result is None:
+                state.first_result, state.first_count = now, processed
+            state.last_result = now
+            if progress is not None:
+                progress.update(processed, failed=state.failed)
         if stop is not None and stop.is_set():
             state.abandoned = sum(len(rows) for rows in open_units.values())
             return
-        now = time.time()
-        if now - last_log > 10:
-            done = state.succeeded + state.failed
-            log.info("restored %d images (%d failed, %d skipped), %.2f images/s", done,
-                     state.failed, state.skipped, done / max(now - state.started, 1e-9))
-            last_log = now
     if open_units:
         raise JobError(f"{len(open_units)} work units did not complete; rerun to finish them")
 

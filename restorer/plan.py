@@ -58,7 +58,7 @@ def plan_job(spec: RestoreSpec, workers: int, sample_size: int = 200,
             continue
     mean_megapixels = sum(pixels) / len(pixels) / 1e6 if pixels else 0.0
     megapixels = mean_megapixels * count
-    calibration = load_calibration()
+    calibration = load_calibration() or quick_calibration(spec, mean_megapixels)
     plan: dict[str, Any] = {
         "input": spec.input.uri, "layout": layout, "images": count,
         "refused_at_listing": refused, "input_bytes": input_bytes,
@@ -75,5 +75,39 @@ def plan_job(spec: RestoreSpec, workers: int, sample_size: int = 200,
                     gpu_hours=round(seconds / 3600 * workers, 2)
                     if calibration["device"] == "cuda" else 0.0)
     else:
-        plan["estimate"] = "no calibration: run `restorer bench` on the target hardware first"
+        plan["estimate"] = "no estimate: the model could not be timed here"
     return plan
+
+
+def quick_calibration(spec: RestoreSpec, mean_megapixels: float,
+                      seconds: float = 3.0) -> dict[str, Any] | None:
+    """Time the job's model on this machine's device (a GPU if it has one) for a few seconds
+    on synthetic images of the inputs' mean size (capped at 1 MP), through the same actor and
+    tiling as the job. The actor alone: decode, encode and storage are not counted, so on a
+    fast GPU the estimate is optimistic; ``restorer bench`` measures the whole pipeline."""
+    import platform
+    import time
+
+    import numpy as np
+
+    from restorer.pipeline import RestoreActor
+
+    try:
+        actor = RestoreActor(spec.model.name or None, tile=spec.model.tile,
+                             overlap=spec.model.overlap, precision=spec.model.precision,
+                             storage_options=spec.storage.options())
+    except Exception as e:  # noqa: BLE001 - no estimate is better than no plan
+        log.warning("could not time the model for an estimate: %s", e)
+        return None
+    side = int(min(max(mean_megapixels, 0.01), 1.0) ** 0.5 * 1000)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(2)]
+    actor.restore_arrays(images[:1])  # warm-up: first-call costs are not the job's rate
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds or done == 0:
+        actor.restore_arrays(images)
+        done += len(images)
+    rate = done * side * side / 1e6 / (time.perf_counter() - started)
+    return {"megapixels_per_second_per_worker": round(rate, 4), "device": actor.device.type,
+            "machine": f"this machine ({platform.machine()}, quick timing of the model alone)",
+            "date": time.strftime("%Y-%m-%d")}

@@ -18,16 +18,20 @@ from restorer.errors import SpecError
 log = logging.getLogger(__name__)
 
 
-def ensure_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0) -> None:
-    """Start an embedded Ray (``address == ""``) or connect to ``address``; no-op if connected."""
+def ensure_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0) -> bool:
+    """Start an embedded Ray (``address == ""``) or connect to ``address``; no-op if connected.
+
+    Returns whether the Ray in use is embedded (started here, by this call or an earlier one):
+    an embedded Ray has no autoscaler, so resources it lacks never come.
+    """
     import ray  # RAY_AUTH_MODE is settled in restorer/__init__.py, before Ray is imported
 
     if ray.is_initialized():
-        return
+        return _started_here()
     if address or os.environ.get("RAY_ADDRESS"):
         # Inside a submitted job (RAY_ADDRESS is set) or pointed at a cluster: connect only.
         ray.init(address=address or None, log_to_driver=True)
-        return
+        return False
     kwargs = {"include_dashboard": False, "configure_logging": True,
               "logging_level": logging.WARNING}
     if num_cpus:
@@ -35,6 +39,15 @@ def ensure_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0) -
     if object_store_mb:
         kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
     ray.init(**kwargs)
+    return True
+
+
+def _started_here() -> bool:
+    """Whether this process started the Ray head it is connected to (an embedded Ray)."""
+    import ray._private.worker
+
+    node = ray._private.worker._global_node
+    return bool(node is not None and getattr(node, "head", False))
 
 
 @dataclass(frozen=True)
@@ -57,7 +70,8 @@ def cluster_shape() -> tuple[float, float, float, int]:
 
 def plan_workers(workers: int, gpus_per_worker: float, cpus_per_worker: float,
                  threads_per_worker: int, total_cpus: float, total_gpus: float,
-                 node_cpus: float, nodes: int, reserve_cpus: float = 1.0) -> WorkerPlan:
+                 node_cpus: float, nodes: int, reserve_cpus: float = 1.0,
+                 can_autoscale: bool = True) -> WorkerPlan:
     """Size the worker pool from the cluster, refusing plans that cannot be scheduled.
 
     A plan that takes every CPU would starve the decode/encode tasks and hang the pipeline
@@ -68,6 +82,11 @@ def plan_workers(workers: int, gpus_per_worker: float, cpus_per_worker: float,
     if gpus_per_worker == -1.0:
         gpus_per_worker = 1.0 if total_gpus >= 1 else 0.0
     if gpus_per_worker > 0:
+        if not can_autoscale and total_gpus < max(workers, 1) * gpus_per_worker:
+            raise SpecError(f"{max(workers, 1)} workers x {gpus_per_worker:g} GPUs requested, but "
+                            f"this local Ray has {total_gpus:g} GPUs and no autoscaler to add "
+                            "any; use --gpus-per-worker 0 to run on CPUs, or --address a "
+                            "cluster with GPUs")
         if workers and total_gpus < workers * gpus_per_worker:
             # Explicit GPU workers on a cluster that has fewer GPUs now: an autoscaling cluster
             # (min GPU workers 0) adds them when the actors ask; say so instead of refusing.
@@ -91,8 +110,11 @@ def plan_workers(workers: int, gpus_per_worker: float, cpus_per_worker: float,
                                  else 1)
         threads_per_worker = threads_per_worker or max(1, int(node_cpus))
     if workers * cpus_per_worker > total_cpus - reserve_cpus + 1e-9:
-        raise SpecError(
-            f"{workers} workers x {cpus_per_worker:g} CPUs leave fewer than {reserve_cpus:g} of "
-            f"the cluster's {total_cpus:g} CPUs for reading and writing, and the job would hang; "
-            "lower --workers or resources.cpus_per_worker")
+        if reserve_cpus > 0:
+            why = (f"leave fewer than {reserve_cpus:g} of the cluster's {total_cpus:g} CPUs "
+                   "for reading and writing, and the job would hang")
+        else:
+            why = f"need more than the cluster's {total_cpus:g} CPUs"
+        raise SpecError(f"{workers} workers x {cpus_per_worker:g} CPUs {why}; lower --workers "
+                        "or resources.cpus_per_worker")
     return WorkerPlan(workers, cpus_per_worker, gpus_per_worker, threads_per_worker)

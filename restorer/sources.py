@@ -31,7 +31,7 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from restorer import codec, storage
-from restorer.errors import SpecError, StorageError
+from restorer.errors import NotFoundError, SpecError, StorageError
 
 UNIT_MAX_KEYS = 64
 UNIT_BOUNDARY_MODULUS = 16  # a unit also ends after a key whose crc32 is 0 modulo this
@@ -51,6 +51,7 @@ class ListingTask:
     row_group: int = -1  # parquet/manifest parquet: which row group
     offset: int = 0  # parquet/manifest parquet: first row of this task within the row group
     length: int = 0  # ... and how many rows (0 = to the end of the row group)
+    name: str = ""  # files: list only this file of the folder (an input that is one file)
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ class SourceConfig:
     bytes_column: str
     uri_column: str
     options: storage.StorageOptions
+    skip_prefix: str = ""  # files: keys under this prefix are not listed (the output, when
+    # it lies inside the input: a rerun must not restore the last run's outputs again)
 
 
 def detect_layout(uri: str, layout: str, options: storage.StorageOptions) -> str:
@@ -99,19 +102,48 @@ def listing_tasks(uri: str, config: SourceConfig) -> list[ListingTask]:
     if config.layout != "files":
         raise SpecError(f"input.layout = {config.layout!r}; use auto, files, parquet or manifest")
     if not storage.is_dir(uri, options):
-        raise StorageError(f"Input {uri} does not exist or is not a folder/prefix (check the "
-                           "path, bucket name and credentials)")
+        if storage.is_file(uri, options):  # one image: its folder, listing only that name
+            parent, _, name = uri.rstrip("/").rpartition("/")
+            return [ListingTask("files", parent or ".", recursive=False, name=name)]
+        where = ("check the path" if not storage.is_remote(uri) else
+                 "check the bucket, prefix and credentials" + storage.CREDENTIALS_HINT)
+        raise NotFoundError(f"Input {uri} does not exist ({where})")
     tasks = [ListingTask("files", uri, recursive=False)]
     for name in storage.list_dirs(uri, options):
-        if not name.startswith(".") and name != "_restorer":
+        if (not name.startswith(".") and name != "_restorer"
+                and config.skip_prefix != name + "/"):
             tasks.append(ListingTask("files", storage.join(uri, name), key_prefix=name + "/"))
     return tasks
 
 
 def _chunked(layout: str, uri: str, row_counts: list[int], chunk: int) -> list[ListingTask]:
     """Tasks of at most ``chunk`` rows, so that no task emits one huge block of rows."""
-    return [ListingTask(layout, uri, row_group=group, offset=offset, length=chunk)
+    return [ListingTask(layout, uri, row_group=group, offset=offset,
+                        length=min(chunk, rows - offset))
             for group, rows in enumerate(row_counts) for offset in range(0, rows, chunk)]
+
+
+def count_inputs(tasks: list[ListingTask], config: SourceConfig) -> int:
+    """How many inputs the listing tasks of a folder will list (the same filters as
+    :func:`expand`, counting only). Costs one more walk of the tree: for progress totals."""
+    count = 0
+    for task in tasks:
+        for entries in storage.walk_files(task.uri, config.extensions, (), (),
+                                          options=config.options, recursive=task.recursive):
+            for entry in entries:
+                key = task.key_prefix + entry.key
+                count += ((not task.name or entry.key == task.name)
+                          and not (config.skip_prefix and key.startswith(config.skip_prefix))
+                          and storage.matches(key, config.include, config.exclude))
+    return count
+
+
+def known_total(tasks: list[ListingTask]) -> int | None:
+    """How many rows the tasks list, when that is known without listing (Parquet shards and
+    manifests, from their footers); ``None`` for folders, prefixes and text manifests."""
+    if tasks and all(t.row_group >= 0 for t in tasks):
+        return sum(t.length for t in tasks)
+    return None
 
 
 def _row_groups(uri: str, options: storage.StorageOptions) -> list[int]:
@@ -211,6 +243,10 @@ def expand(task: ListingTask, config: SourceConfig,
             rows = []
             for entry in entries:
                 key = task.key_prefix + entry.key
+                if task.name and entry.key != task.name:
+                    continue
+                if config.skip_prefix and key.startswith(config.skip_prefix):
+                    continue
                 if storage.matches(key, config.include, config.exclude):
                     rows.append(_row(key, entry.uri, config, entry.size))
             _mark_collisions(rows)

@@ -51,6 +51,13 @@ class Entry:
     size: int  # bytes
 
 
+# Where botocore (through s3fs) reads credentials, in its order; named in every access error.
+CREDENTIALS_HINT = (" (read, in order, from AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY[/AWS_SESSION_TOKEN], "
+                    "AWS_PROFILE or the default profile in ~/.aws/credentials and ~/.aws/config, "
+                    "then the instance or container role; endpoint from AWS_ENDPOINT_URL or "
+                    "storage.endpoint_url)")
+
+
 def is_remote(uri: str) -> bool:
     return "://" in uri and not uri.startswith("file://")
 
@@ -205,9 +212,9 @@ def exists(uri: str, options: StorageOptions = StorageOptions()) -> bool:
     try:
         return fs.exists(path)
     except PermissionError as e:
-        raise StorageError(f"No permission to read {uri}; check your AWS credentials") from e
+        raise StorageError(f"No permission to read {uri}; check your AWS credentials" + CREDENTIALS_HINT) from e
     except OSError as e:
-        raise StorageError(f"Cannot reach {uri}: {e}; check the endpoint and credentials") from e
+        raise StorageError(f"Cannot reach {uri}: {e}; check the endpoint and credentials" + CREDENTIALS_HINT) from e
 
 
 def list_names(uri: str, options: StorageOptions = StorageOptions()) -> list[str]:
@@ -222,7 +229,7 @@ def list_names(uri: str, options: StorageOptions = StorageOptions()) -> list[str
     except FileNotFoundError:
         return []
     except PermissionError as e:
-        raise StorageError(f"No permission to list {uri}; check your AWS credentials") from e
+        raise StorageError(f"No permission to list {uri}; check your AWS credentials" + CREDENTIALS_HINT) from e
 
 
 def matches(key: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
@@ -298,7 +305,43 @@ def walk_files(
     except FileNotFoundError as e:
         raise StorageError(f"Input prefix {root} does not exist") from e
     except PermissionError as e:
-        raise StorageError(f"No permission to list {root}; check your AWS credentials") from e
+        raise StorageError(f"No permission to list {root}; check your AWS credentials" + CREDENTIALS_HINT) from e
+
+
+def is_file(uri: str, options: StorageOptions = StorageOptions()) -> bool:
+    """Whether ``uri`` is an existing file (or S3 object)."""
+    if not is_remote(uri):
+        return os.path.isfile(local_path(uri))
+    fs, path = filesystem(uri, options)
+    try:
+        return fs.isfile(path)
+    except PermissionError as e:
+        raise StorageError(f"No permission to read {uri}; check your AWS credentials"
+                           + CREDENTIALS_HINT) from e
+    except OSError as e:
+        raise StorageError(f"Cannot reach {uri}: {e}; check the bucket name, endpoint and "
+                           "credentials" + CREDENTIALS_HINT) from e
+
+
+def has_local_file(root: str, extensions: Sequence[str], skip_dirs: Sequence[str] = ()) -> bool:
+    """Whether the local folder ``root`` holds a file with one of ``extensions`` anywhere below
+    it (hidden entries and ``skip_dirs`` aside); stops at the first one, so it is cheap on huge
+    trees that hold images and on empty ones."""
+    extensions = tuple(e.lower() for e in extensions)
+    pending = [local_path(root)]
+    while pending:
+        try:
+            with os.scandir(pending.pop()) as entries:
+                for entry in entries:
+                    if entry.name.startswith(".") or entry.name in skip_dirs:
+                        continue
+                    if entry.is_dir(follow_symlinks=False):
+                        pending.append(entry.path)
+                    elif entry.name.lower().endswith(extensions):
+                        return True
+        except OSError:
+            continue
+    return False
 
 
 def is_dir(uri: str, options: StorageOptions = StorageOptions()) -> bool:
@@ -312,10 +355,10 @@ def is_dir(uri: str, options: StorageOptions = StorageOptions()) -> bool:
     try:
         return fs.isdir(path.rstrip("/"))
     except PermissionError as e:
-        raise StorageError(f"No permission to list {uri}; check your AWS credentials") from e
+        raise StorageError(f"No permission to list {uri}; check your AWS credentials" + CREDENTIALS_HINT) from e
     except OSError as e:
         raise StorageError(f"Cannot reach {uri}: {e}; check the bucket name, endpoint and "
-                           "credentials") from e
+                           "credentials" + CREDENTIALS_HINT) from e
 
 
 def list_dirs(uri: str, options: StorageOptions = StorageOptions()) -> list[str]:
@@ -329,7 +372,7 @@ def list_dirs(uri: str, options: StorageOptions = StorageOptions()) -> list[str]
     except FileNotFoundError:
         return []
     except PermissionError as e:
-        raise StorageError(f"No permission to list {uri}; check your AWS credentials") from e
+        raise StorageError(f"No permission to list {uri}; check your AWS credentials" + CREDENTIALS_HINT) from e
     return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries
                   if e.get("type") == "directory")
 
@@ -342,4 +385,4 @@ def delete(uri: str, options: StorageOptions = StorageOptions(), recursive: bool
     except FileNotFoundError:
         pass
     except PermissionError as e:
-        raise StorageError(f"No permission to delete {uri}; check your AWS credentials") from e
+        raise StorageError(f"No permission to delete {uri}; check your AWS credentials" + CREDENTIALS_HINT) from e

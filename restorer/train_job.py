@@ -34,9 +34,10 @@ import torch
 
 from restorer import degrade, storage
 from restorer.checkpoint import count_parameters, model_bytes
-from restorer.errors import JobError, SpecError
+from restorer.errors import JobError, NotFoundError, SpecError
 from restorer.jobs import ResourceSpec, StorageSpec, register_kind, spec_to_dict
 from restorer.nets import build_net
+from restorer.progress import Progress, stderr_is_tty
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +310,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if spec.optim.ema and ema is None:
         ema = {k: v.detach().clone() for k, v in _unwrap(net).state_dict().items()}
     running, count, started = 0.0, 0, time.time()
+    progress = None
+    if rank == 0:  # one bar for the run: on the driver's terminal (Ray's tqdm), else log lines
+        bar = None
+        if config.get("tty"):
+            from ray.experimental.tqdm_ray import tqdm as bar
+        progress = Progress("train", spec.optim.steps, unit="steps", interval=30.0, tty=False,
+                            initial=step, bar=bar)
     while step < spec.optim.steps:
         rng = np.random.default_rng([spec.optim.seed, rank, step])
         clean = degrade.sample_patches(images, spec.optim.patch_size, spec.optim.batch_size, rng)
@@ -322,6 +330,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                               spec.optim.loss, torch.bfloat16 if fast_cuda else None)
         count += 1
         step += 1
+        if progress is not None:
+            progress.update(1)
         if ema is not None:
             with torch.no_grad():
                 for k, v in _unwrap(net).state_dict().items():
@@ -350,6 +360,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                      checkpoint=ray.train.Checkpoint.from_directory(folder))
             else:
                 ray.train.report(metrics, checkpoint=None)
+            if progress is not None:
+                progress.update(0, loss=f"{metrics['loss']:.4f}", **(
+                    {"val_psnr": f"{metrics['val_psnr']:.2f}"} if "val_psnr" in metrics else {}))
+    if progress is not None:
+        progress.close()
 
 
 def _spec_of(net_spec: dict[str, Any]) -> dict[str, Any]:
@@ -404,6 +419,13 @@ def _absolute_paths(spec: TrainSpec) -> TrainSpec:
                                    init=absolute(spec.output.init)))
 
 
+def _has_images(uri: str, options: storage.StorageOptions) -> bool:
+    """Whether the folder ``uri`` holds an image, found without listing it all where possible."""
+    if not storage.is_remote(uri):
+        return storage.has_local_file(uri, storage.IMAGE_EXTENSIONS)
+    return next(iter(storage.walk_files(uri, options=options)), None) is not None
+
+
 def run_train(spec: TrainSpec) -> dict[str, Any]:
     """Train with Ray Train's TorchTrainer; returns (and writes) the run's summary."""
     import ray.train
@@ -413,9 +435,16 @@ def run_train(spec: TrainSpec) -> dict[str, Any]:
 
     spec = _absolute_paths(spec.validate())
     options = spec.storage.options()
-    for uri in filter(None, (spec.data.uri, spec.data.val_uri)):
+    for field_name, uri in (("data.uri", spec.data.uri), ("data.val_uri", spec.data.val_uri)):
+        if not uri:
+            continue
         if not storage.is_dir(uri, options):
-            raise JobError(f"Training data {uri} does not exist or is not a folder")
+            raise NotFoundError(f"Training data {uri} ({field_name}) does not exist or is not a "
+                                "folder; check the path (or bucket and credentials)")
+        if not _has_images(uri, options):
+            raise NotFoundError(f"Training data {uri} ({field_name}) holds no images "
+                                f"({' '.join(storage.IMAGE_EXTENSIONS)}); point {field_name} "
+                                "at a folder of clean images")
     ensure_ray(spec.resources.address, spec.resources.num_cpus, spec.resources.object_store_mb)
     total_cpus, total_gpus, node_cpus, nodes = cluster_shape()
     workers = spec.resources.workers or 1
@@ -427,7 +456,8 @@ def run_train(spec: TrainSpec) -> dict[str, Any]:
     storage_path, filesystem = _storage_filesystem(spec.output.storage_path, options)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"spec": spec, "threads": spec.resources.threads_per_worker or threads},
+        train_loop_config={"spec": spec, "threads": spec.resources.threads_per_worker or threads,
+                           "tty": stderr_is_tty()},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.workers, use_gpu=plan.gpus_per_worker > 0,
             resources_per_worker={"CPU": plan.cpus_per_worker,

@@ -24,9 +24,9 @@ def test_bad_spec_exits_2_and_names_the_key(tmp_path):
     assert result.exit_code == 2 and "wat" in result.output
 
 
-def test_missing_input_exits_1_with_the_path(tmp_path):
+def test_missing_input_exits_2_with_the_path(tmp_path):
     result = CliRunner().invoke(main, ["restore", str(tmp_path / "nope"), str(tmp_path / "o")])
-    assert result.exit_code == 1 and "nope" in result.output and "does not exist" in result.output
+    assert result.exit_code == 2 and "nope" in result.output and "does not exist" in result.output
 
 
 def test_pickle_model_is_refused(tmp_path):

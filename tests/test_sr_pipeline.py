@@ -107,7 +107,7 @@ def test_unet_job_tiles_on_its_alignment(ray_session, tmp_path):
     out = tmp_path / "out"
     summary = restore(str(source), str(out), model=model, tile=40)  # raised to 4 x 32 = 128
     assert summary["succeeded"] == 1
-    assert summary["spec"]["model"]["tile"] == 40  # the configured tile, as fingerprinted
+    assert summary["spec"]["model"]["tile"] == 128  # the tile the actors used, as fingerprinted
     record = pq.read_table(out / "_restorer" / "ledger").to_pylist()[0]
     assert record["tiles"] == 4  # 2 x 2 tiles of 128 px
     restored = np.asarray(Image.open(out / "rgb.png")).astype(int)
