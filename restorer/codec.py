@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,28 +89,151 @@ def _read_png16(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
     return array, None
 
 
-def _read_tiff16(data: bytes, max_pixels: int, name: str) -> Decoded | None:
-    """16-bit TIFFs through tifffile (Pillow reads only 16-bit gray); None for other TIFFs."""
+def orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF/TIFF Orientation value (1-8) to an HW or HWC array, as
+    ``PIL.ImageOps.exif_transpose`` does to an image (6: turn 90 degrees clockwise)."""
+    if orientation == 2:
+        array = array[:, ::-1]
+    elif orientation == 3:
+        array = array[::-1, ::-1]
+    elif orientation == 4:
+        array = array[::-1]
+    elif orientation == 5:
+        array = array.swapaxes(0, 1)
+    elif orientation == 6:
+        array = np.rot90(array, -1)
+    elif orientation == 7:
+        array = array[::-1, ::-1].swapaxes(0, 1)
+    elif orientation == 8:
+        array = np.rot90(array, 1)
+    return np.ascontiguousarray(array)
+
+
+def _too_large(name: str, width: int, height: int, max_pixels: int) -> ImageError:
+    return ImageError(
+        f"{name} is {width}x{height} = {width * height} pixels, above the limit "
+        f"max_pixels = {max_pixels} (decompression-bomb guard); raise "
+        "limits.max_pixels in the job spec if the image is genuine")
+
+
+def _pages_note(pages: int) -> str:
+    if pages <= 1:
+        return ""
+    dropped = "page 2" if pages == 2 else f"pages 2-{pages}"
+    return f"multi-page TIFF: restored page 1 of {pages}; {dropped} dropped"
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _read_tiff(data: bytes, max_pixels: int, name: str) -> tuple[Decoded | None, str | None]:
+    """Inspect a TIFF's header with tifffile and decode 16-bit ones (Pillow truncates 16-bit
+    colour to 8 bits). Returns ``(decoded, None)`` for a 16-bit TIFF, ``(None, note)`` for one
+    Pillow should decode (note: the pages dropped), ``(None, None)`` when tifffile cannot parse
+    the header (Pillow tries and reports). Raises ``ImageError`` for bombs and for 16-bit TIFFs
+    tifffile cannot decode: those are never handed to Pillow's 8-bit reading.
+    """
     import tifffile
 
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
-            page = tiff.pages[0]
-            if page.dtype != np.uint16:
-                return None
-            if int(np.prod(page.shape[:2])) > max_pixels:
-                raise ImageError(f"{name} is {page.shape[1]}x{page.shape[0]} pixels, above the "
-                                 f"limit max_pixels = {max_pixels}; raise limits.max_pixels")
+        tiff = tifffile.TiffFile(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile can parse; Pillow tries and reports
+        return None, None
+    with tiff:
+        try:
+            page = tiff.pages.first
+            # reduced-resolution subfiles (pyramid levels, thumbnails) are not pages
+            pages = sum(1 for p in tiff.pages if not int(p.subfiletype) & 1)
+        except Exception:  # noqa: BLE001 - a broken IFD chain; Pillow tries and reports
+            return None, None
+        height, width, depth = page.imagelength, page.imagewidth, page.imagedepth
+        samples = page.samplesperpixel
+        # the true size, whatever the layout (planar, tiled, volume), before any pixel is read
+        if width * height > max_pixels:
+            raise _too_large(name, width, height, max_pixels)
+        if width * height * samples * depth > 4 * max_pixels:
+            raise ImageError(f"{name} holds {width}x{height}x{samples} samples x depth {depth}, "
+                             f"above 4 x max_pixels = {4 * max_pixels}; raise limits.max_pixels "
+                             "if the image is genuine")
+        if depth > 1:
+            raise ImageError(f"{name} is a 3-D TIFF (depth {depth}); restorer restores 2-D "
+                             "images: save its slices as separate files")
+        note = _pages_note(pages)
+        if page.bitspersample <= 8 or page.sampleformat != 1:
+            return None, note  # Pillow decodes these (8-bit, 32-bit int, float) and says so
+        if page.bitspersample != 16:
+            raise ImageError(f"{name} is a {page.bitspersample}-bit TIFF; restorer reads 8- and "
+                             "16-bit TIFFs: convert it to 16 bits")
+        try:
             array = page.asarray()
-            icc = page.tags["InterColorProfile"].value if "InterColorProfile" in page.tags else None
-    except ImageError:
-        raise
-    except Exception:  # noqa: BLE001 - let Pillow try, and report, what tifffile cannot read
-        return None
-    if array.ndim == 3 and array.shape[0] in (2, 3, 4) and array.shape[-1] not in (2, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # planar configuration
-    pixels, alpha = _split_alpha(array)
-    return Decoded(pixels, alpha, "TIFF", f"{pixels.shape[-1]}x16-bit", icc, None, "")
+        except Exception as e:  # noqa: BLE001 - never fall back to Pillow's 8-bit reading
+            raise ImageError(
+                f"{name} is a 16-bit {page.compression.name} TIFF that tifffile cannot decode "
+                f"({type(e).__name__}: {e}); it is refused rather than read at 8 bits: check "
+                "that imagecodecs is installed, or re-save it uncompressed") from e
+        photometric = int(page.photometric)
+        extra = tuple(int(x) for x in page.extrasamples)
+        icc = page.tags.valueof("InterColorProfile")
+        orientation = page.tags.valueof("Orientation", 1)
+        planar = page.planarconfig == 2
+    if array.ndim == 3 and planar:
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 2:
+        array = array[..., None]
+    colours = {0: 1, 1: 1, 2: 3, 5: 4}.get(photometric)  # miniswhite, minisblack, rgb, cmyk
+    if colours is None or array.shape[-1] < colours:
+        raise ImageError(f"{name} is a 16-bit TIFF with photometric interpretation "
+                         f"{photometric} ({array.shape[-1]} samples); restorer reads 16-bit "
+                         "gray, RGB and CMYK TIFFs: convert it to RGB")
+    pixels, extras = array[..., :colours], array[..., colours:]
+    alpha = extras[..., 0] if extras.shape[-1] else None
+    notes = [note]
+    if extras.shape[-1] > 1:
+        notes.append(f"{extras.shape[-1] - 1} extra sample(s) after alpha dropped")
+    if alpha is not None and extra[:1] == (1,):  # associated (premultiplied) alpha
+        scale = np.where(alpha > 0, 65535.0 / np.maximum(alpha, 1), 0.0)[..., None]
+        pixels = np.clip(np.round(pixels * scale), 0, 65535).astype(np.uint16)
+    if photometric == 0:
+        pixels = 65535 - pixels
+    mode = f"{pixels.shape[-1]}x16-bit"
+    if photometric == 5:
+        pixels, icc, cmyk_note = _cmyk16_to_rgb(pixels, icc)
+        notes.append(cmyk_note)
+    pixels = orient(pixels, orientation)
+    alpha = None if alpha is None else orient(alpha, orientation)
+    return Decoded(pixels, alpha, "TIFF", mode, icc, None, _join(*notes)), None
+
+
+def _cmyk_to_rgb(image: Image.Image, icc: bytes | None) -> tuple[Image.Image, bytes | None, str]:
+    """CMYK -> RGB through the embedded ICC profile when there is one (output tagged sRGB),
+    else Pillow's naive conversion (no profile written); the note says which."""
+    if icc:
+        from PIL import ImageCms
+
+        try:
+            srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+            rgb = ImageCms.profileToProfile(
+                image, ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb, outputMode="RGB",
+                renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC)
+            return rgb, srgb.tobytes(), ("CMYK converted to RGB through its ICC profile; "
+                                         "output tagged sRGB")
+        except (ImageCms.PyCMSError, OSError, ValueError) as e:
+            reason = f"its ICC profile is unusable ({e})"
+    else:
+        reason = "no ICC profile"
+    return (image.convert("RGB"), None,
+            f"CMYK converted to RGB naively ({reason}; colours approximate, no profile written)")
+
+
+def _cmyk16_to_rgb(cmyk: np.ndarray, icc: bytes | None) -> tuple[np.ndarray, bytes | None, str]:
+    if icc:  # Pillow's colour management works on 8-bit CMYK
+        rgb, icc, note = _cmyk_to_rgb(Image.fromarray(to_uint8(cmyk), "CMYK"), icc)
+        return np.asarray(rgb), icc, "16-bit " + note + "; reduced to 8 bits"
+    white = 65535.0 - cmyk.astype(np.float64)
+    rgb = np.round(white[..., :3] * white[..., 3:] / 65535.0).astype(np.uint16)
+    return rgb, None, ("16-bit CMYK converted to RGB naively (no ICC profile; colours "
+                       "approximate, no profile written)")
 
 
 def _split_alpha(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -124,8 +248,9 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
     """Decode an encoded image into :class:`Decoded`; raises ``ImageError`` on any bad input."""
     if not data:
         raise ImageError(f"{name} is an empty file (0 bytes)")
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        sixteen = _read_tiff16(data, max_pixels, name)
+    tiff_note = None
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        sixteen, tiff_note = _read_tiff(data, max_pixels, name)
         if sixteen is not None:
             return sixteen
     try:
@@ -134,18 +259,25 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
             image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageError(
-                f"{name} is {width}x{height} = {width * height} pixels, above the limit "
-                f"max_pixels = {max_pixels} (decompression-bomb guard); raise "
-                "limits.max_pixels in the job spec if the image is genuine")
-        note = ""
+            raise _too_large(name, width, height, max_pixels)
         frames = getattr(image, "n_frames", 1)
-        if frames > 1:
+        if image.format == "TIFF":
+            bits = image.tag_v2.get(258, 8)
+            bits = max(bits) if isinstance(bits, tuple) else int(bits)
+            if bits > 8 and image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                raise ImageError(f"{name} is a {bits}-bit TIFF that only Pillow can open, "
+                                 f"as 8-bit {image.mode}; it is refused rather than truncated: "
+                                 "re-save it uncompressed")
+            note = tiff_note if tiff_note is not None else _pages_note(frames)
+        elif frames > 1:
             note = f"animated {image.format} with {frames} frames: frame 0 restored, others dropped"
+        else:
+            note = ""
         image.load()
         source_format, source_mode = image.format or "PNG", image.mode
         icc = image.info.get("icc_profile")
         exif = image.getexif()
+        orientation = exif.get(ORIENTATION_TAG, 1)
         oriented = ImageOps.exif_transpose(image)
         if ORIENTATION_TAG in exif:
             exif[ORIENTATION_TAG] = 1
@@ -162,8 +294,8 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
 
     if source_format == "PNG" and _png_bit_depth(data) == 16 and source_mode not in ("I;16", "I"):
         pixels, alpha = _read_png16(data)
-        if ORIENTATION_TAG in image.getexif() and image.getexif()[ORIENTATION_TAG] != 1:
-            note = (note + "; " if note else "") + "EXIF orientation not applied to 16-bit colour"
+        pixels = orient(pixels, orientation)
+        alpha = None if alpha is None else orient(alpha, orientation)
         return Decoded(pixels, alpha, source_format, source_mode, icc, exif_bytes, note)
     image = oriented
     mode = image.mode
@@ -173,11 +305,12 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
         image = image.convert("RGBA")
     elif mode == "1":
         image = image.convert("L")
-    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+    elif mode == "CMYK":
+        image, icc, cmyk_note = _cmyk_to_rgb(image, icc)
+        note = _join(note, cmyk_note)
+    elif mode in ("YCbCr", "LAB", "HSV"):
         image = image.convert("RGB")
-        if mode == "CMYK":
-            icc = None
-        note = (note + "; " if note else "") + f"{mode} converted to RGB"
+        note = _join(note, f"{mode} converted to RGB")
     elif mode == "La":
         image = image.convert("LA")
     elif mode == "RGBa":
@@ -205,7 +338,8 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     return np.round(array.astype(np.float32) / 257.0).astype(np.uint8)
 
 
-def _write_png16(pixels: np.ndarray, alpha: np.ndarray | None, level: int) -> bytes:
+def _write_png16(pixels: np.ndarray, alpha: np.ndarray | None, level: int,
+                 icc: bytes | None, exif: bytes | None) -> bytes:
     import png
 
     array = pixels if alpha is None else np.concatenate([pixels, alpha[..., None]], axis=-1)
@@ -214,6 +348,14 @@ def _write_png16(pixels: np.ndarray, alpha: np.ndarray | None, level: int) -> by
                         bitdepth=16, compression=level)
     out = io.BytesIO()
     writer.write(out, array.reshape(height, width * planes))
+    chunks = list(png.Reader(bytes=out.getvalue()).chunks())
+    extra = []  # pypng writes neither ICC nor EXIF: add them as Pillow does, after IHDR
+    if icc:
+        extra.append((b"iCCP", b"ICC profile\0\0" + zlib.compress(icc)))
+    if exif:
+        extra.append((b"eXIf", exif[6:] if exif.startswith(b"Exif\0\0") else exif))
+    out = io.BytesIO()
+    png.write_chunks(out, chunks[:1] + extra + chunks[1:])
     return out.getvalue()
 
 
@@ -251,7 +393,7 @@ def encode(pixels: np.ndarray, alpha: np.ndarray | None, fmt: str,
             Image.fromarray(pixels[..., 0]).save(
                 out, "PNG", compress_level=options.png_compress_level, **extra)
         elif sixteen:
-            return _write_png16(pixels, alpha, options.png_compress_level)
+            return _write_png16(pixels, alpha, options.png_compress_level, icc, exif)
         else:
             _pil_image(pixels, alpha).save(out, "PNG", compress_level=options.png_compress_level,
                                            **extra)
