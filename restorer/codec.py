@@ -5,15 +5,23 @@ alpha travels beside them as an HW array of the same dtype and is never given to
 
 Decoding rules (each decision is applied to every image the same way):
 
-- EXIF orientation is applied to the pixels and the Orientation tag is reset to 1; EXIF and ICC
-  are kept and written back where the output format can hold them.
+- EXIF orientation is applied to the pixels (16-bit ones included) and the Orientation tag is
+  reset to 1; EXIF and ICC are kept and written back where the output format can hold them
+  (16-bit PNG included; 16-bit colour TIFF keeps ICC only).
 - Gray (``1``, ``L``, ``I;16``) stays gray, RGB stays RGB; ``LA``/``RGBA``/palette transparency
-  keep their alpha. CMYK, YCbCr and LAB become RGB (an embedded CMYK ICC profile is dropped,
-  since it no longer describes the pixels).
+  keep their alpha. YCbCr and LAB become RGB. CMYK becomes RGB through its embedded ICC profile
+  (relative colorimetric, output tagged sRGB) or, without one, naively (no profile written);
+  the record's note says which.
 - 16-bit PNG and TIFF give ``uint16`` pixels (Pillow truncates 16-bit colour, so those are read
-  with pypng / tifffile); 16-bit in gives 16-bit out for PNG and TIFF.
-- Animated images (GIF, APNG, WebP): the first frame is restored and the record says so.
-- Images above ``max_pixels`` are refused before their pixels are decoded (decompression bombs).
+  with pypng / tifffile + imagecodecs); 16-bit in gives 16-bit out for PNG and TIFF. A 16-bit
+  TIFF tifffile cannot decode is an error, never read by Pillow at 8 bits; 16-bit CMYK with a
+  profile is converted at 8 bits (Pillow's colour management), and the note says so.
+- Animated images (GIF, APNG, WebP): the first frame is restored and the record says so;
+  multi-page TIFFs: page 1, and the note names the pages dropped (reduced-resolution subfiles,
+  i.e. pyramid levels and thumbnails, are not pages).
+- Images above ``max_pixels`` are refused before their pixels are decoded (decompression bombs);
+  a TIFF is measured from its header, whatever its layout (planar, tiled), and its samples
+  count too (at most 4 per allowed pixel).
 """
 
 from __future__ import annotations
@@ -142,7 +150,7 @@ def _read_tiff(data: bytes, max_pixels: int, name: str) -> tuple[Decoded | None,
         return None, None
     with tiff:
         try:
-            page = tiff.pages.first
+            page = tiff.pages[0]
             # reduced-resolution subfiles (pyramid levels, thumbnails) are not pages
             pages = sum(1 for p in tiff.pages if not int(p.subfiletype) & 1)
         except Exception:  # noqa: BLE001 - a broken IFD chain; Pillow tries and reports
@@ -153,9 +161,9 @@ def _read_tiff(data: bytes, max_pixels: int, name: str) -> tuple[Decoded | None,
         if width * height > max_pixels:
             raise _too_large(name, width, height, max_pixels)
         if width * height * samples * depth > 4 * max_pixels:
-            raise ImageError(f"{name} holds {width}x{height}x{samples} samples x depth {depth}, "
-                             f"above 4 x max_pixels = {4 * max_pixels}; raise limits.max_pixels "
-                             "if the image is genuine")
+            raise ImageError(f"{name} holds {width}x{height}x{samples} samples x depth {depth} "
+                             f"= {width * height * samples * depth} values, above 4 x max_pixels "
+                             f"= {4 * max_pixels}; raise limits.max_pixels if it is genuine")
         if depth > 1:
             raise ImageError(f"{name} is a 3-D TIFF (depth {depth}); restorer restores 2-D "
                              "images: save its slices as separate files")
@@ -167,12 +175,12 @@ def _read_tiff(data: bytes, max_pixels: int, name: str) -> tuple[Decoded | None,
                              "16-bit TIFFs: convert it to 16 bits")
         try:
             array = page.asarray()
-        except Exception as e:  # noqa: BLE001 - never fall back to Pillow's 8-bit reading
+        except Exception as e:  # never fall back to Pillow's 8-bit reading
             raise ImageError(
                 f"{name} is a 16-bit {page.compression.name} TIFF that tifffile cannot decode "
                 f"({type(e).__name__}: {e}); it is refused rather than read at 8 bits: check "
                 "that imagecodecs is installed, or re-save it uncompressed") from e
-        photometric = int(page.photometric)
+        photometric, photometric_name = int(page.photometric), page.photometric.name
         extra = tuple(int(x) for x in page.extrasamples)
         icc = page.tags.valueof("InterColorProfile")
         orientation = page.tags.valueof("Orientation", 1)
@@ -184,7 +192,7 @@ def _read_tiff(data: bytes, max_pixels: int, name: str) -> tuple[Decoded | None,
     colours = {0: 1, 1: 1, 2: 3, 5: 4}.get(photometric)  # miniswhite, minisblack, rgb, cmyk
     if colours is None or array.shape[-1] < colours:
         raise ImageError(f"{name} is a 16-bit TIFF with photometric interpretation "
-                         f"{photometric} ({array.shape[-1]} samples); restorer reads 16-bit "
+                         f"{photometric_name} ({array.shape[-1]} samples); restorer reads 16-bit "
                          "gray, RGB and CMYK TIFFs: convert it to RGB")
     pixels, extras = array[..., :colours], array[..., colours:]
     alpha = extras[..., 0] if extras.shape[-1] else None

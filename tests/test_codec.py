@@ -245,7 +245,7 @@ def test_16bit_tiff_output_is_what_was_decoded():
     alpha = rng.integers(0, 65535, (6, 7)).astype(np.uint16)
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
     with tifffile.TiffFile(io.BytesIO(codec.encode(pixels, alpha, "tiff", icc))) as tiff:
-        page = tiff.pages.first
+        page = tiff.pages[0]
         assert (page.dtype, page.samplesperpixel, page.photometric) == (np.uint16, 4, 2)
         assert tuple(page.extrasamples) == (2,)  # unassociated alpha
         assert page.tags.valueof("InterColorProfile") == icc
