@@ -135,12 +135,14 @@ def _join(*notes: str) -> str:
     return "; ".join(n for n in notes if n)
 
 
-def _read_tiff(data: bytes, max_pixels: int, name: str) -> tuple[Decoded | None, str | None]:
+def _read_tiff(data: bytes, max_pixels: int, name: str,
+               pillow_error: Exception | None = None) -> tuple[Decoded | None, str | None]:
     """Inspect a TIFF's header with tifffile and decode 16-bit ones (Pillow truncates 16-bit
-    colour to 8 bits). Returns ``(decoded, None)`` for a 16-bit TIFF, ``(None, note)`` for one
-    Pillow should decode (note: the pages dropped), ``(None, None)`` when tifffile cannot parse
-    the header (Pillow tries and reports). Raises ``ImageError`` for bombs and for 16-bit TIFFs
-    tifffile cannot decode: those are never handed to Pillow's 8-bit reading.
+    colour to 8 bits), and 8-bit ones when ``pillow_error`` says Pillow could not (JPEG 2000,
+    WebP... compressions). Returns ``(decoded, None)`` when tifffile decoded it, ``(None, note)``
+    for one Pillow should decode (note: the pages dropped), ``(None, None)`` when tifffile cannot
+    parse the header (Pillow tries and reports). Raises ``ImageError`` for bombs and for 16-bit
+    TIFFs tifffile cannot decode: those are never handed to Pillow's 8-bit reading.
     """
     import tifffile
 
@@ -156,7 +158,7 @@ def _read_tiff(data: bytes, max_pixels: int, name: str) -> tuple[Decoded | None,
         except Exception:  # noqa: BLE001 - a broken IFD chain; Pillow tries and reports
             return None, None
         height, width, depth = page.imagelength, page.imagewidth, page.imagedepth
-        samples = page.samplesperpixel
+        samples, bits = page.samplesperpixel, page.bitspersample
         # the true size, whatever the layout (planar, tiled, volume), before any pixel is read
         if width * height > max_pixels:
             raise _too_large(name, width, height, max_pixels)
@@ -168,18 +170,27 @@ def _read_tiff(data: bytes, max_pixels: int, name: str) -> tuple[Decoded | None,
             raise ImageError(f"{name} is a 3-D TIFF (depth {depth}); restorer restores 2-D "
                              "images: save its slices as separate files")
         note = _pages_note(pages)
-        if page.bitspersample <= 8 or page.sampleformat != 1:
+        unsigned = page.sampleformat == 1
+        if pillow_error is None and (bits <= 8 or not unsigned):
             return None, note  # Pillow decodes these (8-bit, 32-bit int, float) and says so
-        if page.bitspersample != 16:
-            raise ImageError(f"{name} is a {page.bitspersample}-bit TIFF; restorer reads 8- and "
-                             "16-bit TIFFs: convert it to 16 bits")
+        if bits not in (8, 16) or not unsigned:
+            if pillow_error is not None:
+                raise ImageError(f"{name} is corrupt or truncated: {pillow_error}") from \
+                    pillow_error
+            raise ImageError(f"{name} is a {bits}-bit TIFF; restorer reads 8- and 16-bit "
+                             "TIFFs: convert it to 16 bits")
         try:
             array = page.asarray()
         except Exception as e:  # never fall back to Pillow's 8-bit reading
+            if pillow_error is not None:
+                raise ImageError(f"{name} is corrupt or truncated, or compressed as neither "
+                                 f"Pillow nor tifffile can decode (Pillow: {pillow_error}; "
+                                 f"tifffile: {type(e).__name__}: {e})") from e
             raise ImageError(
                 f"{name} is a 16-bit {page.compression.name} TIFF that tifffile cannot decode "
-                f"({type(e).__name__}: {e}); it is refused rather than read at 8 bits: check "
-                "that imagecodecs is installed, or re-save it uncompressed") from e
+                f"({type(e).__name__}: {e}): corrupt, truncated, or compressed with a codec "
+                "missing here (is imagecodecs installed?); it is refused rather than read at 8 "
+                "bits") from e
         photometric, photometric_name = int(page.photometric), page.photometric.name
         extra = tuple(int(x) for x in page.extrasamples)
         icc = page.tags.valueof("InterColorProfile")
@@ -191,21 +202,27 @@ def _read_tiff(data: bytes, max_pixels: int, name: str) -> tuple[Decoded | None,
         array = array[..., None]
     colours = {0: 1, 1: 1, 2: 3, 5: 4}.get(photometric)  # miniswhite, minisblack, rgb, cmyk
     if colours is None or array.shape[-1] < colours:
-        raise ImageError(f"{name} is a 16-bit TIFF with photometric interpretation "
-                         f"{photometric_name} ({array.shape[-1]} samples); restorer reads 16-bit "
-                         "gray, RGB and CMYK TIFFs: convert it to RGB")
+        raise ImageError(f"{name} is a {bits}-bit TIFF with photometric interpretation "
+                         f"{photometric_name} ({array.shape[-1]} samples) that Pillow cannot "
+                         "read; restorer reads it for gray, RGB and CMYK: convert it to RGB")
+    peak = np.iinfo(array.dtype).max
     pixels, extras = array[..., :colours], array[..., colours:]
     alpha = extras[..., 0] if extras.shape[-1] else None
     notes = [note]
     if extras.shape[-1] > 1:
         notes.append(f"{extras.shape[-1] - 1} extra sample(s) after alpha dropped")
     if alpha is not None and extra[:1] == (1,):  # associated (premultiplied) alpha
-        scale = np.where(alpha > 0, 65535.0 / np.maximum(alpha, 1), 0.0)[..., None]
-        pixels = np.clip(np.round(pixels * scale), 0, 65535).astype(np.uint16)
+        scale = np.where(alpha > 0, peak / np.maximum(alpha, 1.0), 0.0)[..., None]
+        pixels = np.clip(np.round(pixels * scale), 0, peak).astype(array.dtype)
     if photometric == 0:
-        pixels = 65535 - pixels
-    mode = f"{pixels.shape[-1]}x16-bit"
-    if photometric == 5:
+        pixels = peak - pixels
+    mode = f"{pixels.shape[-1]}x{bits}-bit"
+    if photometric == 5 and bits == 8:
+        rgb, icc, cmyk_note = _cmyk_to_rgb(Image.fromarray(np.ascontiguousarray(pixels),
+                                                           "CMYK"), icc)
+        pixels = np.asarray(rgb)
+        notes.append(cmyk_note)
+    elif photometric == 5:
         pixels, icc, cmyk_note = _cmyk16_to_rgb(pixels, icc)
         notes.append(cmyk_note)
     pixels = orient(pixels, orientation)
@@ -242,6 +259,13 @@ def _cmyk16_to_rgb(cmyk: np.ndarray, icc: bytes | None) -> tuple[np.ndarray, byt
     rgb = np.round(white[..., :3] * white[..., 3:] / 65535.0).astype(np.uint16)
     return rgb, None, ("16-bit CMYK converted to RGB naively (no ICC profile; colours "
                        "approximate, no profile written)")
+
+
+def _unreadable(name: str, error: Exception) -> ImageError:
+    if isinstance(error, UnidentifiedImageError):
+        return ImageError(f"{name} is not an image Pillow can read (unknown format or random "
+                          "bytes)")
+    return ImageError(f"{name} is corrupt or truncated: {error}")
 
 
 def _split_alpha(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -294,11 +318,12 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: {e}") from e
-    except UnidentifiedImageError as e:
-        raise ImageError(f"{name} is not an image Pillow can read (unknown format or random "
-                         "bytes)") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"{name} is corrupt or truncated: {e}") from e
+        if tiff_note is None:  # not a TIFF, or one tifffile cannot parse either
+            raise _unreadable(name, e) from e
+        # a TIFF tifffile parsed but Pillow cannot decode (JPEG 2000, WebP... compressions)
+        return _read_tiff(data, max_pixels, name, pillow_error=e)[0]
+
 
     if source_format == "PNG" and _png_bit_depth(data) == 16 and source_mode not in ("I;16", "I"):
         pixels, alpha = _read_png16(data)

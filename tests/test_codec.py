@@ -368,3 +368,14 @@ def test_tiff_samples_count_toward_the_size_limit(no_pixel_decoding):
                          planarconfig="contig", extrasamples=["unspecified"] * 5)
     with pytest.raises(ImageError, match="100x100x6 samples"):
         codec.decode(many_samples, max_pixels=12_000)  # 10,000 pixels, 60,000 samples
+
+
+def test_8bit_tiff_pillow_cannot_decode_is_read_by_tifffile():
+    pixels = rng.integers(0, 255, (12, 10, 3)).astype(np.uint8)
+    data = _tiff(pixels, photometric="rgb", compression="png")  # a codec libtiff lacks
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(data)).load()
+    decoded = codec.decode(data)
+    np.testing.assert_array_equal(decoded.pixels, pixels)
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        codec.decode(data[: len(data) - 40])
