@@ -233,32 +233,41 @@ def _read_tiff(data: bytes, max_pixels: int, name: str,
 def _cmyk_to_rgb(image: Image.Image, icc: bytes | None) -> tuple[Image.Image, bytes | None, str]:
     """CMYK -> RGB through the embedded ICC profile when there is one (output tagged sRGB),
     else Pillow's naive conversion (no profile written); the note says which."""
-    if icc:
-        from PIL import ImageCms
-
-        try:
-            srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
-            rgb = ImageCms.profileToProfile(
-                image, ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb, outputMode="RGB",
-                renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC)
-            return rgb, srgb.tobytes(), ("CMYK converted to RGB through its ICC profile; "
-                                         "output tagged sRGB")
-        except (ImageCms.PyCMSError, OSError, ValueError) as e:
-            reason = f"its ICC profile is unusable ({e})"
-    else:
-        reason = "no ICC profile"
-    return (image.convert("RGB"), None,
-            f"CMYK converted to RGB naively ({reason}; colours approximate, no profile written)")
+    rgb, srgb, reason = _through_profile(image, icc)
+    if rgb is not None:
+        return rgb, srgb, "CMYK converted to RGB through its ICC profile; output tagged sRGB"
+    return image.convert("RGB"), None, _naive_note(reason)
 
 
 def _cmyk16_to_rgb(cmyk: np.ndarray, icc: bytes | None) -> tuple[np.ndarray, bytes | None, str]:
-    if icc:  # Pillow's colour management works on 8-bit CMYK
-        rgb, icc, note = _cmyk_to_rgb(Image.fromarray(to_uint8(cmyk), "CMYK"), icc)
-        return np.asarray(rgb), icc, "16-bit " + note + "; reduced to 8 bits"
+    rgb, srgb, reason = _through_profile(Image.fromarray(to_uint8(cmyk), "CMYK"), icc)
+    if rgb is not None:  # Pillow's colour management works on 8-bit CMYK only
+        note = "16-bit CMYK converted to RGB through its ICC profile, at 8 bits; output tagged sRGB"
+        return np.asarray(rgb), srgb, note
     white = 65535.0 - cmyk.astype(np.float64)
-    rgb = np.round(white[..., :3] * white[..., 3:] / 65535.0).astype(np.uint16)
-    return rgb, None, ("16-bit CMYK converted to RGB naively (no ICC profile; colours "
-                       "approximate, no profile written)")
+    rgb16 = np.round(white[..., :3] * white[..., 3:] / 65535.0).astype(np.uint16)
+    return rgb16, None, "16-bit " + _naive_note(reason)
+
+
+def _through_profile(image: Image.Image, icc: bytes | None
+                     ) -> tuple[Image.Image | None, bytes | None, str]:
+    """(sRGB image, sRGB profile bytes, "") or (None, None, why the profile was not used)."""
+    if not icc:
+        return None, None, "no ICC profile"
+    from PIL import ImageCms
+
+    try:
+        srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+        rgb = ImageCms.profileToProfile(
+            image, ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb, outputMode="RGB",
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC)
+    except (ImageCms.PyCMSError, OSError, ValueError) as e:
+        return None, None, f"its ICC profile is unusable: {e}"
+    return rgb, srgb.tobytes(), ""
+
+
+def _naive_note(reason: str) -> str:
+    return f"CMYK converted to RGB naively ({reason}; colours approximate, no profile written)"
 
 
 def _unreadable(name: str, error: Exception) -> ImageError:

@@ -339,10 +339,13 @@ def test_cmyk_with_icc_profile_converted_through_it(fmt):
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
-def test_cmyk_without_profile_converted_naively_and_says_so(fmt):
-    decoded = codec.decode(_cmyk_file(fmt, None))
+@pytest.mark.parametrize("icc,reason", [(None, "no ICC profile"),
+                                        (b"\0" * 200, "ICC profile is unusable")])
+def test_cmyk_without_usable_profile_converted_naively_and_says_so(fmt, icc, reason):
+    decoded = codec.decode(_cmyk_file(fmt, icc))
     assert decoded.pixels.shape == (6, 8, 3) and decoded.pixels.std() > 10
-    assert "CMYK converted to RGB naively" in decoded.note and decoded.icc is None
+    assert "CMYK converted to RGB naively" in decoded.note and reason in decoded.note
+    assert decoded.icc is None
 
 
 def test_16bit_cmyk_tiff():
@@ -353,7 +356,7 @@ def test_16bit_cmyk_tiff():
     np.testing.assert_array_equal(decoded.pixels, expected)
     assert "16-bit CMYK converted to RGB naively" in decoded.note
     decoded = codec.decode(_tiff(cmyk, photometric="separated", iccprofile=_cmyk_profile()))
-    assert decoded.pixels.dtype == np.uint8 and "reduced to 8 bits" in decoded.note
+    assert decoded.pixels.dtype == np.uint8 and "through its ICC profile, at 8 bits" in decoded.note
     assert np.abs(decoded.pixels.astype(int) - 119).max() <= 1
 
 
