@@ -10,8 +10,8 @@ Decoding rules (each decision is applied to every image the same way):
   (16-bit PNG included; 16-bit colour TIFF keeps ICC only).
 - Gray (``1``, ``L``, ``I;16``) stays gray, RGB stays RGB; ``LA``/``RGBA``/palette transparency
   keep their alpha. YCbCr and LAB become RGB. CMYK becomes RGB through its embedded ICC profile
-  (relative colorimetric, output tagged sRGB) or, without one, naively (no profile written);
-  the record's note says which.
+  (relative colorimetric with black-point compensation, output tagged sRGB) or, without one,
+  naively (no profile written); the record's note says which.
 - 16-bit PNG and TIFF give ``uint16`` pixels (Pillow truncates 16-bit colour, so those are read
   with pypng / tifffile + imagecodecs); 16-bit in gives 16-bit out for PNG and TIFF. A 16-bit
   TIFF tifffile cannot decode is an error, never read by Pillow at 8 bits; 16-bit CMYK with a
@@ -260,7 +260,8 @@ def _through_profile(image: Image.Image, icc: bytes | None
         srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
         rgb = ImageCms.profileToProfile(
             image, ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb, outputMode="RGB",
-            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC)
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+            flags=ImageCms.Flags.BLACKPOINTCOMPENSATION)  # what Photoshop does by default
     except (ImageCms.PyCMSError, OSError, ValueError) as e:
         return None, None, f"its ICC profile is unusable: {e}"
     return rgb, srgb.tobytes(), ""
