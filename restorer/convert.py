@@ -32,7 +32,7 @@ from torch import nn
 from restorer import storage
 from restorer.checkpoint import save_model
 from restorer.errors import ModelError
-from restorer.nets import NETS, build_net
+from restorer.nets import NETS, build_net, net_spec
 from restorer.unpickle import (ObjectRecord, is_module_record, module_leaves, module_tensors,
                                read_torch_file)
 
@@ -93,17 +93,28 @@ def convert_weights(source: str, target: str, spec: Mapping[str, Any] | None = N
     spec = dict(spec or {"arch": "dncnn"})
     notes: list[str] = []
     if spec.get("arch") == "dncnn":
-        inferred, notes = infer_dncnn(found, source, batch_norm_eps)
-        for name, value in spec.items():
-            if inferred.get(name) != value:
-                raise ModelError(
-                    f"{source} does not match net {spec}: the file holds a dncnn with "
-                    f"{name}={inferred.get(name)!r}; drop the flag to take the file's layout")
-        spec = inferred
+        try:
+            inferred, notes = infer_dncnn(found, source, batch_norm_eps)
+        except ModelError as e:
+            if len(spec) == 1:
+                raise
+            # Flat names (model.0, model.1...) hide the layers: the flags give the layout.
+            log.warning("%s; taking the layout from the flags", e)
+            notes = ["layout from the command-line flags, not inferred from the file"]
+            if batch_norm_eps is not None:
+                spec["batch_norm_eps"] = batch_norm_eps
+        else:
+            for name, value in spec.items():
+                if inferred.get(name) != value:
+                    raise ModelError(
+                        f"{source} does not match net {spec}: the file holds a dncnn with "
+                        f"{name}={inferred.get(name)!r}; drop the flag to take the file's layout")
+            spec = inferred
     elif spec.get("arch") not in NETS:
         raise ModelError(f"Unknown net arch {spec.get('arch')!r}; --net options: "
                          f"{', '.join(sorted(NETS))}")
     net = build_net(spec)
+    spec = net_spec(net)  # every field, defaults included
     _load_by_order(net, found, source, spec)
     layout = describe_spec(spec)
     log.info("importing %s (%s, %s) as %s", source, found.format, found.content, layout)
@@ -281,8 +292,8 @@ def _load_by_order(net: nn.Module, found: Found, source: str, spec: Mapping[str,
     expected = net.state_dict()
     state = dict(found.tensors)
     if set(state) != set(expected):
-        ours = [(k, v) for k, v in expected.items() if not k.endswith("num_batches_tracked")]
-        theirs = [(k, v) for k, v in state.items() if not k.endswith("num_batches_tracked")]
+        ours = [(k, v) for k, v in expected.items() if not _is_counter(k, v)]
+        theirs = [(k, v) for k, v in state.items() if not _is_counter(k, v)]
         if len(ours) != len(theirs) or any(a.shape != b.shape for (_, a), (_, b) in
                                            zip(ours, theirs)):
             missing = sorted(set(expected) - set(state))[:5]
@@ -292,8 +303,8 @@ def _load_by_order(net: nn.Module, found: Found, source: str, spec: Mapping[str,
                              "Check the --net options and --key-prefix")
         renamed = {name: tensor for (name, _), (_, tensor) in zip(ours, theirs)}
         # Counters of BatchNorm updates: theirs by position when both have them, else ours.
-        ours_counts = [k for k in expected if k.endswith("num_batches_tracked")]
-        theirs_counts = [v for k, v in state.items() if k.endswith("num_batches_tracked")]
+        ours_counts = [k for k, v in expected.items() if _is_counter(k, v)]
+        theirs_counts = [v for k, v in state.items() if _is_counter(k, v)]
         counts = (dict(zip(ours_counts, theirs_counts)) if len(ours_counts) == len(theirs_counts)
                   else {k: expected[k] for k in ours_counts})
         state = {**renamed, **counts}
@@ -301,6 +312,12 @@ def _load_by_order(net: nn.Module, found: Found, source: str, spec: Mapping[str,
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelError(f"{source} does not match net {dict(spec)}: {e}") from None
+
+
+def _is_counter(name: str, tensor: torch.Tensor) -> bool:
+    """BatchNorm's num_batches_tracked (PyTorch >= 0.4.1): a count, not a weight."""
+    return name.endswith("num_batches_tracked") or (tensor.dim() == 0
+                                                    and not tensor.is_floating_point())
 
 
 __all__ = ["Found", "convert_weights", "describe_spec", "infer_dncnn", "read_weights"]

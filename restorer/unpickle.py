@@ -32,6 +32,7 @@ Nothing from the file is imported or called. Tensors land on the CPU whatever th
 
 from __future__ import annotations
 
+import _compat_pickle
 import io
 import pickle
 import zipfile
@@ -201,8 +202,12 @@ class _Unpickler(pickle.Unpickler):
 
 def resolve_global(module: str, name: str, classes: dict[tuple[str, str], type]) -> Any:
     """What the restricted unpickler gives for the global ``module.name`` (see module doc)."""
+    # Python 2 names (protocol 2 writes __builtin__.set), mapped the way pickle itself does.
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+    module = _compat_pickle.IMPORT_MAPPING.get(module, module)
     qualname = f"{module}.{name}"
-    if module in ("builtins", "__builtin__") and name in ("set", "frozenset"):
+    if module == "builtins" and name in ("set", "frozenset"):
         return set if name == "set" else frozenset
     if module == "collections" and name == "OrderedDict":
         return OrderedDict
