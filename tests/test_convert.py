@@ -203,6 +203,18 @@ def test_a_plain_pickle_of_a_call_is_refused_too(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_tensors_keep_their_dtypes_offsets_and_strides(tmp_path, fmt):
+    base = torch.arange(40, dtype=torch.float32)
+    tensors = {"slice": base[5:17].view(3, 4), "transposed": base[:12].view(3, 4).t(),
+               "half": torch.rand(2, 3).half(), "count": torch.tensor(7), "mask": base > 20}
+    torch.save(tensors, tmp_path / "t.pth", **FORMATS[fmt])
+    read = read_torch_file((tmp_path / "t.pth").read_bytes(), "t.pth").obj
+    assert list(read) == list(tensors)
+    for name, tensor in tensors.items():
+        assert read[name].dtype == tensor.dtype and torch.equal(read[name], tensor), name
+
+
 def test_truncated_files_are_refused(tmp_path):
     torch.save(build_net({"arch": "dncnn", "num_features": 8, "num_layers": 3}).state_dict(),
                tmp_path / "sd.pth", _use_new_zipfile_serialization=False)
