@@ -33,8 +33,13 @@ from restorer import storage
 from restorer.checkpoint import save_model
 from restorer.errors import ModelError
 from restorer.nets import NETS, build_net, net_spec
-from restorer.unpickle import (ObjectRecord, is_module_record, module_leaves, module_tensors,
-                               read_torch_file)
+from restorer.unpickle import (
+    ObjectRecord,
+    is_module_record,
+    module_leaves,
+    module_tensors,
+    read_torch_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +101,10 @@ def convert_weights(source: str, target: str, spec: Mapping[str, Any] | None = N
         try:
             inferred, notes = infer_dncnn(found, source, batch_norm_eps)
         except ModelError as e:
-            if len(spec) == 1:
+            if len(spec) == 1 or any(layer.pickled for layer in found.layers):
                 raise
-            # Flat names (model.0, model.1...) hide the layers: the flags give the layout.
+            # A state dict with flat names (model.0, model.1...) hides its layers: the flags
+            # give the layout, and the tensors must then have its shapes in its order.
             log.warning("%s; taking the layout from the flags", e)
             notes = ["layout from the command-line flags, not inferred from the file"]
             if batch_norm_eps is not None:

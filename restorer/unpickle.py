@@ -39,7 +39,7 @@ import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import torch
 
@@ -62,7 +62,8 @@ CODE_MODULES = frozenset({
     "webbrowser", "multiprocessing", "threading", "signal", "io", "_io", "tempfile", "pathlib",
     "operator", "functools", "inspect", "pdb", "timeit", "platform", "asyncio", "urllib", "http",
     "requests", "ftplib", "smtplib", "zipimport", "pkgutil", "site", "sysconfig", "setuptools",
-    "distutils", "copyreg", "torch.hub", "torch.jit", "torch._C", "torch.ops", "torch.serialization",
+    "distutils", "copyreg", "torch.hub", "torch.jit", "torch._C", "torch.ops",
+    "torch.serialization",
 })
 
 
@@ -101,7 +102,7 @@ class ObjectRecord:
 
     qualname: ClassVar[str] = ""
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> ObjectRecord:
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         record = object.__new__(cls)
         record.state = {}
         return record
@@ -291,7 +292,8 @@ def _read_zip(data: bytes) -> Any:
     if len(pickles) != 1:
         raise ModelError(f"a torch zip file holds one data.pkl, this one {len(pickles)}")
     prefix = pickles[0][:-len("data.pkl")]
-    if prefix + "byteorder" in archive.namelist() and archive.read(prefix + "byteorder") != b"little":
+    byteorder = prefix + "byteorder"
+    if byteorder in archive.namelist() and archive.read(byteorder) != b"little":
         raise ModelError("big-endian checkpoints are not supported; re-save it on a "
                          "little-endian machine")
     storages: dict[str, torch.Tensor] = {}

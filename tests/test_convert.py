@@ -139,6 +139,8 @@ def test_unknown_layouts_are_refused_with_what_was_found(tmp_path, net, reason):
     result = _convert(tmp_path / "net.pth", tmp_path / "out.safetensors")
     assert result.exit_code == 1
     assert reason in result.output and "--net options: dncnn, srnet, unet" in result.output
+    result = _convert(tmp_path / "net.pth", tmp_path / "out.safetensors", "--num-layers", "3")
+    assert result.exit_code == 1 and reason in result.output  # flags do not override it
     first = next(iter(net.state_dict()))  # e.g. dncnn.0.weight: the layers are listed
     assert first.rsplit(".", 1)[0] + " Conv2d: weight 8x1x3x3, bias 8" in result.output
 
@@ -149,7 +151,8 @@ def test_a_state_dict_of_another_architecture_is_refused(tmp_path):
     result = _convert(tmp_path / "unet.pth", tmp_path / "out.safetensors")
     assert result.exit_code == 1 and "--net options" in result.output
     name, tensor = next(iter(unet.state_dict().items()))
-    assert "x".join(map(str, tensor.shape)) in result.output and name.rsplit(".", 1)[0] in result.output
+    assert "x".join(map(str, tensor.shape)) in result.output
+    assert name.rsplit(".", 1)[0] in result.output
 
 
 # --- pickles that would run code ----------------------------------------------------------
