@@ -134,7 +134,8 @@ def convert_weights(source: str, target: str, spec: Mapping[str, Any] | None = N
 def read_weights(data: bytes, source: str, key_prefix: str = "") -> Found:
     """The tensors and layers of a weights file (torch.save or safetensors), nothing run."""
     if len(data) >= 10 and data[8:9] == b"{":
-        tensors = load_safetensors(data)
+        # safetensors keeps no order: take the names' (body.2 before body.10)
+        tensors = dict(sorted(load_safetensors(data).items(), key=lambda kv: _natural(kv[0])))
         return _state_dict_found("safetensors", "state dict", tensors, key_prefix, source)
     torch_file = read_torch_file(data, source)
     fmt = f"{torch_file.format} torch.save" + (" (before PyTorch 1.6)"
@@ -154,6 +155,10 @@ def read_weights(data: bytes, source: str, key_prefix: str = "") -> Found:
     keys = f" with keys {sorted(map(str, obj))[:10]}" if isinstance(obj, Mapping) else ""
     raise ModelError(f"{source} holds a {what}{keys}, neither a state dict of tensors nor a "
                      "pickled nn.Module")
+
+
+def _natural(name: str) -> list[tuple[int, int | str]]:
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in name.split(".")]
 
 
 def _strip(name: str, prefix: str) -> str:
@@ -294,30 +299,67 @@ def describe_spec(spec: Mapping[str, Any]) -> str:
 
 
 def _load_by_order(net: nn.Module, found: Found, source: str, spec: Mapping[str, Any]) -> None:
-    """Load ``found``'s tensors into ``net``: by name, else the same shapes in the same order."""
+    """Load ``found``'s tensors into ``net``: by name; else layer by layer in order (tensor
+    names within a layer must agree: weight, bias, running_mean...); else, for flat names
+    (model.0, model.1...), the same shapes in the same order."""
     expected = net.state_dict()
     state = dict(found.tensors)
     if set(state) != set(expected):
-        ours = [(k, v) for k, v in expected.items() if not _is_counter(k, v)]
-        theirs = [(k, v) for k, v in state.items() if not _is_counter(k, v)]
-        if len(ours) != len(theirs) or any(a.shape != b.shape for (_, a), (_, b) in
-                                           zip(ours, theirs)):
+        renamed = _rename_by_layers(expected, state) or _rename_by_order(expected, state)
+        if renamed is None:
             missing = sorted(set(expected) - set(state))[:5]
             extra = sorted(set(state) - set(expected))[:5]
             raise ModelError(f"{source} does not match net {dict(spec)}: missing {missing}, "
                              f"unexpected {extra}. It holds:\n{found.describe()}\n"
                              "Check the --net options and --key-prefix")
-        renamed = {name: tensor for (name, _), (_, tensor) in zip(ours, theirs)}
-        # Counters of BatchNorm updates: theirs by position when both have them, else ours.
-        ours_counts = [k for k, v in expected.items() if _is_counter(k, v)]
-        theirs_counts = [v for k, v in state.items() if _is_counter(k, v)]
-        counts = (dict(zip(ours_counts, theirs_counts)) if len(ours_counts) == len(theirs_counts)
-                  else {k: expected[k] for k in ours_counts})
-        state = {**renamed, **counts}
+        state = renamed
     try:
         net.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelError(f"{source} does not match net {dict(spec)}: {e}") from None
+
+
+def _layers(state: Mapping[str, torch.Tensor]) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in state.items():
+        module, _, leaf = name.rpartition(".")
+        groups.setdefault(module, {})[leaf] = tensor
+    return list(groups.items())
+
+
+def _rename_by_layers(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+                      ) -> dict[str, torch.Tensor] | None:
+    ours, theirs = _layers(expected), _layers(state)
+    if len(ours) != len(theirs):
+        return None
+    renamed = {}
+    for (our_module, our_tensors), (_, their_tensors) in zip(ours, theirs):
+        for leaf, tensor in our_tensors.items():
+            if leaf in their_tensors and their_tensors[leaf].shape == tensor.shape:
+                renamed[f"{our_module}.{leaf}" if our_module else leaf] = their_tensors[leaf]
+            elif not _is_counter(leaf, tensor):  # old files lack num_batches_tracked
+                return None
+            else:
+                renamed[f"{our_module}.{leaf}" if our_module else leaf] = tensor
+        if set(their_tensors) - set(our_tensors):
+            return None
+    return renamed
+
+
+def _rename_by_order(expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]
+                     ) -> dict[str, torch.Tensor] | None:
+    ours = [(k, v) for k, v in expected.items() if not _is_counter(k, v)]
+    theirs = [(k, v) for k, v in state.items() if not _is_counter(k, v)]
+    if len(ours) != len(theirs) or any(a.shape != b.shape for (_, a), (_, b) in
+                                       zip(ours, theirs)):
+        return None
+    renamed = {name: tensor for (name, _), (_, tensor) in zip(ours, theirs)}
+    # Counters of BatchNorm updates: theirs by position when both have them, else ours.
+    ours_counts = [k for k, v in expected.items() if _is_counter(k, v)]
+    theirs_counts = [v for k, v in state.items() if _is_counter(k, v)]
+    counts = (dict(zip(ours_counts, theirs_counts)) if len(ours_counts) == len(theirs_counts)
+              else {k: expected[k] for k in ours_counts})
+    return {**renamed, **counts}
 
 
 def _is_counter(name: str, tensor: torch.Tensor) -> bool:

@@ -14,6 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
 from restorer.checkpoint import load_model
@@ -96,6 +97,21 @@ def test_state_dict_converts_without_flags(tmp_path, fmt):
     assert imported["sha256"] == hashlib.sha256((tmp_path / "sd.pth").read_bytes()).hexdigest()
     assert imported["format"].startswith(fmt) and imported["content"] == "state dict"
     assert any("eps" in note for note in imported["notes"])  # a state dict does not hold eps
+
+
+def test_bare_safetensors_and_nested_state_dicts_convert(tmp_path):
+    ours = _trained_looking(build_net({"arch": "dncnn", "num_features": 8, "num_layers": 3}))
+    save_file({name.replace("body.", "model."): t for name, t in ours.state_dict().items()},
+              str(tmp_path / "bare.safetensors"))  # stored as bias, weight: names must map
+    torch.save({"epoch": 3, "state_dict": ours.state_dict()}, tmp_path / "ckpt.pth")
+    x = torch.rand(1, 1, 8, 8)
+    for source in ("bare.safetensors", "ckpt.pth"):
+        result = _convert(tmp_path / source, tmp_path / f"{source}.out")
+        assert result.exit_code == 0, result.output
+        loaded = load_model(str(tmp_path / f"{source}.out"))
+        assert loaded.spec["batch_norm"] is True and loaded.spec["num_layers"] == 3
+        with torch.no_grad():
+            assert torch.equal(loaded.net(x), ours(x)), source
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
