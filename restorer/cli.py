@@ -309,27 +309,33 @@ def evaluate_command(model, data_dir, task, sigma, quality, scale, baseline, she
 @main.command()
 @click.argument("source")
 @click.argument("target")
-@click.option("--net", "arch", required=True, help="Net architecture, e.g. dncnn.")
-@click.option("--channels", type=int, default=1)
+@click.option("--net", "arch", default=None,
+              help="Net architecture; default: infer a dncnn layout from the file.")
+@click.option("--channels", type=int, default=None)
 @click.option("--num-features", type=int, default=None)
 @click.option("--num-layers", type=int, default=None)
 @click.option("--batch-norm/--no-batch-norm", default=None)
+@click.option("--batch-norm-eps", type=float, default=None,
+              help="BatchNorm eps where the file does not record it (state dicts).")
 @click.option("--key-prefix", default="", help="Strip this prefix from the weight names.")
 @_errors_to_exit_codes
-def convert(source, target, arch, channels, num_features, num_layers, batch_norm, key_prefix):
+def convert(source, target, arch, channels, num_features, num_layers, batch_norm, batch_norm_eps,
+            key_prefix):
     """Import published PyTorch weights (.pth) into a restorer model (safetensors).
 
-    The file is read with torch.load(weights_only=True), so no code in it runs; its tensors
-    must match the net spec exactly (names after --key-prefix is stripped, and shapes).
+    Reads state dicts and whole pickled modules (torch.save of either format) without running
+    anything from the file; a pickle that would call code is refused. The dncnn layout
+    (depth, width, channels, BatchNorm, biases) is inferred from the file, so no shape flags
+    are needed; flags that are given must agree with it.
     """
     from restorer.convert import convert_weights
 
-    spec = {"arch": arch, "channels": channels}
-    for name, value in (("num_features", num_features), ("num_layers", num_layers),
-                        ("batch_norm", batch_norm)):
+    spec = {"arch": arch or "dncnn"}
+    for name, value in (("channels", channels), ("num_features", num_features),
+                        ("num_layers", num_layers), ("batch_norm", batch_norm)):
         if value is not None:
             spec[name] = value
-    sha = convert_weights(source, target, spec, key_prefix)
+    sha = convert_weights(source, target, spec, key_prefix, batch_norm_eps)
     click.echo(f"wrote {target} (sha256 {sha[:12]})")
 
 
@@ -458,6 +464,10 @@ def models(paths, as_json):
         click.echo(f"{row['name']}{mark}: {net.get('arch')} channels={net.get('channels')} "
                    f"{' '.join(f'{k}={v}' for k, v in net.items() if k not in ('arch', 'channels'))}"
                    + (f"  metrics: {json.dumps(metrics)}" if metrics else ""))
+        imported = row["provenance"].get("imported")
+        if imported:
+            click.echo(f"  imported from {imported['source']} (sha256 {imported['sha256'][:12]}, "
+                       f"{imported['content']}): {imported['layout']}")
         if row.get("card"):
             click.echo(f"  card: {row['card']}")
 
