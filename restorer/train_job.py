@@ -448,12 +448,14 @@ def run_train(spec: TrainSpec) -> dict[str, Any]:
             raise NotFoundError(f"Training data {uri} ({field_name}) holds no images "
                                 f"({' '.join(storage.IMAGE_EXTENSIONS)}); point {field_name} "
                                 "at a folder of clean images")
-    ensure_ray(spec.resources.address, spec.resources.num_cpus, spec.resources.object_store_mb)
+    embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
+                          spec.resources.object_store_mb)
     total_cpus, total_gpus, node_cpus, nodes = cluster_shape()
     workers = spec.resources.workers or 1
     plan = plan_workers(workers, spec.resources.gpus_per_worker,
                         spec.resources.cpus_per_worker or 1.0, spec.resources.threads_per_worker,
-                        total_cpus, total_gpus, node_cpus, nodes, reserve_cpus=0.0)
+                        total_cpus, total_gpus, node_cpus, nodes, reserve_cpus=0.0,
+                        can_autoscale=not embedded)
     per_node = -(-plan.workers // max(nodes, 1))  # workers sharing a node's cores
     threads = 2 if plan.gpus_per_worker else max(1, int(node_cpus // per_node))
     storage_path, filesystem = _storage_filesystem(spec.output.storage_path, options)
