@@ -727,7 +727,8 @@ def _audit(spec: RestoreSpec, summary: dict[str, Any]) -> None:
             yield record
 
     summary["flagged"] = flag_outliers(counted(ledger_records(
-        spec.output.uri, ["key", "status", "change_mean", "change_p99"], options)), limit=20)
+        spec.output.uri, ["key", "status", "change_mean", "change_p99", "residual_structure"],
+        options)), limit=20)
     summary["report"] = storage.join(spec.output.uri, f"{META_DIR}/report.html")
     storage.write_bytes(meta_uri(spec, "summary.json"), json.dumps(summary, indent=2).encode(),
                         options)
