@@ -421,11 +421,13 @@ def _fmt(value: Any) -> str:
 
 
 def _svg_histogram(values: Sequence[float], label: str, marker: float | None = None,
-                   bins: int = 40) -> str:
-    """An inline SVG histogram of ``values``, with an optional vertical line at ``marker``."""
+                   bins: int = 40, span: tuple[float, float] | None = None) -> str:
+    """An inline SVG histogram of ``values``, with an optional vertical line at ``marker``;
+    the x axis covers ``span`` (widened to the values) or the values' range."""
     width, height, pad = 560, 160, 24
-    low = min(values)
-    high = max(max(values), marker if marker is not None else -math.inf)
+    low = min(min(values), span[0]) if span else min(values)
+    high = max(max(values), marker if marker is not None else -math.inf,
+               span[1] if span else -math.inf)
     high = high if high > low else low + 1.0
     counts, edges = np.histogram(values, bins=bins, range=(low, high))
     top = max(1, int(counts.max()))
@@ -718,7 +720,7 @@ def _flagged_section(flagged: list[dict[str, Any]], stats: dict[str, Any],
             "score says the model took detail away: compare the amplified residual crops "
             "below.</p>"
             + _svg_histogram(structures, "residual structure per image (0 noise-like, 1 "
-                             "structure)", structure["cutoff"]))
+                             "structure)", structure["cutoff"], span=(0.0, 1.0)))
     elif changes is not None:
         parts.append('<p class="note">No residual structure in this ledger (written before '
                      "restorer measured it).</p>")

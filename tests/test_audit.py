@@ -6,7 +6,7 @@ through :class:`RestoreActor` (the score is the one the actor puts in the ledger
 destroying group: clean and noisy crops through Gaussian blur, a median filter, JPEG q5 and
 blur of the denoised output; text and fine textures blurred away. Crops come from
 ``../shared/data`` (Set12, Set5; or ``$RESTORER_DATA``) when present, else from generated
-photo-like images. ROC AUC by the rank (Mann-Whitney) formula must be >= 0.95.
+scenes (:func:`restorer.samples.scene`). ROC AUC by the rank (Mann-Whitney) formula must be >= 0.95.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from restorer.audit import energy_colocation, residual_structure, whiteness_defect
 from restorer.pipeline import RestoreActor
+from restorer.samples import scene
 
 DATA = Path(os.environ.get("RESTORER_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
 SIZE = 128  # crop side: small enough for a CPU test, large enough for the statistics
@@ -78,36 +79,19 @@ def _crop(image: Image.Image) -> np.ndarray:
     return array[top:top + SIZE, left:left + SIZE]
 
 
-def _photo_like(rng: np.random.Generator, channels: int) -> np.ndarray:
-    """A smooth gradient with overlapping shapes, lines and a little softness."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
-    base = 60 + 120 * (rng.random() * yy + (1 - rng.random()) * xx) / 2
-    image = Image.fromarray(np.repeat(base[..., None], 3, 2).astype(np.uint8))
-    draw = ImageDraw.Draw(image)
-    for _ in range(14):
-        x0, y0 = rng.integers(-20, SIZE, 2)
-        w, h = rng.integers(8, 60, 2)
-        fill = tuple(int(v) for v in rng.integers(20, 235, 3))
-        if rng.random() < 0.5:
-            draw.ellipse([x0, y0, x0 + w, y0 + h], fill=fill)
-        else:
-            draw.rectangle([x0, y0, x0 + w, y0 + h], fill=fill)
-    for _ in range(6):
-        draw.line([tuple(int(v) for v in rng.integers(0, SIZE, 2)) for _ in range(2)],
-                  fill=tuple(int(v) for v in rng.integers(0, 255, 3)), width=1)
-    image = image.filter(ImageFilter.GaussianBlur(0.6))
-    return _crop(image if channels == 3 else image.convert("L"))
-
-
 def _images() -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(gray, colour) SIZE x SIZE uint8 HWC crops: Set12 / Set5 when present, else generated."""
+    """(gray, colour) SIZE x SIZE uint8 HWC crops: Set12 / Set5 when present, else generated
+    scenes (gradients, discs, stripes, a checker patch)."""
     gray_files = sorted((DATA / "set12").glob("*.png"))[:8]
     colour_files = sorted((DATA / "set5").glob("*.bmp"))[:4]
     if gray_files and colour_files:
         return ([_crop(Image.open(p).convert("L")) for p in gray_files],
                 [_crop(Image.open(p).convert("RGB")) for p in colour_files])
-    rng = np.random.default_rng(20)
-    return [_photo_like(rng, 1) for _ in range(8)], [_photo_like(rng, 3) for _ in range(4)]
+    def generated(channels: int, seed: int) -> np.ndarray:
+        return (scene(SIZE, SIZE, channels, seed) * 255).round().astype(np.uint8)
+
+    return ([generated(1, seed) for seed in range(8)],
+            [generated(3, seed) for seed in range(8, 12)])
 
 
 def _text() -> np.ndarray:
@@ -174,7 +158,6 @@ def test_auc_rank_formula():
 
 
 def test_score_separates_noise_removed_from_detail_removed():
-    torch.set_num_threads(min(2, torch.get_num_threads()))
     rng = np.random.default_rng(0)
     gray, colour = _images()
     text = _text()
