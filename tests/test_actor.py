@@ -54,7 +54,8 @@ def test_strength_blends_with_the_input_and_16_bit_stays_16_bit(tmp_path):
     inside = (full > 0) & (full < 65535)  # where the full output was not clipped
     assert inside.mean() > 0.5
     assert np.abs(half.astype(float) - expected)[inside].max() <= 1.5
-    assert {"change_mean", "change_p99", "noise_in", "noise_out"} <= set(stats[0])
+    assert {"change_mean", "change_p99", "noise_in", "noise_out",
+            "residual_structure"} <= set(stats[0])
 
 
 def test_public_api_is_restorer_restore():

@@ -28,8 +28,13 @@ from PIL import Image, ImageDraw, ImageFilter
 from restorer.audit import residual_structure
 from restorer.inspect import inspect_output
 from restorer.pipeline import ERROR_COLUMNS, RECORD_SCHEMA
-from restorer.report import (estimate_noise, flag_outliers, ledger_records, scan_outliers,
-                             write_report)
+from restorer.report import (
+    estimate_noise,
+    flag_outliers,
+    ledger_records,
+    scan_outliers,
+    write_report,
+)
 
 HOSTILE_KEY = "<script>x.png"
 HOSTILE_MESSAGE = "<img src=x onerror=alert(1)> is not an image"
