@@ -14,12 +14,13 @@ output still has edges. :func:`residual_structure` scores that, per image, in ``
   more; a residual that is a fine periodic pattern (a texture blurred away) gives large
   negative and positive terms, so the sum of squares catches it where a lag-1 correlation
   alone does not.
-- ``energy_colocation`` (:func:`energy_colocation`): the Pearson correlation, over windows, of
-  the local (9x9 mean, every 3 px) squared gradient of the residual and of the output. Noise removed from
-  an image is spread evenly, whatever the image holds (~0, slightly negative for a denoiser,
-  which leaves a little more noise at edges); detail removed sits on the output's edges
-  (strongly positive). Averaging energies over a window lets it see structure under strong
-  noise, where the residual as a whole still looks white (blur of a noisy image).
+- ``energy_colocation`` (:func:`energy_colocation`): the Pearson correlation, over windows,
+  of the local (9x9 mean, every 3 px) squared gradient of the residual and of the output.
+  Noise removed from an image is spread evenly, whatever the image holds (~0, slightly
+  negative for a denoiser, which leaves a little more noise at edges); detail removed sits on
+  the output's edges (strongly positive). Averaging energies over a window lets it see
+  structure under strong noise, where the residual as a whole still looks white (blur of a
+  noisy image).
 
 Each part alone separates the cases less well; together they do. Measured by
 ``python tests/benchmarks/bench_audit_candidates.py --data ../shared/data`` on 207 cases

@@ -437,7 +437,7 @@ def models(paths, as_json):
               help="Rank images by this ledger column (residual_structure: most detail lost).")
 @_errors_to_exit_codes
 def inspect(output_uri, as_json, top, sort):
-    """Summarise a restore job's OUTPUT: summary, errors, the most changed images."""
+    """Summarise a restore job's OUTPUT: summary, errors, flagged and top-ranked images."""
     from restorer.inspect import inspect_output
 
     report = inspect_output(output_uri, top, sort=sort)
@@ -451,6 +451,7 @@ def inspect(output_uri, as_json, top, sort):
     for row in report["errors"]:
         click.echo(f"  error {row['key']}: [{row['stage']}] {row['error_class']}: "
                    f"{row['message']}")
+
     def structure(row):
         value = row.get("residual_structure")
         return "" if value is None else f", residual structure {value:.3f}"

@@ -250,10 +250,10 @@ def flag_outliers(records: Iterable[dict[str, Any]], k: float = OUTLIER_K,
     typical image, most changed first.
 
     ``records`` are ledger records (dicts with ``key``, ``change_mean``, ``change_p99`` and
-    optionally ``residual_structure`` and ``status``), consumed once, as a stream: only a ``RESERVOIR`` sample of the
-    changes and the ``limit`` largest of each are kept, so millions of records are fine (medians
-    are exact below ``RESERVOIR`` images). Failed records and records without a finite change
-    are ignored.
+    optionally ``residual_structure`` and ``status``), consumed once, as a stream: only a
+    ``RESERVOIR`` sample of each column and the ``limit`` largest of each are kept, so
+    millions of records are fine (medians are exact below ``RESERVOIR`` images). Failed
+    records and records without a finite change are ignored.
 
     An image is flagged when, in 8-bit levels (0-255, whatever the image's bit depth):
 

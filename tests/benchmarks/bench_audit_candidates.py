@@ -181,7 +181,8 @@ def main():
             float(audit.residual_structure(source, output)[0]))
     print(f"{(labels == 0).sum()} noise-like, {(labels == 1).sum()} detail-destroying cases, "
           f"{args.size}px crops")
-    print(f"{'score':48s} {'AUC':>6s} {'noise-like median (max)':>24s} {'detail median (min)':>20s}")
+    print(f"{'score':48s} {'AUC':>6s} {'noise-like median (max)':>24s} "
+          f"{'detail median (min)':>20s}")
     for name, values in scores.items():
         v = np.array(values)
         low, high = v[labels == 0], v[labels == 1]
