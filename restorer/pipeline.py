@@ -320,9 +320,9 @@ class RestoreActor:
         """What the model did, cheaply and on the device: |output - input| (mean, 99th
         percentile) on a <=256px strided view, and the noise level of input and output on a
         central <=256px crop of the first plane (:func:`noise_sigma`), all in 8-bit levels,
-        and the structure of the residual on that crop (:func:`restorer.audit.
-        residual_structure`, 0-1; a crop, not the strided view, which would alias the
-        pixel-scale detail it looks for); a tensor of those five values."""
+        and the structure of the residual on that crop (0-1, :func:`residual_structure`; a
+        crop, not the strided view, which would alias the pixel-scale detail it looks for);
+        a tensor of those five values."""
         if self.scale > 1:
             out = torch.nn.functional.avg_pool2d(out[None], self.scale)[0]
         step = max(1, math.ceil(max(source.shape[-2:]) / 256))
