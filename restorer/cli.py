@@ -475,13 +475,16 @@ def models(paths, as_json):
 @main.command()
 @click.argument("output_uri", metavar="OUTPUT")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--top", type=int, default=10, help="How many most-changed images to list.")
+@click.option("--top", type=int, default=10, help="How many top-ranked images to list.")
+@click.option("--sort", type=click.Choice(["change_mean", "change_p99", "residual_structure"]),
+              default="change_mean", show_default=True,
+              help="Rank images by this ledger column (residual_structure: most detail lost).")
 @_errors_to_exit_codes
-def inspect(output_uri, as_json, top):
-    """Summarise a restore job's OUTPUT: summary, errors, the most changed images."""
+def inspect(output_uri, as_json, top, sort):
+    """Summarise a restore job's OUTPUT: summary, errors, flagged and top-ranked images."""
     from restorer.inspect import inspect_output
 
-    report = inspect_output(output_uri, top)
+    report = inspect_output(output_uri, top, sort=sort)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -494,15 +497,22 @@ def inspect(output_uri, as_json, top):
         click.echo(f"  {row['key']}: [{row['stage']}] {row['error_class']}: {row['message']}")
     if not report["errors"]:
         click.echo("  none")
-    click.echo("flagged (changed far more than the job's typical image):")
+
+    def structure(row):
+        value = row.get("residual_structure")
+        return "" if value is None else f", residual structure {value:.3f}"
+
+    click.echo("flagged (changed, or lost structure, far more than the job's typical image):")
     for row in report["flagged"]:
         click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}"
-                   f" ({row['reason']})")
+                   f"{structure(row)} ({row['reason']})")
     if not report["flagged"]:
         click.echo("  none")
-    click.echo("most changed (mean |output - input|, 8-bit levels):")
+    click.echo(f"top {len(report['most_changed'])} by {report['sort']} (change: |output - "
+               "input|, 8-bit levels; residual structure: 0 noise-like .. 1 image structure):")
     for row in report["most_changed"]:
-        click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}")
+        click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}"
+                   f"{structure(row)}")
     if not report["most_changed"]:
         click.echo("  none")
     if report.get("report"):
