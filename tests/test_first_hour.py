@@ -163,7 +163,7 @@ def test_inspect_says_none_under_empty_headings(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    for heading in ("errors:", "flagged", "most changed"):
+    for heading in ("errors:", "flagged", "top 0 by"):
         index = next(i for i, line in enumerate(lines) if line.startswith(heading))
         assert lines[index + 1].strip() == "none", result.output
 
