@@ -5,8 +5,14 @@ import pytest
 import torch
 
 from restorer.nets import build_net
-from restorer.tiling import (effective_tile, pad_reflect, plan_tiles, reflect_indices, run_tiled,
-                             tile_positions)
+from restorer.tiling import (
+    effective_tile,
+    pad_reflect,
+    plan_tiles,
+    reflect_indices,
+    run_tiled,
+    tile_positions,
+)
 
 
 @pytest.fixture(scope="module")
