@@ -65,6 +65,7 @@ from torch import nn
 from restorer import degrade, metrics
 from restorer.checkpoint import LoadedModel
 from restorer.models import get_model
+from restorer.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,9 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
             return to_uint8(_run_planes(net, degraded))
     started = time.perf_counter()
     rows, sheet_samples = [], []
-    for path in image_files(data_dir):
+    paths = list(image_files(data_dir))
+    progress = Progress(f"eval {task}", len(paths))
+    for path in paths:
         clean8 = _read_test_image(path, channels, task)
         height, width = clean8.shape[:2]
         if trim[0] >= height or trim[1] >= width:
@@ -359,6 +362,7 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
                     baseline8, clean8, box, band, inner)
         log.debug("%s: %s", path.name, row)
         rows.append(row)
+        progress.update(1, psnr=f"{np.mean([r['psnr'] for r in rows]):.2f}")
         if sheet is not None and len(sheet_samples) < sheet_rows:
             sheet_samples.append(SheetRow(path.name, degraded8, restored8, clean8,
                                           row["input_psnr"], row["psnr"]))
@@ -369,6 +373,7 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
         result["quality"] = quality
     else:
         result["scale"] = scale
+    progress.close()
     result["count"] = len(rows)
     for key in ("psnr", "ssim", "input_psnr", "baseline_psnr", "band_psnr", "interior_psnr",
                 "baseline_band_psnr", "baseline_interior_psnr"):
