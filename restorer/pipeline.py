@@ -514,6 +514,11 @@ def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: st
         ours = fingerprint
         if previous.get("fingerprint_version", 1) < FINGERPRINT_VERSION and legacy_fingerprint:
             ours = legacy_fingerprint  # compare like with like; job.json is upgraded below
+            log.warning("%s was started by an earlier restorer (fingerprint version %s), which "
+                        "padded image edges by replication; images restored from now on use "
+                        "reflection (better borders). Resuming; pass --overwrite to redo every "
+                        "image the same way", spec.output.uri,
+                        previous.get("fingerprint_version", 1))
         changed = sorted(k for k in set(old) | set(ours) if old.get(k) != ours.get(k))
         if changed and not spec.output.overwrite:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {ours.get(k)!r}" for k in changed)
@@ -795,7 +800,9 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
     spec = replace_field(spec, "model", "overlap", overlap)
     spec = replace_field(spec, "model", "precision",
                          resolve_precision(spec.model.precision, plan.gpus_per_worker > 0))
-    fingerprint = spec.fingerprint(model_sha256)
+    # Since fingerprint version 2, images are padded by reflection at their bottom/right edges
+    # (version 1 replicated edge pixels): part of how outputs are made.
+    fingerprint = {**spec.fingerprint(model_sha256), "edge_padding": "reflect"}
     state = JobState(spec, model_uri, model_sha256, fingerprint)
     resumed = (prepare_output(spec, fingerprint, model_uri, legacy_fingerprint)
                and not spec.output.overwrite)

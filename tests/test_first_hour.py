@@ -247,7 +247,8 @@ def test_fingerprint_mismatch_and_gpus_on_embedded_ray_exit_2(ray_session, tmp_p
 
 
 @pytest.mark.slow
-def test_outputs_of_the_previous_fingerprint_version_resume(ray_session, tmp_path, tiny_model):
+def test_outputs_of_the_previous_fingerprint_version_resume(ray_session, tmp_path, tiny_model,
+                                                             caplog):
     """job.json files written before fingerprints were resolved (version 1) held tile and
     overlap as configured; such outputs resume with the same flags and are upgraded."""
     _images(tmp_path / "in", ["a.png", "b.png"])
@@ -256,13 +257,17 @@ def test_outputs_of_the_previous_fingerprint_version_resume(ray_session, tmp_pat
     job_path = tmp_path / "o" / "_restorer" / "job.json"
     job = json.loads(job_path.read_text())
     job.pop("fingerprint_version")
+    job["fingerprint"].pop("edge_padding")
     job["fingerprint"].update(overlap=0, precision="auto", tile=256)  # as version 1 wrote it
     job_path.write_text(json.dumps(job))
     result = CliRunner().invoke(main, [*args, "--tile", "256", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.output[result.output.index("{"):])
     assert summary["resumed"] and (summary["skipped"], summary["succeeded"]) == (2, 0)
-    assert json.loads(job_path.read_text())["fingerprint_version"] == 2
+    assert "padded image edges by replication" in caplog.text  # what changed, and the remedy
+    upgraded = json.loads(job_path.read_text())
+    assert upgraded["fingerprint_version"] == 2
+    assert upgraded["fingerprint"]["edge_padding"] == "reflect"
 
 
 @pytest.mark.slow
