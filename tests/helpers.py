@@ -44,6 +44,19 @@ def record(key: str, unit: str, **values) -> dict:
     return row
 
 
+# --- S3 ------------------------------------------------------------------------------------
+
+def upload_folder(client, folder: Path, bucket: str, prefix: str) -> list[str]:
+    """Put every file under ``folder`` into ``bucket`` under ``prefix``; returns the keys."""
+    keys = []
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            key = prefix + path.relative_to(folder).as_posix()
+            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
+            keys.append(key)
+    return keys
+
+
 # --- ../shared: the data and CRDs kept beside the checkout -----------------------------------
 
 SHARED_ENV = "RESTORER_SHARED_DIR"

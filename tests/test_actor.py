@@ -62,9 +62,7 @@ def test_public_api_is_restorer_restore():
     assert restorer.restore.__module__ == "restorer.pipeline"
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bf16_channels_last_matches_fp32(tmp_path):
+def test_cuda_bf16_channels_last_matches_fp32(tmp_path, cuda):
     path, _ = _model(tmp_path, 1)
     image = np.random.default_rng(3).integers(0, 255, (300, 260, 1), dtype=np.uint8)
     (fast,), _ = RestoreActor(model=path, tile=128).restore_arrays([image])
@@ -127,12 +125,10 @@ def test_super_resolution_outputs_are_scale_times_larger(tmp_path, scale):
     assert np.abs(base.astype(int) - bicubic.astype(int)).max() <= 1
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("spec", [{"arch": "unet", "features": [8, 16, 32], "blocks": 1},
                                   {"arch": "srnet", "scale": 2, "num_features": 8,
                                    "num_blocks": 2}], ids=["unet", "srnet"])
-def test_cuda_unet_and_srnet_tile_like_cpu(tmp_path, spec):
+def test_cuda_unet_and_srnet_tile_like_cpu(tmp_path, spec, cuda):
     path, _ = _save(tmp_path, {"channels": 1, **spec}, spec["arch"])
     image = np.random.default_rng(6).integers(0, 255, (301, 257, 3), dtype=np.uint8)
     (cpu,), _ = RestoreActor(model=path, tile=0, device="cpu").restore_arrays([image])

@@ -6,12 +6,9 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from restorer.pipeline import restore
-
-pytestmark = pytest.mark.ray
 
 rng = np.random.default_rng(7)
 

@@ -17,7 +17,7 @@ from restorer.pipeline import RestoreActor
 from restorer.samples import write_samples
 from restorer.train_job import run_train
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,6 @@ workers = 2
     assert _curve(_history(tmp_path / "faulty" / "history.jsonl")) == curve
 
 
-@pytest.mark.s3
 def test_checkpoints_on_s3_and_resume_from_them(ray_session, data, bucket):
     import s3fs
 
