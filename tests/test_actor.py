@@ -1,11 +1,16 @@
 """RestoreActor called directly, without Ray: channel rules, strength, precision, GPU path."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import restorer
+from restorer import pipeline
 from restorer.checkpoint import save_model
+from restorer.errors import SpecError
 from restorer.nets import build_net
 from restorer.pipeline import RestoreActor
 
@@ -57,9 +62,21 @@ def test_strength_blends_with_the_input_and_16_bit_stays_16_bit(tmp_path):
     assert {"change_mean", "change_p99", "noise_in", "noise_out"} <= set(stats[0])
 
 
-def test_public_api_is_restorer_restore():
-    assert callable(restorer.restore)
-    assert restorer.restore.__module__ == "restorer.pipeline"
+def test_public_api_is_restorer_restore(tmp_path, tiny_model):
+    # Imported on first use: the Ray-free layers import without the pipeline (or Ray).
+    code = ("import sys, restorer, restorer.nets, restorer.checkpoint, restorer.train; "
+            "print(sorted(m for m in ('ray', 'restorer.pipeline') if m in sys.modules))")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True)
+    assert imported.stdout.strip() == "[]", imported.stdout
+    assert restorer.restore is pipeline.restore
+    # Its options are the spec's fields by name, checked before any work or Ray start.
+    source, out = str(tmp_path / "in"), str(tmp_path / "out")
+    with pytest.raises(SpecError, match="Unknown option 'tilee'"):
+        restorer.restore(source, out, model=tiny_model, tilee=64)
+    with pytest.raises(SpecError, match="output.format"):
+        restorer.restore(source, out, model=tiny_model, format="gif")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cuda_bf16_channels_last_matches_fp32(tmp_path, cuda):

@@ -7,8 +7,6 @@ from PIL import Image
 from restorer import codec
 from restorer.errors import ImageError
 
-rng = np.random.default_rng(0)
-
 
 def _png(image: Image.Image, **kwargs) -> bytes:
     out = io.BytesIO()
@@ -20,7 +18,7 @@ def _png(image: Image.Image, **kwargs) -> bytes:
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("alpha", [False, True])
 @pytest.mark.parametrize("fmt", ["png", "tiff"])
-def test_lossless_round_trip_keeps_mode_depth_and_alpha(bits, channels, alpha, fmt):
+def test_lossless_round_trip_keeps_mode_depth_and_alpha(bits, channels, alpha, fmt, rng):
     dtype = np.uint16 if bits == 16 else np.uint8
     peak = 65535 if bits == 16 else 255
     pixels = rng.integers(0, peak, (7, 9, channels)).astype(dtype)
@@ -34,7 +32,7 @@ def test_lossless_round_trip_keeps_mode_depth_and_alpha(bits, channels, alpha, f
         assert decoded.alpha is None
 
 
-def test_jpeg_is_444_quality_95_and_refuses_alpha():
+def test_jpeg_is_444_quality_95_and_refuses_alpha(rng):
     pixels = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
     data = codec.encode(pixels, None, "jpeg")
     image = Image.open(io.BytesIO(data))
@@ -89,7 +87,7 @@ def test_animated_gif_restores_first_frame_and_says_so():
 @pytest.mark.parametrize("data,match", [
     (b"", "empty"),
     (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "corrupt|not an image"),
-    (bytes(rng.integers(0, 255, 500, dtype=np.uint8)), "not an image"),
+    (np.random.default_rng(0).bytes(500), "not an image"),
     (b"hello, I am a text file\n", "not an image"),
 ])
 def test_bad_bytes_are_image_errors(data, match):
@@ -98,7 +96,7 @@ def test_bad_bytes_are_image_errors(data, match):
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
-def test_truncated_files_are_image_errors(fmt):
+def test_truncated_files_are_image_errors(fmt, rng):
     out = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (64, 64, 3)).astype(np.uint8)).save(out, fmt)
     with pytest.raises(ImageError, match="corrupt or truncated"):
