@@ -1,27 +1,26 @@
-"""Shared fixtures: small deterministic images, a tiny model, and one local Ray per session."""
+"""Shared fixtures: small deterministic images, a tiny model, one local Ray per session, a
+moto S3 server; and the ``ray``/``s3``/``gpu`` markers, derived from the fixtures a test uses.
+
+Plain helpers (free ports, ledger records, the shared data) live in ``helpers.py``.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
+import zlib
 
 # Token authentication is Ray's default for local clusters since 2.59; we keep it on, and set it
 # deliberately so that the embedded cluster and every subprocess agree (token in ~/.ray).
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
+from helpers import free_port
 
 # S3 tests talk to a moto server on 127.0.0.1 through s3fs, exactly as production talks to S3:
 # endpoint and credentials come from the standard AWS environment, set here before Ray starts
 # so that Ray's workers inherit them.
-MOTO_PORT = _free_port()
+MOTO_PORT = free_port()
 os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
                   AWS_DEFAULT_REGION="us-east-1",
                   AWS_ENDPOINT_URL=f"http://127.0.0.1:{MOTO_PORT}")
@@ -38,7 +37,67 @@ from PIL import Image
 from restorer.checkpoint import save_model
 from restorer.nets import build_net
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# --- markers: derived from fixtures, never set by hand ---------------------------------------
+
+# A test is marked ``ray``/``s3``/``gpu`` exactly when it uses a fixture that provides that
+# resource (directly or through another fixture), so ``-m "not ray"`` deselects what starts a
+# cluster and nothing else. ``slow`` stays a hand-set judgement.
+MARKER_FIXTURES = {
+    "_shared_ray": "ray",  # behind ray_session
+    "exclusive_ray": "ray",
+    "s3_server": "s3",  # behind bucket
+    "signing_s3_server": "s3",
+    "cuda": "gpu",
+}
+DERIVED_MARKERS = frozenset(MARKER_FIXTURES.values())
+
+
+def pytest_collection_modifyitems(config, items):
+    lies = []
+    for item in items:
+        derived = {mark for fixture, mark in MARKER_FIXTURES.items()
+                   if fixture in item.fixturenames}
+        hand_set = {m.name for m in item.iter_markers() if m.name in DERIVED_MARKERS}
+        if hand_set - derived:
+            lies.append(f"{item.nodeid}: marked {sorted(hand_set - derived)} by hand")
+        for mark in sorted(derived - hand_set):
+            item.add_marker(mark)
+    if lies:
+        raise pytest.UsageError(
+            "ray/s3/gpu markers come from the fixtures a test uses (conftest.MARKER_FIXTURES); "
+            "take the fixture instead of setting the marker:\n  " + "\n  ".join(lies))
+
+
+@pytest.fixture(autouse=True)
+def _ray_only_where_marked(request):
+    """Fail a test that starts Ray in this process without being marked ``ray``."""
+    was_running = _ray_running()
+    yield
+    if not was_running and _ray_running() and request.node.get_closest_marker("ray") is None:
+        sys.modules["ray"].shutdown()
+        pytest.fail("this test started Ray but is not marked ray: take the ray_session "
+                    "(or exclusive_ray) fixture", pytrace=False)
+
+
+def _ray_running() -> bool:
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+# --- inputs ----------------------------------------------------------------------------------
+
+@pytest.fixture
+def rng(request) -> np.random.Generator:
+    """A generator seeded by the test's id: the same inputs whatever ran before."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture
+def cuda() -> torch.device:
+    """The CUDA device; skips the test (marked ``gpu``) where there is none."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return torch.device("cuda")
 
 
 @pytest.fixture(scope="session")
@@ -137,11 +196,28 @@ def bucket(s3_server, request):
     yield name
 
 
-def upload_folder(client, folder: Path, bucket: str, prefix: str) -> list[str]:
-    keys = []
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            key = prefix + path.relative_to(folder).as_posix()
-            client.put_object(Bucket=bucket, Key=key, Body=path.read_bytes())
-            keys.append(key)
-    return keys
+
+@pytest.fixture
+def signing_s3_server():
+    """A second moto server, in its own process, that checks request signatures
+    (``INITIAL_NO_AUTH_ACTION_COUNT=0``) as S3 does; yields its endpoint URL."""
+    import socket
+    import subprocess
+    import time
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
+                               str(port)], env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -1,11 +1,16 @@
 """RestoreActor called directly, without Ray: channel rules, strength, precision, GPU path."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import restorer
+from restorer import pipeline
 from restorer.checkpoint import save_model
+from restorer.errors import SpecError
 from restorer.nets import build_net
 from restorer.pipeline import RestoreActor
 
@@ -58,14 +63,24 @@ def test_strength_blends_with_the_input_and_16_bit_stays_16_bit(tmp_path):
             "residual_structure"} <= set(stats[0])
 
 
-def test_public_api_is_restorer_restore():
-    assert callable(restorer.restore)
-    assert restorer.restore.__module__ == "restorer.pipeline"
+def test_public_api_is_restorer_restore(tmp_path, tiny_model):
+    # Imported on first use: the Ray-free layers import without the pipeline (or Ray).
+    code = ("import sys, restorer, restorer.nets, restorer.checkpoint, restorer.train; "
+            "print(sorted(m for m in ('ray', 'restorer.pipeline') if m in sys.modules))")
+    imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True)
+    assert imported.stdout.strip() == "[]", imported.stdout
+    assert restorer.restore is pipeline.restore
+    # Its options are the spec's fields by name, checked before any work or Ray start.
+    source, out = str(tmp_path / "in"), str(tmp_path / "out")
+    with pytest.raises(SpecError, match="Unknown option 'tilee'"):
+        restorer.restore(source, out, model=tiny_model, tilee=64)
+    with pytest.raises(SpecError, match="output.format"):
+        restorer.restore(source, out, model=tiny_model, format="gif")
+    assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_bf16_channels_last_matches_fp32(tmp_path):
+def test_cuda_bf16_channels_last_matches_fp32(tmp_path, cuda):
     path, _ = _model(tmp_path, 1)
     image = np.random.default_rng(3).integers(0, 255, (300, 260, 1), dtype=np.uint8)
     (fast,), _ = RestoreActor(model=path, tile=128).restore_arrays([image])
@@ -128,12 +143,10 @@ def test_super_resolution_outputs_are_scale_times_larger(tmp_path, scale):
     assert np.abs(base.astype(int) - bicubic.astype(int)).max() <= 1
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("spec", [{"arch": "unet", "features": [8, 16, 32], "blocks": 1},
                                   {"arch": "srnet", "scale": 2, "num_features": 8,
                                    "num_blocks": 2}], ids=["unet", "srnet"])
-def test_cuda_unet_and_srnet_tile_like_cpu(tmp_path, spec):
+def test_cuda_unet_and_srnet_tile_like_cpu(tmp_path, spec, cuda):
     path, _ = _save(tmp_path, {"channels": 1, **spec}, spec["arch"])
     image = np.random.default_rng(6).integers(0, 255, (301, 257, 3), dtype=np.uint8)
     (cpu,), _ = RestoreActor(model=path, tile=0, device="cpu").restore_arrays([image])

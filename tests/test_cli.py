@@ -3,7 +3,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -38,7 +37,6 @@ def test_pickle_model_is_refused(tmp_path):
     assert result.exit_code == 1 and "never unpickles" in result.output
 
 
-@pytest.mark.ray
 def test_restore_and_run_share_one_spec(ray_session, mixed_folder, tmp_path, tiny_model):
     source, _ = mixed_folder
     runner = CliRunner()
@@ -59,7 +57,6 @@ def test_restore_and_run_share_one_spec(ray_session, mixed_folder, tmp_path, tin
     assert (tmp_path / "b" / "gray.png").exists()
 
 
-@pytest.mark.ray
 def test_cli_as_a_subprocess_on_the_running_cluster(ray_session, mixed_folder, tmp_path,
                                                     tiny_model):
     source, _ = mixed_folder

@@ -25,6 +25,7 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from helpers import shared_path
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -32,8 +33,6 @@ RAY_UP = CLUSTER / "ray-up.yaml"
 KUBERAY_DIR = CLUSTER / "kuberay"
 KUBERAY_MANIFESTS = {"RayCluster": KUBERAY_DIR / "raycluster.yaml",
                      "RayJob": KUBERAY_DIR / "rayjob.yaml"}
-# The operator's CustomResourceDefinitions, shared beside the checkout rather than inside it.
-CRD_DIR = Path(__file__).resolve().parents[2] / "shared" / "kuberay"
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 
 GPU = "nvidia.com/gpu"
@@ -324,9 +323,8 @@ def strict_schema(node: Any) -> Any:
 
 @functools.cache
 def kuberay_validator(kind: str, api_version: str) -> jsonschema.protocols.Validator:
-    if not CRD_DIR.is_dir():
-        pytest.skip(f"KubeRay CRDs not found at {CRD_DIR}")
-    crd = read_yaml(CRD_DIR / CRD_FILES[kind])
+    # The operator's CustomResourceDefinitions, shared beside the checkout, not inside it.
+    crd = read_yaml(shared_path("kuberay", CRD_FILES[kind]))
     group, version = api_version.split("/")
     assert (crd["spec"]["group"], crd["spec"]["names"]["kind"]) == (group, kind)
     [entry] = [v for v in crd["spec"]["versions"] if v["name"] == version]
@@ -405,7 +403,7 @@ def _worker_group(doc: dict) -> dict:
 
 KUBERAY_BREAKAGES: dict[str, tuple[Callable[[dict], None], str]] = {
     "misspelled spec field": (
-        lambda d: _rename(cluster_spec(d), "enableInTreeAutoscaling", "'enableInTreeAutoScaling' was unexpected"),
+        lambda d: _rename(cluster_spec(d), "enableInTreeAutoscaling", "enableInTreeAutoScaling"),
         "'enableInTreeAutoScaling' was unexpected"),
     "misspelled container field": (
         lambda d: _rename(head_container(d), "resources", "resource"),

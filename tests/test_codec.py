@@ -8,8 +8,6 @@ from PIL import Image, ImageCms, ImageOps
 from restorer import codec
 from restorer.errors import ImageError
 
-rng = np.random.default_rng(0)
-
 
 def _png(image: Image.Image, **kwargs) -> bytes:
     out = io.BytesIO()
@@ -21,7 +19,7 @@ def _png(image: Image.Image, **kwargs) -> bytes:
 @pytest.mark.parametrize("channels", [1, 3])
 @pytest.mark.parametrize("alpha", [False, True])
 @pytest.mark.parametrize("fmt", ["png", "tiff"])
-def test_lossless_round_trip_keeps_mode_depth_and_alpha(bits, channels, alpha, fmt):
+def test_lossless_round_trip_keeps_mode_depth_and_alpha(bits, channels, alpha, fmt, rng):
     dtype = np.uint16 if bits == 16 else np.uint8
     peak = 65535 if bits == 16 else 255
     pixels = rng.integers(0, peak, (7, 9, channels)).astype(dtype)
@@ -35,7 +33,7 @@ def test_lossless_round_trip_keeps_mode_depth_and_alpha(bits, channels, alpha, f
         assert decoded.alpha is None
 
 
-def test_jpeg_is_444_quality_95_and_refuses_alpha():
+def test_jpeg_is_444_quality_95_and_refuses_alpha(rng):
     pixels = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
     data = codec.encode(pixels, None, "jpeg")
     image = Image.open(io.BytesIO(data))
@@ -90,7 +88,7 @@ def test_animated_gif_restores_first_frame_and_says_so():
 @pytest.mark.parametrize("data,match", [
     (b"", "empty"),
     (b"\x89PNG\r\n\x1a\n" + b"\x00" * 20, "corrupt|not an image"),
-    (bytes(rng.integers(0, 255, 500, dtype=np.uint8)), "not an image"),
+    (np.random.default_rng(0).bytes(500), "not an image"),
     (b"hello, I am a text file\n", "not an image"),
 ])
 def test_bad_bytes_are_image_errors(data, match):
@@ -99,7 +97,7 @@ def test_bad_bytes_are_image_errors(data, match):
 
 
 @pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
-def test_truncated_files_are_image_errors(fmt):
+def test_truncated_files_are_image_errors(fmt, rng):
     out = io.BytesIO()
     Image.fromarray(rng.integers(0, 255, (64, 64, 3)).astype(np.uint8)).save(out, fmt)
     with pytest.raises(ImageError, match="corrupt or truncated"):
@@ -157,7 +155,7 @@ def no_pixel_decoding(monkeypatch):
 
 @pytest.mark.parametrize("compression", ["lzw", "packbits", "zlib"])
 @pytest.mark.parametrize("channels", [1, 3, 4])
-def test_compressed_16bit_tiffs_round_trip_at_16_bits(compression, channels):
+def test_compressed_16bit_tiffs_round_trip_at_16_bits(compression, channels, rng):
     pixels = rng.integers(0, 65535, (7, 9, channels)).astype(np.uint16)
     photometric = "minisblack" if channels == 1 else "rgb"
     extra = {"extrasamples": ["unassalpha"]} if channels == 4 else {}
@@ -179,7 +177,7 @@ def test_jpeg_compressed_8bit_tiff_decodes():
 
 @pytest.mark.parametrize("layout", [{"planarconfig": "separate"}, {"tile": (16, 16)},
                                     {"planarconfig": "separate", "tile": (16, 16)}])
-def test_planar_and_tiled_16bit_rgb_tiffs(layout):
+def test_planar_and_tiled_16bit_rgb_tiffs(layout, rng):
     pixels = rng.integers(0, 65535, (20, 35, 3)).astype(np.uint16)
     stored = np.moveaxis(pixels, -1, 0) if "planarconfig" in layout else pixels
     decoded = codec.decode(_tiff(stored, photometric="rgb", compression="lzw", **layout))
@@ -187,7 +185,7 @@ def test_planar_and_tiled_16bit_rgb_tiffs(layout):
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
-def test_multi_page_tiff_says_which_pages_were_dropped(dtype):
+def test_multi_page_tiff_says_which_pages_were_dropped(dtype, rng):
     pages = rng.integers(0, 255, (3, 6, 5, 3)).astype(dtype)
     decoded = codec.decode(_tiff(pages, photometric="rgb", compression="zlib"))
     np.testing.assert_array_equal(decoded.pixels, pages[0])
@@ -214,7 +212,7 @@ def test_bomb_sized_planar_tiff_refused_before_decoding(layout, no_pixel_decodin
         codec.decode(bomb)
 
 
-def test_16bit_tiff_tifffile_cannot_decode_is_refused_not_truncated(monkeypatch):
+def test_16bit_tiff_tifffile_cannot_decode_is_refused_not_truncated(monkeypatch, rng):
     data = _tiff(rng.integers(0, 65535, (8, 8, 3)).astype(np.uint16), photometric="rgb",
                  compression="lzw")
 
@@ -240,7 +238,7 @@ def test_associated_alpha_is_unpremultiplied():
     np.testing.assert_array_equal(decoded.alpha, alpha)
 
 
-def test_16bit_tiff_output_is_what_was_decoded():
+def test_16bit_tiff_output_is_what_was_decoded(rng):
     pixels = rng.integers(0, 65535, (6, 7, 3)).astype(np.uint16)
     alpha = rng.integers(0, 65535, (6, 7)).astype(np.uint16)
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -262,7 +260,7 @@ def _exif(orientation: int) -> bytes:
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
-def test_orient_matches_pillow_exif_transpose(orientation):
+def test_orient_matches_pillow_exif_transpose(orientation, rng):
     pixels = rng.integers(0, 255, (3, 5, 3)).astype(np.uint8)
     image = Image.open(io.BytesIO(_png(Image.fromarray(pixels), exif=_exif(orientation))))
     expected = np.asarray(ImageOps.exif_transpose(image))
@@ -270,7 +268,7 @@ def test_orient_matches_pillow_exif_transpose(orientation):
 
 
 @pytest.mark.parametrize("alpha", [False, True])
-def test_16bit_png_with_orientation_6_comes_out_rotated_and_keeps_metadata(alpha):
+def test_16bit_png_with_orientation_6_comes_out_rotated_and_keeps_metadata(alpha, rng):
     pixels = rng.integers(0, 65535, (4, 6, 3)).astype(np.uint16)
     plane = rng.integers(0, 65535, (4, 6)).astype(np.uint16) if alpha else None
     icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
@@ -285,7 +283,7 @@ def test_16bit_png_with_orientation_6_comes_out_rotated_and_keeps_metadata(alpha
 
 
 @pytest.mark.parametrize("channels", [1, 3])
-def test_16bit_tiff_with_orientation_6_comes_out_rotated(channels):
+def test_16bit_tiff_with_orientation_6_comes_out_rotated(channels, rng):
     pixels = rng.integers(0, 65535, (4, 6, channels)).astype(np.uint16)
     data = _tiff(pixels, photometric="rgb" if channels == 3 else "minisblack",
                  compression="lzw", extratags=[(274, 3, 1, 6, True)])
@@ -321,7 +319,7 @@ def _cmyk_profile(lab=(50.0, 0.0, 0.0)) -> bytes:
     return header + table + body
 
 
-def _cmyk_file(fmt: str, icc: bytes | None) -> bytes:
+def _cmyk_file(fmt: str, icc: bytes | None, rng: np.random.Generator) -> bytes:
     image = Image.fromarray(rng.integers(0, 255, (6, 8, 4)).astype(np.uint8), "CMYK")
     out = io.BytesIO()
     image.save(out, fmt, **({"icc_profile": icc} if icc else {}))
@@ -329,8 +327,8 @@ def _cmyk_file(fmt: str, icc: bytes | None) -> bytes:
 
 
 @pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
-def test_cmyk_with_icc_profile_converted_through_it(fmt):
-    decoded = codec.decode(_cmyk_file(fmt, _cmyk_profile()))
+def test_cmyk_with_icc_profile_converted_through_it(fmt, rng):
+    decoded = codec.decode(_cmyk_file(fmt, _cmyk_profile(), rng))
     assert decoded.pixels.shape == (6, 8, 3)
     assert np.abs(decoded.pixels.astype(int) - 119).max() <= 1  # the profile's L* = 50 gray
     assert "through its ICC profile" in decoded.note and "sRGB" in decoded.note
@@ -341,14 +339,14 @@ def test_cmyk_with_icc_profile_converted_through_it(fmt):
 @pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
 @pytest.mark.parametrize("icc,reason", [(None, "no ICC profile"),
                                         (b"\0" * 200, "ICC profile is unusable")])
-def test_cmyk_without_usable_profile_converted_naively_and_says_so(fmt, icc, reason):
-    decoded = codec.decode(_cmyk_file(fmt, icc))
+def test_cmyk_without_usable_profile_converted_naively_and_says_so(fmt, icc, reason, rng):
+    decoded = codec.decode(_cmyk_file(fmt, icc, rng))
     assert decoded.pixels.shape == (6, 8, 3) and decoded.pixels.std() > 10
     assert "CMYK converted to RGB naively" in decoded.note and reason in decoded.note
     assert decoded.icc is None
 
 
-def test_16bit_cmyk_tiff():
+def test_16bit_cmyk_tiff(rng):
     cmyk = rng.integers(0, 65535, (5, 4, 4)).astype(np.uint16)
     decoded = codec.decode(_tiff(cmyk, photometric="separated", compression="lzw"))
     white = 65535.0 - cmyk
@@ -360,7 +358,7 @@ def test_16bit_cmyk_tiff():
     assert np.abs(decoded.pixels.astype(int) - 119).max() <= 1
 
 
-def test_16bit_miniswhite_tiff_is_inverted():
+def test_16bit_miniswhite_tiff_is_inverted(rng):
     gray = rng.integers(0, 65535, (5, 4)).astype(np.uint16)
     decoded = codec.decode(_tiff(gray, photometric="miniswhite", compression="zlib"))
     np.testing.assert_array_equal(decoded.pixels[..., 0], 65535 - gray)
@@ -373,7 +371,7 @@ def test_tiff_samples_count_toward_the_size_limit(no_pixel_decoding):
         codec.decode(many_samples, max_pixels=12_000)  # 10,000 pixels, 60,000 samples
 
 
-def test_8bit_tiff_pillow_cannot_decode_is_read_by_tifffile():
+def test_8bit_tiff_pillow_cannot_decode_is_read_by_tifffile(rng):
     pixels = rng.integers(0, 255, (12, 10, 3)).astype(np.uint8)
     data = _tiff(pixels, photometric="rgb", compression="png")  # a codec libtiff lacks
     with pytest.raises(OSError):

@@ -6,17 +6,12 @@ import os
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from restorer.pipeline import restore
 
-pytestmark = pytest.mark.ray
 
-rng = np.random.default_rng(7)
-
-
-def _noise(shape, dtype=np.uint8):
+def _noise(rng, shape, dtype=np.uint8):
     peak = 65535 if dtype == np.uint16 else 255
     return rng.integers(0, peak, shape).astype(dtype)
 
@@ -27,8 +22,9 @@ def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return out.getvalue()
 
 
-def write_hostile_folder(root) -> dict[str, tuple[str, str]]:
+def write_hostile_folder(root, seed: int = 7) -> dict[str, tuple[str, str]]:
     """Writes the inputs; returns key -> (outcome, output key) with outcome "ok" or a stage."""
+    rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     files: dict[str, bytes] = {}
     outcomes: dict[str, tuple[str, str]] = {}
@@ -37,7 +33,7 @@ def write_hostile_folder(root) -> dict[str, tuple[str, str]]:
         files[key] = data
         outcomes[key] = (outcome, out_key or key)
 
-    rgb = Image.fromarray(_noise((40, 50, 3)))
+    rgb = Image.fromarray(_noise(rng, (40, 50, 3)))
     png = _encoded(rgb, "PNG")
     jpeg = _encoded(rgb, "JPEG", quality=90)
     add("zero-bytes.png", b"", "decode")
@@ -46,24 +42,24 @@ def write_hostile_folder(root) -> dict[str, tuple[str, str]]:
     add("random-bytes.png", rng.bytes(3000), "decode")
     add("text.jpg", b"Dear diary, today I pretended to be a JPEG.\n" * 20, "decode")
     add("bomb.png", _encoded(Image.new("L", (11000, 10000)), "PNG"), "decode")
-    add("cmyk.jpg", _encoded(Image.fromarray(_noise((30, 40, 4)), "CMYK"), "JPEG"))
-    palette = Image.fromarray(_noise((20, 30)) // 64).convert("P")
+    add("cmyk.jpg", _encoded(Image.fromarray(_noise(rng, (30, 40, 4)), "CMYK"), "JPEG"))
+    palette = Image.fromarray(_noise(rng, (20, 30)) // 64).convert("P")
     add("palette-transparent.png", _encoded(palette, "PNG", transparency=0))
-    add("gray-alpha.png", _encoded(Image.fromarray(_noise((20, 30, 2)), "LA"), "PNG"))
-    add("rgba.png", _encoded(Image.fromarray(_noise((20, 30, 4)), "RGBA"), "PNG"))
-    add("gray16.png", _encoded(Image.fromarray(_noise((20, 30), np.uint16)), "PNG"))
+    add("gray-alpha.png", _encoded(Image.fromarray(_noise(rng, (20, 30, 2)), "LA"), "PNG"))
+    add("rgba.png", _encoded(Image.fromarray(_noise(rng, (20, 30, 4)), "RGBA"), "PNG"))
+    add("gray16.png", _encoded(Image.fromarray(_noise(rng, (20, 30), np.uint16)), "PNG"))
     from restorer.codec import encode
 
-    add("rgb16.png", encode(_noise((20, 30, 3), np.uint16), None, "png"))
-    add("rgb16.tif", encode(_noise((20, 30, 3), np.uint16), None, "tiff"))
+    add("rgb16.png", encode(_noise(rng, (20, 30, 3), np.uint16), None, "png"))
+    add("rgb16.tif", encode(_noise(rng, (20, 30, 3), np.uint16), None, "tiff"))
     exif = Image.Exif()
     exif[0x0112] = 6
-    add("exif-rotated.jpg", _encoded(Image.fromarray(_noise((20, 30, 3))), "JPEG",
+    add("exif-rotated.jpg", _encoded(Image.fromarray(_noise(rng, (20, 30, 3))), "JPEG",
                                      exif=exif.tobytes()))
-    add("one-pixel.png", _encoded(Image.fromarray(_noise((1, 1))), "PNG"))
-    add("thin-3x2000.png", _encoded(Image.fromarray(_noise((3, 2000))), "PNG"))
+    add("one-pixel.png", _encoded(Image.fromarray(_noise(rng, (1, 1))), "PNG"))
+    add("thin-3x2000.png", _encoded(Image.fromarray(_noise(rng, (3, 2000))), "PNG"))
     add("photo.webp", _encoded(rgb, "WEBP", lossless=True))
-    frames = [Image.fromarray(_noise((16, 16))) for _ in range(3)]
+    frames = [Image.fromarray(_noise(rng, (16, 16))) for _ in range(3)]
     out = io.BytesIO()
     frames[0].save(out, "GIF", save_all=True, append_images=frames[1:])
     add("animated.gif", out.getvalue(), "ok", "animated.png")
@@ -139,10 +135,10 @@ def test_every_hostile_input_gets_its_stated_outcome(ray_session, tmp_path, tiny
         out_key for outcome, out_key in outcomes.values() if outcome == "ok"}
 
 
-def test_hostile_keys_in_shards_write_nothing_outside(ray_session, tmp_path, tiny_model):
+def test_hostile_keys_in_shards_write_nothing_outside(ray_session, tmp_path, tiny_model, rng):
     shards, out = tmp_path / "shards", tmp_path / "out"
     shards.mkdir()
-    png = _encoded(Image.fromarray(_noise((8, 8))), "PNG")
+    png = _encoded(Image.fromarray(_noise(rng, (8, 8))), "PNG")
     keys = ["../escape.png", "/abs/olute.png", "back\\slash.png", "nul\x00.png",
             "a/../../up.png", "fine/ok.png"]
     pq.write_table(pa.table({"key": keys, "bytes": [png] * len(keys)}),

@@ -5,31 +5,25 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import record
 
 from restorer import report, storage
 from restorer.errors import StorageError
 from restorer.jobs import RestoreSpec, spec_from_flags
-from restorer.pipeline import RECORD_SCHEMA, commit_unit
-
-
-def _record(key: str, unit: str, **values) -> dict:
-    record = {f.name: ("" if pa.types.is_string(f.type) else b"" if pa.types.is_binary(f.type)
-                       or pa.types.is_large_binary(f.type) else 0) for f in RECORD_SCHEMA}
-    record.update(key=key, out_key=key, unit=unit, unit_size=1, status="ok", **values)
-    return record
+from restorer.pipeline import commit_unit
 
 
 def test_a_ledger_entry_is_created_once_unless_the_unit_is_redone_for_errors(tmp_path):
     spec = spec_from_flags(RestoreSpec, input=str(tmp_path / "in"), output=str(tmp_path / "out"))
     ledger = tmp_path / "out" / "_restorer" / "ledger" / "unit-u1.parquet"
-    commit_unit(spec, "u1", [_record("a.png", "u1", write_seconds=0.5)], had_errors=False)
+    commit_unit(spec, "u1", [record("a.png", "u1", write_seconds=0.5)], had_errors=False)
     # another run committing the same unit (two jobs in one output) is refused, and the
     # first run's entry stays
     with pytest.raises(StorageError, match="unit-u1.parquet already exists"):
-        commit_unit(spec, "u1", [_record("a.png", "u1", write_seconds=1.5)], had_errors=False)
+        commit_unit(spec, "u1", [record("a.png", "u1", write_seconds=1.5)], had_errors=False)
     assert pq.read_table(ledger).column("write_seconds").to_pylist() == [0.5]
     # --retry-failed redoes a unit that had errors, and replaces its entry
-    commit_unit(spec, "u1", [_record("a.png", "u1", write_seconds=1.5)], had_errors=True)
+    commit_unit(spec, "u1", [record("a.png", "u1", write_seconds=1.5)], had_errors=True)
     assert pq.read_table(ledger).column("write_seconds").to_pylist() == [1.5]
 
 

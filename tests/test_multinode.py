@@ -22,8 +22,9 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+pytestmark = pytest.mark.slow
 
 NODES = 3  # the head and two workers
 CPUS_PER_NODE = 2
@@ -67,14 +68,6 @@ def _restore_actors() -> list[dict]:
             if "RestoreActor" in (a.repr_name or "") + (a.class_name or "")]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _outputs(folder: Path) -> list[str]:
     return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
 
@@ -90,8 +83,8 @@ def run_cluster(work: Path) -> dict:
         return {"num_cpus": CPUS_PER_NODE, "object_store_memory": 100 * 2**20, **extra}
 
     cluster = Cluster(initialize_head=True, head_node_args=node_args(
-        include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=_free_port(),
-        dashboard_agent_listen_port=_free_port()))
+        include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=free_port(),
+        dashboard_agent_listen_port=free_port()))
     workers = [cluster.add_node(**node_args()) for _ in range(NODES - 1)]
     cluster.wait_for_nodes()
     result: dict = {"head": cluster.head_node.node_id,

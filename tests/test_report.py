@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import record
 from PIL import Image, ImageDraw, ImageFilter
 
 from restorer.audit import residual_structure
@@ -59,13 +60,6 @@ def _structure(source: np.ndarray, restored: np.ndarray) -> float:
     return float(residual_structure(tensor(source), tensor(restored))[0])
 
 
-def _record(key: str, unit: str, **values) -> dict:
-    record = {f.name: ("" if pa.types.is_string(f.type) else b"" if pa.types.is_binary(f.type)
-                       or pa.types.is_large_binary(f.type) else 0) for f in RECORD_SCHEMA}
-    record.update(key=key, out_key=key, unit=unit, format="png", unit_size=0, **values)
-    return record
-
-
 @pytest.fixture
 def job_output(tmp_path) -> Path:
     """A finished two-unit job: 8 restored images (one outlier, one that lost its text to a
@@ -82,7 +76,7 @@ def job_output(tmp_path) -> Path:
             source_path.parent.mkdir(parents=True, exist_ok=True)
             if key == "b/broken.png":
                 source_path.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
-                ledgers[unit].append(_record(
+                ledgers[unit].append(record(
                     key, unit, uri=str(source_path), status="failed", stage="decode",
                     error_class="ImageError", message=HOSTILE_MESSAGE))
                 continue
@@ -105,7 +99,7 @@ def job_output(tmp_path) -> Path:
             target_path.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(output_pixels).save(target_path)
             mean, p99 = _change(source, output_pixels)
-            ledgers[unit].append(_record(
+            ledgers[unit].append(record(
                 key, unit, uri=str(source_path), status="ok", height=72, width=96,
                 channels=1 if source.ndim == 2 else 3, bits=16 if source.dtype == np.uint16
                 else 8, src_format="PNG", out_height=72, out_width=96, tiles=1,
@@ -187,8 +181,11 @@ def test_flag_outliers_streams_and_has_a_floor():
     assert flag_outliers(same) == []
     # An absolute threshold flags on its own, even below MIN_RECORDS images.
     assert [f["key"] for f in flag_outliers(same[:2], threshold=2.1)] == ["0"]
-    with pytest.raises(ValueError):
-        flag_outliers([], k=0)
+    for bad, match in (({"k": 0}, r"k = 0, .*need k > 0"),
+                       ({"min_spread": -1.0}, r"min_spread = -1.0, .*min_spread >= 0"),
+                       ({"limit": 0}, r"limit = 0: .*limit >= 1")):
+        with pytest.raises(ValueError, match=match):
+            flag_outliers([], **bad)
 
 
 def test_estimate_noise_finds_the_added_noise():

@@ -12,8 +12,6 @@ from restorer.pipeline import RestoreActor, restore, source_config
 from restorer.samples import write_samples
 from restorer.sources import expand, listing_tasks
 
-pytestmark = pytest.mark.ray
-
 
 def _psnr(a, b):
     mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)

@@ -11,14 +11,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import upload_folder
+from helpers import upload_folder
 from PIL import Image
 
 from restorer.cli import main
 from restorer.errors import StorageError
 from restorer.pipeline import restore
-
-pytestmark = [pytest.mark.ray, pytest.mark.s3]
 
 
 @pytest.fixture
@@ -131,43 +129,25 @@ def test_wrong_bucket_is_one_clear_error_before_any_work(s3_server, bucket, tmp_
     assert result.exit_code == 1 and "no-such-bucket-y" in result.output
 
 
-def test_bad_credentials_are_one_clear_error_before_any_work(tmp_path, tiny_model):
-    """A second moto server that checks signatures (INITIAL_NO_AUTH_ACTION_COUNT=0): unknown
-    keys are refused as S3 refuses them, before the job lists or writes anything."""
-    import socket
+def test_bad_credentials_are_one_clear_error_before_any_work(signing_s3_server, tmp_path,
+                                                            tiny_model):
+    """Against a moto server that checks signatures, unknown keys are refused as S3 refuses
+    them, before the job lists or writes anything."""
     import subprocess
     import sys
-    import time
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                               str(port)], env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="0"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 30
-        while time.time() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                time.sleep(0.2)
-        env = dict(os.environ, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-                   AWS_ACCESS_KEY_ID="AKIANOTAREALKEY00000", AWS_SECRET_ACCESS_KEY="wrong")
-        folder = tmp_path / "in"
-        folder.mkdir()
-        Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a.png")
-        for args in (["s3://private-bucket/raw/", str(tmp_path / "out")],
-                     [str(folder), "s3://private-bucket/out/"]):
-            result = subprocess.run(  # noqa: PLW1510 - the test reads returncode
-                [sys.executable, "-m", "restorer", "restore", *args, "--model", tiny_model],
-                capture_output=True, text=True, timeout=120, env=env)
-            assert result.returncode == 1, result.stdout + result.stderr
-            assert "credentials" in result.stderr and "Traceback" not in result.stderr
-            assert "AWS_ACCESS_KEY_ID" in result.stderr  # where credentials are read from
-            assert "wrong" not in result.stderr  # the secret never appears
-        assert not (tmp_path / "out").exists()
-    finally:
-        server.terminate()
-        server.wait(10)
+    env = dict(os.environ, AWS_ENDPOINT_URL=signing_s3_server,
+               AWS_ACCESS_KEY_ID="AKIANOTAREALKEY00000", AWS_SECRET_ACCESS_KEY="wrong")
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(folder / "a.png")
+    for args in (["s3://private-bucket/raw/", str(tmp_path / "out")],
+                 [str(folder), "s3://private-bucket/out/"]):
+        result = subprocess.run(  # noqa: PLW1510 - the test reads returncode
+            [sys.executable, "-m", "restorer", "restore", *args, "--model", tiny_model],
+            capture_output=True, text=True, timeout=120, env=env)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert "credentials" in result.stderr and "Traceback" not in result.stderr
+        assert "AWS_ACCESS_KEY_ID" in result.stderr  # where credentials are read from
+        assert "wrong" not in result.stderr  # the secret never appears
+    assert not (tmp_path / "out").exists()

@@ -18,8 +18,6 @@ from restorer.inspect import inspect_output
 from restorer.nets import build_net
 from restorer.pipeline import restore
 
-pytestmark = pytest.mark.ray
-
 
 def _save_net(tmp_path, spec):
     torch.manual_seed(0)

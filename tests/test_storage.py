@@ -73,7 +73,6 @@ def test_create_only_write_without_hard_links_checks_then_replaces(tmp_path, mon
     assert os.listdir(tmp_path) == ["unit-a.parquet"]
 
 
-@pytest.mark.s3
 def test_create_only_write_on_s3_is_a_conditional_put(bucket):
     """moto honours ``If-None-Match: *`` as S3 does; nothing is checked before the PUT, so the
     refusal can only come from the store."""

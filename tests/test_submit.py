@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import free_port
 from PIL import Image
 
 from restorer import submit as jobs_api
@@ -35,16 +35,10 @@ JOB_TIMEOUT_S = 120
 
 def _on_head(test):
     """Marks a test that uses the Ray head (Ray's log tailing warns about aiohttp's ssl=None)."""
-    for mark in (pytest.mark.ray, pytest.mark.slow,
+    for mark in (pytest.mark.slow,
                  pytest.mark.filterwarnings("ignore:ssl=None is deprecated:DeprecationWarning")):
         test = mark(test)
     return test
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _write_images(folder: Path, count: int, size: int, seed: int = 0) -> list[str]:
@@ -131,13 +125,13 @@ def head():
     token_file = run_dir / "token"
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
-    dashboard_port = _free_port()
-    ports = {"--port": _free_port(), "--dashboard-port": dashboard_port,
-             "--ray-client-server-port": _free_port(),
-             "--dashboard-agent-listen-port": _free_port(),
-             "--dashboard-agent-grpc-port": _free_port(),
-             "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
-             "--node-manager-port": _free_port(), "--object-manager-port": _free_port()}
+    dashboard_port = free_port()
+    ports = {"--port": free_port(), "--dashboard-port": dashboard_port,
+             "--ray-client-server-port": free_port(),
+             "--dashboard-agent-listen-port": free_port(),
+             "--dashboard-agent-grpc-port": free_port(),
+             "--runtime-env-agent-port": free_port(), "--metrics-export-port": free_port(),
+             "--node-manager-port": free_port(), "--object-manager-port": free_port()}
     env = {k: v for k, v in os.environ.items()
            if k not in ("RAY_AUTH_TOKEN", "RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     # Token mode with this head's own token; on SIGTERM stop at once instead of draining the
@@ -302,7 +296,7 @@ def test_token_and_address_errors(head, small_folder, tmp_path, monkeypatch, exc
         jobs_api.list_jobs(head)
     monkeypatch.undo()
 
-    nobody = f"http://127.0.0.1:{_free_port()}"
+    nobody = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(jobs_api.ClusterError, match=f"Cannot reach the Ray Jobs API at {nobody}"):
         jobs_api.list_jobs(nobody)
     with pytest.raises(jobs_api.ClusterError, match="not the address of a Ray dashboard"):
@@ -361,7 +355,7 @@ def test_token_is_found_in_rays_order(tmp_path, monkeypatch):
 
 def test_spec_is_checked_before_the_cluster_is_contacted(small_folder, tmp_path):
     folder, _ = small_folder
-    nobody = f"http://127.0.0.1:{_free_port()}"
+    nobody = f"http://127.0.0.1:{free_port()}"
     spec = _write_spec(tmp_path / "s.toml", str(folder), str(tmp_path / "out"))
     with pytest.raises(SpecError, match="gpus_per_worker"):
         jobs_api.submit(spec, nobody, overrides={"gpus_per_worker": -3.0})

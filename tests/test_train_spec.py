@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import torch
+from helpers import matlab_imresize
 
 from restorer.errors import SpecError
 from restorer.jobs import spec_from_dict
 from restorer.nets import build_net
+from restorer.samples import scene
 from restorer.train_job import Degradation, degrade_batch, validate_net
 
 SR_NET = {"arch": "srnet", "scale": 2, "num_features": 4, "num_blocks": 1}
@@ -32,13 +34,34 @@ def test_super_resolution_specs_pair_sr_nets_with_the_sr_degradation():
         _spec(optim={"precision": "fp16"})
 
 
-def test_sr_batches_are_matlab_downscales_and_validate_on_the_large_image():
-    rng = np.random.default_rng(0)
+def test_sr_batches_are_matlab_downscales_and_validate_on_the_large_image(rng):
+    # The reference is MATLAB imresize(x, 1/2) written from its formulas in helpers.py
+    # (Keys cubic a = -0.5, kernel stretched by 2 for antialiasing, mirrored edges).
     clean = rng.random((3, 32, 32)).astype(np.float32)
     low = degrade_batch(clean, Degradation(kind="sr"), rng, scale=2)
     assert low.shape == (3, 16, 16) and low.dtype == np.float32
+    for patch, small in zip(clean, low):
+        np.testing.assert_allclose(small, matlab_imresize(patch, 0.5), atol=1e-6)
+
+    # Validation shrinks the whole (mod-cropped) image, not a patch of it, and measures the
+    # net's output and the bicubic input against the image itself.
+    class Bicubic(torch.nn.Module):  # an "SR net" that is MATLAB's bicubic upscale
+        scale = 2
+
+        def forward(self, x):
+            return torch.from_numpy(matlab_imresize(x[0, 0].numpy(), 2.0)[None, None])
+
+    image = scene(37, 41, 1, seed=0)[..., 0].astype(np.float32)  # smooth: upscalers differ
+    result = validate_net(Bicubic(), [image], Degradation(kind="sr"), crop=0)
+    cropped = image[:36, :40]
+    expected = matlab_imresize(matlab_imresize(cropped, 0.5), 2.0)
+    mse = np.mean((_uint8(expected) - _uint8(cropped)) ** 2)
+    assert result["val_input_psnr"] == pytest.approx(10 * np.log10(255 ** 2 / mse), abs=0.01)
+    assert result["val_psnr"] == pytest.approx(result["val_input_psnr"], abs=0.01)
     torch.manual_seed(0)
-    net = build_net(SR_NET)
-    result = validate_net(net, [rng.random((37, 41)).astype(np.float32)], Degradation(kind="sr"),
-                          crop=0)
-    assert np.isfinite(result["val_psnr"]) and result["val_input_psnr"] > 0
+    result = validate_net(build_net(SR_NET), [image], Degradation(kind="sr"), crop=0)
+    assert np.isfinite(result["val_psnr"])
+
+
+def _uint8(x):
+    return np.round(np.clip(x, 0, 1) * 255).astype(np.float64)
