@@ -778,7 +778,11 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
         state = JobState(spec, model_uri, model_sha256, {})
         return dict(_summary(state, time.time() - state.started), status="empty")
 
-    storage.exists(meta_uri(spec, "job.json"), options)  # a bad output bucket fails here
+    if (not storage.exists(meta_uri(spec, "job.json"), options)  # a bad bucket fails here
+            and not spec.output.overwrite
+            and [n for n in storage.list_names(spec.output.uri, options) if n != META_DIR]):
+        raise OutputConflictError(f"Output {spec.output.uri} is not empty and holds no restorer "
+                                  "job; choose an empty output or pass --overwrite")
     lease = Lease(meta_uri(spec, "lease.json"), options, spec.limits.lease_stale_seconds)
     with lease:  # one job per output, from before anything is written until the end
         return _run_leased(spec, model_uri, model_sha256, net, layout, config, tasks)

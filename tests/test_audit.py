@@ -214,12 +214,10 @@ def test_score_separates_noise_removed_from_detail_removed():
     assert min(blurred_away.values()) > ceiling, (blurred_away, ceiling)
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_score_on_cuda_matches_cpu():
+def test_score_on_cuda_matches_cpu(cuda):
     torch.manual_seed(2)
     source = torch.rand(4, 3, 256, 256)
     output = torch.nn.functional.avg_pool2d(source, 5, 1, 2)
-    on_cuda = residual_structure(source.cuda(), output.cuda())
+    on_cuda = residual_structure(source.to(cuda), output.to(cuda))
     assert on_cuda.device.type == "cuda"
     assert torch.allclose(on_cuda.cpu(), residual_structure(source, output), atol=1e-4)
