@@ -6,7 +6,8 @@ The lease is created with a create-only write (a local hard link; a conditional 
 it. It names its holder (job id, host, pid, start) and carries a ``heartbeat`` time that a
 background thread renews every ``heartbeat_seconds``. A second job finding a lease whose
 heartbeat is younger than ``stale_seconds`` is refused, naming the holder; an older one (its
-job was killed, its machine lost) is taken over, and the log says so. The lease is removed when
+job was killed, its machine lost) is taken over, and the log says so, as is one whose holder
+ran on this host in a process that no longer exists (a crashed or killed run, rerun at once). The lease is removed when
 the job ends, whatever the ending.
 
 Clocks: staleness compares the holder's heartbeat with this machine's clock; keep
@@ -73,16 +74,30 @@ class Lease:
             now = time.time()
             if current is None:
                 continue  # released between our attempt and the read: try again
-            if now - current.heartbeat < self.stale_seconds:
+            if now - current.heartbeat < self.stale_seconds and not self._dead_here(current):
                 raise OutputConflictError(
                     f"Another job is writing into {self.uri.rsplit('/', 2)[0]}: "
                     f"{current.describe(now)}. Wait for it, stop it, or choose another output "
                     f"(a lease without heartbeat for {self.stale_seconds:.0f} s is taken over)")
-            log.warning("taking over the output's lease from %s: no heartbeat for %.0f s "
-                        "(its job is gone)", current.describe(now), now - current.heartbeat)
+            log.warning("taking over the output's lease from %s: %s", current.describe(now),
+                        "its process is gone" if self._dead_here(current) else
+                        f"no heartbeat for {now - current.heartbeat:.0f} s (its job is gone)")
             storage.delete(self.uri, self.options)
         raise OutputConflictError(f"Could not take the lease {self.uri}: other jobs keep taking "
                                   "it; start one job per output")
+
+    def _dead_here(self, holder: Holder) -> bool:
+        """Whether ``holder`` ran on this host in a process that no longer exists (a killed
+        job: its lease need not wait to go stale)."""
+        if holder.host != self.holder.host or holder.pid == self.holder.pid:
+            return False
+        try:
+            os.kill(holder.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # alive, another user's
+            return False
+        return False
 
     def read(self) -> Holder | None:
         try:

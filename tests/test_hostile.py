@@ -72,9 +72,9 @@ def write_hostile_folder(root, seed: int = 7) -> dict[str, tuple[str, str]]:
         tifffile.imwrite(out, array, **kwargs)
         return out.getvalue()
 
-    add("rgb16-lzw.tif", tiff(_noise((20, 30, 3), np.uint16), photometric="rgb",
+    add("rgb16-lzw.tif", tiff(_noise(rng, (20, 30, 3), np.uint16), photometric="rgb",
                               compression="lzw"))
-    add("multipage.tif", tiff(_noise((3, 16, 16, 3)), photometric="rgb", compression="zlib"))
+    add("multipage.tif", tiff(_noise(rng, (3, 16, 16, 3)), photometric="rgb", compression="zlib"))
     planar = bytearray(tiff(np.zeros((3, 16, 16), np.uint16), photometric="rgb",
                             planarconfig="separate", compression="zlib"))
     ifd = int.from_bytes(planar[4:8], "little")
@@ -84,7 +84,7 @@ def write_hostile_folder(root, seed: int = 7) -> dict[str, tuple[str, str]]:
             planar[entry + 2:entry + 12] = (b"\x04\x00\x01\x00\x00\x00"
                                             + (30000 if tag == 256 else 40000).to_bytes(4, "little"))
     add("bomb-planar.tif", bytes(planar), "decode")
-    add("rgb16-exif6.png", encode(_noise((20, 30, 3), np.uint16), None, "png",
+    add("rgb16-exif6.png", encode(_noise(rng, (20, 30, 3), np.uint16), None, "png",
                                   exif=exif.tobytes()))
     for key, data in files.items():
         (root / key).write_bytes(data)

@@ -42,6 +42,21 @@ def test_a_stale_lease_is_taken_over(tmp_path, caplog):
     assert "taking over" in caplog.text and "deadbeef" in caplog.text
 
 
+def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, caplog):
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    holder = {"job_id": "killed0", "host": socket.gethostname(), "pid": int(gone.stdout),
+              "started": time.time() - 5, "heartbeat": time.time() - 1}
+    (tmp_path / "lease.json").write_text(json.dumps(holder))
+    with Lease(str(tmp_path / "lease.json"), stale_seconds=120):
+        pass
+    assert "its process is gone" in caplog.text and "killed0" in caplog.text
+
+
 def test_lease_on_s3_is_create_only(s3_server, bucket):
     uri = f"s3://{bucket}/out/_restorer/lease.json"
     with Lease(uri) as first:
