@@ -184,6 +184,12 @@ def noise_sigma(plane: torch.Tensor) -> torch.Tensor:
     return diagonal.abs().median() / 0.6745
 
 
+def _p99(values: torch.Tensor) -> torch.Tensor:
+    """The 99th percentile of a 1-D tensor, nearest rank: one selection (``kthvalue``), not
+    ``torch.quantile``'s full sort (a third of the actor's time per image with a small net)."""
+    return values.kthvalue(max(1, math.ceil(0.99 * values.numel()))).values
+
+
 def tile_settings(net: torch.nn.Module, tile: int, overlap: int) -> tuple[int, int]:
     """(tile, overlap) that the actor uses for ``net`` given the configured ones.
 
@@ -368,7 +374,7 @@ class RestoreActor:
         y0, x0 = max(0, (height - 256) // 2), max(0, (width - 256) // 2)
         noise = [noise_sigma(image[0, y0:y0 + 256, x0:x0 + 256]) * 255.0
                  for image in (source, out)]
-        return torch.stack([diff.mean(), torch.quantile(diff, 0.99), *noise]).float()
+        return torch.stack([diff.mean(), _p99(diff), *noise]).float()
 
     def __call__(self, batch):
         if isinstance(batch, dict):  # a user's pipeline: numpy batches with an "image" column
