@@ -118,9 +118,45 @@ def _defaults(fields: list[tuple[str, pa.DataType]]) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts; keys not in ``schema`` are ignored, missing ones get defaults) as a table,
+    built column by column; pixel columns are copied once (see :func:`_binary_column`)."""
     defaults = _defaults([(f.name, f.type) for f in schema])
-    return pa.Table.from_pylist([{**defaults, **{k: r[k] for k in r if k in defaults}}
-                                 for r in rows], schema=schema)
+    columns = []
+    for f in schema:
+        values = [r.get(f.name, defaults[f.name]) for r in rows]
+        if f.name in _PIXEL_COLUMNS and all(v is not None for v in values):
+            columns.append(_binary_column(values))
+        else:
+            columns.append(pa.array(values, f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+_PIXEL_COLUMNS = ("pixels", "alpha")  # large: carried between stages without Python bytes
+
+
+def _binary_column(values: list[Any]) -> pa.Array:
+    """A ``large_binary`` array of ``values`` (bytes, Arrow buffers or numpy arrays, taken in C
+    order), written once into one buffer: no ``bytes`` objects on the way."""
+    arrays = [v if isinstance(v, np.ndarray) else np.frombuffer(v, np.uint8) for v in values]
+    offsets = np.zeros(len(arrays) + 1, np.int64)
+    np.cumsum([a.nbytes for a in arrays], out=offsets[1:])
+    data = np.empty(int(offsets[-1]), np.uint8)
+    for array, start, end in zip(arrays, offsets[:-1], offsets[1:]):
+        if end > start:
+            data[start:end].view(array.dtype).reshape(array.shape)[...] = array
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(arrays),
+                                            [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _rows(batch: pa.Table) -> list[dict[str, Any]]:
+    """``batch.to_pylist()``, except that pixel columns come as read-only Arrow buffers that
+    share the batch's memory instead of copies in ``bytes``."""
+    pixel_columns = [name for name in _PIXEL_COLUMNS if name in batch.column_names]
+    rows = batch.drop_columns(pixel_columns).to_pylist()
+    for name in pixel_columns:
+        for row, value in zip(rows, batch.column(name)):
+            row[name] = value.as_buffer() if value.is_valid else None
+    return rows
 
 
 def _fail(row: dict[str, Any], stage: str, error: BaseException) -> dict[str, Any]:
@@ -386,7 +422,7 @@ class RestoreActor:
                                        for r, a in zip(restored, batch["image"])] + [None],
                                       dtype=object)[:-1]
             return batch
-        rows = batch.to_pylist()
+        rows = _rows(batch)
         ready = [r for r in rows if r["status"] == "decoded"]
         started = time.perf_counter()
         try:
@@ -409,7 +445,7 @@ class RestoreActor:
         arrays = [_pixels(r) for r in rows]
         restored, stats = self.restore_arrays(arrays)
         for row, array, stat in zip(rows, restored, stats):
-            row.update(stat, pixels=array.tobytes(), out_height=array.shape[0],
+            row.update(stat, pixels=array, out_height=array.shape[0],
                        out_width=array.shape[1], status="restored",
                        tiles=plan_tiles(row["height"], row["width"], self.tile, self.overlap,
                                         self.alignment).count)
@@ -428,7 +464,7 @@ def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOpti
     and counted, so the summary reports the work that was redone.
     """
     records = []
-    for row in batch.to_pylist():
+    for row in _rows(batch):
         if row["status"] == "restored":
             started = time.perf_counter()
             try:

@@ -171,11 +171,17 @@ def cpu_seconds(pid: int) -> float:
         return 0.0
 
 
-def kind(pid: int) -> str:
+def process_title(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            title = f.read().replace(b"\0", b" ").decode(errors="replace")
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
     except OSError:
+        return ""
+
+
+def kind(pid: int) -> str:
+    title = process_title(pid)
+    if not title:
         return ""
     if "RestoreActor" in title:
         return "actor"
@@ -191,11 +197,13 @@ class ProcessCpu:
     def __init__(self):
         self.start: dict[int, float] = {}  # CPU seconds at __enter__; processes started later: 0
         self.last: dict[int, tuple[str, float]] = {}  # kind (an actor stays one), CPU seconds
+        self.titles: dict[int, set[str]] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _sample(self) -> None:
         for pid in _descendants(os.getpid()):
+            self.titles.setdefault(pid, set()).add(process_title(pid)[:60])
             previous = self.last.get(pid, ("", 0.0))[0]
             label = "actor" if previous == "actor" else (kind(pid) or previous)
             self.last[pid] = (label, cpu_seconds(pid))
@@ -283,6 +291,10 @@ def run_restorer(source: Path, output: Path, model: str, stages: Path,
             cpu.driver - driver["execute"] - driver["audit"],
         "Ray system processes (raylet, GCS)": cpu.by_kind.get("ray", 0),
     }
+    if os.environ.get("BENCH_PROCESSES"):
+        for pid, (label, seconds) in sorted(cpu.last.items()):
+            print(f"  {pid} {label} {seconds - cpu.start.get(pid, 0):.2f} s "
+                  f"{sorted(cpu.titles[pid])}")
     per_image = {k: 1000 * v / images for k, v in per_image.items()}
     per_image["total"] = sum(per_image.values())
     return summary["steady_images_per_second"], per_image
