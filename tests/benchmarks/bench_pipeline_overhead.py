@@ -135,12 +135,13 @@ def run_plain(source: Path, output: Path, model: str) -> float:
 # --- CPU accounting ----------------------------------------------------------------------------
 
 def instrument() -> None:
-    """Worker set-up hook: time restorer's stage functions (CPU seconds, rows) in this worker.
+    """Worker set-up hook: time restorer's stage functions (CPU seconds, rows) in this worker,
+    appending ``stage cpu_seconds rows`` lines to ``$BENCH_STAGES/<pid>`` per call.
 
-    Appends ``stage cpu_seconds rows`` lines to ``$BENCH_STAGES/<pid>`` per call."""
+    The wrappers go in when ``restorer.pipeline`` is first imported (a meta path finder), so a
+    worker that never runs a restorer stage does not import it (nor torch) because of this."""
+    import importlib.abc
     import time as clock
-
-    import restorer.pipeline as pipeline
 
     path = os.path.join(os.environ["BENCH_STAGES"], str(os.getpid()))
 
@@ -153,13 +154,39 @@ def instrument() -> None:
             return result
         return wrapper
 
-    pipeline.read_and_decode = timed("decode", pipeline.read_and_decode,
-                                     lambda a: a[0].num_rows)
-    pipeline.encode_and_write = timed("encode_write", pipeline.encode_and_write,
-                                      lambda a: a[0].num_rows)
-    actor = pipeline.RestoreActor
-    actor.__call__ = timed("actor_call", actor.__call__, lambda a: a[1].num_rows)
-    actor._forward = timed("net", actor._forward, lambda a: 0)
+    def patch(pipeline) -> None:
+        pipeline.read_and_decode = timed("decode", pipeline.read_and_decode,
+                                         lambda a: a[0].num_rows)
+        pipeline.encode_and_write = timed("encode_write", pipeline.encode_and_write,
+                                          lambda a: a[0].num_rows)
+        actor = pipeline.RestoreActor
+        actor.__call__ = timed("actor_call", actor.__call__, lambda a: a[1].num_rows)
+        actor._forward = timed("net", actor._forward, lambda a: 0)
+
+    class PatchOnImport(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, import_path, target=None):
+            if name != "restorer.pipeline":
+                return None
+            for finder in sys.meta_path:
+                if finder is not self and hasattr(finder, "find_spec"):
+                    spec = finder.find_spec(name, import_path, target)
+                    if spec is not None:
+                        break
+            else:
+                return None
+            load = spec.loader.exec_module
+
+            def exec_module(module):
+                load(module)
+                patch(module)
+
+            spec.loader.exec_module = exec_module
+            return spec
+
+    if "restorer.pipeline" in sys.modules:
+        patch(sys.modules["restorer.pipeline"])
+    else:
+        sys.meta_path.insert(0, PatchOnImport())
 
 
 def cpu_seconds(pid: int) -> float:
@@ -183,8 +210,11 @@ def kind(pid: int) -> str:
     title = process_title(pid)
     if not title:
         return ""
-    if "RestoreActor" in title:
+    if "RestoreActor" in title or "PlainNet" in title:
         return "actor"
+    if any(name in title for name in ("_StatsActor", "_AutoscalingCoordinatorActor",
+                                      "ActorLocationTracker", "SplitCoordinator")):
+        return "ray_data_actors"
     if title.startswith("ray::"):
         return "workers"
     return "ray"
@@ -205,7 +235,8 @@ class ProcessCpu:
         for pid in _descendants(os.getpid()):
             self.titles.setdefault(pid, set()).add(process_title(pid)[:60])
             previous = self.last.get(pid, ("", 0.0))[0]
-            label = "actor" if previous == "actor" else (kind(pid) or previous)
+            sticky = ("actor", "ray_data_actors")
+            label = previous if previous in sticky else (kind(pid) or previous)
             self.last[pid] = (label, cpu_seconds(pid))
 
     def _run(self):
@@ -284,7 +315,10 @@ def run_restorer(source: Path, output: Path, model: str, stages: Path,
         "actor: outside the net (__call__ - net)": call - net,
         "actor process: rest (Ray transfers, idle threads)": cpu.by_kind.get("actor", 0) - call,
         "encode + write (encode_and_write)": encode,
-        "task workers: rest (Ray task overhead)": cpu.by_kind.get("workers", 0) - decode - encode,
+        "task workers: rest (Ray task overhead, worker start-up)":
+            cpu.by_kind.get("workers", 0) - decode - encode,
+        "Ray Data's own actors (stats, autoscaling, locations)":
+            cpu.by_kind.get("ray_data_actors", 0),
         "driver: records and ledger commits (_execute's thread)": driver["execute"],
         "driver: audit and report at the end": driver["audit"],
         "driver: rest (Ray Data's executor, listing, set-up)":
@@ -325,11 +359,13 @@ def main() -> None:
                  runtime_env={"env_vars": {"BENCH_STAGES": str(stages)},
                               "worker_process_setup_hook": instrument})
         ray.data.DataContext.get_current().enable_progress_bars = False
-        plain, ours, tables = [], [], []
+        plain, ours, tables, plain_cpu = [], [], [], []
         driver = driver_timers()
         for repeat in range(args.repeats):
             if not args.skip_plain:
-                plain.append(run_plain(source, root / f"plain{repeat}", model))
+                with ProcessCpu() as cpu:
+                    plain.append(run_plain(source, root / f"plain{repeat}", model))
+                plain_cpu.append({"driver": cpu.driver, **cpu.by_kind})
             rate, table = run_restorer(source, root / f"restored{repeat}", model, stages,
                                        args.batch_size, driver)
             ours.append(rate)
@@ -349,6 +385,12 @@ def main() -> None:
               f"{restorer_rate / plain_rate:.3f} (goal >= 0.8)")
     else:
         print()
+    if plain_cpu:
+        kinds = ("driver", "actor", "workers", "ray_data_actors", "ray")
+        per_image = {k: statistics.median(1000 * c.get(k, 0.0) / args.images for c in plain_cpu)
+                     for k in kinds}
+        print("plain pattern CPU ms per image (median): " + ", ".join(
+            f"{k} {v:.1f}" for k, v in per_image.items()) + f"; total {sum(per_image.values()):.1f}")
     print("\nrestorer CPU ms per image by stage (median over repeats):\n")
     print("| stage | CPU ms / image |\n| --- | --- |")
     for stage in tables[0]:
