@@ -37,12 +37,11 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from restorer import codec, storage
 from restorer.errors import (
@@ -56,7 +55,6 @@ from restorer.errors import (
 )
 from restorer.jobs import RestoreSpec, digest, replace_field, spec_from_flags, spec_to_dict
 from restorer.lease import Lease
-from restorer.models import DEFAULT_MODEL, get_model, resolve_model_uri
 from restorer.progress import Progress
 from restorer.sources import (
     ListingTask,
@@ -67,8 +65,13 @@ from restorer.sources import (
     known_total,
     listing_tasks,
 )
-from restorer.tiling import effective_tile, plan_tiles, run_tiled
 
+if TYPE_CHECKING:
+    import torch
+
+# torch (and the modules that need it: models, tiling) is imported where the restore actor and
+# the driver use it, not here: the read/decode and encode/write tasks import this module in
+# every Ray worker that runs them, and importing torch costs each such process ~1.7 s of CPU.
 log = logging.getLogger(__name__)
 
 META_DIR = "_restorer"
@@ -234,6 +237,8 @@ def tile_settings(net: torch.nn.Module, tile: int, overlap: int) -> tuple[int, i
     cover the receptive field. The tile is raised to 4x the overlap, rounded up to the net's
     alignment (:func:`restorer.tiling.effective_tile`); 0 (whole images) stays 0.
     """
+    from restorer.tiling import effective_tile
+
     receptive_field = net.receptive_field
     halo = receptive_field // 2
     overlap = max(overlap, 2 * halo + 1) if overlap else 8 * math.ceil((receptive_field + 1) / 8)
@@ -275,6 +280,10 @@ class RestoreActor:
                  tile_batch: int = 0, threads: int = 0, device: str = "auto",
                  storage_options: storage.StorageOptions = storage.StorageOptions(),
                  compile: bool = False, model_sha256: str = ""):
+        import torch
+
+        from restorer.models import get_model
+
         if threads:
             torch.set_num_threads(threads)
         if device == "auto":
@@ -324,6 +333,8 @@ class RestoreActor:
         shape, so batches keep their shapes (no cuDNN re-tuning, the same arithmetic for the
         same image).
         """
+        import torch
+
         if (height, width) in self._tile_batches:
             return self._tile_batches[height, width]
         pixels = height * width
@@ -339,16 +350,20 @@ class RestoreActor:
         self._tile_batches[height, width] = size
         return size
 
-    @torch.inference_mode()
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        if self.autocast_dtype is None:
-            return self.net(batch)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            return self.net(batch)
+        import torch
+
+        with torch.inference_mode():
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            if self.autocast_dtype is None:
+                return self.net(batch)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                return self.net(batch)
 
     def _to_tensor(self, array: np.ndarray) -> torch.Tensor:
+        import torch
+
         peak = 65535.0 if array.dtype == np.uint16 else 255.0
         # frombuffer arrays are read-only; torch wants writable memory, so copy (cheap vs the net)
         tensor = torch.from_numpy(array.astype(np.float32 if array.dtype == np.uint16
@@ -357,9 +372,18 @@ class RestoreActor:
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.permute(2, 0, 1).float().div_(peak)
 
-    @torch.inference_mode()
     def restore_arrays(self, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], list[dict]]:
         """Restore HWC uint8/uint16 arrays; returns same-dtype arrays and per-image stats."""
+        import torch
+
+        with torch.inference_mode():
+            return self._restore_arrays(arrays)
+
+    def _restore_arrays(self, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], list[dict]]:
+        import torch
+
+        from restorer.tiling import run_tiled
+
         tensors = [self._to_tensor(a) for a in arrays]
         planes: list[torch.Tensor] = []
         owners: list[tuple[int, int]] = []  # (image index, how many net inputs it became)
@@ -403,6 +427,8 @@ class RestoreActor:
         percentile) on a <=256px strided view, and the noise level of input and output on a
         central <=256px crop of the first plane (:func:`noise_sigma`), all in 8-bit levels;
         a tensor of those four values."""
+        import torch
+
         if self.scale > 1:
             out = torch.nn.functional.avg_pool2d(out[None], self.scale)[0]
         step = max(1, math.ceil(max(source.shape[-2:]) / 256))
@@ -440,6 +466,8 @@ class RestoreActor:
         return _table(rows, RESTORED_SCHEMA)
 
     def _restore_rows(self, rows: list[dict[str, Any]]) -> None:
+        from restorer.tiling import plan_tiles
+
         if not rows:
             return
         arrays = [_pixels(r) for r in rows]
@@ -792,6 +820,8 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
     tile, overlap, precision) are resolved before they enter the fingerprint, so a resume on
     other hardware cannot mix outputs made differently.
     """
+    from restorer.models import DEFAULT_MODEL, get_model, resolve_model_uri
+
     spec = spec.validate()
     options = spec.storage.options()
     if not spec.model.name:

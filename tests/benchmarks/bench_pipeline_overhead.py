@@ -276,7 +276,7 @@ def read_stages(folder: Path) -> dict[str, tuple[float, int]]:
 def driver_timers() -> dict[str, float]:
     """Time the driver's record loop (its own thread: ``thread_time``) and the end-of-job audit
     and report (the whole process) by wrapping them in this process."""
-    import restorer.pipeline as pipeline
+    from restorer import pipeline
 
     spent = {"execute": 0.0, "audit": 0.0}
 
