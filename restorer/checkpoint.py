@@ -7,7 +7,8 @@ A model file is a safetensors file whose string metadata holds:
 - ``provenance``: JSON (how it was trained: command, data, steps, metrics), optional.
 
 Pickled checkpoints (``.pth``/``.pt``/``.ckpt`` from ``torch.save``) are refused: loading a
-pickle runs arbitrary code. ``restorer convert`` imports them once with ``weights_only=True``.
+pickle runs arbitrary code. ``restorer convert`` imports them once without running them
+(:mod:`restorer.unpickle`).
 """
 
 from __future__ import annotations
@@ -78,7 +79,7 @@ def _check_not_pickle(data: bytes, source: str) -> None:
                                                                     b"\x05")):
         raise ModelError(
             f"{source} is a pickled PyTorch checkpoint; restorer never unpickles models. Convert "
-            f"it once with `restorer convert {source} model.safetensors --net ...`"
+            f"it once with `restorer convert {source} model.safetensors`"
         )
     if len(data) < 10 or data[8:9] != b"{":
         raise ModelError(f"{source} is not a safetensors file")

@@ -268,8 +268,26 @@ def train(spec_path, workers, gpus_per_worker, address, as_json):
 @click.option("--sigma", type=float, default=25.0, help="denoise: noise std, 0-255 scale.")
 @click.option("--quality", type=int, default=None, help="jpeg: JPEG quality.")
 @click.option("--scale", type=int, default=None, help="sr: downscale factor.")
-@click.option("--baseline", type=click.Choice(["nlm"]), default=None,
-              help="Add scikit-image non-local means (denoise only) to the table.")
+@click.option("--baseline", type=click.Choice(["nlm", "bm3d"]), default=None,
+              help="Add a classical denoiser told the true sigma (denoise only) to the table: "
+                   "scikit-image non-local means, or BM3D/CBM3D (pip install "
+                   "'restorer[baseline]'; slow: seconds per image).")
+@click.option("--trim", default="0x0", show_default=True, metavar="ROWSxCOLUMNS",
+              help="Cut rows off the bottom and columns off the right of every image first, "
+                   "e.g. 1x3 makes Set12 255x253 and 511x509 (sides not multiples of 8).")
+@click.option("--edges", is_flag=True,
+              help="Also measure the outermost 16 px on all sides against the pixels at "
+                   "least 32 px from every side (band / interior PSNR).")
+@click.option("--frame", type=click.Choice(["black", "gray"]), default=None,
+              help="Place each image in a clean 48 px frame (black, or mid-gray 128), degrade "
+                   "inside only, and measure the 24 px next to the frame against the rest.")
+@click.option("--through", type=click.Choice(["net", "actor"]), default="net",
+              show_default=True,
+              help="net: the bare net on the whole unclipped image; actor: what `restorer "
+                   "restore` writes (the degraded image saved as 8-bit, the actor's tiles and "
+                   "precision).")
+@click.option("--tile", type=click.IntRange(min=0), default=256, show_default=True,
+              help="--through actor: tile size (0 = whole images), as `restorer restore`.")
 @click.option("--sheet", type=click.Path(dir_okay=False), default=None,
               help="Also write a PNG contact sheet (degraded | restored | clean, and zoomed "
                    "crops) of the first images here.")
@@ -277,14 +295,22 @@ def train(spec_path, workers, gpus_per_worker, address, as_json):
               help="Images on the contact sheet.")
 @click.option("--json", "as_json", is_flag=True)
 @_errors_to_exit_codes
-def evaluate_command(model, data_dir, task, sigma, quality, scale, baseline, sheet, sheet_rows,
-                     as_json):
+def evaluate_command(model, data_dir, task, sigma, quality, scale, baseline, trim, edges, frame,
+                     through, tile, sheet, sheet_rows, as_json):
     """Measure a model in the reference conventions (PSNR/SSIM on 8-bit, seeded noise)."""
     from restorer.evaluate import evaluate
 
     try:
+        trim_rows, trim_columns = (int(part) for part in trim.lower().split("x"))
+    except ValueError as e:
+        raise click.BadParameter(f"expected ROWSxCOLUMNS such as 1x3, got {trim!r}",
+                                 param_hint="--trim") from e
+    try:
         result = evaluate(model, data_dir, task=task, sigma=sigma, quality=quality, scale=scale,
-                          baseline=baseline, sheet=sheet, sheet_rows=sheet_rows)
+                          baseline=baseline, sheet=sheet, sheet_rows=sheet_rows,
+                          trim=(trim_rows, trim_columns), edges=edges,
+                          frame=None if frame is None else {"black": 0, "gray": 128}[frame],
+                          through=through, tile=tile)
     except ValueError as e:
         raise SpecError(str(e)) from e
     except OSError as e:  # an unreadable image, or a sheet that cannot be written
@@ -292,16 +318,27 @@ def evaluate_command(model, data_dir, task, sigma, quality, scale, baseline, she
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return
-    has_baseline = "baseline_psnr" in result
-    click.echo(f"{'image':24s} {'input':>8s} {'restored':>9s} {'ssim':>7s}"
-               + (f" {'baseline':>9s}" if has_baseline else ""))
+    columns = [("input", "input_psnr"), ("restored", "psnr"), ("ssim", "ssim"),
+               ("band", "band_psnr"), ("interior", "interior_psnr"),
+               ("baseline", "baseline_psnr"), ("bl band", "baseline_band_psnr"),
+               ("bl inter", "baseline_interior_psnr")]
+    columns = [(title, key) for title, key in columns if key in result]
+
+    def line(name, values):
+        return f"{name[:24]:24s}" + "".join(
+            f" {values[key]:9.4f}" if key == "ssim" else f" {values[key]:9.2f}"
+            for _, key in columns)
+
+    click.echo(f"{'image':24s}" + "".join(f" {title:>9s}" for title, _ in columns))
     for row in result["rows"]:
-        click.echo(f"{row['name'][:24]:24s} {row['input_psnr']:8.2f} {row['psnr']:9.2f} "
-                   f"{row['ssim']:7.4f}" + (f" {row['baseline_psnr']:9.2f}" if has_baseline
-                                            else ""))
-    click.echo(f"{'mean':24s} {result['input_psnr']:8.2f} {result['psnr']:9.2f} "
-               f"{result['ssim']:7.4f}" + (f" {result['baseline_psnr']:9.2f}" if has_baseline
-                                           else ""))
+        click.echo(line(row["name"], row))
+    click.echo(line("mean", result))
+    if "band_gap_mean" in result:
+        where = "next to the frame" if frame else "along the sides"
+        click.echo(f"band {where}: {result['band_gap_mean']:.2f} dB below the interior on "
+                   f"average, {result['band_gap_max']:.2f} dB at most"
+                   + (f" (baseline: {result['baseline_band_gap_mean']:.2f} dB on average)"
+                      if "baseline_band_gap_mean" in result else ""))
     if sheet:
         click.echo(f"contact sheet: {result['sheet']}")
 
@@ -309,27 +346,33 @@ def evaluate_command(model, data_dir, task, sigma, quality, scale, baseline, she
 @main.command()
 @click.argument("source")
 @click.argument("target")
-@click.option("--net", "arch", required=True, help="Net architecture, e.g. dncnn.")
-@click.option("--channels", type=int, default=1)
+@click.option("--net", "arch", default=None,
+              help="Net architecture; default: infer a dncnn layout from the file.")
+@click.option("--channels", type=int, default=None)
 @click.option("--num-features", type=int, default=None)
 @click.option("--num-layers", type=int, default=None)
 @click.option("--batch-norm/--no-batch-norm", default=None)
+@click.option("--batch-norm-eps", type=float, default=None,
+              help="BatchNorm eps where the file does not record it (state dicts).")
 @click.option("--key-prefix", default="", help="Strip this prefix from the weight names.")
 @_errors_to_exit_codes
-def convert(source, target, arch, channels, num_features, num_layers, batch_norm, key_prefix):
+def convert(source, target, arch, channels, num_features, num_layers, batch_norm, batch_norm_eps,
+            key_prefix):
     """Import published PyTorch weights (.pth) into a restorer model (safetensors).
 
-    The file is read with torch.load(weights_only=True), so no code in it runs; its tensors
-    must match the net spec exactly (names after --key-prefix is stripped, and shapes).
+    Reads state dicts and whole pickled modules (torch.save of either format) without running
+    anything from the file; a pickle that would call code is refused. The dncnn layout
+    (depth, width, channels, BatchNorm, biases) is inferred from the file, so no shape flags
+    are needed; flags that are given must agree with it.
     """
     from restorer.convert import convert_weights
 
-    spec = {"arch": arch, "channels": channels}
-    for name, value in (("num_features", num_features), ("num_layers", num_layers),
-                        ("batch_norm", batch_norm)):
+    spec = {"arch": arch or "dncnn"}
+    for name, value in (("channels", channels), ("num_features", num_features),
+                        ("num_layers", num_layers), ("batch_norm", batch_norm)):
         if value is not None:
             spec[name] = value
-    sha = convert_weights(source, target, spec, key_prefix)
+    sha = convert_weights(source, target, spec, key_prefix, batch_norm_eps)
     click.echo(f"wrote {target} (sha256 {sha[:12]})")
 
 
@@ -458,6 +501,10 @@ def models(paths, as_json):
         click.echo(f"{row['name']}{mark}: {net.get('arch')} channels={net.get('channels')} "
                    f"{' '.join(f'{k}={v}' for k, v in net.items() if k not in ('arch', 'channels'))}"
                    + (f"  metrics: {json.dumps(metrics)}" if metrics else ""))
+        imported = row["provenance"].get("imported")
+        if imported:
+            click.echo(f"  imported from {imported['source']} (sha256 {imported['sha256'][:12]}, "
+                       f"{imported['content']}): {imported['layout']}")
         if row.get("card"):
             click.echo(f"  card: {row['card']}")
 
@@ -465,13 +512,16 @@ def models(paths, as_json):
 @main.command()
 @click.argument("output_uri", metavar="OUTPUT")
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--top", type=int, default=10, help="How many most-changed images to list.")
+@click.option("--top", type=int, default=10, help="How many top-ranked images to list.")
+@click.option("--sort", type=click.Choice(["change_mean", "change_p99", "residual_structure"]),
+              default="change_mean", show_default=True,
+              help="Rank images by this ledger column (residual_structure: most detail lost).")
 @_errors_to_exit_codes
-def inspect(output_uri, as_json, top):
-    """Summarise a restore job's OUTPUT: summary, errors, the most changed images."""
+def inspect(output_uri, as_json, top, sort):
+    """Summarise a restore job's OUTPUT: summary, errors, flagged and top-ranked images."""
     from restorer.inspect import inspect_output
 
-    report = inspect_output(output_uri, top)
+    report = inspect_output(output_uri, top, sort=sort)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -484,15 +534,22 @@ def inspect(output_uri, as_json, top):
         click.echo(f"  {row['key']}: [{row['stage']}] {row['error_class']}: {row['message']}")
     if not report["errors"]:
         click.echo("  none")
-    click.echo("flagged (changed far more than the job's typical image):")
+
+    def structure(row):
+        value = row.get("residual_structure")
+        return "" if value is None else f", residual structure {value:.3f}"
+
+    click.echo("flagged (changed, or lost structure, far more than the job's typical image):")
     for row in report["flagged"]:
         click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}"
-                   f" ({row['reason']})")
+                   f"{structure(row)} ({row['reason']})")
     if not report["flagged"]:
         click.echo("  none")
-    click.echo("most changed (mean |output - input|, 8-bit levels):")
+    click.echo(f"top {len(report['most_changed'])} by {report['sort']} (change: |output - "
+               "input|, 8-bit levels; residual structure: 0 noise-like .. 1 image structure):")
     for row in report["most_changed"]:
-        click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}")
+        click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}"
+                   f"{structure(row)}")
     if not report["most_changed"]:
         click.echo("  none")
     if report.get("report"):

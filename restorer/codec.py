@@ -5,21 +5,30 @@ alpha travels beside them as an HW array of the same dtype and is never given to
 
 Decoding rules (each decision is applied to every image the same way):
 
-- EXIF orientation is applied to the pixels and the Orientation tag is reset to 1; EXIF and ICC
-  are kept and written back where the output format can hold them.
+- EXIF orientation is applied to the pixels (16-bit ones included) and the Orientation tag is
+  reset to 1; EXIF and ICC are kept and written back where the output format can hold them
+  (16-bit PNG included; 16-bit colour TIFF keeps ICC only).
 - Gray (``1``, ``L``, ``I;16``) stays gray, RGB stays RGB; ``LA``/``RGBA``/palette transparency
-  keep their alpha. CMYK, YCbCr and LAB become RGB (an embedded CMYK ICC profile is dropped,
-  since it no longer describes the pixels).
+  keep their alpha. YCbCr and LAB become RGB. CMYK becomes RGB through its embedded ICC profile
+  (relative colorimetric with black-point compensation, output tagged sRGB) or, without one,
+  naively (no profile written); the record's note says which.
 - 16-bit PNG and TIFF give ``uint16`` pixels (Pillow truncates 16-bit colour, so those are read
-  with pypng / tifffile); 16-bit in gives 16-bit out for PNG and TIFF.
-- Animated images (GIF, APNG, WebP): the first frame is restored and the record says so.
-- Images above ``max_pixels`` are refused before their pixels are decoded (decompression bombs).
+  with pypng / tifffile + imagecodecs); 16-bit in gives 16-bit out for PNG and TIFF. A 16-bit
+  TIFF tifffile cannot decode is an error, never read by Pillow at 8 bits; 16-bit CMYK with a
+  profile is converted at 8 bits (Pillow's colour management), and the note says so.
+- Animated images (GIF, APNG, WebP): the first frame is restored and the record says so;
+  multi-page TIFFs: page 1, and the note names the pages dropped (reduced-resolution subfiles,
+  i.e. pyramid levels and thumbnails, are not pages).
+- Images above ``max_pixels`` are refused before their pixels are decoded (decompression bombs);
+  a TIFF is measured from its header, whatever its layout (planar, tiled), and its samples
+  count too (at most 4 per allowed pixel).
 """
 
 from __future__ import annotations
 
 import io
 import warnings
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,28 +97,185 @@ def _read_png16(data: bytes) -> tuple[np.ndarray, np.ndarray | None]:
     return array, None
 
 
-def _read_tiff16(data: bytes, max_pixels: int, name: str) -> Decoded | None:
-    """16-bit TIFFs through tifffile (Pillow reads only 16-bit gray); None for other TIFFs."""
+def orient(array: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF/TIFF Orientation value (1-8) to an HW or HWC array, as
+    ``PIL.ImageOps.exif_transpose`` does to an image (6: turn 90 degrees clockwise)."""
+    if orientation == 2:
+        array = array[:, ::-1]
+    elif orientation == 3:
+        array = array[::-1, ::-1]
+    elif orientation == 4:
+        array = array[::-1]
+    elif orientation == 5:
+        array = array.swapaxes(0, 1)
+    elif orientation == 6:
+        array = np.rot90(array, -1)
+    elif orientation == 7:
+        array = array[::-1, ::-1].swapaxes(0, 1)
+    elif orientation == 8:
+        array = np.rot90(array, 1)
+    return np.ascontiguousarray(array)
+
+
+def _too_large(name: str, width: int, height: int, max_pixels: int) -> ImageError:
+    return ImageError(
+        f"{name} is {width}x{height} = {width * height} pixels, above the limit "
+        f"max_pixels = {max_pixels} (decompression-bomb guard); raise "
+        "limits.max_pixels in the job spec if the image is genuine")
+
+
+def _pages_note(pages: int) -> str:
+    if pages <= 1:
+        return ""
+    dropped = "page 2" if pages == 2 else f"pages 2-{pages}"
+    return f"multi-page TIFF: restored page 1 of {pages}; {dropped} dropped"
+
+
+def _join(*notes: str) -> str:
+    return "; ".join(n for n in notes if n)
+
+
+def _read_tiff(data: bytes, max_pixels: int, name: str,
+               pillow_error: Exception | None = None) -> tuple[Decoded | None, str | None]:
+    """Inspect a TIFF's header with tifffile and decode 16-bit ones (Pillow truncates 16-bit
+    colour to 8 bits), and 8-bit ones when ``pillow_error`` says Pillow could not (JPEG 2000,
+    WebP... compressions). Returns ``(decoded, None)`` when tifffile decoded it, ``(None, note)``
+    for one Pillow should decode (note: the pages dropped), ``(None, None)`` when tifffile cannot
+    parse the header (Pillow tries and reports). Raises ``ImageError`` for bombs and for 16-bit
+    TIFFs tifffile cannot decode: those are never handed to Pillow's 8-bit reading.
+    """
     import tifffile
 
     try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tiff:
+        tiff = tifffile.TiffFile(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile can parse; Pillow tries and reports
+        return None, None
+    with tiff:
+        try:
             page = tiff.pages[0]
-            if page.dtype != np.uint16:
-                return None
-            if int(np.prod(page.shape[:2])) > max_pixels:
-                raise ImageError(f"{name} is {page.shape[1]}x{page.shape[0]} pixels, above the "
-                                 f"limit max_pixels = {max_pixels}; raise limits.max_pixels")
+            # reduced-resolution subfiles (pyramid levels, thumbnails) are not pages
+            pages = sum(1 for p in tiff.pages if not int(p.subfiletype) & 1)
+        except Exception:  # noqa: BLE001 - a broken IFD chain; Pillow tries and reports
+            return None, None
+        height, width, depth = page.imagelength, page.imagewidth, page.imagedepth
+        samples, bits = page.samplesperpixel, page.bitspersample
+        # the true size, whatever the layout (planar, tiled, volume), before any pixel is read
+        if width * height > max_pixels:
+            raise _too_large(name, width, height, max_pixels)
+        if width * height * samples * depth > 4 * max_pixels:
+            raise ImageError(f"{name} holds {width}x{height}x{samples} samples x depth {depth} "
+                             f"= {width * height * samples * depth} values, above 4 x max_pixels "
+                             f"= {4 * max_pixels}; raise limits.max_pixels if it is genuine")
+        if depth > 1:
+            raise ImageError(f"{name} is a 3-D TIFF (depth {depth}); restorer restores 2-D "
+                             "images: save its slices as separate files")
+        note = _pages_note(pages)
+        unsigned = page.sampleformat == 1
+        if pillow_error is None and (bits <= 8 or not unsigned):
+            return None, note  # Pillow decodes these (8-bit, 32-bit int, float) and says so
+        if bits not in (8, 16) or not unsigned:
+            if pillow_error is not None:
+                raise ImageError(f"{name} is corrupt or truncated: {pillow_error}") from \
+                    pillow_error
+            raise ImageError(f"{name} is a {bits}-bit TIFF; restorer reads 8- and 16-bit "
+                             "TIFFs: convert it to 16 bits")
+        try:
             array = page.asarray()
-            icc = page.tags["InterColorProfile"].value if "InterColorProfile" in page.tags else None
-    except ImageError:
-        raise
-    except Exception:  # noqa: BLE001 - let Pillow try, and report, what tifffile cannot read
-        return None
-    if array.ndim == 3 and array.shape[0] in (2, 3, 4) and array.shape[-1] not in (2, 3, 4):
-        array = np.moveaxis(array, 0, -1)  # planar configuration
-    pixels, alpha = _split_alpha(array)
-    return Decoded(pixels, alpha, "TIFF", f"{pixels.shape[-1]}x16-bit", icc, None, "")
+        except Exception as e:  # never fall back to Pillow's 8-bit reading
+            if pillow_error is not None:
+                raise ImageError(f"{name} is corrupt or truncated, or compressed as neither "
+                                 f"Pillow nor tifffile can decode (Pillow: {pillow_error}; "
+                                 f"tifffile: {type(e).__name__}: {e})") from e
+            raise ImageError(
+                f"{name} is a 16-bit {page.compression.name} TIFF that tifffile cannot decode "
+                f"({type(e).__name__}: {e}): corrupt, truncated, or compressed with a codec "
+                "missing here (is imagecodecs installed?); it is refused rather than read at 8 "
+                "bits") from e
+        photometric, photometric_name = int(page.photometric), page.photometric.name
+        extra = tuple(int(x) for x in page.extrasamples)
+        icc = page.tags.valueof("InterColorProfile")
+        orientation = page.tags.valueof("Orientation", 1)
+        planar = page.planarconfig == 2
+    if array.ndim == 3 and planar:
+        array = np.moveaxis(array, 0, -1)
+    if array.ndim == 2:
+        array = array[..., None]
+    colours = {0: 1, 1: 1, 2: 3, 5: 4}.get(photometric)  # miniswhite, minisblack, rgb, cmyk
+    if colours is None or array.shape[-1] < colours:
+        raise ImageError(f"{name} is a {bits}-bit TIFF with photometric interpretation "
+                         f"{photometric_name} ({array.shape[-1]} samples) that Pillow cannot "
+                         "read; restorer reads it for gray, RGB and CMYK: convert it to RGB")
+    peak = np.iinfo(array.dtype).max
+    pixels, extras = array[..., :colours], array[..., colours:]
+    alpha = extras[..., 0] if extras.shape[-1] else None
+    notes = [note]
+    if extras.shape[-1] > 1:
+        notes.append(f"{extras.shape[-1] - 1} extra sample(s) after alpha dropped")
+    if alpha is not None and extra[:1] == (1,):  # associated (premultiplied) alpha
+        scale = np.where(alpha > 0, peak / np.maximum(alpha, 1.0), 0.0)[..., None]
+        pixels = np.clip(np.round(pixels * scale), 0, peak).astype(array.dtype)
+    if photometric == 0:
+        pixels = peak - pixels
+    mode = f"{pixels.shape[-1]}x{bits}-bit"
+    if photometric == 5 and bits == 8:
+        rgb, icc, cmyk_note = _cmyk_to_rgb(Image.fromarray(np.ascontiguousarray(pixels),
+                                                           "CMYK"), icc)
+        pixels = np.asarray(rgb)
+        notes.append(cmyk_note)
+    elif photometric == 5:
+        pixels, icc, cmyk_note = _cmyk16_to_rgb(pixels, icc)
+        notes.append(cmyk_note)
+    pixels = orient(pixels, orientation)
+    alpha = None if alpha is None else orient(alpha, orientation)
+    return Decoded(pixels, alpha, "TIFF", mode, icc, None, _join(*notes)), None
+
+
+def _cmyk_to_rgb(image: Image.Image, icc: bytes | None) -> tuple[Image.Image, bytes | None, str]:
+    """CMYK -> RGB through the embedded ICC profile when there is one (output tagged sRGB),
+    else Pillow's naive conversion (no profile written); the note says which."""
+    rgb, srgb, reason = _through_profile(image, icc)
+    if rgb is not None:
+        return rgb, srgb, "CMYK converted to RGB through its ICC profile; output tagged sRGB"
+    return image.convert("RGB"), None, _naive_note(reason)
+
+
+def _cmyk16_to_rgb(cmyk: np.ndarray, icc: bytes | None) -> tuple[np.ndarray, bytes | None, str]:
+    rgb, srgb, reason = _through_profile(Image.fromarray(to_uint8(cmyk), "CMYK"), icc)
+    if rgb is not None:  # Pillow's colour management works on 8-bit CMYK only
+        note = "16-bit CMYK converted to RGB through its ICC profile, at 8 bits; output tagged sRGB"
+        return np.asarray(rgb), srgb, note
+    white = 65535.0 - cmyk.astype(np.float64)
+    rgb16 = np.round(white[..., :3] * white[..., 3:] / 65535.0).astype(np.uint16)
+    return rgb16, None, "16-bit " + _naive_note(reason)
+
+
+def _through_profile(image: Image.Image, icc: bytes | None
+                     ) -> tuple[Image.Image | None, bytes | None, str]:
+    """(sRGB image, sRGB profile bytes, "") or (None, None, why the profile was not used)."""
+    if not icc:
+        return None, None, "no ICC profile"
+    from PIL import ImageCms
+
+    try:
+        srgb = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB"))
+        rgb = ImageCms.profileToProfile(
+            image, ImageCms.ImageCmsProfile(io.BytesIO(icc)), srgb, outputMode="RGB",
+            renderingIntent=ImageCms.Intent.RELATIVE_COLORIMETRIC,
+            flags=ImageCms.Flags.BLACKPOINTCOMPENSATION)  # what Photoshop does by default
+    except (ImageCms.PyCMSError, OSError, ValueError) as e:
+        return None, None, f"its ICC profile is unusable: {e}"
+    return rgb, srgb.tobytes(), ""
+
+
+def _naive_note(reason: str) -> str:
+    return f"CMYK converted to RGB naively ({reason}; colours approximate, no profile written)"
+
+
+def _unreadable(name: str, error: Exception) -> ImageError:
+    if isinstance(error, UnidentifiedImageError):
+        return ImageError(f"{name} is not an image Pillow can read (unknown format or random "
+                          "bytes)")
+    return ImageError(f"{name} is corrupt or truncated: {error}")
 
 
 def _split_alpha(array: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -124,8 +290,9 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
     """Decode an encoded image into :class:`Decoded`; raises ``ImageError`` on any bad input."""
     if not data:
         raise ImageError(f"{name} is an empty file (0 bytes)")
-    if data[:4] in (b"II*\x00", b"MM\x00*"):
-        sixteen = _read_tiff16(data, max_pixels, name)
+    tiff_note = None
+    if data[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        sixteen, tiff_note = _read_tiff(data, max_pixels, name)
         if sixteen is not None:
             return sixteen
     try:
@@ -134,18 +301,25 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
             image = Image.open(io.BytesIO(data))
         width, height = image.size
         if width * height > max_pixels:
-            raise ImageError(
-                f"{name} is {width}x{height} = {width * height} pixels, above the limit "
-                f"max_pixels = {max_pixels} (decompression-bomb guard); raise "
-                "limits.max_pixels in the job spec if the image is genuine")
-        note = ""
+            raise _too_large(name, width, height, max_pixels)
         frames = getattr(image, "n_frames", 1)
-        if frames > 1:
+        if image.format == "TIFF":
+            bits = image.tag_v2.get(258, 8)
+            bits = max(bits) if isinstance(bits, tuple) else int(bits)
+            if bits > 8 and image.mode not in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+                raise ImageError(f"{name} is a {bits}-bit TIFF that only Pillow can open, "
+                                 f"as 8-bit {image.mode}; it is refused rather than truncated: "
+                                 "re-save it uncompressed")
+            note = tiff_note if tiff_note is not None else _pages_note(frames)
+        elif frames > 1:
             note = f"animated {image.format} with {frames} frames: frame 0 restored, others dropped"
+        else:
+            note = ""
         image.load()
         source_format, source_mode = image.format or "PNG", image.mode
         icc = image.info.get("icc_profile")
         exif = image.getexif()
+        orientation = exif.get(ORIENTATION_TAG, 1)
         oriented = ImageOps.exif_transpose(image)
         if ORIENTATION_TAG in exif:
             exif[ORIENTATION_TAG] = 1
@@ -154,16 +328,17 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
         raise
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: {e}") from e
-    except UnidentifiedImageError as e:
-        raise ImageError(f"{name} is not an image Pillow can read (unknown format or random "
-                         "bytes)") from e
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise ImageError(f"{name} is corrupt or truncated: {e}") from e
+        if tiff_note is None:  # not a TIFF, or one tifffile cannot parse either
+            raise _unreadable(name, e) from e
+        # a TIFF tifffile parsed but Pillow cannot decode (JPEG 2000, WebP... compressions)
+        return _read_tiff(data, max_pixels, name, pillow_error=e)[0]
+
 
     if source_format == "PNG" and _png_bit_depth(data) == 16 and source_mode not in ("I;16", "I"):
         pixels, alpha = _read_png16(data)
-        if ORIENTATION_TAG in image.getexif() and image.getexif()[ORIENTATION_TAG] != 1:
-            note = (note + "; " if note else "") + "EXIF orientation not applied to 16-bit colour"
+        pixels = orient(pixels, orientation)
+        alpha = None if alpha is None else orient(alpha, orientation)
         return Decoded(pixels, alpha, source_format, source_mode, icc, exif_bytes, note)
     image = oriented
     mode = image.mode
@@ -173,11 +348,12 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
         image = image.convert("RGBA")
     elif mode == "1":
         image = image.convert("L")
-    elif mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+    elif mode == "CMYK":
+        image, icc, cmyk_note = _cmyk_to_rgb(image, icc)
+        note = _join(note, cmyk_note)
+    elif mode in ("YCbCr", "LAB", "HSV"):
         image = image.convert("RGB")
-        if mode == "CMYK":
-            icc = None
-        note = (note + "; " if note else "") + f"{mode} converted to RGB"
+        note = _join(note, f"{mode} converted to RGB")
     elif mode == "La":
         image = image.convert("LA")
     elif mode == "RGBa":
@@ -205,7 +381,8 @@ def to_uint8(array: np.ndarray) -> np.ndarray:
     return np.round(array.astype(np.float32) / 257.0).astype(np.uint8)
 
 
-def _write_png16(pixels: np.ndarray, alpha: np.ndarray | None, level: int) -> bytes:
+def _write_png16(pixels: np.ndarray, alpha: np.ndarray | None, level: int,
+                 icc: bytes | None, exif: bytes | None) -> bytes:
     import png
 
     array = pixels if alpha is None else np.concatenate([pixels, alpha[..., None]], axis=-1)
@@ -214,6 +391,14 @@ def _write_png16(pixels: np.ndarray, alpha: np.ndarray | None, level: int) -> by
                         bitdepth=16, compression=level)
     out = io.BytesIO()
     writer.write(out, array.reshape(height, width * planes))
+    chunks = list(png.Reader(bytes=out.getvalue()).chunks())
+    extra = []  # pypng writes neither ICC nor EXIF: add them as Pillow does, after IHDR
+    if icc:
+        extra.append((b"iCCP", b"ICC profile\0\0" + zlib.compress(icc)))
+    if exif:
+        extra.append((b"eXIf", exif[6:] if exif.startswith(b"Exif\0\0") else exif))
+    out = io.BytesIO()
+    png.write_chunks(out, chunks[:1] + extra + chunks[1:])
     return out.getvalue()
 
 
@@ -251,7 +436,7 @@ def encode(pixels: np.ndarray, alpha: np.ndarray | None, fmt: str,
             Image.fromarray(pixels[..., 0]).save(
                 out, "PNG", compress_level=options.png_compress_level, **extra)
         elif sixteen:
-            return _write_png16(pixels, alpha, options.png_compress_level)
+            return _write_png16(pixels, alpha, options.png_compress_level, icc, exif)
         else:
             _pil_image(pixels, alpha).save(out, "PNG", compress_level=options.png_compress_level,
                                            **extra)

@@ -29,6 +29,8 @@ from restorer import progress
 BENIGN_RAY_LINES = re.compile(
     r"has constructor arguments in the object store and max_restarts > 0"
     r"|Failed to query Ray Train Controller actor state"
+    # the Train controller's INFO lines about the worker group it started (one per worker)
+    r"|\(TrainController pid=\d+\)\S* (Started training worker group of size|- \(ip=)"
 )
 # Ray loggers whose console handlers get :func:`_console_worthy` (INFO is progress chatter).
 RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune", "ray.air")

@@ -22,6 +22,26 @@ The protocol is that of the DnCNN/FFDNet reference code (``shared/data/README.md
 image a user would have saved; for unclipped sigma-25 noise that is a little above the
 20.17 dB of the raw noise.
 
+Options that look at what the whole-image means hide:
+
+- ``trim=(rows, columns)`` cuts rows off the bottom and columns off the right of every clean
+  image before anything else, so that a set of 256/512 px images (Set12, classic5) becomes a set
+  whose sides are not multiples of 8 (``(1, 3)``: 255x253 and 511x509), made at run time;
+- ``edges=True`` adds the PSNR of the outermost ``EDGE_BAND`` (16) pixels on all four sides
+  (``band_psnr``) and of the pixels at least ``EDGE_INNER`` (32) from every side
+  (``interior_psnr``): a net that restores less well near the image's sides shows a gap;
+- ``frame=LEVEL`` places each clean image inside a flat frame of ``FRAME`` (48) pixels of that
+  gray level (0 black, 128 mid-gray) and degrades the image inside only; the model restores the
+  framed image, PSNR/SSIM are taken on the image inside, and ``band_psnr`` / ``interior_psnr``
+  are its ``FRAME_BAND`` (24) pixels next to the frame and its pixels at least that far from it
+  (72 px from the outer border): a blind denoiser that reads the clean frame as "no noise here"
+  leaves the band noisy;
+- ``through="actor"`` scores what ``restorer restore`` writes: the degraded image is saved as
+  uint8 (clamped, rounded) and restored by :class:`restorer.pipeline.RestoreActor` in-process,
+  with its tiling (``tile``) and precision, instead of the bare net on the unclipped float;
+- ``baseline="bm3d"`` adds BM3D (gray) or CBM3D (colour), from the ``bm3d`` package (the
+  ``baseline`` extra), told the true sigma, on the same input the model sees.
+
 :func:`contact_sheet` draws degraded / restored / clean side by side, with zoomed crops, for
 a look at what the numbers mean (``restorer eval --sheet OUT.png``).
 """
@@ -45,12 +65,18 @@ from torch import nn
 from restorer import degrade, metrics
 from restorer.checkpoint import LoadedModel
 from restorer.models import get_model
+from restorer.progress import Progress
 
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
 TASKS = ("denoise", "jpeg", "sr")
-BASELINES = ("nlm",)
+BASELINES = ("nlm", "bm3d")
+THROUGH = ("net", "actor")
+EDGE_BAND = 16  # pixels: the band along the image's sides that `edges` measures
+EDGE_INNER = 32  # pixels: the interior it is compared with lies at least this far from every side
+FRAME = 48  # pixels: width of the flat frame placed around each image by `frame`
+FRAME_BAND = 24  # pixels: the band of the image next to the frame, and the interior's distance
 
 
 def image_files(folder: str | Path) -> list[Path]:
@@ -156,10 +182,71 @@ def _nlm_baseline(noisy: np.ndarray, sigma_255: float) -> np.ndarray:
                             patch_distance=6, channel_axis=2 if noisy.ndim == 3 else None)
 
 
-def evaluate(model: str | LoadedModel | nn.Module, data_dir: str | Path, task: str = "denoise",
-             sigma: float = 25, quality: int | None = None, scale: int | None = None,
-             baseline: str | None = None, sheet: str | Path | None = None,
-             sheet_rows: int = 4) -> dict[str, Any]:
+def _bm3d_baseline(noisy: np.ndarray, sigma_255: float) -> np.ndarray:
+    """BM3D (HW) or CBM3D (HWx3) from the ``bm3d`` package, told the true noise std."""
+    try:
+        import bm3d
+    except ImportError as e:
+        raise ValueError("baseline 'bm3d' needs the bm3d package: pip install 'restorer[baseline]'"
+                         ) from e
+    noisy = noisy.astype(np.float64)
+    if noisy.ndim == 3:
+        return bm3d.bm3d_rgb(noisy, sigma_psd=sigma_255 / 255.0)
+    return bm3d.bm3d(noisy, sigma_psd=sigma_255 / 255.0)
+
+
+def band_psnrs(restored: np.ndarray, clean: np.ndarray, box: tuple[int, int, int, int],
+               band: int, inner: int) -> tuple[float, float]:
+    """PSNR (dB, ``[0, 255]`` scale) of a band along the sides of a box, and of its interior.
+
+    ``restored``, ``clean``: same-shape HW or HWC uint8 arrays. ``box``: ``(top, left, height,
+    width)`` of the region measured. The band is the box's pixels less than ``band`` pixels from
+    one of its sides; the interior its pixels at least ``inner`` pixels from all of them.
+    """
+    top, left, height, width = box
+    if min(height, width) <= 2 * inner:
+        raise ValueError(f"a region of {height}x{width} px has no interior {inner} px from its "
+                         f"sides; use images larger than {2 * inner} px on both sides")
+    rows = np.arange(height)[:, None]
+    cols = np.arange(width)[None, :]
+    distance = np.minimum(np.minimum(rows, height - 1 - rows), np.minimum(cols, width - 1 - cols))
+    region = (slice(top, top + height), slice(left, left + width))
+    a, b = restored[region], clean[region]
+    return (metrics.psnr(a[distance < band][None], b[distance < band][None]),
+            metrics.psnr(a[distance >= inner][None], b[distance >= inner][None]))
+
+
+def _framed(img: np.ndarray, level: float) -> np.ndarray:
+    """``img`` (HW or HWC) inside a flat frame of ``FRAME`` pixels of value ``level``."""
+    pad = ((FRAME, FRAME), (FRAME, FRAME)) + ((0, 0),) * (img.ndim - 2)
+    return np.pad(img, pad, mode="constant", constant_values=level)
+
+
+def _actor_runner(model: str | LoadedModel | nn.Module | None, tile: int, precision: str):
+    """A function float HW/HWC -> uint8 restoring as ``restorer restore`` does (see the module
+    docstring), through one in-process :class:`RestoreActor`."""
+    from restorer.pipeline import RestoreActor
+
+    if isinstance(model, nn.Module):
+        raise TypeError("through='actor' needs a model name or path (the actor loads it), "
+                        "not a bare net")
+    actor = RestoreActor(model=model.source if isinstance(model, LoadedModel) else model,
+                         tile=tile, precision=precision)
+
+    def run(degraded: np.ndarray) -> np.ndarray:
+        saved = to_uint8(degraded)
+        (out,), _ = actor.restore_arrays([saved[..., None] if saved.ndim == 2 else saved])
+        return out[..., 0] if saved.ndim == 2 else out
+
+    return run
+
+
+def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
+             task: str = "denoise", sigma: float = 25, quality: int | None = None,
+             scale: int | None = None, baseline: str | None = None,
+             sheet: str | Path | None = None, sheet_rows: int = 4,
+             trim: tuple[int, int] = (0, 0), edges: bool = False, frame: float | None = None,
+             through: str = "net", tile: int = 256, precision: str = "auto") -> dict[str, Any]:
     """Restore every image in ``data_dir`` after degrading it, and measure PSNR/SSIM.
 
     ``model``: a zoo name, a model path, a ``LoadedModel`` or a net (float32 NCHW ``[0, 1]`` in
@@ -168,13 +255,20 @@ def evaluate(model: str | LoadedModel | nn.Module, data_dir: str | Path, task: s
     ``scale``; a net with ``scale == 1`` gets the bicubic upscale back to full size, as DnCNN-3,
     and the image is first cropped to a multiple of ``scale``). ``baseline="nlm"`` adds
     scikit-image non-local means given the true sigma (denoising only; a few seconds per
-    512x512 image). ``sheet``: also write a PNG :func:`contact_sheet` of the first
-    ``sheet_rows`` images there.
+    512x512 image), ``"bm3d"`` BM3D/CBM3D (denoising only; 4 s per 256x256 gray image on one
+    CPU core, about 4x that per 512x512). ``sheet``: also write a PNG :func:`contact_sheet` of
+    the first ``sheet_rows`` images there. ``trim``, ``edges``, ``frame`` (a gray level on the
+    0-255 scale; denoising and JPEG only), ``through`` (``"net"`` or ``"actor"``, the latter with
+    the actor's ``tile`` and ``precision``): see the module docstring.
 
     Returns ``{"task", "sigma"|"quality"|"scale", "count", "psnr", "ssim", "input_psnr",
-    ["baseline_psnr"], "seconds", "rows"}`` where ``rows`` holds one dict per image with
-    ``name``, ``psnr``, ``ssim``, ``input_psnr`` (and ``baseline_psnr``); means are in dB.
-    With ``sheet``, ``"sheet"`` is its path.
+    ["baseline_psnr"], "seconds", "rows", "through", "trim", ["frame"]}`` where ``rows`` holds
+    one dict per image with ``name``, ``psnr``, ``ssim``, ``input_psnr`` (and
+    ``baseline_psnr``); means are in dB. With ``edges`` or ``frame``, rows and means also have
+    ``band_psnr`` and ``interior_psnr`` (and ``baseline_band_psnr``, ``baseline_interior_psnr``),
+    and the result has ``band_gap_mean`` and ``band_gap_max``: interior minus band PSNR, mean and
+    largest over the images (and ``baseline_band_gap_mean``). With ``sheet``, ``"sheet"`` is its
+    path.
     """
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}; choose from {list(TASKS)}")
@@ -189,13 +283,31 @@ def evaluate(model: str | LoadedModel | nn.Module, data_dir: str | Path, task: s
                          f"denoising offers {list(BASELINES)}")
     if sheet is not None and sheet_rows < 1:
         raise ValueError(f"sheet_rows must be >= 1, got {sheet_rows}")
+    if len(trim) != 2 or min(trim) < 0:
+        raise ValueError(f"trim must be (rows, columns) >= 0, got {trim}")
+    if frame is not None and (task == "sr" or not 0 <= frame <= 255):
+        raise ValueError(f"frame must be a gray level in [0, 255] for denoising or JPEG, got "
+                         f"{frame} for task {task!r}")
+    if through not in THROUGH:
+        raise ValueError(f"Unknown through {through!r}; choose from {list(THROUGH)}")
     net = _as_net(model)
     channels = getattr(net, "channels", 1)
     net_scale = getattr(net, "scale", 1)
+    if through == "actor":
+        restore = _actor_runner(model, tile, precision)
+    else:
+        def restore(degraded: np.ndarray) -> np.ndarray:
+            return to_uint8(_run_planes(net, degraded))
     started = time.perf_counter()
     rows, sheet_samples = [], []
-    for path in image_files(data_dir):
+    paths = list(image_files(data_dir))
+    progress = Progress(f"eval {task}", len(paths))
+    for path in paths:
         clean8 = _read_test_image(path, channels, task)
+        height, width = clean8.shape[:2]
+        if trim[0] >= height or trim[1] >= width:
+            raise ValueError(f"trim {trim} leaves nothing of {path.name} ({height}x{width})")
+        clean8 = clean8[: height - trim[0], : width - trim[1]]
         if task == "sr":
             height, width = clean8.shape[:2]
             clean8 = clean8[: height - height % scale, : width - width % scale]
@@ -209,23 +321,48 @@ def evaluate(model: str | LoadedModel | nn.Module, data_dir: str | Path, task: s
             degraded = degrade.bicubic_downscale(clean, scale)
         if task == "sr" and net_scale == 1:
             degraded = degrade.bicubic_resize(degraded, float(scale))
-        restored8 = to_uint8(_run_planes(net, degraded))
+        height, width = clean8.shape[:2]  # of the image inside the frame, with a frame
+        if frame is not None:
+            clean8 = _framed(clean8, round(frame))
+            degraded = _framed(degraded, round(frame) / 255.0)
+        # What the model and the baseline are given: the unclipped float, or the saved uint8.
+        given = degraded if through == "net" else to_uint8(degraded).astype(np.float32) / 255.0
+        restored8 = restore(degraded)
         if restored8.shape != clean8.shape:
             raise ValueError(f"the net turned {path.name} of shape {clean8.shape} into "
                              f"{restored8.shape}; does its scale match the task?")
-        target = _measured(clean8, task, scale)
-        row = {"name": path.name,
-               "psnr": metrics.psnr(_measured(restored8, task, scale), target),
-               "ssim": metrics.ssim(_measured(restored8, task, scale), target)}
         if degraded.shape == clean8.shape:
             degraded8 = to_uint8(degraded)
         else:  # LR input of an SR net: measure the bicubic upscale
             degraded8 = to_uint8(degrade.bicubic_resize(degraded, float(scale)))
-        row["input_psnr"] = metrics.psnr(_measured(degraded8, task, scale), target)
+        baseline8 = None
         if baseline == "nlm":
-            row["baseline_psnr"] = metrics.psnr(to_uint8(_nlm_baseline(degraded, sigma)), clean8)
+            baseline8 = to_uint8(_nlm_baseline(given, sigma))
+        elif baseline == "bm3d":
+            baseline8 = to_uint8(_bm3d_baseline(given, sigma))
+        if frame is not None:  # measure the image inside the frame
+            inside = (slice(FRAME, FRAME + height), slice(FRAME, FRAME + width))
+            clean8, restored8, degraded8 = clean8[inside], restored8[inside], degraded8[inside]
+            baseline8 = None if baseline8 is None else baseline8[inside]
+        target = _measured(clean8, task, scale)
+        measured = _measured(restored8, task, scale)
+        row = {"name": path.name, "psnr": metrics.psnr(measured, target),
+               "ssim": metrics.ssim(measured, target),
+               "input_psnr": metrics.psnr(_measured(degraded8, task, scale), target)}
+        if baseline8 is not None:
+            row["baseline_psnr"] = metrics.psnr(baseline8, clean8)
+        if edges or frame is not None:
+            band, inner = (FRAME_BAND, FRAME_BAND) if frame is not None else (EDGE_BAND,
+                                                                                EDGE_INNER)
+            box = (0, 0) + target.shape[:2]
+            row["band_psnr"], row["interior_psnr"] = band_psnrs(measured, target, box, band,
+                                                                inner)
+            if baseline8 is not None:
+                row["baseline_band_psnr"], row["baseline_interior_psnr"] = band_psnrs(
+                    baseline8, clean8, box, band, inner)
         log.debug("%s: %s", path.name, row)
         rows.append(row)
+        progress.update(1, psnr=f"{np.mean([r['psnr'] for r in rows]):.2f}")
         if sheet is not None and len(sheet_samples) < sheet_rows:
             sheet_samples.append(SheetRow(path.name, degraded8, restored8, clean8,
                                           row["input_psnr"], row["psnr"]))
@@ -236,11 +373,23 @@ def evaluate(model: str | LoadedModel | nn.Module, data_dir: str | Path, task: s
         result["quality"] = quality
     else:
         result["scale"] = scale
+    progress.close()
     result["count"] = len(rows)
-    for key in ("psnr", "ssim", "input_psnr", "baseline_psnr"):
+    for key in ("psnr", "ssim", "input_psnr", "baseline_psnr", "band_psnr", "interior_psnr",
+                "baseline_band_psnr", "baseline_interior_psnr"):
         if key in rows[0]:
             result[key] = float(np.mean([row[key] for row in rows]))
+    if "band_psnr" in rows[0]:
+        gaps = [row["interior_psnr"] - row["band_psnr"] for row in rows]
+        result["band_gap_mean"], result["band_gap_max"] = float(np.mean(gaps)), float(max(gaps))
+    if "baseline_band_psnr" in rows[0]:
+        result["baseline_band_gap_mean"] = float(np.mean(
+            [row["baseline_interior_psnr"] - row["baseline_band_psnr"] for row in rows]))
     result["seconds"] = time.perf_counter() - started
+    result["through"] = through
+    result["trim"] = list(trim)
+    if frame is not None:
+        result["frame"] = frame
     result["rows"] = rows
     if sheet is not None:
         Image.fromarray(contact_sheet(sheet_samples)).save(sheet, format="PNG")
@@ -351,5 +500,5 @@ def contact_sheet(rows: Sequence[SheetRow]) -> np.ndarray:
     return np.asarray(sheet)
 
 
-__all__ = ["IMAGE_SUFFIXES", "TASKS", "SheetRow", "contact_sheet", "evaluate", "image_files",
-           "image_seed", "read_image", "run_net", "to_uint8"]
+__all__ = ["IMAGE_SUFFIXES", "TASKS", "SheetRow", "band_psnrs", "contact_sheet", "evaluate",
+           "image_files", "image_seed", "read_image", "run_net", "to_uint8"]

@@ -12,19 +12,25 @@ from restorer.errors import JobError
 from restorer.report import DEFAULT_OPTIONS, flag_outliers, ledger_records, meta_uri, report_uri
 
 MAX_ERRORS = 100  # error records returned; all of them are in _restorer/errors.parquet
+SORT_COLUMNS = ("change_mean", "change_p99", "residual_structure")  # what `top` can rank by
 
 
 def inspect_output(output: str, top: int = 10,
-                   options: storage.StorageOptions = DEFAULT_OPTIONS) -> dict[str, Any]:
-    """Summary, errors, most changed and flagged images of a job's output, in one ledger scan.
+                   options: storage.StorageOptions = DEFAULT_OPTIONS,
+                   sort: str = "change_mean") -> dict[str, Any]:
+    """Summary, errors, top-ranked and flagged images of a job's output, in one ledger scan.
 
     Returns a JSON-able dict: ``summary`` (the last run's ``summary.json``, or ``{}``),
     ``records`` and ``failed`` (whole job), ``errors`` (the first ``MAX_ERRORS`` failed
-    records), ``most_changed`` (the ``top`` successful images by ``change_mean``), ``flagged``
-    (:func:`restorer.report.flag_outliers`: key, change_mean, change_p99, reason, ...) and
-    ``report`` (the URI of ``report.html``, or None if it was not written yet). The ledger is
-    scanned in batches, so this stays cheap at millions of records.
+    records), ``sort`` and ``most_changed`` (the ``top`` successful images, highest ``sort``
+    first: one of ``SORT_COLUMNS``, ``change_mean`` by default; ``residual_structure`` ranks
+    the images that lost the most detail, and skips records written before it), ``flagged``
+    (:func:`restorer.report.flag_outliers`: key, change_mean, change_p99, residual_structure,
+    reason, ...) and ``report`` (the URI of ``report.html``, or None if it was not written
+    yet). The ledger is scanned in batches, so this stays cheap at millions of records.
     """
+    if sort not in SORT_COLUMNS:
+        raise ValueError(f"sort = {sort!r}; choose one of {', '.join(SORT_COLUMNS)}")
     if not storage.exists(meta_uri(output, "job.json"), options):
         raise JobError(f"{output} holds no restorer job (no _restorer/job.json)")
     summary_uri = meta_uri(output, "summary.json")
@@ -34,7 +40,7 @@ def inspect_output(output: str, top: int = 10,
     errors: list[dict[str, Any]] = []
     changed: list[tuple[float, int, dict[str, Any]]] = []  # min-heap of the `top` largest
     columns = ["key", "uri", "out_key", "unit", "status", "stage", "error_class", "message",
-               "change_mean", "change_p99"]
+               "change_mean", "change_p99", "residual_structure"]
 
     def successes() -> Iterator[dict[str, Any]]:
         for index, row in enumerate(ledger_records(output, columns, options)):
@@ -45,8 +51,12 @@ def inspect_output(output: str, top: int = 10,
                     errors.append({c: row[c] for c in ("key", "status", "stage", "error_class",
                                                        "message")})
                 continue
-            item = (row["change_mean"], index, {c: row[c] for c in ("key", "change_mean",
-                                                                    "change_p99")})
+            if row.get(sort) is None:  # residual_structure in a ledger written before it
+                yield row
+                continue
+            item = (row[sort], index, {c: row.get(c) for c in ("key", "change_mean",
+                                                               "change_p99",
+                                                               "residual_structure")})
             if top > 0 and len(changed) < top:
                 heapq.heappush(changed, item)
             elif top > 0 and item[0] > changed[0][0]:
@@ -56,7 +66,7 @@ def inspect_output(output: str, top: int = 10,
     flagged = flag_outliers(successes())
     report = report_uri(output)
     return {"summary": summary, "records": counts["records"], "failed": counts["failed"],
-            "errors": errors,
+            "errors": errors, "sort": sort,
             "most_changed": [row for _, _, row in sorted(changed, key=lambda i: (-i[0], i[1]))],
             "flagged": flagged,
             "report": report if storage.exists(report, options) else None}

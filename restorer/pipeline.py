@@ -93,6 +93,7 @@ RESTORED_FIELDS = DECODED_FIELDS + [
     ("out_height", pa.int32()), ("out_width", pa.int32()), ("tiles", pa.int32()),
     ("model_seconds", pa.float64()), ("change_mean", pa.float32()),
     ("change_p99", pa.float32()), ("noise_in", pa.float32()), ("noise_out", pa.float32()),
+    ("residual_structure", pa.float32()),  # restorer.audit: 0 noise-like ... 1 image structure
 ]
 RECORD_FIELDS = [f for f in RESTORED_FIELDS if f[0] not in ("pixels", "alpha", "icc", "exif",
                                                             "data", "size")] + [
@@ -418,16 +419,20 @@ class RestoreActor:
                 pixels = (out * 255.0).round_().to(torch.uint8)
             array = pixels.permute(1, 2, 0).to("cpu").numpy()
             results.append(array.astype(arrays[index].dtype, copy=False))
-        names = ("change_mean", "change_p99", "noise_in", "noise_out")
+        names = ("change_mean", "change_p99", "noise_in", "noise_out", "residual_structure")
         values = torch.stack(changes).tolist() if changes else []  # one sync for the batch
         return results, [dict(zip(names, row)) for row in values]
 
     def _change(self, source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """What the model did, cheaply and on the device: |output - input| (mean, 99th
         percentile) on a <=256px strided view, and the noise level of input and output on a
-        central <=256px crop of the first plane (:func:`noise_sigma`), all in 8-bit levels;
-        a tensor of those four values."""
+        central <=256px crop of the first plane (:func:`noise_sigma`), all in 8-bit levels,
+        and the structure of the residual on that crop (0-1, :func:`residual_structure`; a
+        crop, not the strided view, which would alias the pixel-scale detail it looks for);
+        a tensor of those five values."""
         import torch
+
+        from restorer.audit import residual_structure
 
         if self.scale > 1:
             out = torch.nn.functional.avg_pool2d(out[None], self.scale)[0]
@@ -435,9 +440,10 @@ class RestoreActor:
         diff = (out[:, ::step, ::step] - source[:, ::step, ::step]).abs().flatten() * 255.0
         height, width = source.shape[-2:]
         y0, x0 = max(0, (height - 256) // 2), max(0, (width - 256) // 2)
-        noise = [noise_sigma(image[0, y0:y0 + 256, x0:x0 + 256]) * 255.0
-                 for image in (source, out)]
-        return torch.stack([diff.mean(), _p99(diff), *noise]).float()
+        crops = [image[:, y0:y0 + 256, x0:x0 + 256] for image in (source, out)]
+        noise = [noise_sigma(crop[0]) * 255.0 for crop in crops]
+        structure = residual_structure(crops[0][None], crops[1][None])[0]
+        return torch.stack([diff.mean(), _p99(diff), *noise, structure]).float()
 
     def __call__(self, batch):
         if isinstance(batch, dict):  # a user's pipeline: numpy batches with an "image" column
@@ -933,7 +939,8 @@ def _audit(spec: RestoreSpec, summary: dict[str, Any]) -> None:
             yield record
 
     summary["flagged"] = flag_outliers(counted(ledger_records(
-        spec.output.uri, ["key", "status", "change_mean", "change_p99"], options)), limit=20)
+        spec.output.uri, ["key", "status", "change_mean", "change_p99", "residual_structure"],
+        options)), limit=20)
     summary["report"] = storage.join(spec.output.uri, f"{META_DIR}/report.html")
     storage.write_bytes(meta_uri(spec, "summary.json"), json.dumps(summary, indent=2).encode(),
                         options)

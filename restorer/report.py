@@ -5,10 +5,13 @@ Two things, both read back from a job's ``OUTPUT/_restorer/`` folder after (or d
 - :func:`flag_outliers` streams ledger records and flags the images whose change (mean and 99th
   percentile of ``|output - input|`` in 8-bit levels, measured by the restore actor) is far
   above the job's typical change: a net that hallucinated, a tile that blew up, an input unlike
-  the others.
+  the others; and those whose residual (input - output) carries far more image structure than
+  the job's typical image (``residual_structure``, :mod:`restorer.audit`): a net that smoothed
+  away texture, text or fine detail along with the noise.
 - :func:`write_report` writes ``OUTPUT/_restorer/report.html``: one static page (no server, no
   network, no external CSS or JS; crops embedded as ``data:`` URIs) with the summary,
-  throughput, errors, flagged images, before/after crops and the spec and model provenance.
+  throughput, errors, flagged images, histograms of change and residual structure,
+  input/output/amplified-residual crops and the spec and model provenance.
 
 Both scan the ledger in Arrow batches of only the columns they need and keep bounded state
 (reservoir samples, top-N heaps), so they work on jobs of millions of images.
@@ -24,6 +27,7 @@ import hashlib
 import heapq
 import html
 import io
+import itertools
 import json
 import logging
 import math
@@ -54,12 +58,20 @@ REPORT_NAME = "report.html"
 # identical images (MAD ~ 0) from flagging an image that changed by a fraction of a level more.
 OUTLIER_K = 5.0
 MIN_SPREAD = 0.5
+# residual_structure (restorer.audit, 0-1) is flagged the same way, with its own floor of the
+# spread: a twentieth of its range (noise-like residuals score ~0.06 +- 0.03). An image changed
+# by under MIN_STRUCTURE_CHANGE levels on average is not flagged for it: a structured residual
+# that small is invisible (clean images through a denoiser score 0.1-0.5 at 0-1.5 levels).
+MIN_SPREAD_STRUCTURE = 0.05
+MIN_STRUCTURE_CHANGE = 1.0
+OUTLIER_COLUMNS = ("change_mean", "change_p99", "residual_structure")
 MIN_RECORDS = 3  # below this many successful images there is no "typical" change to compare to
 RESERVOIR = 20_000  # values kept to estimate medians (exact below this many images)
 CARRIED = ("unit", "uri", "out_key")  # record fields a flagged entry keeps when present
 
 CROP = 192  # side of the before/after crops, in input pixels
 MAX_CROP_DISPLAY = 384  # crops are shown at most this wide (super-resolution outputs are larger)
+MAX_RESIDUAL_GAIN = 16.0  # the residual crop is amplified at most this much
 MAX_SEARCH_PIXELS = 25_000_000  # above this the crop is centred instead of placed on the change
 MAX_ERRORS_SHOWN = 200
 READ_AHEAD = 8  # Parquet files of a folder read ahead while one is consumed (S3 latency)
@@ -153,60 +165,80 @@ def scan_outliers(records: Iterable[dict[str, Any]], k: float = OUTLIER_K,
 
     Returns ``(flagged, stats)``; ``stats`` has ``images`` (successful records seen),
     ``change_mean`` and ``change_p99`` (each ``{median, spread, cutoff}`` in 8-bit levels, or
-    None below ``MIN_RECORDS`` images), ``k``, ``threshold``, ``sampled`` (whether medians come
-    from a ``RESERVOIR`` sample) and ``truncated`` (whether more than ``limit`` images may be
-    above a cutoff).
+    None below ``MIN_RECORDS`` images), ``residual_structure`` (the same on its 0-1 scale, or
+    None below ``MIN_RECORDS`` images that have it: ledgers written before it), ``k``,
+    ``threshold``, ``sampled`` (whether medians come from a ``RESERVOIR`` sample) and
+    ``truncated`` (whether more than ``limit`` images may be above a cutoff).
     """
     if k <= 0 or min_spread < 0 or limit < 1:
         raise ValueError(f"k = {k}, min_spread = {min_spread}, limit = {limit}: need k > 0, "
                          "min_spread >= 0 and limit >= 1")
-    sample = _Reservoir(RESERVOIR)
-    top_mean: list[tuple[float, int, dict[str, Any]]] = []  # min-heaps of the largest changes
-    top_p99: list[tuple[float, int, dict[str, Any]]] = []
+    floors = {"change_mean": min_spread, "change_p99": min_spread,
+              "residual_structure": MIN_SPREAD_STRUCTURE}
+    samples = {name: _Reservoir(RESERVOIR) for name in OUTLIER_COLUMNS}
+    # min-heaps of the `limit` largest values of each column
+    tops: dict[str, list[tuple[float, int, dict[str, Any]]]] = {n: [] for n in OUTLIER_COLUMNS}
     for index, record in enumerate(records):
         if record.get("status", "ok") != "ok":
             continue
         mean, p99 = record.get("change_mean"), record.get("change_p99")
         if mean is None or p99 is None or not (math.isfinite(mean) and math.isfinite(p99)):
             continue
-        sample.add((float(mean), float(p99)))
+        structure = record.get("residual_structure")
+        if structure is not None and not math.isfinite(structure):
+            structure = None
         entry = {"key": record["key"], "change_mean": round(float(mean), 3),
                  "change_p99": round(float(p99), 3),
+                 "residual_structure": None if structure is None else round(float(structure), 3),
                  **{f: record[f] for f in CARRIED if f in record}}
-        for heap, value in ((top_mean, float(mean)), (top_p99, float(p99))):
+        for name in OUTLIER_COLUMNS:
+            value = record.get(name) if name != "residual_structure" else structure
+            if value is None:
+                continue
+            samples[name].add(float(value))
+            if name == "residual_structure" and float(mean) < MIN_STRUCTURE_CHANGE:
+                continue  # in the typical values, never a candidate (see MIN_STRUCTURE_CHANGE)
+            heap = tops[name]
             if len(heap) < limit:
-                heapq.heappush(heap, (value, index, entry))
-            elif value > heap[0][0]:
-                heapq.heapreplace(heap, (value, index, entry))
+                heapq.heappush(heap, (float(value), index, entry))
+            elif float(value) > heap[0][0]:
+                heapq.heapreplace(heap, (float(value), index, entry))
 
-    stats: dict[str, Any] = {"images": sample.seen, "k": k, "min_spread": min_spread,
-                             "threshold": threshold, "change_mean": None, "change_p99": None,
-                             "sampled": sample.seen > RESERVOIR, "truncated": False}
-    if sample.seen >= MIN_RECORDS:
-        stats["change_mean"] = _robust([m for m, _ in sample.items], k, min_spread)
-        stats["change_p99"] = _robust([p for _, p in sample.items], k, min_spread)
+    seen = samples["change_mean"].seen
+    stats: dict[str, Any] = {"images": seen, "k": k, "min_spread": min_spread,
+                             "threshold": threshold, "sampled": seen > RESERVOIR,
+                             "truncated": False}
+    for name in OUTLIER_COLUMNS:
+        sample = samples[name]
+        stats[name] = (_robust(sample.items, k, floors[name]) if sample.seen >= MIN_RECORDS
+                       else None)
     flagged: dict[str, dict[str, Any]] = {}
-    for heap in (top_mean, top_p99):
+    for heap in tops.values():
         for _, _, entry in heap:
             reasons = []
-            for name in ("change_mean", "change_p99"):
-                robust = stats[name]
-                if robust and entry[name] > robust["cutoff"]:
-                    reasons.append(f"{name} {entry[name]:.2f} > typical {robust['median']:.2f} "
-                                   f"+ {k:g} x {robust['spread']:.2f} = {robust['cutoff']:.2f}")
+            for name in OUTLIER_COLUMNS:
+                robust, value = stats[name], entry[name]
+                if robust and value is not None and value > robust["cutoff"] and (
+                        name != "residual_structure"
+                        or entry["change_mean"] >= MIN_STRUCTURE_CHANGE):
+                    digits = 3 if name == "residual_structure" else 2
+                    reasons.append(f"{name} {value:.{digits}f} > typical "
+                                   f"{robust['median']:.{digits}f} + {k:g} x "
+                                   f"{robust['spread']:.{digits}f} = "
+                                   f"{robust['cutoff']:.{digits}f}")
             if threshold is not None and entry["change_mean"] > threshold:
                 reasons.append(f"change_mean {entry['change_mean']:.2f} > threshold {threshold:g}")
             if reasons:
                 flagged[entry["key"]] = dict(entry, reason="; ".join(reasons))
-    for heap, name in ((top_mean, "change_mean"), (top_p99, "change_p99")):
+    for name, heap in tops.items():
         robust = stats[name]
         cutoff = min(robust["cutoff"] if robust else math.inf,
                      threshold if threshold is not None and name == "change_mean" else math.inf)
         if len(heap) == limit and heap[0][0] > cutoff:
             stats["truncated"] = True
     if stats["truncated"]:
-        log.warning("more than %d images are above the outlier cutoff; only the %d most changed "
-                    "are listed (raise limit to see more)", limit, limit)
+        log.warning("more than %d images are above an outlier cutoff; only the %d highest of "
+                    "each are listed (raise limit to see more)", limit, limit)
     ordered = sorted(flagged.values(), key=lambda e: (-e["change_mean"], e["key"]))
     return ordered[:limit], stats
 
@@ -214,21 +246,26 @@ def scan_outliers(records: Iterable[dict[str, Any]], k: float = OUTLIER_K,
 def flag_outliers(records: Iterable[dict[str, Any]], k: float = OUTLIER_K,
                   min_spread: float = MIN_SPREAD, threshold: float | None = None,
                   limit: int = 100) -> list[dict[str, Any]]:
-    """The images whose change is far above the job's typical change, most changed first.
+    """The images whose change, or the structure of what was removed, is far above the job's
+    typical image, most changed first.
 
     ``records`` are ledger records (dicts with ``key``, ``change_mean``, ``change_p99`` and
-    optionally ``status``), consumed once, as a stream: only a ``RESERVOIR`` sample of the
-    changes and the ``limit`` largest of each are kept, so millions of records are fine (medians
-    are exact below ``RESERVOIR`` images). Failed records and records without a finite change
-    are ignored.
+    optionally ``residual_structure`` and ``status``), consumed once, as a stream: only a
+    ``RESERVOIR`` sample of each column and the ``limit`` largest of each are kept, so
+    millions of records are fine (medians are exact below ``RESERVOIR`` images). Failed
+    records and records without a finite change are ignored.
 
     An image is flagged when, in 8-bit levels (0-255, whatever the image's bit depth):
 
     - ``change_mean`` or ``change_p99`` > median + ``k`` * max(1.4826 * MAD, ``min_spread``)
       of that column over the job (only with at least ``MIN_RECORDS`` images), or
+    - ``residual_structure`` (0-1, :mod:`restorer.audit`) > median + ``k`` * max(1.4826 * MAD,
+      ``MIN_SPREAD_STRUCTURE``) over the job's images that have it, and ``change_mean`` >=
+      ``MIN_STRUCTURE_CHANGE``: the model removed detail, not noise, or
     - ``change_mean`` > ``threshold``, when an absolute threshold is given.
 
-    Each flagged entry has ``key``, ``change_mean``, ``change_p99``, ``reason`` (why, with the
+    Each flagged entry has ``key``, ``change_mean``, ``change_p99``, ``residual_structure``
+    (None in ledgers written before it), ``reason`` (why, with the
     numbers) and, when the records had them, ``unit``, ``uri`` and ``out_key``. At most
     ``limit`` entries are returned; a warning is logged when more images may be above a cutoff.
     """
@@ -323,7 +360,8 @@ def _output_bytes(output: str, record: dict[str, Any], layout: str,
 
 def _crops(output: str, record: dict[str, Any], layout: str,
            options: storage.StorageOptions) -> dict[str, Any]:
-    """Before/after crops of one image as data URIs, with the input's estimated noise level.
+    """Before/after/amplified-residual crops of one image as data URIs, with the input's
+    estimated noise level and the residual's gain (:func:`_residual_crop`).
 
     Returns ``{"note": why}`` instead when the input or output cannot be read back.
     """
@@ -347,10 +385,29 @@ def _crops(output: str, record: dict[str, Any], layout: str,
         after = np.repeat(after, 3, axis=2) if after.shape[2] == 1 else after.mean(
             axis=2, keepdims=True).astype(after.dtype)
     display = min(max(size * scale, CROP), MAX_CROP_DISPLAY)  # small crops shown enlarged
+    residual, gain = _residual_crop(before, after, scale)
     return {"before": _png_data_uri(before), "after": _png_data_uri(after), "display": display,
+            "residual": _png_data_uri(residual), "gain": gain,
             "where": f"x {x}-{x + size}, y {y}-{y + size} of {width}x{height}"
                      + (f" (output x{scale})" if scale > 1 else ""),
             "noise": _input_noise(source)}
+
+
+def _residual_crop(before: np.ndarray, after: np.ndarray, scale: int) -> tuple[np.ndarray, float]:
+    """``before - after`` (the method noise; ``after`` box-averaged back to ``before``'s size
+    when it is ``scale`` times larger) as a uint8 image, mid-gray at 0, amplified so that its
+    99th-percentile magnitude reaches 100 levels (a gain of 1 to ``MAX_RESIDUAL_GAIN``);
+    returns it and the gain. Noise removed shows as even grain; detail removed shows as the
+    image's edges, text and texture."""
+    peak = 65535.0 if before.dtype == np.uint16 else 255.0
+    out = after.astype(np.float32)
+    if scale > 1:
+        height, width = before.shape[:2]
+        out = out.reshape(height, scale, width, scale, -1).mean(axis=(1, 3))
+    residual = (before.astype(np.float32) - out) * (255.0 / peak)
+    level = float(np.quantile(np.abs(residual), 0.99)) if residual.size else 0.0
+    gain = float(np.clip(100.0 / max(level, 1e-6), 1.0, MAX_RESIDUAL_GAIN))
+    return np.clip(128.0 + gain * residual, 0, 255).round().astype(np.uint8), gain
 
 
 # --- charts ----------------------------------------------------------------------------------
@@ -364,11 +421,13 @@ def _fmt(value: Any) -> str:
 
 
 def _svg_histogram(values: Sequence[float], label: str, marker: float | None = None,
-                   bins: int = 40) -> str:
-    """An inline SVG histogram of ``values``, with an optional vertical line at ``marker``."""
+                   bins: int = 40, span: tuple[float, float] | None = None) -> str:
+    """An inline SVG histogram of ``values``, with an optional vertical line at ``marker``;
+    the x axis covers ``span`` (widened to the values) or the values' range."""
     width, height, pad = 560, 160, 24
-    low = min(values)
-    high = max(max(values), marker if marker is not None else -math.inf)
+    low = min(min(values), span[0]) if span else min(values)
+    high = max(max(values), marker if marker is not None else -math.inf,
+               span[1] if span else -math.inf)
     high = high if high > low else low + 1.0
     counts, edges = np.histogram(values, bins=bins, range=(low, high))
     top = max(1, int(counts.max()))
@@ -504,10 +563,11 @@ def write_report(output_uri: str, options: storage.StorageOptions = DEFAULT_OPTI
     layout = (spec.get("output") or {}).get("layout", "files")
 
     columns = ["key", "uri", "out_key", "unit", "status", "change_mean", "change_p99",
-               "model_seconds"]
+               "residual_structure", "model_seconds"]
     per_unit: dict[str, int] = {}
     seconds = _Reservoir(RESERVOIR, seed=1)
     changes = _Reservoir(RESERVOIR, seed=3)
+    structures = _Reservoir(RESERVOIR, seed=4)
     others = _Reservoir(max(4 * sample, 1), seed=2)
     tally = {"records": 0, "ok": 0}
 
@@ -522,8 +582,12 @@ def write_report(output_uri: str, options: storage.StorageOptions = DEFAULT_OPTI
                 seconds.add(float(record["model_seconds"]))
             if record.get("change_mean") is not None and math.isfinite(record["change_mean"]):
                 changes.add(float(record["change_mean"]))
+            structure = record.get("residual_structure")
+            if structure is not None and math.isfinite(structure):
+                structures.add(float(structure))
             others.add({c: record.get(c) for c in ("key", "uri", "out_key", "unit",
-                                                   "change_mean", "change_p99")})
+                                                   "change_mean", "change_p99",
+                                                   "residual_structure")})
             yield record
 
     flagged, stats = scan_outliers(ok_records(), k=k, threshold=threshold)
@@ -531,7 +595,7 @@ def write_report(output_uri: str, options: storage.StorageOptions = DEFAULT_OPTI
     sections = [_summary_section(summary, tally),
                 _throughput_section(output_uri, options, per_unit, seconds, summary, job),
                 _errors_section(output_uri, options),
-                _flagged_section(flagged, stats, changes.items),
+                _flagged_section(flagged, stats, changes.items, structures.items),
                 _samples_section(output_uri, options, layout, flagged, others, sample),
                 _provenance_section(job, summary, spec)]
     title = f"restorer report: {output_uri}"
@@ -629,7 +693,7 @@ def _errors_section(output: str, options: storage.StorageOptions) -> str:
 
 
 def _flagged_section(flagged: list[dict[str, Any]], stats: dict[str, Any],
-                     values: Sequence[float]) -> str:
+                     values: Sequence[float], structures: Sequence[float] = ()) -> str:
     changes, p99 = stats["change_mean"], stats["change_p99"]
     parts = [f'<section id="flagged"><h2>Flagged images ({len(flagged):,})</h2>']
     if changes is None:
@@ -644,37 +708,69 @@ def _flagged_section(flagged: list[dict[str, Any]], stats: dict[str, Any],
             f"{p99['median']:.2f}, cutoff {p99['cutoff']:.2f} (median + {stats['k']:g} x "
             f"max(1.4826 MAD, {stats['min_spread']:g})).</p>"
             + _svg_histogram(values, "mean change per image (8-bit levels)", changes["cutoff"]))
+    structure = stats.get("residual_structure")
+    if structure is not None and structures:
+        parts.append(
+            "<p>Residual structure = what the model removed (input - output, the method "
+            "noise), scored by the actor on a central <=256px crop from 0 (noise-like: even "
+            "grain, unrelated to the image) to 1 (the image's own edges, text and texture). "
+            f"Median {structure['median']:.3f}, cutoff {structure['cutoff']:.3f} (median + "
+            f"{stats['k']:g} x max(1.4826 MAD, {MIN_SPREAD_STRUCTURE:g})); images changed by "
+            f"under {MIN_STRUCTURE_CHANGE:g} level on average are not flagged for it. A high "
+            "score says the model took detail away: compare the amplified residual crops "
+            "below.</p>"
+            + _svg_histogram(structures, "residual structure per image (0 noise-like, 1 "
+                             "structure)", structure["cutoff"], span=(0.0, 1.0)))
+    elif changes is not None:
+        parts.append('<p class="note">No residual structure in this ledger (written before '
+                     "restorer measured it).</p>")
     if flagged:
-        parts.append(_table(["key", "change mean", "change p99", "reason"],
+        parts.append(_table(["key", "change mean", "change p99", "residual structure",
+                             "reason"],
                             [(f["key"], round(f["change_mean"], 2), round(f["change_p99"], 2),
-                              f["reason"]) for f in flagged]))
+                              "" if f.get("residual_structure") is None
+                              else round(f["residual_structure"], 3), f["reason"])
+                             for f in flagged]))
         if stats["truncated"]:
             parts.append('<p class="bad">More images are above the cutoff than are listed.</p>')
     else:
-        parts.append("<p>No image changed far more than the rest.</p>")
+        parts.append("<p>No image changed far more, or lost more structure, than the rest.</p>")
     return "".join(parts) + "</section>"
 
 
 def _samples_section(output: str, options: storage.StorageOptions, layout: str,
                      flagged: list[dict[str, Any]], others: _Reservoir, sample: int) -> str:
-    chosen = [dict(f, why="flagged") for f in flagged[:max(1, sample // 2) if sample else 0]]
+    # The most changed and the most structure-losing flagged images, in turns.
+    by_structure = sorted((f for f in flagged if "residual_structure " in f["reason"]),
+                          key=lambda f: -f["residual_structure"])
+    turns = [f for pair in itertools.zip_longest(flagged, by_structure) for f in pair if f]
+    chosen: list[dict[str, Any]] = []
+    for entry in turns:
+        if len(chosen) >= (max(1, sample // 2) if sample else 0):
+            break
+        if all(entry["key"] != c["key"] for c in chosen):
+            chosen.append(dict(entry, why="flagged"))
     keys = {f["key"] for f in flagged}
     for record in sorted(others.items, key=lambda r: r["key"]):
         if len(chosen) >= sample:
             break
         if record["key"] not in keys:
             chosen.append(dict(record, why="random"))
-    parts = ['<section id="samples"><h2>Before / after</h2>',
-             (f"<p>{CROP}px crops of the input and the output at the same place (where the "
-              "output changed most), for the most changed flagged images and a few others. "
-              "Noise is the input's estimated noise level (Immerkær, 8-bit levels; texture "
-              "raises it).</p>")]
+    parts = ['<section id="samples"><h2>Before / after / residual</h2>',
+             (f"<p>{CROP}px crops of the input, the output and what the model removed (input "
+              "- output, amplified, mid-gray = 0) at the same place (where the output changed "
+              "most), for the most changed and the most structure-losing flagged images and a "
+              "few others. A residual of even grain is noise removed; edges, letters or "
+              "texture in it are detail removed. Noise is the input's estimated noise level "
+              "(Immerkær, 8-bit levels; texture raises it).</p>")]
     if not chosen:
         parts.append("<p>No successful images to show.</p>")
     for record in chosen:
         crops = _crops(output, record, layout, options)
         head = (f'<h3 class="key">{_esc(record["key"])}</h3><p>{_esc(record["why"])}: '
-                f"change mean {record['change_mean']:.2f}, p99 {record['change_p99']:.2f}")
+                f"change mean {record['change_mean']:.2f}, p99 {record['change_p99']:.2f}"
+                + ("" if record.get("residual_structure") is None
+                   else f", residual structure {record['residual_structure']:.3f}"))
         if "note" in crops:
             parts.append(head + f'</p><p class="note">{_esc(crops["note"])}</p>')
             continue
@@ -686,7 +782,10 @@ def _samples_section(output: str, options: storage.StorageOptions, layout: str,
             f'<figure><img src="{crops["before"]}" width="{size}" height="{size}" '
             f'alt="input crop"><figcaption>input</figcaption></figure>'
             f'<figure><img src="{crops["after"]}" width="{size}" height="{size}" '
-            f'alt="output crop"><figcaption>output</figcaption></figure></div>')
+            f'alt="output crop"><figcaption>output</figcaption></figure>'
+            f'<figure><img src="{crops["residual"]}" width="{size}" height="{size}" '
+            f'alt="residual crop"><figcaption>residual (input - output) x{crops["gain"]:.3g}'
+            "</figcaption></figure></div>")
     return "".join(parts) + "</section>"
 
 

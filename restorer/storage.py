@@ -154,7 +154,8 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions(
                 _warn_no_create(uri, "the store does not implement conditional PUTs")
                 fs.pipe_file(path, data)
         except PermissionError as e:
-            raise StorageError(f"No permission to write {uri}; check your credentials") from e
+            raise StorageError(f"No permission to write {uri}; check your credentials"
+                               + CREDENTIALS_HINT) from e
         except FileNotFoundError as e:
             raise StorageError(f"Cannot write {uri}: the bucket does not exist") from e
         return

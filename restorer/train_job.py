@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from restorer import degrade, storage
+from restorer import console, degrade, storage
 from restorer.checkpoint import count_parameters, model_bytes
 from restorer.errors import JobError, NotFoundError, SpecError
 from restorer.jobs import ResourceSpec, StorageSpec, register_kind, spec_to_dict
@@ -309,6 +309,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     net = ray.train.torch.prepare_model(net)
     if spec.optim.ema and ema is None:
         ema = {k: v.detach().clone() for k, v in _unwrap(net).state_dict().items()}
+    if config.get("quiet"):  # Ray Train's INFO chatter stays in the log files
+        for name in console.RAY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     running, count, started = 0.0, 0, time.time()
     progress = None
     if rank == 0:  # one bar for the run: on the driver's terminal (Ray's tqdm), else log lines
@@ -445,19 +448,21 @@ def run_train(spec: TrainSpec) -> dict[str, Any]:
             raise NotFoundError(f"Training data {uri} ({field_name}) holds no images "
                                 f"({' '.join(storage.IMAGE_EXTENSIONS)}); point {field_name} "
                                 "at a folder of clean images")
-    ensure_ray(spec.resources.address, spec.resources.num_cpus, spec.resources.object_store_mb)
+    embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
+                          spec.resources.object_store_mb)
     total_cpus, total_gpus, node_cpus, nodes = cluster_shape()
     workers = spec.resources.workers or 1
     plan = plan_workers(workers, spec.resources.gpus_per_worker,
                         spec.resources.cpus_per_worker or 1.0, spec.resources.threads_per_worker,
-                        total_cpus, total_gpus, node_cpus, nodes, reserve_cpus=0.0)
+                        total_cpus, total_gpus, node_cpus, nodes, reserve_cpus=0.0,
+                        can_autoscale=not embedded)
     per_node = -(-plan.workers // max(nodes, 1))  # workers sharing a node's cores
     threads = 2 if plan.gpus_per_worker else max(1, int(node_cpus // per_node))
     storage_path, filesystem = _storage_filesystem(spec.output.storage_path, options)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec, "threads": spec.resources.threads_per_worker or threads,
-                           "tty": stderr_is_tty()},
+                           "tty": stderr_is_tty(), "quiet": console.quiet},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.workers, use_gpu=plan.gpus_per_worker > 0,
             resources_per_worker={"CPU": plan.cpus_per_worker,

@@ -54,7 +54,8 @@ def test_strength_blends_with_the_input_and_16_bit_stays_16_bit(tmp_path):
     inside = (full > 0) & (full < 65535)  # where the full output was not clipped
     assert inside.mean() > 0.5
     assert np.abs(half.astype(float) - expected)[inside].max() <= 1.5
-    assert {"change_mean", "change_p99", "noise_in", "noise_out"} <= set(stats[0])
+    assert {"change_mean", "change_p99", "noise_in", "noise_out",
+            "residual_structure"} <= set(stats[0])
 
 
 def test_public_api_is_restorer_restore():
@@ -187,3 +188,23 @@ def test_read_and_write_tasks_import_the_pipeline_without_torch():
     code = ("import sys, restorer.pipeline as p; p.read_and_decode, p.encode_and_write; "
             "sys.exit(int('torch' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+def test_residual_structure_is_measured_on_the_central_crop(tmp_path):
+    """The ledger's residual_structure is restorer.audit's score on the central <=256px crop."""
+    from restorer.audit import residual_structure
+
+    path, _ = _model(tmp_path, 1)
+    rng = np.random.default_rng(4)
+    y0, x0 = (300 - 256) // 2, (280 - 256) // 2
+    image = np.zeros((300, 280, 3), dtype=np.uint8)  # a flat frame (residual ~ constant) ...
+    image[y0:y0 + 256, x0:x0 + 256] = rng.integers(0, 255, (256, 256, 3))  # ... around noise
+    (out,), (stats,) = RestoreActor(model=path, tile=0).restore_arrays([image])
+
+    def crop(a):
+        a = a[y0:y0 + 256, x0:x0 + 256].astype(np.float32) / 255
+        return torch.from_numpy(a).permute(2, 0, 1)[None]
+
+    expected = float(residual_structure(crop(image), crop(out))[0])
+    assert 0 < stats["residual_structure"] <= 1
+    assert stats["residual_structure"] == pytest.approx(expected, abs=0.02)

@@ -15,7 +15,8 @@ def test_dry_run_counts_and_estimates_from_the_calibration(tmp_path, monkeypatch
                                        "--dry-run", "--json"])
     assert result.exit_code == 0, result.output
     plan = json.loads(result.output)
-    assert plan["images"] == 6 and plan["sampled"] == 6 and "estimate" in plan
+    assert plan["images"] == 6 and plan["sampled"] == 6
+    assert "quick timing" in plan["calibration_from"]  # no calibration: timed here
     bench.save_calibration({"megapixels_per_second_per_worker": 0.5, "machine": "m",
                             "date": "d", "device": "cuda"})
     result = CliRunner().invoke(main, ["restore", str(tmp_path / "in"), str(tmp_path / "out"),

@@ -1,8 +1,9 @@
 import io
+import struct
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageCms, ImageOps
 
 from restorer import codec
 from restorer.errors import ImageError
@@ -119,3 +120,265 @@ def test_output_format_rules():
     assert codec.output_format("PNG", "webp") == "webp"
     with pytest.raises(ValueError, match="Unknown output format"):
         codec.output_format("PNG", "gif")
+
+
+# --- TIFF layouts, compressions and depths (fixtures written by tifffile + imagecodecs) ---------
+
+tifffile = pytest.importorskip("tifffile")
+
+
+def _tiff(array: np.ndarray, **kwargs) -> bytes:
+    out = io.BytesIO()
+    tifffile.imwrite(out, array, **kwargs)
+    return out.getvalue()
+
+
+def _set_tiff_size(data: bytes, width: int, height: int) -> bytes:
+    """Rewrite ImageWidth/ImageLength in the first IFD of a little-endian classic TIFF."""
+    data = bytearray(data)
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        tag = struct.unpack_from("<H", data, entry)[0]
+        if tag in (256, 257):
+            struct.pack_into("<HHII", data, entry, tag, 4, 1, width if tag == 256 else height)
+    return bytes(data)
+
+
+@pytest.fixture
+def no_pixel_decoding(monkeypatch):
+    """Fails the test if tifffile or Pillow start decoding pixel data."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("pixel data decoded before the size check")
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", refuse)
+    monkeypatch.setattr(Image.Image, "load", refuse)
+
+
+@pytest.mark.parametrize("compression", ["lzw", "packbits", "zlib"])
+@pytest.mark.parametrize("channels", [1, 3, 4])
+def test_compressed_16bit_tiffs_round_trip_at_16_bits(compression, channels):
+    pixels = rng.integers(0, 65535, (7, 9, channels)).astype(np.uint16)
+    photometric = "minisblack" if channels == 1 else "rgb"
+    extra = {"extrasamples": ["unassalpha"]} if channels == 4 else {}
+    decoded = codec.decode(_tiff(pixels, photometric=photometric, compression=compression,
+                                 **extra))
+    assert decoded.pixels.dtype == np.uint16 and decoded.note == ""
+    np.testing.assert_array_equal(decoded.pixels, pixels[..., :3 if channels > 1 else 1])
+    if channels == 4:
+        np.testing.assert_array_equal(decoded.alpha, pixels[..., 3])
+
+
+def test_jpeg_compressed_8bit_tiff_decodes():
+    y, x = np.mgrid[0:32, 0:48]
+    pixels = np.stack([x * 5, y * 7, (x + y) * 3], -1).astype(np.uint8)
+    decoded = codec.decode(_tiff(pixels, photometric="rgb", compression="jpeg"))
+    assert decoded.pixels.shape == (32, 48, 3) and decoded.pixels.dtype == np.uint8
+    assert np.abs(decoded.pixels.astype(int) - pixels).mean() < 2
+
+
+@pytest.mark.parametrize("layout", [{"planarconfig": "separate"}, {"tile": (16, 16)},
+                                    {"planarconfig": "separate", "tile": (16, 16)}])
+def test_planar_and_tiled_16bit_rgb_tiffs(layout):
+    pixels = rng.integers(0, 65535, (20, 35, 3)).astype(np.uint16)
+    stored = np.moveaxis(pixels, -1, 0) if "planarconfig" in layout else pixels
+    decoded = codec.decode(_tiff(stored, photometric="rgb", compression="lzw", **layout))
+    np.testing.assert_array_equal(decoded.pixels, pixels)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_multi_page_tiff_says_which_pages_were_dropped(dtype):
+    pages = rng.integers(0, 255, (3, 6, 5, 3)).astype(dtype)
+    decoded = codec.decode(_tiff(pages, photometric="rgb", compression="zlib"))
+    np.testing.assert_array_equal(decoded.pixels, pages[0])
+    assert decoded.note == "multi-page TIFF: restored page 1 of 3; pages 2-3 dropped"
+
+
+def test_pyramid_levels_are_not_pages():
+    out = io.BytesIO()
+    with tifffile.TiffWriter(out) as tiff:
+        tiff.write(np.zeros((64, 64), np.uint16), subifds=1, compression="zlib")
+        tiff.write(np.zeros((32, 32), np.uint16), subfiletype=1, compression="zlib")  # sub-IFD
+        tiff.write(np.zeros((16, 16), np.uint16), subfiletype=1, compression="zlib")  # top level
+    decoded = codec.decode(out.getvalue())
+    assert decoded.pixels.shape == (64, 64, 1) and decoded.note == ""
+
+
+@pytest.mark.parametrize("layout", [{}, {"tile": (16, 16)}])
+def test_bomb_sized_planar_tiff_refused_before_decoding(layout, no_pixel_decoding):
+    small = _tiff(np.zeros((3, 16, 16), np.uint16), photometric="rgb",
+                  planarconfig="separate", compression="zlib", **layout)
+    bomb = _set_tiff_size(small, 30000, 40000)  # 1.2 GP x 3 samples in a file of < 1 kB
+    assert len(bomb) < 2000
+    with pytest.raises(ImageError, match="30000x40000 = 1200000000 pixels.*max_pixels"):
+        codec.decode(bomb)
+
+
+def test_16bit_tiff_tifffile_cannot_decode_is_refused_not_truncated(monkeypatch):
+    data = _tiff(rng.integers(0, 65535, (8, 8, 3)).astype(np.uint16), photometric="rgb",
+                 compression="lzw")
+
+    def fail(*args, **kwargs):
+        raise ValueError("no codec")  # as tifffile does when imagecodecs is missing
+
+    monkeypatch.setattr(tifffile.TiffPage, "asarray", fail)
+    with pytest.raises(ImageError, match="16-bit LZW TIFF .* refused rather than read at 8 bits"):
+        codec.decode(data, name="scan.tif")
+    monkeypatch.setattr(tifffile, "TiffFile", fail)  # header unreadable: only Pillow opens it
+    with pytest.raises(ImageError, match="16-bit TIFF that only Pillow can open"):
+        codec.decode(data, name="scan.tif")
+
+
+def test_associated_alpha_is_unpremultiplied():
+    colour = np.full((4, 4, 3), 40000, np.uint16)
+    alpha = np.full((4, 4), 32768, np.uint16)
+    premultiplied = np.round(colour * (alpha[..., None] / 65535)).astype(np.uint16)
+    data = _tiff(np.concatenate([premultiplied, alpha[..., None]], -1), photometric="rgb",
+                 extrasamples=["assocalpha"])
+    decoded = codec.decode(data)
+    assert np.abs(decoded.pixels.astype(int) - colour).max() <= 2
+    np.testing.assert_array_equal(decoded.alpha, alpha)
+
+
+def test_16bit_tiff_output_is_what_was_decoded():
+    pixels = rng.integers(0, 65535, (6, 7, 3)).astype(np.uint16)
+    alpha = rng.integers(0, 65535, (6, 7)).astype(np.uint16)
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    with tifffile.TiffFile(io.BytesIO(codec.encode(pixels, alpha, "tiff", icc))) as tiff:
+        page = tiff.pages[0]
+        assert (page.dtype, page.samplesperpixel, page.photometric) == (np.uint16, 4, 2)
+        assert tuple(page.extrasamples) == (2,)  # unassociated alpha
+        assert page.tags.valueof("InterColorProfile") == icc
+        np.testing.assert_array_equal(page.asarray(), np.dstack([pixels, alpha]))
+
+
+# --- EXIF orientation -----------------------------------------------------------------------
+
+def _exif(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[codec.ORIENTATION_TAG] = orientation
+    exif[0x010F] = "TestMaker"
+    return exif.tobytes()
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_orient_matches_pillow_exif_transpose(orientation):
+    pixels = rng.integers(0, 255, (3, 5, 3)).astype(np.uint8)
+    image = Image.open(io.BytesIO(_png(Image.fromarray(pixels), exif=_exif(orientation))))
+    expected = np.asarray(ImageOps.exif_transpose(image))
+    np.testing.assert_array_equal(codec.orient(pixels, orientation), expected)
+
+
+@pytest.mark.parametrize("alpha", [False, True])
+def test_16bit_png_with_orientation_6_comes_out_rotated_and_keeps_metadata(alpha):
+    pixels = rng.integers(0, 65535, (4, 6, 3)).astype(np.uint16)
+    plane = rng.integers(0, 65535, (4, 6)).astype(np.uint16) if alpha else None
+    icc = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+    decoded = codec.decode(codec.encode(pixels, plane, "png", icc, _exif(6)))
+    np.testing.assert_array_equal(decoded.pixels, np.rot90(pixels, -1))
+    if alpha:
+        np.testing.assert_array_equal(decoded.alpha, np.rot90(plane, -1))
+    assert decoded.icc == icc
+    exif = Image.Exif()
+    exif.load(decoded.exif)
+    assert exif[codec.ORIENTATION_TAG] == 1 and exif[0x010F] == "TestMaker"
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_16bit_tiff_with_orientation_6_comes_out_rotated(channels):
+    pixels = rng.integers(0, 65535, (4, 6, channels)).astype(np.uint16)
+    data = _tiff(pixels, photometric="rgb" if channels == 3 else "minisblack",
+                 compression="lzw", extratags=[(274, 3, 1, 6, True)])
+    decoded = codec.decode(data)
+    np.testing.assert_array_equal(decoded.pixels, np.rot90(pixels, -1))
+
+
+# --- CMYK -----------------------------------------------------------------------------------
+
+def _cmyk_profile(lab=(50.0, 0.0, 0.0)) -> bytes:
+    """A minimal ICC v2 CMYK output profile whose A2B0 table maps every CMYK to one Lab colour
+    (so a conversion through it is recognisable: a uniform gray for L* = 50, sRGB 119)."""
+    def s15(v):
+        return struct.pack(">i", round(v * 65536))
+
+    ramp = bytes(range(256))
+    corner = bytes([round(lab[0] * 255 / 100), round(lab[1] + 128), round(lab[2] + 128)])
+    lut = (b"mft1" + bytes(4) + bytes([4, 3, 2, 0])  # lut8: 4 in, 3 out, 2 grid points
+           + b"".join(s15(v) for v in (1, 0, 0, 0, 1, 0, 0, 0, 1))
+           + ramp * 4 + corner * 16 + ramp * 3)
+    d50 = s15(0.9642) + s15(1.0) + s15(0.8249)
+    text = b"test CMYK\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(8 + 3 + 67)
+    tags = [(b"desc", desc), (b"wtpt", b"XYZ " + bytes(4) + d50), (b"A2B0", lut)]
+    offset = 128 + 4 + 12 * len(tags)
+    table, body = struct.pack(">I", len(tags)), b""
+    for signature, payload in tags:
+        payload += bytes(-len(payload) % 4)
+        table += signature + struct.pack(">II", offset + len(body), len(payload))
+        body += payload
+    header = (struct.pack(">I", offset + len(body)) + bytes(4) + bytes([2, 0x10, 0, 0])
+              + b"prtrCMYKLab " + bytes(12) + b"acsp" + bytes(28) + d50 + bytes(48))
+    return header + table + body
+
+
+def _cmyk_file(fmt: str, icc: bytes | None) -> bytes:
+    image = Image.fromarray(rng.integers(0, 255, (6, 8, 4)).astype(np.uint8), "CMYK")
+    out = io.BytesIO()
+    image.save(out, fmt, **({"icc_profile": icc} if icc else {}))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
+def test_cmyk_with_icc_profile_converted_through_it(fmt):
+    decoded = codec.decode(_cmyk_file(fmt, _cmyk_profile()))
+    assert decoded.pixels.shape == (6, 8, 3)
+    assert np.abs(decoded.pixels.astype(int) - 119).max() <= 1  # the profile's L* = 50 gray
+    assert "through its ICC profile" in decoded.note and "sRGB" in decoded.note
+    profile = ImageCms.ImageCmsProfile(io.BytesIO(decoded.icc))
+    assert "sRGB" in ImageCms.getProfileDescription(profile)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "TIFF"])
+@pytest.mark.parametrize("icc,reason", [(None, "no ICC profile"),
+                                        (b"\0" * 200, "ICC profile is unusable")])
+def test_cmyk_without_usable_profile_converted_naively_and_says_so(fmt, icc, reason):
+    decoded = codec.decode(_cmyk_file(fmt, icc))
+    assert decoded.pixels.shape == (6, 8, 3) and decoded.pixels.std() > 10
+    assert "CMYK converted to RGB naively" in decoded.note and reason in decoded.note
+    assert decoded.icc is None
+
+
+def test_16bit_cmyk_tiff():
+    cmyk = rng.integers(0, 65535, (5, 4, 4)).astype(np.uint16)
+    decoded = codec.decode(_tiff(cmyk, photometric="separated", compression="lzw"))
+    white = 65535.0 - cmyk
+    expected = np.round(white[..., :3] * white[..., 3:] / 65535).astype(np.uint16)
+    np.testing.assert_array_equal(decoded.pixels, expected)
+    assert "16-bit CMYK converted to RGB naively" in decoded.note
+    decoded = codec.decode(_tiff(cmyk, photometric="separated", iccprofile=_cmyk_profile()))
+    assert decoded.pixels.dtype == np.uint8 and "through its ICC profile, at 8 bits" in decoded.note
+    assert np.abs(decoded.pixels.astype(int) - 119).max() <= 1
+
+
+def test_16bit_miniswhite_tiff_is_inverted():
+    gray = rng.integers(0, 65535, (5, 4)).astype(np.uint16)
+    decoded = codec.decode(_tiff(gray, photometric="miniswhite", compression="zlib"))
+    np.testing.assert_array_equal(decoded.pixels[..., 0], 65535 - gray)
+
+
+def test_tiff_samples_count_toward_the_size_limit(no_pixel_decoding):
+    many_samples = _tiff(np.zeros((100, 100, 6), np.uint8), photometric="minisblack",
+                         planarconfig="contig", extrasamples=["unspecified"] * 5)
+    with pytest.raises(ImageError, match="100x100x6 samples"):
+        codec.decode(many_samples, max_pixels=12_000)  # 10,000 pixels, 60,000 samples
+
+
+def test_8bit_tiff_pillow_cannot_decode_is_read_by_tifffile():
+    pixels = rng.integers(0, 255, (12, 10, 3)).astype(np.uint8)
+    data = _tiff(pixels, photometric="rgb", compression="png")  # a codec libtiff lacks
+    with pytest.raises(OSError):
+        Image.open(io.BytesIO(data)).load()
+    decoded = codec.decode(data)
+    np.testing.assert_array_equal(decoded.pixels, pixels)
+    with pytest.raises(ImageError, match="corrupt or truncated"):
+        codec.decode(data[: len(data) - 40])

@@ -163,7 +163,7 @@ def test_inspect_says_none_under_empty_headings(tmp_path):
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    for heading in ("errors:", "flagged", "most changed"):
+    for heading in ("errors:", "flagged", "top 0 by"):
         index = next(i for i, line in enumerate(lines) if line.startswith(heading))
         assert lines[index + 1].strip() == "none", result.output
 
@@ -263,3 +263,16 @@ def test_outputs_of_the_previous_fingerprint_version_resume(ray_session, tmp_pat
     summary = json.loads(result.output[result.output.index("{"):])
     assert summary["resumed"] and (summary["skipped"], summary["succeeded"]) == (2, 0)
     assert json.loads(job_path.read_text())["fingerprint_version"] == 2
+
+
+@pytest.mark.slow
+def test_train_gpus_on_embedded_ray_exit_2(ray_session, tmp_path):
+    _images(tmp_path / "data", ["a.png", "b.png"], size=(64, 64))
+    spec = tmp_path / "train.toml"
+    spec.write_text(f'kind = "train"\nname = "t"\n[net]\narch = "dncnn"\nchannels = 1\n'
+                    f'[data]\nuri = "{tmp_path / "data"}"\n'
+                    f'[output]\nstorage_path = "{tmp_path / "ck"}"\n')
+    result = CliRunner().invoke(main, ["train", str(spec), "--gpus-per-worker", "1"])
+    assert result.exit_code == 2, result.output
+    assert "--gpus-per-worker 0" in result.output
+    assert not (tmp_path / "ck").exists()

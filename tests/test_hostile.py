@@ -68,6 +68,28 @@ def write_hostile_folder(root) -> dict[str, tuple[str, str]]:
     frames[0].save(out, "GIF", save_all=True, append_images=frames[1:])
     add("animated.gif", out.getvalue(), "ok", "animated.png")
     add("with spaces and ünïcödé 日本.png", png)
+    # TIFFs as scanners write them, and a TIFF bomb whose header claims 1.2 GP in < 1 kB
+    import tifffile
+
+    def tiff(array, **kwargs):
+        out = io.BytesIO()
+        tifffile.imwrite(out, array, **kwargs)
+        return out.getvalue()
+
+    add("rgb16-lzw.tif", tiff(_noise((20, 30, 3), np.uint16), photometric="rgb",
+                              compression="lzw"))
+    add("multipage.tif", tiff(_noise((3, 16, 16, 3)), photometric="rgb", compression="zlib"))
+    planar = bytearray(tiff(np.zeros((3, 16, 16), np.uint16), photometric="rgb",
+                            planarconfig="separate", compression="zlib"))
+    ifd = int.from_bytes(planar[4:8], "little")
+    for entry in range(ifd + 2, ifd + 2 + 12 * int.from_bytes(planar[ifd:ifd + 2], "little"), 12):
+        tag = int.from_bytes(planar[entry:entry + 2], "little")
+        if tag in (256, 257):  # ImageWidth, ImageLength -> 30000 x 40000, as LONG
+            planar[entry + 2:entry + 12] = (b"\x04\x00\x01\x00\x00\x00"
+                                            + (30000 if tag == 256 else 40000).to_bytes(4, "little"))
+    add("bomb-planar.tif", bytes(planar), "decode")
+    add("rgb16-exif6.png", encode(_noise((20, 30, 3), np.uint16), None, "png",
+                                  exif=exif.tobytes()))
     for key, data in files.items():
         (root / key).write_bytes(data)
     return outcomes
@@ -106,6 +128,11 @@ def test_every_hostile_input_gets_its_stated_outcome(ray_session, tmp_path, tiny
     assert Image.open(out / "one-pixel.png").size == (1, 1)
     assert Image.open(out / "thin-3x2000.png").size == (2000, 3)
     assert "3 frames" in ledger["animated.gif"]["note"]
+    assert decode((out / "rgb16-lzw.tif").read_bytes()).pixels.dtype == np.uint16
+    assert ledger["multipage.tif"]["note"] == ("multi-page TIFF: restored page 1 of 3; "
+                                               "pages 2-3 dropped")
+    assert "30000x40000" in ledger["bomb-planar.tif"]["message"]
+    assert decode((out / "rgb16-exif6.png").read_bytes()).pixels.shape == (30, 20, 3)
     # nothing but outputs and records were written
     written = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
     assert {w for w in written if not w.startswith("_restorer")} == {

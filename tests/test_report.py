@@ -2,7 +2,8 @@
 
 The fixture writes what a finished restore job leaves behind: inputs, outputs, ledger parts,
 an errors part, ``job.json`` and ``summary.json``, with one image changed far more than the
-rest and keys an attacker might choose. The browser test renders the page in headless
+rest, one whose text a blur took away with the noise (a high residual structure) and keys an
+attacker might choose. The browser test renders the page in headless
 Chromium (Debian package ``chromium``) and is skipped where it is not installed.
 """
 
@@ -21,15 +22,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
+import torch
+from PIL import Image, ImageDraw, ImageFilter
 
+from restorer.audit import residual_structure
 from restorer.inspect import inspect_output
 from restorer.pipeline import ERROR_COLUMNS, RECORD_SCHEMA
-from restorer.report import estimate_noise, flag_outliers, ledger_records, write_report
+from restorer.report import (
+    estimate_noise,
+    flag_outliers,
+    ledger_records,
+    scan_outliers,
+    write_report,
+)
 
 HOSTILE_KEY = "<script>x.png"
 HOSTILE_MESSAGE = "<img src=x onerror=alert(1)> is not an image"
 OUTLIER_KEY = "b/outlier.png"
+BLURRED_KEY = "b/blurred.png"  # a "denoiser" that blurred the text away with the noise
 SECTIONS = ("summary", "throughput", "errors", "flagged", "samples", "provenance")
 
 
@@ -38,6 +48,15 @@ def _change(source: np.ndarray, restored: np.ndarray) -> tuple[float, float]:
     peak = 65535.0 if source.dtype == np.uint16 else 255.0
     diff = np.abs(restored.astype(np.float64) - source.astype(np.float64)) / peak * 255.0
     return float(diff.mean()), float(np.quantile(diff, 0.99))
+
+
+def _structure(source: np.ndarray, restored: np.ndarray) -> float:
+    """The residual-structure score, as the restore actor measures it (whole 72x96 image)."""
+    def tensor(a):
+        a = a[..., None] if a.ndim == 2 else a
+        return torch.from_numpy(a.astype(np.float32)).permute(2, 0, 1)[None]
+
+    return float(residual_structure(tensor(source), tensor(restored))[0])
 
 
 def _record(key: str, unit: str, **values) -> dict:
@@ -49,11 +68,12 @@ def _record(key: str, unit: str, **values) -> dict:
 
 @pytest.fixture
 def job_output(tmp_path) -> Path:
-    """A finished two-unit job: 7 restored images (one outlier), one decode failure."""
+    """A finished two-unit job: 8 restored images (one outlier, one that lost its text to a
+    blur), one decode failure."""
     rng = np.random.default_rng(0)
     inputs, output = tmp_path / "in", tmp_path / "out"
     units = {"a": ["a/cat.png", "a/dog.png", "a/16bit.png", HOSTILE_KEY],
-             "b": ["b/sea.png", "b/sky.png", OUTLIER_KEY, "b/broken.png"]}
+             "b": ["b/sea.png", "b/sky.png", OUTLIER_KEY, BLURRED_KEY, "b/broken.png"]}
     yy, xx = np.mgrid[0:72, 0:96]
     ledgers: dict[str, list[dict]] = {unit: [] for unit in units}
     for unit, keys in units.items():
@@ -67,8 +87,15 @@ def job_output(tmp_path) -> Path:
                     error_class="ImageError", message=HOSTILE_MESSAGE))
                 continue
             clean = (96 + 60 * np.sin(xx / 9.0) * np.cos(yy / 11.0))[..., None].repeat(3, 2)
+            if key == BLURRED_KEY:
+                text = Image.new("L", (96, 72), 0)
+                ImageDraw.Draw(text).text((4, 20), "12 kg net", fill=90)
+                clean = np.clip(clean + np.asarray(text, dtype=np.float64)[..., None], 0, 255)
             noisy = np.clip(clean + rng.normal(0, 8, clean.shape), 0, 255)
             restored = clean if key != OUTLIER_KEY else 255 - clean  # the outlier: inverted
+            if key == BLURRED_KEY:
+                restored = np.asarray(Image.fromarray(noisy.astype(np.uint8)).filter(
+                    ImageFilter.GaussianBlur(2)), dtype=np.float64)
             if key == "a/16bit.png":
                 source = (noisy[..., 0] * 257).astype(np.uint16)
                 output_pixels = (restored[..., 0] * 257).astype(np.uint16)
@@ -83,6 +110,7 @@ def job_output(tmp_path) -> Path:
                 channels=1 if source.ndim == 2 else 3, bits=16 if source.dtype == np.uint16
                 else 8, src_format="PNG", out_height=72, out_width=96, tiles=1,
                 model_seconds=0.01 + 0.002 * len(key), change_mean=mean, change_p99=p99,
+                residual_structure=_structure(source, output_pixels),
                 out_bytes=target_path.stat().st_size, sha256="0" * 64, write_seconds=0.001))
     meta = output / "_restorer"
     (meta / "ledger").mkdir(parents=True)
@@ -112,11 +140,36 @@ def job_output(tmp_path) -> Path:
     return output
 
 
-def test_flag_outliers_flags_only_the_outlier(job_output):
-    records = ledger_records(str(job_output), ["key", "status", "change_mean", "change_p99"])
+def test_flag_outliers_flags_the_outlier_and_the_blurred_image(job_output):
+    records = ledger_records(str(job_output), ["key", "status", "change_mean", "change_p99",
+                                               "residual_structure"])
     flagged = flag_outliers(records)
-    assert [f["key"] for f in flagged] == [OUTLIER_KEY]
+    assert [f["key"] for f in flagged] == [OUTLIER_KEY, BLURRED_KEY]
     assert flagged[0]["change_mean"] > 50 and "change_mean" in flagged[0]["reason"]
+    # The blurred image changed about as much as the others on average, but what it lost is
+    # the image (its text), not noise.
+    assert flagged[1]["change_mean"] < 8 and "residual_structure" in flagged[1]["reason"]
+    assert flagged[1]["residual_structure"] > 0.3
+
+
+def test_flag_outliers_flags_lost_structure_on_its_own_scale():
+    records = [{"key": f"{i}.png", "change_mean": 5.0 + 0.01 * i, "change_p99": 15.0,
+                "residual_structure": 0.05 + 0.002 * i} for i in range(30)]
+    records += [{"key": "lost.png", "change_mean": 5.1, "change_p99": 15.0,
+                 "residual_structure": 0.6},
+                {"key": "tiny.png", "change_mean": 0.3, "change_p99": 1.0,  # invisible change
+                 "residual_structure": 0.9},
+                {"key": "old.png", "change_mean": 5.0, "change_p99": 15.0}]  # older ledger
+    flagged, stats = scan_outliers(records)
+    assert [f["key"] for f in flagged] == ["lost.png"]
+    assert flagged[0]["reason"].startswith("residual_structure 0.600 > typical")
+    assert "change" not in flagged[0]["reason"]
+    assert stats["residual_structure"]["cutoff"] == pytest.approx(
+        stats["residual_structure"]["median"] + 5 * 0.05, abs=0.02)
+    # A ledger written before the score: no statistics for it, flags from the change alone.
+    old = [{k: v for k, v in r.items() if k != "residual_structure"} for r in records]
+    flagged, stats = scan_outliers(old)
+    assert flagged == [] and stats["residual_structure"] is None
 
 
 def test_flag_outliers_streams_and_has_a_floor():
@@ -152,7 +205,15 @@ def test_report_has_sections_crops_and_escaped_keys(job_output):
     for section in SECTIONS:
         assert f'<section id="{section}">' in page
     crops = re.findall(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(crops) >= 4 and len(crops) % 2 == 0
+    assert len(crops) >= 6 and len(crops) % 3 == 0  # input, output, residual
+    assert page.count('alt="residual crop"') == len(crops) // 3
+    assert 'aria-label="residual structure per image' in page  # its histogram
+    # The blurred image is shown, and its residual holds the text it lost: far from flat.
+    blurred = page.index(f'<h3 class="key">{BLURRED_KEY}</h3>')
+    residual = re.search(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"[^>]*'
+                         r'alt="residual crop"', page[blurred:]).group(1)
+    pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(residual))), dtype=float)
+    assert pixels.std() > 10
     for crop in crops:
         assert Image.open(io.BytesIO(base64.b64decode(crop))).size[0] > 0
     assert OUTLIER_KEY in page and "ImageError" in page and "ab" * 32 in page
@@ -184,18 +245,40 @@ def test_report_takes_crops_from_parquet_output_shards(job_output):
     shutil.rmtree(job_output / "a")
     shutil.rmtree(job_output / "b")
     page = Path(write_report(str(job_output), sample=8)).read_text("utf-8")
-    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 2 * 3  # unit b's 3
+    assert len(re.findall(r'<img src="data:image/png;base64,', page)) == 3 * 4  # unit b's 4
     assert page.count("input is a row of a Parquet shard; no crop") == 4  # unit a's 4
 
 
 def test_inspect_output_lists_flagged_and_the_report(job_output):
     before = inspect_output(str(job_output))
-    assert before["records"] == 8 and before["failed"] == 1
-    assert [f["key"] for f in before["flagged"]] == [OUTLIER_KEY]
-    assert before["most_changed"][0]["key"] == OUTLIER_KEY
+    assert before["records"] == 9 and before["failed"] == 1
+    assert [f["key"] for f in before["flagged"]] == [OUTLIER_KEY, BLURRED_KEY]
+    assert before["sort"] == "change_mean"
+    assert [r["key"] for r in before["most_changed"][:3]] == [OUTLIER_KEY, BLURRED_KEY,
+                                                              "a/dog.png"]
+    lost = inspect_output(str(job_output), top=3, sort="residual_structure")
+    assert [r["key"] for r in lost["most_changed"]] == [OUTLIER_KEY, BLURRED_KEY, "b/sea.png"]
+    assert lost["most_changed"][1]["residual_structure"] > 0.3
+    with pytest.raises(ValueError, match="residual_structure"):
+        inspect_output(str(job_output), sort="noise_in")
     assert before["report"] is None
     write_report(str(job_output))
     assert inspect_output(str(job_output))["report"].endswith("report.html")
+
+
+def test_inspect_command_sorts_by_residual_structure(job_output):
+    from click.testing import CliRunner
+
+    from restorer.cli import main
+
+    result = CliRunner().invoke(main, ["inspect", str(job_output), "--top", "2",
+                                       "--sort", "residual_structure"])
+    assert result.exit_code == 0, result.output
+    ranked = result.output.split("top 2 by residual_structure")[1].splitlines()[1:3]
+    assert ranked[0].strip().startswith(OUTLIER_KEY) and ranked[1].strip().startswith(BLURRED_KEY)
+    assert "residual structure 0.4" in ranked[1]
+    bad = CliRunner().invoke(main, ["inspect", str(job_output), "--sort", "noise"])
+    assert bad.exit_code == 2
 
 
 def _chromium() -> str | None:
@@ -224,8 +307,11 @@ def test_report_renders_in_headless_chromium(job_output, tmp_path):
 
     body = re.search(r"<body[^>]*>", dom.stdout).group(0)
     images = len(re.findall(r"<img ", dom.stdout))
-    assert images >= 4
+    assert images >= 6
     assert 'data-loaded="true"' in body and f'data-images="{images}"' in body, body
+    residuals = len(re.findall(r'alt="residual crop"', dom.stdout))
+    assert residuals >= 2 and images == 3 * residuals  # input, output, residual per sample
+    assert re.search(r'<svg[^>]*aria-label="residual structure per image', dom.stdout)
     for section in SECTIONS:
         assert f'id="{section}"' in dom.stdout
     assert "&lt;script&gt;x.png" in dom.stdout

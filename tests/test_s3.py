@@ -165,6 +165,7 @@ def test_bad_credentials_are_one_clear_error_before_any_work(tmp_path, tiny_mode
                 capture_output=True, text=True, timeout=120, env=env)
             assert result.returncode == 1, result.stdout + result.stderr
             assert "credentials" in result.stderr and "Traceback" not in result.stderr
+            assert "AWS_ACCESS_KEY_ID" in result.stderr  # where credentials are read from
             assert "wrong" not in result.stderr  # the secret never appears
         assert not (tmp_path / "out").exists()
     finally:

@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from restorer.nets import build_net
-from restorer.tiling import effective_tile, plan_tiles, run_tiled, tile_positions
+from restorer.tiling import (
+    effective_tile,
+    pad_reflect,
+    plan_tiles,
+    reflect_indices,
+    run_tiled,
+    tile_positions,
+)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +63,10 @@ def other_net(request):
     return build_net({"channels": 1, **SMALL_NETS[request.param]}).eval()
 
 
-# odd sides, sides not a multiple of the U-Net's alignment, thinner and smaller than one tile
-@pytest.mark.parametrize("shape", [(100, 133), (61, 64), (3, 170), (7, 9)])
+# odd sides, sides not a multiple of the U-Net's alignment, thinner and smaller than one tile,
+# and sides shorter than the pad to the alignment (1, 3: mirrored more than once)
+@pytest.mark.parametrize("shape", [(100, 133), (61, 64), (3, 170), (7, 9), (1, 1), (3, 5),
+                                   (7, 7), (1, 133), (129, 2)])
 def test_aligned_and_super_resolution_nets_tile_like_whole_images(other_net, shape):
     torch.manual_seed(1)
     image = torch.rand(1, *shape)
@@ -141,3 +150,39 @@ def test_overlap_smaller_than_receptive_field_is_refused(net):
 def test_plan_whole_image_when_tile_is_zero():
     plan = plan_tiles(1000, 2000, 0, 0)
     assert plan.count == 1 and (plan.tile_height, plan.tile_width) == (1000, 2000)
+
+
+@pytest.mark.parametrize("length", [1, 2, 3, 5, 7, 8])
+@pytest.mark.parametrize("pad", [0, 1, 3, 7, 20])
+def test_reflect_indices_mirror_like_numpy_for_any_length(length, pad):
+    side = np.arange(length)
+    expected = np.pad(side, (0, pad), mode="reflect")  # numpy mirrors again past one length
+    assert reflect_indices(0, length + pad, length).tolist() == expected.tolist()
+    start = min(2, length + pad)  # a window that starts inside the side
+    assert reflect_indices(start, length + pad, length).tolist() == expected[start:].tolist()
+
+
+def test_pad_reflect_matches_torch_reflect_where_torch_can():
+    image = torch.rand(2, 3, 13, 10)
+    expected = torch.nn.functional.pad(image, (0, 6, 0, 3), mode="reflect")
+    assert torch.equal(pad_reflect(image, 3, 6), expected)
+    assert pad_reflect(image, 0, 0) is image
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 5), (7, 7), (9, 15), (8, 8)])
+def test_unet_pads_to_its_alignment_with_the_mirror_image(shape):
+    """What the first convolution sees: the image mirrored to a multiple of 8, not its edge
+    repeated (a flat, noiseless strip that the net would take for structure)."""
+    torch.manual_seed(0)
+    unet = build_net({"arch": "unet", "channels": 1, "features": (4, 4, 4, 4), "blocks": 1})
+    seen = []
+    unet.down[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    image = torch.rand(1, 1, *shape)
+    with torch.no_grad():
+        out = unet(image)
+    assert out.shape == image.shape
+    height, width = -(-shape[0] // 8) * 8, -(-shape[1] // 8) * 8
+    expected = np.pad(image[0, 0].numpy(), ((0, height - shape[0]), (0, width - shape[1])),
+                      mode="reflect")
+    assert seen[0].shape[-2:] == (height, width)
+    assert np.array_equal(seen[0][0, 0].numpy(), expected)

@@ -16,6 +16,8 @@ class DnCNNConfig:
     num_features: int = 64  # width of every hidden layer
     num_layers: int = 17  # convolutions in all, first and last included (17 in the paper)
     batch_norm: bool = True  # BatchNorm in the middle layers, as in the paper
+    batch_norm_eps: float = 1e-5  # BatchNorm's eps (torch's default; the authors' nets use 1e-4)
+    last_bias: bool = True  # bias on the last convolution (the authors' nets have none)
 
 
 class DnCNN(nn.Module):
@@ -36,9 +38,9 @@ class DnCNN(nn.Module):
         for _ in range(config.num_layers - 2):
             layers.append(nn.Conv2d(width, width, 3, padding=1, bias=not config.batch_norm))
             if config.batch_norm:
-                layers.append(nn.BatchNorm2d(width))
+                layers.append(nn.BatchNorm2d(width, eps=config.batch_norm_eps))
             layers.append(nn.ReLU(inplace=True))
-        layers.append(nn.Conv2d(width, config.channels, 3, padding=1))
+        layers.append(nn.Conv2d(width, config.channels, 3, padding=1, bias=config.last_bias))
         self.body = nn.Sequential(*layers)
 
     @property

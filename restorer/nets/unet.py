@@ -2,8 +2,9 @@
 skip connections by concatenation, and a residual output ``x - body(x)`` as DnCNN.
 
 Input and output are float32 ``[0, 1]`` NCHW with ``channels`` planes. Any height and width
-work: the input is padded (edge replicated) to a multiple of ``alignment`` on the bottom and
-right, and the output cropped back. Pooling makes the net translation-equivariant only in steps
+work: the input is padded to a multiple of ``alignment`` on the bottom and right with its
+mirror image (:func:`restorer.tiling.pad_reflect`, which works down to 1x1), and the output
+cropped back. Pooling makes the net translation-equivariant only in steps
 of ``alignment`` pixels, so the tiler starts tiles on multiples of it.
 """
 
@@ -11,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
+
+from restorer.tiling import pad_reflect
 
 
 @dataclass(frozen=True)
@@ -80,7 +82,7 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         pad_h, pad_w = -height % self.alignment, -width % self.alignment
-        y = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else x
+        y = pad_reflect(x, pad_h, pad_w)
         skips = []
         for index, stage in enumerate(self.down):
             if index:
