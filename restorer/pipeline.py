@@ -31,20 +31,19 @@ import io
 import json
 import logging
 import math
+import os
 import signal
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
 from restorer import codec, storage
-from restorer.audit import residual_structure
 from restorer.errors import (
     ImageError,
     JobError,
@@ -56,7 +55,6 @@ from restorer.errors import (
 )
 from restorer.jobs import RestoreSpec, digest, replace_field, spec_from_flags, spec_to_dict
 from restorer.lease import Lease
-from restorer.models import DEFAULT_MODEL, get_model, resolve_model_uri
 from restorer.progress import Progress
 from restorer.sources import (
     ListingTask,
@@ -67,8 +65,13 @@ from restorer.sources import (
     known_total,
     listing_tasks,
 )
-from restorer.tiling import effective_tile, plan_tiles, run_tiled
 
+if TYPE_CHECKING:
+    import torch
+
+# torch (and the modules that need it: models, tiling) is imported where the restore actor and
+# the driver use it, not here: the read/decode and encode/write tasks import this module in
+# every Ray worker that runs them, and importing torch costs each such process ~1.7 s of CPU.
 log = logging.getLogger(__name__)
 
 META_DIR = "_restorer"
@@ -119,9 +122,45 @@ def _defaults(fields: list[tuple[str, pa.DataType]]) -> dict[str, Any]:
 
 
 def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows (dicts; keys not in ``schema`` are ignored, missing ones get defaults) as a table,
+    built column by column; pixel columns are copied once (see :func:`_binary_column`)."""
     defaults = _defaults([(f.name, f.type) for f in schema])
-    return pa.Table.from_pylist([{**defaults, **{k: r[k] for k in r if k in defaults}}
-                                 for r in rows], schema=schema)
+    columns = []
+    for f in schema:
+        values = [r.get(f.name, defaults[f.name]) for r in rows]
+        if f.name in _PIXEL_COLUMNS and all(v is not None for v in values):
+            columns.append(_binary_column(values))
+        else:
+            columns.append(pa.array(values, f.type))
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+_PIXEL_COLUMNS = ("pixels", "alpha")  # large: carried between stages without Python bytes
+
+
+def _binary_column(values: list[Any]) -> pa.Array:
+    """A ``large_binary`` array of ``values`` (bytes, Arrow buffers or numpy arrays, taken in C
+    order), written once into one buffer: no ``bytes`` objects on the way."""
+    arrays = [v if isinstance(v, np.ndarray) else np.frombuffer(v, np.uint8) for v in values]
+    offsets = np.zeros(len(arrays) + 1, np.int64)
+    np.cumsum([a.nbytes for a in arrays], out=offsets[1:])
+    data = np.empty(int(offsets[-1]), np.uint8)
+    for array, start, end in zip(arrays, offsets[:-1], offsets[1:]):
+        if end > start:
+            data[start:end].view(array.dtype).reshape(array.shape)[...] = array
+    return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(arrays),
+                                            [None, pa.py_buffer(offsets), pa.py_buffer(data)])
+
+
+def _rows(batch: pa.Table) -> list[dict[str, Any]]:
+    """``batch.to_pylist()``, except that pixel columns come as read-only Arrow buffers that
+    share the batch's memory instead of copies in ``bytes``."""
+    pixel_columns = [name for name in _PIXEL_COLUMNS if name in batch.column_names]
+    rows = batch.drop_columns(pixel_columns).to_pylist()
+    for name in pixel_columns:
+        for row, value in zip(rows, batch.column(name)):
+            row[name] = value.as_buffer() if value.is_valid else None
+    return rows
 
 
 def _fail(row: dict[str, Any], stage: str, error: BaseException) -> dict[str, Any]:
@@ -186,6 +225,12 @@ def noise_sigma(plane: torch.Tensor) -> torch.Tensor:
     return diagonal.abs().median() / 0.6745
 
 
+def _p99(values: torch.Tensor) -> torch.Tensor:
+    """The 99th percentile of a 1-D tensor, nearest rank: one selection (``kthvalue``), not
+    ``torch.quantile``'s full sort (a third of the actor's time per image with a small net)."""
+    return values.kthvalue(max(1, math.ceil(0.99 * values.numel()))).values
+
+
 def tile_settings(net: torch.nn.Module, tile: int, overlap: int) -> tuple[int, int]:
     """(tile, overlap) that the actor uses for ``net`` given the configured ones.
 
@@ -193,6 +238,8 @@ def tile_settings(net: torch.nn.Module, tile: int, overlap: int) -> tuple[int, i
     cover the receptive field. The tile is raised to 4x the overlap, rounded up to the net's
     alignment (:func:`restorer.tiling.effective_tile`); 0 (whole images) stays 0.
     """
+    from restorer.tiling import effective_tile
+
     receptive_field = net.receptive_field
     halo = receptive_field // 2
     overlap = max(overlap, 2 * halo + 1) if overlap else 8 * math.ceil((receptive_field + 1) / 8)
@@ -234,6 +281,10 @@ class RestoreActor:
                  tile_batch: int = 0, threads: int = 0, device: str = "auto",
                  storage_options: storage.StorageOptions = storage.StorageOptions(),
                  compile: bool = False, model_sha256: str = ""):
+        import torch
+
+        from restorer.models import get_model
+
         if threads:
             torch.set_num_threads(threads)
         if device == "auto":
@@ -283,6 +334,8 @@ class RestoreActor:
         shape, so batches keep their shapes (no cuDNN re-tuning, the same arithmetic for the
         same image).
         """
+        import torch
+
         if (height, width) in self._tile_batches:
             return self._tile_batches[height, width]
         pixels = height * width
@@ -298,16 +351,20 @@ class RestoreActor:
         self._tile_batches[height, width] = size
         return size
 
-    @torch.inference_mode()
     def _forward(self, batch: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        if self.autocast_dtype is None:
-            return self.net(batch)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            return self.net(batch)
+        import torch
+
+        with torch.inference_mode():
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            if self.autocast_dtype is None:
+                return self.net(batch)
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                return self.net(batch)
 
     def _to_tensor(self, array: np.ndarray) -> torch.Tensor:
+        import torch
+
         peak = 65535.0 if array.dtype == np.uint16 else 255.0
         # frombuffer arrays are read-only; torch wants writable memory, so copy (cheap vs the net)
         tensor = torch.from_numpy(array.astype(np.float32 if array.dtype == np.uint16
@@ -316,9 +373,18 @@ class RestoreActor:
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
         return tensor.permute(2, 0, 1).float().div_(peak)
 
-    @torch.inference_mode()
     def restore_arrays(self, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], list[dict]]:
         """Restore HWC uint8/uint16 arrays; returns same-dtype arrays and per-image stats."""
+        import torch
+
+        with torch.inference_mode():
+            return self._restore_arrays(arrays)
+
+    def _restore_arrays(self, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], list[dict]]:
+        import torch
+
+        from restorer.tiling import run_tiled
+
         tensors = [self._to_tensor(a) for a in arrays]
         planes: list[torch.Tensor] = []
         owners: list[tuple[int, int]] = []  # (image index, how many net inputs it became)
@@ -364,6 +430,10 @@ class RestoreActor:
         and the structure of the residual on that crop (0-1, :func:`residual_structure`; a
         crop, not the strided view, which would alias the pixel-scale detail it looks for);
         a tensor of those five values."""
+        import torch
+
+        from restorer.audit import residual_structure
+
         if self.scale > 1:
             out = torch.nn.functional.avg_pool2d(out[None], self.scale)[0]
         step = max(1, math.ceil(max(source.shape[-2:]) / 256))
@@ -373,8 +443,7 @@ class RestoreActor:
         crops = [image[:, y0:y0 + 256, x0:x0 + 256] for image in (source, out)]
         noise = [noise_sigma(crop[0]) * 255.0 for crop in crops]
         structure = residual_structure(crops[0][None], crops[1][None])[0]
-        return torch.stack([diff.mean(), torch.quantile(diff, 0.99), *noise,
-                            structure]).float()
+        return torch.stack([diff.mean(), _p99(diff), *noise, structure]).float()
 
     def __call__(self, batch):
         if isinstance(batch, dict):  # a user's pipeline: numpy batches with an "image" column
@@ -385,7 +454,7 @@ class RestoreActor:
                                        for r, a in zip(restored, batch["image"])] + [None],
                                       dtype=object)[:-1]
             return batch
-        rows = batch.to_pylist()
+        rows = _rows(batch)
         ready = [r for r in rows if r["status"] == "decoded"]
         started = time.perf_counter()
         try:
@@ -403,12 +472,14 @@ class RestoreActor:
         return _table(rows, RESTORED_SCHEMA)
 
     def _restore_rows(self, rows: list[dict[str, Any]]) -> None:
+        from restorer.tiling import plan_tiles
+
         if not rows:
             return
         arrays = [_pixels(r) for r in rows]
         restored, stats = self.restore_arrays(arrays)
         for row, array, stat in zip(rows, restored, stats):
-            row.update(stat, pixels=array.tobytes(), out_height=array.shape[0],
+            row.update(stat, pixels=array, out_height=array.shape[0],
                        out_width=array.shape[1], status="restored",
                        tiles=plan_tiles(row["height"], row["width"], self.tile, self.overlap,
                                         self.alignment).count)
@@ -427,7 +498,7 @@ def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOpti
     and counted, so the summary reports the work that was redone.
     """
     records = []
-    for row in batch.to_pylist():
+    for row in _rows(batch):
         if row["status"] == "restored":
             started = time.perf_counter()
             try:
@@ -713,10 +784,15 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
         read_and_decode, batch_format="pyarrow", batch_size=8, num_cpus=0.5,
         fn_kwargs={"storage_options": options, "max_pixels": spec.limits.max_pixels,
                    "max_input_bytes": spec.limits.max_input_mb * 1024 * 1024})
+    # OpenMP threads that spin between parallel regions take the cores that decode and encode
+    # need: on a 2-core machine a CPU actor with 2 torch threads used ~9x the CPU per image of
+    # a small net (and ~2x of the default U-Net) for the same or a longer wall time.
+    actor_env = {} if plan.gpus_per_worker else {"runtime_env": {"env_vars": {
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}}
     ds = ds.map_batches(
         RestoreActor, batch_format="pyarrow", batch_size=spec.resources.batch_size,
         compute=ActorPoolStrategy(size=plan.workers), num_cpus=plan.cpus_per_worker,
-        num_gpus=plan.gpus_per_worker,
+        num_gpus=plan.gpus_per_worker, **actor_env,
         fn_constructor_kwargs={
             "model": spec.model.name or None, "tile": spec.model.tile,
             "overlap": spec.model.overlap, "precision": spec.model.precision,
@@ -755,6 +831,8 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
     tile, overlap, precision) are resolved before they enter the fingerprint, so a resume on
     other hardware cannot mix outputs made differently.
     """
+    from restorer.models import DEFAULT_MODEL, get_model, resolve_model_uri
+
     spec = spec.validate()
     options = spec.storage.options()
     if not spec.model.name:

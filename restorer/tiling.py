@@ -186,9 +186,13 @@ def run_tiled(
                          f"{2 * halo + 1}; tiles would show seams")
     plans = [plan_tiles(img.shape[-2], img.shape[-1], tile, overlap, alignment)
              for img in images]
-    outputs = [torch.zeros(img.shape[0], plan.height * scale, plan.width * scale,
-                           device=img.device) for img, plan in zip(images, plans)]
-    weights = [torch.zeros(1, plan.height * scale, plan.width * scale, device=img.device)
+    # An image of one tile is its tile's output (its blend weights are all ones): no canvas.
+    outputs: list[torch.Tensor | None] = [
+        None if plan.count == 1 else torch.zeros(img.shape[0], plan.height * scale,
+                                                 plan.width * scale, device=img.device)
+        for img, plan in zip(images, plans)]
+    weights = [None if plan.count == 1 else torch.zeros(1, plan.height * scale,
+                                                        plan.width * scale, device=img.device)
                for img, plan in zip(images, plans)]
     # Group every tile by shape so that each batch holds tiles of one shape.
     groups: dict[tuple[int, int, int], list[tuple[int, int, int]]] = defaultdict(list)
@@ -205,6 +209,9 @@ def run_tiled(
             restored = forward(batch).float()
             for (i, y, x), out in zip(chunk, restored):
                 plan = plans[i]
+                if plan.count == 1:
+                    outputs[i] = out
+                    continue
                 wy = _ramp(tile_height * scale, y * scale, plan.height * scale, halo * scale,
                            overlap * scale, out.device)
                 wx = _ramp(tile_width * scale, x * scale, plan.width * scale, halo * scale,
@@ -214,5 +221,6 @@ def run_tiled(
                 xs = slice(x * scale, (x + tile_width) * scale)
                 outputs[i][:, ys, xs] += out * w
                 weights[i][:, ys, xs] += w
-    return [(out / weight.clamp_min(1e-8))[:, :img.shape[-2] * scale, :img.shape[-1] * scale]
-            .contiguous() for img, out, weight in zip(images, outputs, weights)]
+    return [(out if weight is None else out / weight.clamp_min(1e-8))
+            [:, :img.shape[-2] * scale, :img.shape[-1] * scale].contiguous()
+            for img, out, weight in zip(images, outputs, weights)]

@@ -157,6 +157,52 @@ def test_cuda_unet_and_srnet_tile_like_cpu(tmp_path, spec, cuda):
     assert np.abs(fast.astype(int) - cpu.astype(int)).max() <= 4  # bf16
 
 
+@pytest.mark.parametrize("spec", [{"arch": "dncnn", "num_features": 8, "num_layers": 4},
+                                  {"arch": "unet", "features": [8, 16, 32], "blocks": 1},
+                                  {"arch": "srnet", "scale": 2, "num_features": 8,
+                                   "num_blocks": 2}], ids=["dncnn", "unet", "srnet"])
+def test_one_tile_images_match_the_tiled_path_batched_or_alone(tmp_path, spec):
+    """Images that fit one tile skip the blend canvas and share forward passes by shape; they
+    must come out as the tiled-and-blended path makes them, and as when restored alone."""
+    path, _ = _save(tmp_path, {"channels": 3, **spec}, spec["arch"])
+    rng = np.random.default_rng(7)
+    small = [rng.integers(0, 255, (140, 133, 3), dtype=np.uint8) for _ in range(3)]
+    large = rng.integers(0, 255, (301, 150, 3), dtype=np.uint8)  # two or more tiles
+    gray = rng.integers(0, 255, (150, 141, 1), dtype=np.uint8)
+    arrays = [small[0], large, small[1], gray, small[2]]
+    one_tile = RestoreActor(model=path, tile=256)
+    outputs, stats = one_tile.restore_arrays(arrays)
+    tiled = RestoreActor(model=path, tile=32)  # raised to 4x the overlap: every image tiled
+    assert tiled.tile < 133
+    for array, out in zip(arrays, outputs):
+        (alone,), _ = one_tile.restore_arrays([array])
+        assert np.array_equal(out, alone)
+        (reference,), _ = tiled.restore_arrays([array])
+        assert out.shape == reference.shape and out.dtype == reference.dtype
+        assert np.abs(out.astype(int) - reference.astype(int)).max() <= 1
+    assert len(stats) == len(arrays)
+
+
+def test_audit_p99_is_the_nearest_rank_percentile():
+    from restorer.pipeline import _p99
+
+    for size in (1, 7, 100, 65536):
+        values = torch.from_numpy(np.random.default_rng(size).exponential(5.0, size)).float()
+        expected = np.quantile(values.numpy(), 0.99, method="inverted_cdf")
+        assert float(_p99(values)) == pytest.approx(float(expected))
+
+
+def test_read_and_write_tasks_import_the_pipeline_without_torch():
+    """Ray workers that run the read/decode and encode/write tasks import restorer.pipeline;
+    torch must load only where the actor (or the driver) needs it: ~1.7 s of CPU a process."""
+    import subprocess
+    import sys
+
+    code = ("import sys, restorer.pipeline as p; p.read_and_decode, p.encode_and_write; "
+            "sys.exit(int('torch' in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
 def test_residual_structure_is_measured_on_the_central_crop(tmp_path):
     """The ledger's residual_structure is restorer.audit's score on the central <=256px crop."""
     from restorer.audit import residual_structure
