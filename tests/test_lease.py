@@ -59,9 +59,9 @@ def test_a_lease_of_a_dead_process_on_this_host_is_taken_over_at_once(tmp_path, 
 
 def test_lease_on_s3_is_create_only(s3_server, bucket):
     uri = f"s3://{bucket}/out/_restorer/lease.json"
-    with Lease(uri) as first:
-        with pytest.raises(OutputConflictError, match=first.holder.job_id):
-            Lease(uri).acquire()
+    first = Lease(uri)
+    with first, pytest.raises(OutputConflictError, match=first.holder.job_id):
+        Lease(uri).acquire()
     assert not storage.exists(uri)
 
 
