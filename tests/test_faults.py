@@ -183,6 +183,14 @@ def test_a_stop_drains_quickly_and_exits_4_then_rerun_finishes(ray_session, tmp_
     stopped = json.loads((out / "_restorer" / "summary.json").read_text())
     assert stopped["status"] == "stopped" and stopped["committed_units"] == _committed(out)
     assert "job" not in stopped  # the ledger was not re-read
+    assert not (out / "_restorer" / "report.html").exists()
+    from click.testing import CliRunner
+
+    from restorer.cli import main
+
+    rebuilt = CliRunner().invoke(main, ["inspect", str(out), "--report"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert (out / "_restorer" / "report.html").exists()
     print(f"{sig.name}: {seconds:.2f} s from the signal to exit")
     summary = restore(str(source), str(out), model=tiny_model, tile=48, batch_size=2)
     assert summary["succeeded"] + summary["skipped"] == 150
