@@ -135,7 +135,9 @@ def _table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
 # quarantined (committed with their unit); "transient" and "missing" rows keep their unit open
 # for the next run (see _close_unit).
 FAILED_STATUS = {PERMANENT: "failed", TRANSIENT: "transient", MISSING: "missing"}
-RETRY_ATTEMPTS = 4  # tries per image and stage, on top of botocore's per-request retries
+RETRY_ATTEMPTS = 3  # tries per image and stage, on top of botocore's and s3fs's own retries;
+# once an image of a batch still fails transiently, the rest of that batch get one try each
+# (the store is down: a task should not spend minutes per image waiting for it)
 
 
 def _fail(row: dict[str, Any], stage: str, error: BaseException,
@@ -159,6 +161,7 @@ def read_and_decode(batch: pa.Table, storage_options: storage.StorageOptions, ma
     still fails leaves a ``transient`` (or ``missing``) row, which is not quarantined.
     """
     rows = []
+    attempts = RETRY_ATTEMPTS
     for row in batch.to_pylist():
         if row["status"] == "":
             try:
@@ -169,10 +172,12 @@ def read_and_decode(batch: pa.Table, storage_options: storage.StorageOptions, ma
                 if not data:
                     data, row["retries"] = retrying(
                         lambda: storage.read_bytes(row["uri"], storage_options),
-                        RETRY_ATTEMPTS, what=f"read {row['key']}")
+                        attempts, what=f"read {row['key']}")
                 row["in_bytes"] = len(data)
             except Exception as e:  # noqa: BLE001 - classified: quarantine, retry or wait
                 rows.append(_fail(row, "read", e))
+                if row["status"] == "transient":
+                    attempts = 1
                 continue
             try:
                 image = codec.decode(data, max_pixels=max_pixels, name=row["key"])
@@ -463,6 +468,7 @@ def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOpti
     and counted, so the summary reports the work that was redone.
     """
     records = []
+    attempts = RETRY_ATTEMPTS
     for row in batch.to_pylist():
         if row["status"] == "restored":
             started = time.perf_counter()
@@ -489,14 +495,15 @@ def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOpti
                         storage.write_bytes(target, data, storage_options)
                         return replaced
 
-                    row["replaced"], retries = retrying(publish, RETRY_ATTEMPTS,
+                    row["replaced"], retries = retrying(publish, attempts,
                                                         what=f"write {row['out_key']}")
                     row["retries"] += retries
                 row.update(status="ok", out_bytes=len(data),
                            sha256=hashlib.sha256(data).hexdigest(),
                            write_seconds=time.perf_counter() - started)
             except Exception as e:  # noqa: BLE001 - classified: quarantine, retry or wait
-                _fail(row, "write", e)
+                if _fail(row, "write", e)["status"] == "transient":
+                    attempts = 1
         elif row["status"] not in ("failed", "skipped", "transient", "missing"):
             _fail(row, "restore", RestorerError(f"row arrived with status {row['status']!r}"))
         records.append(row)
