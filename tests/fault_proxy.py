@@ -61,6 +61,7 @@ class FaultProxy:
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._outage_until = 0.0
+        self._outage_fates: tuple[str, ...] = ("outage-503", "outage-drop")
         proxy = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -88,10 +89,13 @@ class FaultProxy:
         self._server.server_close()
         self._thread.join(timeout=5)
 
-    def outage(self, seconds: float) -> None:
-        """Fail every request from now for ``seconds``."""
+    def outage(self, seconds: float, fates: tuple[str, ...] = ("outage-503", "outage-drop")
+               ) -> None:
+        """Fail every request from now for ``seconds``, each with one of ``fates`` (a 503,
+        a dropped connection)."""
         with self._lock:
             self._outage_until = time.monotonic() + seconds
+            self._outage_fates = fates
 
     @property
     def in_outage(self) -> bool:
@@ -107,7 +111,7 @@ class FaultProxy:
                 return ""
             if time.monotonic() < self._outage_until:
                 self.counts.outage += 1
-                return self._random.choice(("outage-503", "outage-drop"))
+                return self._random.choice(self._outage_fates)
             if self._random.random() >= self.rate:
                 return ""
             fate = self._random.choice(("503", "drop-before", "drop-after", "slow"))
