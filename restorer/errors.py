@@ -142,7 +142,7 @@ def retrying(call, attempts: int = 4, base: float = 0.5, cap: float = 8.0,
     for retry in range(attempts):
         try:
             return call(), retry
-        except Exception as e:  # noqa: BLE001 - classified here; permanent ones re-raised
+        except Exception as e:  # classified here; permanent ones are re-raised
             e.retries = retry
             if retry == attempts - 1 or classify(e) != TRANSIENT:
                 raise

@@ -56,7 +56,6 @@ from restorer.errors import (
     ModelError,
     OutputConflictError,
     RestorerError,
-    StorageError,
     classify,
     is_device_fatal,
     retrying,
@@ -171,7 +170,7 @@ def read_and_decode(batch: pa.Table, storage_options: storage.StorageOptions, ma
                 data = row.pop("data")
                 if not data:
                     data, row["retries"] = retrying(
-                        lambda: storage.read_bytes(row["uri"], storage_options),
+                        lambda uri=row["uri"]: storage.read_bytes(uri, storage_options),
                         attempts, what=f"read {row['key']}")
                 row["in_bytes"] = len(data)
             except Exception as e:  # noqa: BLE001 - classified: quarantine, retry or wait

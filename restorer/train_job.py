@@ -439,7 +439,7 @@ def resume_state(run_uri: str, options: storage.StorageOptions, ray_checkpoint=N
                 return (*_load_checkpoint(read_local), ray_checkpoint.path)
     for step, folder in candidates:
         try:
-            return (*_load_checkpoint(lambda name: storage.read_bytes(
+            return (*_load_checkpoint(lambda name, folder=folder: storage.read_bytes(
                 storage.join(folder, name), options)), folder)
         except (RestorerError, OSError, RuntimeError, ValueError, KeyError) as e:
             log.warning("checkpoint %s (step %d) does not load (%s); trying an older one",

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import copy
 import functools
-import inspect
 import importlib.util
+import inspect
 import json
 import re
 import shlex

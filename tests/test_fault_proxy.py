@@ -12,9 +12,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from fault_proxy import FaultProxy
 from PIL import Image
 
-from fault_proxy import FaultProxy
 from restorer import storage
 from restorer.codec import decode
 from restorer.errors import (
