@@ -1079,7 +1079,8 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
     """Commit a complete unit, unless an image in it failed transiently (then the unit stays
     uncommitted and the next run redoes it) or its input vanished (``missing``): that unit
     stays open for :data:`MISSING_RUNS` runs, counted in ``_restorer/missing/unit-<id>.json``,
-    and is committed with those images quarantined in the run after."""
+    and is committed with those images quarantined in the run after. A commit that still fails
+    transiently after its retries leaves the unit for the next run too."""
     if any(r["status"] == "transient" for r in records):
         state.incomplete_units += 1
         return
@@ -1102,8 +1103,16 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
             state.failed += 1
             state.errors_by_class[record["error_class"]] = (
                 state.errors_by_class.get(record["error_class"], 0) + 1)
-    retrying(lambda: commit_unit(spec, unit, records, had_errors), RETRY_ATTEMPTS,
-             what=f"commit unit {unit}")
+    try:
+        retrying(lambda: commit_unit(spec, unit, records, had_errors), RETRY_ATTEMPTS,
+                 what=f"commit unit {unit}")
+    except Exception as e:
+        if classify(e) != TRANSIENT:
+            raise
+        log.warning("unit %s was not committed (%s: %s); the next run redoes it", unit,
+                    type(e).__name__, e)
+        state.incomplete_units += 1
+        return
     state.committed_units += 1
     if missing:
         retrying(lambda: storage.delete(counter, options), what=f"delete {counter}")
