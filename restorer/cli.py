@@ -2,7 +2,9 @@
 
 Exit codes: 0 done; 1 the job failed (``RestorerError``); 2 bad usage or spec; 3 the job
 finished but some images were quarantined (see ``OUTPUT/_restorer/errors.parquet``); 4 the job
-was stopped (SIGTERM) after draining, and a rerun resumes it.
+was stopped (SIGTERM) after draining, and a rerun resumes it; 5 the job is incomplete: some
+units still failed transiently (storage outage, device errors) after retries, or hold inputs
+that vanished, and were not committed; a plain rerun redoes exactly those.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from restorer.errors import JobStopped, RestorerError, SpecError
 EXIT_USAGE = 2
 EXIT_FAILED_IMAGES = 3
 EXIT_STOPPED = 4
+EXIT_INCOMPLETE = 5
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -113,6 +116,13 @@ def _duration(seconds: float) -> str:
 
 def _finish(summary: dict[str, Any], as_json: bool) -> None:
     _print_summary(summary, as_json)
+    if summary.get("status") == "incomplete":
+        if not as_json:
+            click.echo(f"incomplete: {summary['incomplete_units']} units were not committed "
+                       f"({summary['transient_failures']} images still failing transiently, "
+                       f"{summary['missing_inputs']} inputs missing); rerun the same command "
+                       "to finish them", err=True)
+        sys.exit(EXIT_INCOMPLETE)
     if summary.get("failed"):
         sys.exit(EXIT_FAILED_IMAGES)
 
@@ -381,7 +391,7 @@ def _job_exit_code(job) -> int:
         return 0
     if job.status == "STOPPED":
         return EXIT_STOPPED
-    return job.driver_exit_code if job.driver_exit_code in (1, 2, 3, 4) else 1
+    return job.driver_exit_code if job.driver_exit_code in (1, 2, 3, 4, 5) else 1
 
 
 dashboard_option = click.option(
@@ -516,11 +526,18 @@ def models(paths, as_json):
 @click.option("--sort", type=click.Choice(["change_mean", "change_p99", "residual_structure"]),
               default="change_mean", show_default=True,
               help="Rank images by this ledger column (residual_structure: most detail lost).")
+@click.option("--report", "rebuild_report", is_flag=True,
+              help="(Re)write OUTPUT/_restorer/report.html from the ledger first (a stopped "
+                   "job skips it to exit within its grace period).")
 @_errors_to_exit_codes
-def inspect(output_uri, as_json, top, sort):
+def inspect(output_uri, as_json, top, sort, rebuild_report):
     """Summarise a restore job's OUTPUT: summary, errors, flagged and top-ranked images."""
     from restorer.inspect import inspect_output
 
+    if rebuild_report:
+        from restorer.report import write_report
+
+        write_report(output_uri)
     report = inspect_output(output_uri, top, sort=sort)
     if as_json:
         click.echo(json.dumps(report, indent=2))

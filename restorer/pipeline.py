@@ -32,6 +32,7 @@ import json
 import logging
 import math
 import os
+import queue
 import signal
 import threading
 import time
@@ -45,13 +46,18 @@ import pyarrow.parquet as pq
 
 from restorer import codec, storage
 from restorer.errors import (
+    MISSING,
+    PERMANENT,
+    TRANSIENT,
     ImageError,
     JobError,
     JobStopped,
     ModelError,
     OutputConflictError,
     RestorerError,
-    StorageError,
+    classify,
+    is_device_fatal,
+    retrying,
 )
 from restorer.jobs import RestoreSpec, digest, replace_field, spec_from_flags, spec_to_dict
 from restorer.lease import Lease
@@ -88,6 +94,7 @@ DECODED_FIELDS = PLAN_FIELDS + [
     ("channels", pa.int32()), ("bits", pa.int32()), ("alpha", pa.large_binary()),
     ("icc", pa.binary()), ("exif", pa.binary()), ("src_format", pa.string()),
     ("src_mode", pa.string()), ("note", pa.string()), ("in_bytes", pa.int64()),
+    ("retries", pa.int32()),  # transient failures retried for this image in this run
 ]
 RESTORED_FIELDS = DECODED_FIELDS + [
     ("out_height", pa.int32()), ("out_width", pa.int32()), ("tiles", pa.int32()),
@@ -163,9 +170,21 @@ def _rows(batch: pa.Table) -> list[dict[str, Any]]:
     return rows
 
 
-def _fail(row: dict[str, Any], stage: str, error: BaseException) -> dict[str, Any]:
-    row.update(status="failed", stage=stage, error_class=type(error).__name__,
-               message=str(error)[:2000])
+# A row's status after a failure, by its class (restorer.errors.classify): "failed" rows are
+# quarantined (committed with their unit); "transient" and "missing" rows keep their unit open
+# for the next run (see _close_unit).
+FAILED_STATUS = {PERMANENT: "failed", TRANSIENT: "transient", MISSING: "missing"}
+RETRY_ATTEMPTS = 3  # tries per image and stage, on top of botocore's and s3fs's own retries;
+# once an image of a batch still fails transiently, the rest of that batch get one try each
+# (the store is down: a task should not spend minutes per image waiting for it)
+
+
+def _fail(row: dict[str, Any], stage: str, error: BaseException,
+          kind: str | None = None) -> dict[str, Any]:
+    """Record ``error`` on ``row``; ``kind`` (default: :func:`classify`) picks the status."""
+    row.update(status=FAILED_STATUS[kind or classify(error)], stage=stage,
+               error_class=type(error).__name__, message=str(error)[:2000])
+    row["retries"] = row.get("retries", 0) + getattr(error, "retries", 0)
     return row
 
 
@@ -175,18 +194,29 @@ def _fail(row: dict[str, Any], stage: str, error: BaseException) -> dict[str, An
 
 def read_and_decode(batch: pa.Table, storage_options: storage.StorageOptions, max_pixels: int,
                     max_input_bytes: int) -> pa.Table:
-    """Ray Data task: read and decode each row; failures become error records on the row."""
+    """Ray Data task: read and decode each row; failures become error records on the row.
+
+    Reads are retried on transient failures (:func:`restorer.errors.retrying`); a read that
+    still fails leaves a ``transient`` (or ``missing``) row, which is not quarantined.
+    """
     rows = []
+    attempts = RETRY_ATTEMPTS
     for row in batch.to_pylist():
         if row["status"] == "":
             try:
                 if row["size"] > max_input_bytes:
                     raise ImageError(f"{row['key']} is {row['size']} bytes, above "
                                      f"limits.max_input_mb; raise it if the file is genuine")
-                data = row.pop("data") or storage.read_bytes(row["uri"], storage_options)
+                data = row.pop("data")
+                if not data:
+                    data, row["retries"] = retrying(
+                        lambda uri=row["uri"]: storage.read_bytes(uri, storage_options),
+                        attempts, what=f"read {row['key']}")
                 row["in_bytes"] = len(data)
-            except (StorageError, ImageError, OSError) as e:
+            except Exception as e:  # noqa: BLE001 - classified: quarantine, retry or wait
                 rows.append(_fail(row, "read", e))
+                if row["status"] == "transient":
+                    attempts = 1
                 continue
             try:
                 image = codec.decode(data, max_pixels=max_pixels, name=row["key"])
@@ -198,7 +228,7 @@ def read_and_decode(batch: pa.Table, storage_options: storage.StorageOptions, ma
                            src_format=image.format, src_mode=image.mode, note=image.note,
                            status="decoded")
             except Exception as e:  # noqa: BLE001 - any decoder failure quarantines one image
-                _fail(row, "decode", e)
+                _fail(row, "decode", e, PERMANENT)
         rows.append(row)
     return _table(rows, DECODED_SCHEMA)
 
@@ -459,17 +489,34 @@ class RestoreActor:
         started = time.perf_counter()
         try:
             self._restore_rows(ready)
-        except Exception:  # noqa: BLE001 - find the image at fault, one by one
+        except Exception as e:  # noqa: BLE001 - find the image at fault, one by one
+            self._survive(e)
             for row in ready:
                 try:
                     self._restore_rows([row])
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001 - OOM: transient; others: quarantine
+                    self._survive(e)
                     _fail(row, "restore", e)
                     row["pixels"] = row["alpha"] = b""
         seconds = (time.perf_counter() - started) / max(1, len(ready))
         for row in ready:
             row["model_seconds"] = seconds
         return _table(rows, RESTORED_SCHEMA)
+
+    def _survive(self, error: Exception) -> None:
+        """After a failed batch: free cached device memory (an out-of-memory error), or end
+        this process on a CUDA error that leaves the device context unusable, so that Ray
+        restarts the actor (Ray Data's actor pools restart actors and retry their batches)
+        instead of it failing every later batch."""
+        if self.device.type != "cuda":
+            return
+        if is_device_fatal(error):
+            log.error("RestoreActor: device error %s: %s; restarting this actor",
+                      type(error).__name__, error)
+            os._exit(1)
+        import torch
+
+        torch.cuda.empty_cache()
 
     def _restore_rows(self, rows: list[dict[str, Any]]) -> None:
         from restorer.tiling import plan_tiles
@@ -498,6 +545,7 @@ def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOpti
     and counted, so the summary reports the work that was redone.
     """
     records = []
+    attempts = RETRY_ATTEMPTS
     for row in _rows(batch):
         if row["status"] == "restored":
             started = time.perf_counter()
@@ -510,18 +558,30 @@ def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOpti
                         alpha = _resize_plane(alpha, pixels.shape[1], pixels.shape[0])
                 data = codec.encode(pixels, alpha, row["format"], row["icc"] or None,
                                     row["exif"] or None, options)
+            except Exception as e:  # noqa: BLE001 - one image's failure is its record
+                records.append(_fail(row, "write", e, PERMANENT))
+                continue
+            try:
                 if layout == "parquet":
                     row["encoded"] = data
                 else:
                     target = storage.join(output_uri, row["out_key"])
-                    row["replaced"] = int(resumed and storage.exists(target, storage_options))
-                    storage.write_bytes(target, data, storage_options)
+
+                    def publish(target=target, data=data) -> int:
+                        replaced = int(resumed and storage.exists(target, storage_options))
+                        storage.write_bytes(target, data, storage_options)
+                        return replaced
+
+                    row["replaced"], retries = retrying(publish, attempts,
+                                                        what=f"write {row['out_key']}")
+                    row["retries"] += retries
                 row.update(status="ok", out_bytes=len(data),
                            sha256=hashlib.sha256(data).hexdigest(),
                            write_seconds=time.perf_counter() - started)
-            except Exception as e:  # noqa: BLE001 - one image's failure is its record
-                _fail(row, "write", e)
-        elif row["status"] not in ("failed", "skipped"):
+            except Exception as e:  # noqa: BLE001 - classified: quarantine, retry or wait
+                if _fail(row, "write", e)["status"] == "transient":
+                    attempts = 1
+        elif row["status"] not in ("failed", "skipped", "transient", "missing"):
             _fail(row, "restore", RestorerError(f"row arrived with status {row['status']!r}"))
         records.append(row)
     return _table(records, RECORD_SCHEMA)
@@ -558,6 +618,10 @@ class JobState:
     notes: int = 0
     replaced: int = 0  # outputs found already written (in units a crash left uncommitted)
     abandoned: int = 0  # images in units left open by a stop
+    retries: int = 0  # transient failures retried (reads, writes) in this run
+    transient: int = 0  # images still failing transiently: their units stay for the next run
+    missing: int = 0  # inputs that vanished: their units wait MISSING_RUNS runs, then commit
+    incomplete_units: int = 0  # units left uncommitted for those
 
 
 def meta_uri(spec: RestoreSpec, *parts: str) -> str:
@@ -665,10 +729,15 @@ def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
 
 def _account(state: JobState, record: dict[str, Any]) -> None:
     state.input_bytes += record["in_bytes"]
+    state.retries += record["retries"]
     if record["status"] == "ok":
         state.succeeded += 1
         state.output_bytes += record["out_bytes"]
         state.megapixels += record["width"] * record["height"] / 1e6
+    elif record["status"] == "transient":
+        state.transient += 1
+    elif record["status"] == "missing":
+        state.missing += 1
     else:
         state.failed += 1
         state.errors_by_class[record["error_class"]] = (
@@ -688,8 +757,11 @@ def _summary(state: JobState, elapsed: float) -> dict[str, Any]:
         span = state.last_result - state.first_result
         if span > 0 and processed > state.first_count:
             steady = round((processed - state.first_count) / span, 3)
+    status = "failed_images" if state.failed else "ok"
+    if state.incomplete_units:
+        status = "incomplete"
     return {
-        "status": "failed_images" if state.failed else "ok",
+        "status": status,
         "total": state.total, "succeeded": state.succeeded, "failed": state.failed,
         "skipped": state.skipped, "skipped_units": state.skipped_units,
         "committed_units": state.committed_units,
@@ -702,6 +774,8 @@ def _summary(state: JobState, elapsed: float) -> dict[str, Any]:
         "output_bytes": state.output_bytes, "errors_by_class": state.errors_by_class,
         "images_with_notes": state.notes,
         "replaced_outputs": state.replaced, "abandoned_images": state.abandoned,
+        "retries": state.retries, "transient_failures": state.transient,
+        "missing_inputs": state.missing, "incomplete_units": state.incomplete_units,
         "model": state.model_uri, "model_sha256": state.model_sha256,
         "fingerprint": state.fingerprint, "spec": spec_to_dict(state.spec),
         "input": state.spec.input.uri, "output": state.spec.output.uri,
@@ -736,7 +810,9 @@ def _expand_task(row: dict[str, Any], config: SourceConfig,
                  done: frozenset[str]) -> list[dict[str, Any]]:
     """Ray Data flat_map: the rows of one listing task."""
     task = ListingTask(**{f.name: row[f.name] for f in dataclasses.fields(ListingTask)})
-    return [r for unit in expand(task, config, done) for r in unit]
+    rows, _ = retrying(lambda: [r for unit in expand(task, config, done) for r in unit],
+                       RETRY_ATTEMPTS, what=f"list {task.uri}")
+    return rows
 
 
 def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
@@ -911,8 +987,21 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
     if state.total == 0:
         summary["status"] = "empty"
     if stop.is_set():
+        # The stop must end within the pod's grace period: the summary comes from the counters
+        # held here, without re-reading the ledger; `restorer inspect OUTPUT --report` rebuilds
+        # the whole-job figures and the report page later.
         summary["status"] = "stopped"
-    _audit(spec, summary)
+        summary["report"] = None
+        retrying(lambda: storage.write_bytes(meta_uri(spec, "summary.json"),
+                                             json.dumps(summary, indent=2).encode(),
+                                             spec.storage.options()),
+                 2, what="write summary.json")
+    else:
+        _audit(spec, summary)
+    if summary["status"] == "incomplete":
+        log.warning("%d units (%d images failing transiently, %d inputs missing) were left "
+                    "uncommitted; rerun the same command to finish them",
+                    state.incomplete_units, state.transient, state.missing)
     if stop.is_set():
         raise JobStopped(f"Stopped after committing {state.committed_units} units "
                          f"({state.abandoned} images in unfinished units abandoned); rerun "
@@ -1010,7 +1099,7 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
     Only the units in flight are held here, so driver memory does not grow with the job.
     """
     open_units: dict[str, list[dict[str, Any]]] = {}
-    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+    for batch in _results(ds, stop):
         processed = 0
         for record in batch.to_pylist():
             if record["status"] == "skipped":
@@ -1024,8 +1113,7 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
             unit = open_units.setdefault(record["unit"], [])
             unit.append(record)
             if len(unit) == record["unit_size"]:
-                commit_unit(spec, record["unit"], unit, record["unit"] in with_errors)
-                state.committed_units += 1
+                _close_unit(spec, state, record["unit"], unit, record["unit"] in with_errors)
                 del open_units[record["unit"]]
         if processed:
             now = time.time()
@@ -1035,10 +1123,96 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
             if progress is not None:
                 progress.update(processed, failed=state.failed)
         if stop is not None and stop.is_set():
-            state.abandoned = sum(len(rows) for rows in open_units.values())
-            return
+            break
+    if stop is not None and stop.is_set():
+        state.abandoned = sum(len(rows) for rows in open_units.values())
+        return
     if open_units:
         raise JobError(f"{len(open_units)} work units did not complete; rerun to finish them")
+
+
+def _results(ds: Any, stop: threading.Event | None) -> Iterator[pa.Table]:
+    """The pipeline's record batches; on a stop request this returns within a fraction of a
+    second, even while no batch is coming (a slow or stalled store), so that a stop ends
+    within a pod's grace period. The batches are pulled by a daemon thread."""
+    batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    if stop is None:
+        yield from batches
+        return
+    results: queue.Queue = queue.Queue(maxsize=4)
+    end = object()
+
+    def pull() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    with contextlib.suppress(queue.Full):
+                        results.put(batch, timeout=0.2)
+                        break
+                if stop.is_set():
+                    return
+            results.put(end)
+        except BaseException as e:  # noqa: BLE001 - handed to the driver thread, raised there
+            results.put(e)
+
+    threading.Thread(target=pull, name="restorer-results", daemon=True).start()
+    while not stop.is_set():
+        try:
+            item = results.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        if item is end:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+MISSING_RUNS = 2  # runs in which a vanished input keeps its unit open before quarantine
+
+
+def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dict[str, Any]],
+                had_errors: bool) -> None:
+    """Commit a complete unit, unless an image in it failed transiently (then the unit stays
+    uncommitted and the next run redoes it) or its input vanished (``missing``): that unit
+    stays open for :data:`MISSING_RUNS` runs, counted in ``_restorer/missing/unit-<id>.json``,
+    and is committed with those images quarantined in the run after. A commit that still fails
+    transiently after its retries leaves the unit for the next run too."""
+    if any(r["status"] == "transient" for r in records):
+        state.incomplete_units += 1
+        return
+    missing = [r for r in records if r["status"] == "missing"]
+    counter = meta_uri(spec, "missing", f"unit-{unit}.json")
+    options = spec.storage.options()
+    if missing:
+        runs, _ = retrying(lambda: json.loads(storage.read_bytes(counter, options))["runs"]
+                           if storage.exists(counter, options) else 0, what=f"read {counter}")
+        if runs < MISSING_RUNS:
+            body = {"runs": runs + 1, "keys": [r["key"] for r in missing]}
+            retrying(lambda: storage.write_bytes(counter, json.dumps(body).encode(), options),
+                     what=f"write {counter}")
+            state.incomplete_units += 1
+            return
+        for record in missing:  # gone for MISSING_RUNS runs and this one: quarantine
+            record.update(status="failed", message=f"{record['message']} (missing in "
+                                                   f"{runs + 1} runs)"[:2000])
+            state.missing -= 1
+            state.failed += 1
+            state.errors_by_class[record["error_class"]] = (
+                state.errors_by_class.get(record["error_class"], 0) + 1)
+    try:
+        retrying(lambda: commit_unit(spec, unit, records, had_errors), RETRY_ATTEMPTS,
+                 what=f"commit unit {unit}")
+    except Exception as e:
+        if classify(e) != TRANSIENT:
+            raise
+        log.warning("unit %s was not committed (%s: %s); the next run redoes it", unit,
+                    type(e).__name__, e)
+        state.incomplete_units += 1
+        return
+    state.committed_units += 1
+    if missing:
+        retrying(lambda: storage.delete(counter, options), what=f"delete {counter}")
 
 
 def restore(input: str, output: str, model: str | None = None, **options: Any) -> dict[str, Any]:

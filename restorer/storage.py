@@ -30,6 +30,9 @@ from restorer.errors import StorageError
 
 log = logging.getLogger(__name__)
 
+S3_MAX_ATTEMPTS = 5  # botocore tries per S3 request (first + retries); s3fs repeats a failed
+# call up to 5 times more on connection errors and SlowDown, so one call rides out about a minute
+
 IMAGE_EXTENSIONS = (
     ".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif",
 )
@@ -75,9 +78,14 @@ def _s3(options: StorageOptions) -> fsspec.AbstractFileSystem:
         client_kwargs["endpoint_url"] = options.endpoint_url
     if options.region:
         client_kwargs["region_name"] = options.region
-    # No listing cache: a job lists its output's ledger after writing to it.
+    # No listing cache: a job lists its output's ledger after writing to it. Retries: botocore's
+    # adaptive mode (exponential backoff with jitter, client-side rate limiting on throttling)
+    # retries 5xx, SlowDown, timeouts and dropped connections, S3_MAX_ATTEMPTS tries in all.
     return s3fs.S3FileSystem(anon=options.anon, client_kwargs=client_kwargs,
-                             use_listings_cache=False)
+                             use_listings_cache=False,
+                             config_kwargs={"retries": {"mode": "adaptive",
+                                                        "max_attempts": S3_MAX_ATTEMPTS},
+                                            "connect_timeout": 10, "read_timeout": 60})
 
 
 def filesystem(uri: str, options: StorageOptions = StorageOptions()):

@@ -11,8 +11,12 @@ what a cluster needs:
   spec and provenance, loadable by ``restorer restore --model``), ``state.pt`` (optimizer, EMA,
   step; loaded with ``weights_only=True``), ``meta.json`` (format version, step) and the
   ``history.jsonl`` so far. Ray keeps the best (by validation PSNR) and the latest;
-- **resume**: the same run name and storage path continue from the latest checkpoint
-  (``ray.train.get_checkpoint()``); ``FailureConfig`` restarts dead workers from it;
+- **resume**: the same run name and storage path continue from the newest complete checkpoint
+  folder on storage (``model.safetensors``, ``state.pt`` and ``meta.json`` all there and
+  readable), whatever Ray's snapshot of its checkpoints says: a killed driver's snapshot lags
+  the folders its workers finished; ``FailureConfig`` restarts dead workers from it. Once a run
+  finishes, checkpoint folders that Ray does not keep (a killed run's orphans) are deleted, so
+  ``output.keep`` folders remain;
 - **results**: ``STORAGE/NAME/model.safetensors`` (the best), ``history.jsonl`` and
   ``curves.png`` (loss and validation PSNR by step).
 """
@@ -34,7 +38,7 @@ import torch
 
 from restorer import console, degrade, storage
 from restorer.checkpoint import count_parameters, model_bytes
-from restorer.errors import JobError, NotFoundError, SpecError
+from restorer.errors import JobError, NotFoundError, RestorerError, SpecError, StorageError
 from restorer.jobs import ResourceSpec, StorageSpec, register_kind, spec_to_dict
 from restorer.nets import build_net
 from restorer.progress import Progress, stderr_is_tty
@@ -287,21 +291,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer = torch.optim.Adam(net.parameters(), lr=spec.optim.lr)
     ema = None
     step, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:
-        with checkpoint.as_directory() as folder:
-            with open(os.path.join(folder, "meta.json")) as f:
-                meta = json.load(f)
-            if meta["format_version"] > CHECKPOINT_FORMAT_VERSION:
-                raise JobError("checkpoint written by a newer restorer; upgrade restorer")
-            state = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
-            net.load_state_dict(state["net"])  # the trained weights (the model file may be EMA)
-            optimizer.load_state_dict(state["optimizer"])
-            ema = state.get("ema")
-            step = meta["step"]
-            with open(os.path.join(folder, "history.jsonl")) as f:
-                history = [json.loads(line) for line in f if line.strip()]
-        log.info("rank %d resumes at step %d", rank, step)
+    run_uri = storage.join(spec.output.storage_path, spec.name)
+    resumed = resume_state(run_uri, options, ray.train.get_checkpoint(),
+                           _same_on_every_rank(checkpoint_folders(run_uri, options)))
+    if resumed is not None:
+        state, step, history, source = resumed
+        net.load_state_dict(state["net"])  # the trained weights (the model file may be EMA)
+        optimizer.load_state_dict(state["optimizer"])
+        ema = state.get("ema")
+        log.info("rank %d resumes at step %d from %s", rank, step, source)
+    resumed_from = step if resumed is not None else None
     scale = getattr(net, "scale", 1)
     fast_cuda = device.type == "cuda" and spec.optim.precision == "auto"
     if fast_cuda:
@@ -343,6 +342,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if step % spec.validation.every == 0 or step == spec.optim.steps:
             metrics = {"step": step, "loss": running / count, "lr": _cosine(spec.optim, step),
                        "seconds": round(time.time() - started, 2)}
+            if resumed_from is not None:  # the first record after a resume says where from
+                metrics["resumed_from"], resumed_from = resumed_from, None
             running, count = 0.0, 0
             if rank == 0:
                 model = _unwrap(net)
@@ -368,6 +369,101 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     {"val_psnr": f"{metrics['val_psnr']:.2f}"} if "val_psnr" in metrics else {}))
     if progress is not None:
         progress.close()
+
+
+CHECKPOINT_FILES = ("model.safetensors", "state.pt", "meta.json")
+
+
+def checkpoint_folders(run_uri: str, options: storage.StorageOptions) -> list[tuple[int, str]]:
+    """``(step, uri)`` of the checkpoint folders under a run that hold every file of
+    :data:`CHECKPOINT_FILES` and a readable ``meta.json``, the highest step first."""
+    found = []
+    for name in storage.list_dirs(run_uri, options):
+        if not name.startswith("checkpoint_"):
+            continue
+        folder = storage.join(run_uri, name)
+        if not set(CHECKPOINT_FILES) <= set(storage.list_names(folder, options)):
+            continue
+        try:
+            meta = json.loads(storage.read_bytes(storage.join(folder, "meta.json"), options))
+            found.append((int(meta["step"]), folder))
+        except (StorageError, ValueError, KeyError, TypeError) as e:
+            log.warning("checkpoint %s has no readable meta.json (%s); skipped", folder, e)
+    return sorted(found, reverse=True)
+
+
+def _load_checkpoint(read) -> tuple[dict[str, Any], int, list[dict[str, Any]]]:
+    """(state, step, history) from a checkpoint folder, given ``read(name) -> bytes``."""
+    meta = json.loads(read("meta.json"))
+    if meta["format_version"] > CHECKPOINT_FORMAT_VERSION:
+        raise JobError("checkpoint written by a newer restorer; upgrade restorer")
+    state = torch.load(io.BytesIO(read("state.pt")), weights_only=True)
+    try:
+        lines = read("history.jsonl").decode().splitlines()
+    except (StorageError, OSError):
+        lines = []
+    return state, int(meta["step"]), [json.loads(line) for line in lines if line.strip()]
+
+
+def _same_on_every_rank(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (DDP ranks must resume from one checkpoint, even if a
+    folder completes between their listings)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
+
+
+def resume_state(run_uri: str, options: storage.StorageOptions, ray_checkpoint=None,
+                 candidates: list[tuple[int, str]] | None = None):
+    """(state, step, history, where) of the newest checkpoint that loads, or None.
+
+    Checkpoint folders on storage are tried newest step first (a truncated one is skipped with
+    a warning); Ray's checkpoint (``ray.train.get_checkpoint()``) is used only when it is
+    newer than all of them, or storage holds none (its snapshot lags when a driver is killed).
+    """
+    if candidates is None:
+        candidates = checkpoint_folders(run_uri, options)
+    if ray_checkpoint is not None:
+        with ray_checkpoint.as_directory() as folder:
+            try:
+                with open(os.path.join(folder, "meta.json")) as f:
+                    ray_step = int(json.load(f)["step"])
+            except (OSError, ValueError, KeyError):
+                ray_step = -1
+            if not candidates or ray_step > candidates[0][0]:
+                def read_local(name: str) -> bytes:
+                    with open(os.path.join(folder, name), "rb") as f:
+                        return f.read()
+
+                return (*_load_checkpoint(read_local), ray_checkpoint.path)
+    for step, folder in candidates:
+        try:
+            return (*_load_checkpoint(lambda name, folder=folder: storage.read_bytes(
+                storage.join(folder, name), options)), folder)
+        except (RestorerError, OSError, RuntimeError, ValueError, KeyError) as e:
+            log.warning("checkpoint %s (step %d) does not load (%s); trying an older one",
+                        folder, step, e)
+    return None
+
+
+def prune_checkpoints(run_uri: str, kept: set[str], options: storage.StorageOptions) -> list[str]:
+    """Delete the run's ``checkpoint_*`` folders whose names are not in ``kept`` (the ones Ray
+    keeps); returns the deleted names. A killed run leaves folders Ray never learnt of."""
+    deleted = []
+    if not kept:
+        return deleted
+    for name in storage.list_dirs(run_uri, options):
+        if name.startswith("checkpoint_") and name not in kept:
+            storage.delete(storage.join(run_uri, name), options, recursive=True)
+            deleted.append(name)
+    if deleted:
+        log.info("deleted %d checkpoint folders that Ray does not keep (a killed run's): %s",
+                 len(deleted), ", ".join(deleted))
+    return deleted
 
 
 def _spec_of(net_spec: dict[str, Any]) -> dict[str, Any]:
@@ -479,6 +575,10 @@ def run_train(spec: TrainSpec) -> dict[str, Any]:
     result = trainer.fit()
     if result.error:
         raise JobError(f"Training run {spec.name} failed: {result.error}")
+    kept = {os.path.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or []}
+    if result.checkpoint is not None:
+        kept.add(os.path.basename(result.checkpoint.path.rstrip("/")))
+    prune_checkpoints(storage.join(spec.output.storage_path, spec.name), kept, options)
     return finish_run(spec, result, time.time() - started)
 
 

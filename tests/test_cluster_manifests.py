@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import inspect
 import json
 import re
 import shlex
@@ -556,3 +557,16 @@ def test_rayjob_driver_takes_no_gpu():
     assert "GPU" not in json.loads(spec.get("entrypointResources", "{}"))
     # With no entrypoint resources at all, the Jobs API pins the driver to the (GPU-less) head.
     assert spec.get("entrypointNumCpus", 0) == 0
+
+
+def test_rayjob_gives_a_stopped_job_time_to_drain():
+    import yaml
+
+    from restorer.submit import submit
+
+    spec = read_yaml(KUBERAY_MANIFESTS["RayJob"])["spec"]
+    env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]
+    grace = int(env["RAY_JOB_STOP_WAIT_TIME_S"])
+    assert grace == inspect.signature(submit).parameters["stop_grace_s"].default
+    head = read_yaml(KUBERAY_MANIFESTS["RayJob"])["spec"]["rayClusterSpec"]["headGroupSpec"]
+    assert head["template"]["spec"]["terminationGracePeriodSeconds"] > grace

@@ -4,6 +4,7 @@ The killers are written here (process ids from Ray's state API, os.kill); Ray's 
 utilities change too often to lean on.
 """
 
+import json
 import os
 import signal
 import subprocess
@@ -191,18 +192,102 @@ def test_sigkilled_job_on_s3_reruns_to_exactly_once(ray_session, bucket, tmp_pat
     _sigkill_then_rerun(ray_session, tmp_path, tiny_model, _S3Output(bucket))
 
 
-def test_sigterm_drains_and_exits_4_then_rerun_finishes(ray_session, tmp_path, tiny_model):
+STOP_SECONDS = 10  # signal to exit, at most; a RayJob's stop grace is 60 s (Ray's default 3)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_drains_quickly_and_exits_4_then_rerun_finishes(ray_session, tmp_path,
+                                                               tiny_model, sig):
+    """SIGTERM (pre-emption, `restorer jobs stop`) or a Ctrl-C (SIGINT): the driver commits
+    the complete units and writes a "stopped" summary from its counters (no ledger re-read)
+    within STOP_SECONDS, exits 4, and a plain rerun finishes the job."""
     source, out = tmp_path / "in", tmp_path / "out"
     _images(source, 150)
     job = _job(ray_session, source, out, tiny_model)
     try:
         assert _wait_for(lambda: _committed(out) >= 1), "no unit committed in time"
-        job.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
+        job.send_signal(sig)
         output, _ = job.communicate(timeout=120)
+        seconds = time.monotonic() - signalled
     finally:
         job.kill()
     assert job.returncode == 4, output[-3000:]
     assert "rerun the same command" in output
+    assert seconds < STOP_SECONDS, f"{seconds:.1f} s from {sig.name} to exit"
+    stopped = json.loads((out / "_restorer" / "summary.json").read_text())
+    assert stopped["status"] == "stopped" and stopped["committed_units"] == _committed(out)
+    assert "job" not in stopped  # the ledger was not re-read
+    assert not (out / "_restorer" / "report.html").exists()
+    from click.testing import CliRunner
+
+    from restorer.cli import main
+
+    rebuilt = CliRunner().invoke(main, ["inspect", str(out), "--report"])
+    assert rebuilt.exit_code == 0, rebuilt.output
+    assert (out / "_restorer" / "report.html").exists()
+    print(f"{sig.name}: {seconds:.2f} s from the signal to exit")
     summary = restore(str(source), str(out), model=tiny_model, tile=48, batch_size=2)
     assert summary["succeeded"] + summary["skipped"] == 150
+    assert summary["status"] == "ok"
     assert sorted(_ledger_keys(out)) == sorted(_outputs(out))
+
+
+def test_killed_training_resumes_from_its_newest_checkpoint(ray_session, tmp_path):
+    """A `restorer train` SIGKILLed after its third checkpoint: the rerun resumes at the newest
+    complete checkpoint folder on disk (not Ray's older snapshot) and leaves output.keep
+    folders."""
+    from restorer.jobs import spec_from_dict
+    from restorer.samples import write_samples
+    from restorer.storage import StorageOptions
+    from restorer.train_job import checkpoint_folders, run_train
+
+    write_samples(str(tmp_path / "train"), sigma=0)
+    spec = {"kind": "train", "name": "killed",
+            "net": {"arch": "dncnn", "channels": 1, "num_features": 8, "num_layers": 4},
+            "data": {"uri": str(tmp_path / "train")},
+            "optim": {"steps": 40, "batch_size": 4, "patch_size": 32, "seed": 3},
+            "validation": {"every": 2},
+            "output": {"storage_path": str(tmp_path / "runs"), "keep": 2},
+            "resources": {"workers": 2}}
+    spec_file = tmp_path / "train.toml"
+    spec_file.write_text(_toml(spec))
+    run = str(tmp_path / "runs" / "killed")
+    address = ray_session.get_runtime_context().gcs_address
+    job = subprocess.Popen([sys.executable, "-m", "restorer", "train", str(spec_file),
+                            "--address", address], stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=dict(os.environ, RAY_AUTH_MODE="token"))
+
+    def newest() -> int:
+        found = checkpoint_folders(run, StorageOptions())
+        return found[0][0] if found else 0
+
+    try:
+        assert _wait_for(lambda: newest() >= 6, timeout=300), "no third checkpoint in time"
+        job.send_signal(signal.SIGKILL)
+        job.wait(30)
+    finally:
+        job.kill()
+    time.sleep(3)  # the killed driver's workers go with it
+    step = newest()
+    assert 6 <= step < 40, f"killed at step {step}; make the run longer"
+    summary = run_train(spec_from_dict(spec))
+    assert summary["steps"] == 40
+    with open(os.path.join(run, "history.jsonl")) as f:
+        history = [json.loads(line) for line in f]
+    resumed = [h for h in history if "resumed_from" in h]
+    assert [h["resumed_from"] for h in resumed] == [step], resumed
+    assert [h["step"] for h in history] == list(range(2, 41, 2))  # no step done twice
+    folders = [d for d in os.listdir(run)
+               if d.startswith("checkpoint_") and os.path.isdir(os.path.join(run, d))]
+    assert len(folders) == 2, folders  # output.keep: the killed run's orphans are gone
+    print(f"killed at step {step}; resumed from {resumed[0]['resumed_from']}")
+
+
+def _toml(spec: dict) -> str:
+    lines = [f"{k} = {json.dumps(v)}" for k, v in spec.items() if not isinstance(v, dict)]
+    for table, values in spec.items():
+        if isinstance(values, dict):
+            lines.append(f"[{table}]")
+            lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"
