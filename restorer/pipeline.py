@@ -58,6 +58,7 @@ from restorer.lease import Lease
 from restorer.models import DEFAULT_MODEL, get_model, resolve_model_uri
 from restorer.progress import Progress
 from restorer.sources import (
+    FLAT_PARTITION_KEYS,
     ListingTask,
     SourceConfig,
     count_inputs,
@@ -71,7 +72,8 @@ from restorer.tiling import effective_tile, plan_tiles, run_tiled
 log = logging.getLogger(__name__)
 
 META_DIR = "_restorer"
-LEDGER_FORMAT_VERSION = 1
+LEDGER_FORMAT_VERSION = 2  # 2: a flat folder of more than FLAT_PARTITION_KEYS files is cut
+# into units per hash partition (version 1 cut its sorted whole listing), and runs keep digests
 FINGERPRINT_VERSION = 2  # 2: tile, overlap and precision resolved (as the actors run them)
 PLAN_FIELDS = [
     ("key", pa.string()), ("uri", pa.string()), ("out_key", pa.string()),
@@ -651,10 +653,12 @@ def output_inside_input(spec: RestoreSpec) -> str:
 
 
 def _expand_task(row: dict[str, Any], config: SourceConfig,
-                 done: frozenset[str]) -> list[dict[str, Any]]:
-    """Ray Data flat_map: the rows of one listing task."""
+                 done: frozenset[str]) -> Iterator[dict[str, Any]]:
+    """Ray Data flat_map: the rows of one listing task, unit by unit (a generator, so the
+    task's rows flow on in blocks as they are made)."""
     task = ListingTask(**{f.name: row[f.name] for f in dataclasses.fields(ListingTask)})
-    return [r for unit in expand(task, config, done) for r in unit]
+    for unit in expand(task, config, done):
+        yield from unit
 
 
 def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
@@ -791,6 +795,7 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
                          resolve_precision(spec.model.precision, plan.gpus_per_worker > 0))
     fingerprint = spec.fingerprint(model_sha256)
     state = JobState(spec, model_uri, model_sha256, fingerprint)
+    _refuse_older_units(spec, tasks)
     resumed = (prepare_output(spec, fingerprint, model_uri, legacy_fingerprint)
                and not spec.output.overwrite)
     done, with_errors = committed_units(spec)
@@ -823,6 +828,24 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
                          f"({state.abandoned} images in unfinished units abandoned); rerun "
                          "the same command to finish the job")
     return summary
+
+
+def _refuse_older_units(spec: RestoreSpec, tasks: list[ListingTask]) -> None:
+    """Refuse to resume an output of ledger format 1 whose flat folder is now partitioned: its
+    units were cut differently, so resuming would redo (and count twice) committed images.
+    Folders of up to FLAT_PARTITION_KEYS files make the same units in both formats."""
+    job_uri = meta_uri(spec, "job.json")
+    options = spec.storage.options()
+    if spec.output.overwrite or not any(t.partitions > 1 for t in tasks):
+        return
+    if not storage.exists(job_uri, options):
+        return
+    version = json.loads(storage.read_bytes(job_uri, options)).get("ledger_format_version", 0)
+    if version < 2:
+        raise JobError(f"{spec.output.uri} holds a job of ledger format {version}, whose work "
+                       f"units for a flat folder of more than {FLAT_PARTITION_KEYS} files differ "
+                       "from this restorer's; finish it with the restorer that started it, or "
+                       "pass --overwrite to redo it")
 
 
 def _count_in_background(tasks: list[ListingTask], config: SourceConfig,
