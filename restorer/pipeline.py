@@ -44,6 +44,8 @@ import pyarrow.parquet as pq
 import torch
 
 from restorer import codec, storage
+from restorer.digest import FLUSH_SECONDS, Digest, flag, job_digest, unit_records
+from restorer.digest import write as write_digest
 from restorer.errors import (
     ImageError,
     JobError,
@@ -483,6 +485,7 @@ class JobState:
     notes: int = 0
     replaced: int = 0  # outputs found already written (in units a crash left uncommitted)
     abandoned: int = 0  # images in units left open by a stop
+    digest: Digest = field(default_factory=Digest)  # what this run committed, in brief
 
 
 def meta_uri(spec: RestoreSpec, *parts: str) -> str:
@@ -524,6 +527,7 @@ def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: st
     if spec.output.overwrite:
         storage.delete(meta_uri(spec, "ledger"), options, recursive=True)
         storage.delete(meta_uri(spec, "errors.parquet"), options, recursive=True)
+        storage.delete(meta_uri(spec, "digests"), options, recursive=True)
     record = {"ledger_format_version": LEDGER_FORMAT_VERSION,
               "fingerprint_version": FINGERPRINT_VERSION, "fingerprint": fingerprint,
               "fingerprint_sha256": digest(fingerprint), "model": model_uri,
@@ -822,7 +826,7 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         summary["status"] = "empty"
     if stop.is_set():
         summary["status"] = "stopped"
-    _audit(spec, summary)
+    _audit(spec, summary, state.digest)
     if stop.is_set():
         raise JobStopped(f"Stopped after committing {state.committed_units} units "
                          f"({state.abandoned} images in unfinished units abandoned); rerun "
@@ -860,30 +864,27 @@ def _count_in_background(tasks: list[ListingTask], config: SourceConfig,
     threading.Thread(target=count, name="restorer-count", daemon=True).start()
 
 
-def _audit(spec: RestoreSpec, summary: dict[str, Any]) -> None:
-    """Count the whole job (every run so far) and flag outliers into the summary, in one pass
-    over the ledger, streamed unit file by unit file; write summary.json, then the report page.
+def _audit(spec: RestoreSpec, summary: dict[str, Any], run: Digest | None = None) -> None:
+    """Count the whole job (every run so far) and flag outliers into the summary from the runs'
+    digests (:mod:`restorer.digest`: one GET per run, plus the ledger units no digest covers),
+    never by reading every ledger unit file; write summary.json, then the report page.
 
     A report that cannot be written is logged, never a failed job.
     """
-    from restorer.report import flag_outliers, ledger_records, write_report
+    from restorer.report import MIN_RECORDS, MIN_SPREAD, OUTLIER_K, write_report
 
     options = spec.storage.options()
-    totals = summary["job"] = {"records": 0, "succeeded": 0, "failed": 0}
-
-    def counted(records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for record in records:
-            totals["records"] += 1
-            totals["succeeded" if record["status"] == "ok" else "failed"] += 1
-            yield record
-
-    summary["flagged"] = flag_outliers(counted(ledger_records(
-        spec.output.uri, ["key", "status", "change_mean", "change_p99"], options)), limit=20)
+    if run is not None:
+        run.finished = time.time()
+        write_digest(spec.output.uri, run, options)
+    job = job_digest(spec.output.uri, options)
+    summary["job"] = {"records": job.records, "succeeded": job.succeeded, "failed": job.failed}
+    summary["flagged"] = flag(job, OUTLIER_K, MIN_SPREAD, MIN_RECORDS, limit=20)[0]
     summary["report"] = storage.join(spec.output.uri, f"{META_DIR}/report.html")
     storage.write_bytes(meta_uri(spec, "summary.json"), json.dumps(summary, indent=2).encode(),
                         options)
     try:
-        write_report(spec.output.uri, options)
+        write_report(spec.output.uri, options, digest=job)
     except (RestorerError, OSError, ValueError) as e:
         log.warning("could not write the report page: %s", e)
         summary["report"] = None
@@ -937,6 +938,7 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
     Only the units in flight are held here, so driver memory does not grow with the job.
     """
     open_units: dict[str, list[dict[str, Any]]] = {}
+    flushed = time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         processed = 0
         for record in batch.to_pylist():
@@ -951,9 +953,18 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
             unit = open_units.setdefault(record["unit"], [])
             unit.append(record)
             if len(unit) == record["unit_size"]:
-                commit_unit(spec, record["unit"], unit, record["unit"] in with_errors)
+                redone = record["unit"] in with_errors
+                if redone:  # --retry-failed: its earlier records leave the job's digest
+                    _retract(spec, state.digest, record["unit"])
+                commit_unit(spec, record["unit"], unit, redone)
                 state.committed_units += 1
+                for committed in unit:  # committed records only: a stop abandons open units
+                    state.digest.add(committed)
+                state.digest.commit(record["unit"], len(unit))
                 del open_units[record["unit"]]
+                if redone or time.time() - flushed > FLUSH_SECONDS:
+                    write_digest(spec.output.uri, state.digest, spec.storage.options())
+                    flushed = time.time()
         if processed:
             now = time.time()
             if state.first_result is None:
@@ -966,6 +977,15 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
             return
     if open_units:
         raise JobError(f"{len(open_units)} work units did not complete; rerun to finish them")
+
+
+def _retract(spec: RestoreSpec, run: Digest, unit: str) -> None:
+    """Take a redone unit's earlier records out of the digests' sums (one unit file read)."""
+    try:
+        records = unit_records(spec.output.uri, unit, spec.storage.options())
+    except StorageError:  # no ledger entry: the unit never committed, no digest counted it
+        return
+    run.retract(records, unit)
 
 
 def restore(input: str, output: str, model: str | None = None, **options: Any) -> dict[str, Any]:

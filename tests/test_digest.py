@@ -1,0 +1,100 @@
+"""Run digests: the job's counts and outliers without reading every ledger unit file (no Ray)."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+from test_report import OUTLIER_KEY, job_output  # noqa: F401 - the fixture
+
+from restorer import digest
+from restorer.inspect import inspect_output
+from restorer.report import (
+    MIN_RECORDS,
+    MIN_SPREAD,
+    OUTLIER_K,
+    _robust,
+    flag_outliers,
+    ledger_records,
+    write_report,
+)
+
+
+def _ok(key: str, unit: str, mean: float, p99: float | None = None) -> dict:
+    return {"key": key, "unit": unit, "status": "ok", "change_mean": mean,
+            "change_p99": mean * 3 if p99 is None else p99, "model_seconds": 0.01}
+
+
+def test_histogram_median_and_spread_match_the_exact_ones():
+    rng = np.random.default_rng(0)
+    for values in (rng.normal(4, 1, 5001).clip(0), rng.gamma(2, 2, 2000), [2.0] * 10):
+        run = digest.Digest()
+        for i, value in enumerate(values):
+            run.add(_ok(str(i), "u", float(value)))
+        mine = digest.robust(run.change_mean, OUTLIER_K, MIN_SPREAD)
+        exact = _robust([round(float(v), 3) for v in values], OUTLIER_K, MIN_SPREAD)
+        for name in ("median", "spread", "cutoff"):
+            assert mine[name] == pytest.approx(exact[name], abs=0.05), name
+
+
+def test_top_candidates_are_the_most_changed():
+    run = digest.Digest()
+    values = [random.Random(1).random() * 10 for _ in range(3000)]
+    for i, value in enumerate(values):
+        run.add(_ok(f"k{i}", "u", value))
+    assert sorted(e["change_mean"] for e in run.top_mean) == \
+        sorted(round(v, 3) for v in values)[-digest.TOP:]
+    again = digest.Digest.from_json(run.to_json())
+    assert again.top_mean == run.top_mean and again.change_mean == run.change_mean
+
+
+def test_a_redone_unit_retracts_its_earlier_records():
+    first = digest.Digest(run="1", started=1.0)
+    old = [_ok("a.png", "u1", 90.0), {"key": "b.png", "unit": "u1", "status": "failed",
+                                      "error_class": "ImageError"}]
+    for record in old + [_ok(f"{i}.png", "u2", 1.0 + i * 0.01) for i in range(20)]:
+        first.add(record)
+    first.commit("u1", 2)
+    first.commit("u2", 20)
+    second = digest.Digest(run="2", started=2.0)
+    second.retract(old, "u1")
+    for record in (_ok("a.png", "u1", 1.1), _ok("b.png", "u1", 1.2)):
+        second.add(record)
+    second.commit("u1", 2)
+    job = digest.merge([first, second])
+    assert (job.records, job.succeeded, job.failed) == (22, 22, 0)
+    assert job.errors_by_class == {}
+    flagged, _ = digest.flag(job, OUTLIER_K, MIN_SPREAD, MIN_RECORDS)
+    assert flagged == []  # the 90-level change of the first run's a.png is gone
+    assert [f["key"] for f in digest.flag(first, OUTLIER_K, MIN_SPREAD,
+                                          MIN_RECORDS)[0]] == ["a.png"]
+
+
+def test_job_digest_reads_uncovered_units_once_and_flags_as_the_ledger_scan(job_output,
+                                                                            monkeypatch):
+    output = str(job_output)
+    job = digest.job_digest(output, digest.storage.StorageOptions())
+    assert (job.records, job.succeeded, job.failed) == (8, 7, 1)
+    assert job.errors_by_class == {"ImageError": 1}
+    scanned = flag_outliers(ledger_records(output, ["key", "status", "change_mean",
+                                                    "change_p99"]))
+    flagged, stats = digest.flag(job, OUTLIER_K, MIN_SPREAD, MIN_RECORDS)
+    assert [f["key"] for f in flagged] == [f["key"] for f in scanned] == [OUTLIER_KEY]
+    assert stats["change_mean"]["cutoff"] < flagged[0]["change_mean"]
+
+    def no_reads(*args, **kwargs):
+        raise AssertionError("a ledger unit file was read")
+
+    # The recovered units were saved as a digest: from now on no unit file is read.
+    monkeypatch.setattr(digest, "unit_records", no_reads)
+    monkeypatch.setattr("restorer.report.ledger_records", no_reads)
+    again = digest.job_digest(output, digest.storage.StorageOptions())
+    assert (again.records, again.failed) == (8, 1)
+    page = open(write_report(output), encoding="utf-8").read()
+    assert OUTLIER_KEY in page and "Errors (1)" in page
+    seen = inspect_output(output)
+    assert (seen["records"], seen["failed"]) == (8, 1)
+    assert [f["key"] for f in seen["flagged"]] == [OUTLIER_KEY]
+    assert seen["most_changed"][0]["key"] == OUTLIER_KEY
+    assert seen["errors"][0]["error_class"] == "ImageError"
