@@ -156,7 +156,7 @@ class Digest:
 
 
 def _bin(value: float) -> int:
-    return max(0, int(round(value / HISTOGRAM_STEP)))
+    return max(0, round(value / HISTOGRAM_STEP))
 
 
 def _reservoir(items: list, item: Any, size: int, seen: int, rng: random.Random) -> None:

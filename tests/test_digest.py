@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -71,8 +72,8 @@ def test_a_redone_unit_retracts_its_earlier_records():
                                           MIN_RECORDS)[0]] == ["a.png"]
 
 
-def test_job_digest_reads_uncovered_units_once_and_flags_as_the_ledger_scan(job_output,
-                                                                            monkeypatch):
+def test_job_digest_reads_uncovered_units_once_and_flags_as_the_ledger_scan(  # noqa: F811
+        job_output, monkeypatch):
     output = str(job_output)
     job = digest.job_digest(output, digest.storage.StorageOptions())
     assert (job.records, job.succeeded, job.failed) == (8, 7, 1)
@@ -91,10 +92,35 @@ def test_job_digest_reads_uncovered_units_once_and_flags_as_the_ledger_scan(job_
     monkeypatch.setattr("restorer.report.ledger_records", no_reads)
     again = digest.job_digest(output, digest.storage.StorageOptions())
     assert (again.records, again.failed) == (8, 1)
-    page = open(write_report(output), encoding="utf-8").read()
+    page = Path(write_report(output)).read_text("utf-8")
     assert OUTLIER_KEY in page and "Errors (1)" in page
     seen = inspect_output(output)
     assert (seen["records"], seen["failed"]) == (8, 1)
     assert [f["key"] for f in seen["flagged"]] == [OUTLIER_KEY]
     assert seen["most_changed"][0]["key"] == OUTLIER_KEY
     assert seen["errors"][0]["error_class"] == "ImageError"
+
+
+@pytest.mark.ray
+def test_job_counts_from_digests_follow_a_retry_and_match_the_ledger(ray_session, tmp_path,
+                                                                     tiny_model):
+    import json
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from restorer.pipeline import restore
+
+    source, out = tmp_path / "in", tmp_path / "out"
+    source.mkdir()
+    for i in range(5):
+        Image.new("RGB", (16, 16), (40 * i, 20, 30)).save(source / f"img{i}.png")
+    (source / "bad.png").write_bytes(b"not an image")
+    first = restore(str(source), str(out), model=tiny_model)
+    assert first["job"] == {"records": 6, "succeeded": 5, "failed": 1}
+    Image.new("RGB", (16, 16), (1, 2, 3)).save(source / "bad.png")
+    again = restore(str(source), str(out), model=tiny_model, retry_failed=True)
+    ledger = pq.read_table(out / "_restorer" / "ledger").to_pylist()
+    assert again["job"] == {"records": len(ledger), "succeeded": 6, "failed": 0}
+    assert len(list((out / "_restorer" / "digests").glob("run-*.json"))) == 2
+    assert json.loads((out / "_restorer" / "summary.json").read_text())["job"] == again["job"]

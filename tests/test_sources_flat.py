@@ -34,8 +34,9 @@ def _shuffled_scan(seed: int):
     """storage.scan_folder as a file system with another entry order would list."""
     real = storage.scan_folder
 
-    def scan(uri, options=storage.StorageOptions(), page_size=storage.LIST_PAGE_SIZE):
-        entries = [e for page in real(uri, options, 10**9) for e in page]
+    def scan(uri, options=None, page_size=storage.LIST_PAGE_SIZE):
+        entries = [e for page in real(uri, options or storage.StorageOptions(), 10**9)
+                   for e in page]
         random.Random(seed).shuffle(entries)
         for start in range(0, len(entries), page_size):
             yield entries[start:start + page_size]
@@ -134,3 +135,24 @@ def test_s3_flat_prefix_units_are_stable_and_match_a_local_copy(s3_server, bucke
     assert flat == _rows(str(tmp_path), local)[0]  # same keys, same units, same collisions
     assert {k for _, k, s, _ in rows if s == "failed"} == {"a.png", "A.bmp", "b.PNG", "b.png"}
     assert [r[1] for r in rows if "/" in r[1]] == ["sub/c.png"]
+
+
+def test_an_older_ledger_is_refused_only_where_its_units_differ(tmp_path):
+    import json
+
+    from restorer.errors import JobError
+    from restorer.pipeline import _refuse_older_units
+    from restorer.sources import ListingTask
+
+    out = tmp_path / "out"
+    (out / "_restorer").mkdir(parents=True)
+    (out / "_restorer" / "job.json").write_text(json.dumps({"ledger_format_version": 1}))
+    spec = spec_from_flags(RestoreSpec, input=str(tmp_path / "in"), output=str(out))
+    one = [ListingTask("files", "in", recursive=False, partition=0, partitions=1)]
+    _refuse_older_units(spec, one)  # a folder of one partition: the units of format 1
+    many = [ListingTask("files", "in", recursive=False, partition=p, partitions=2)
+            for p in range(2)]
+    with pytest.raises(JobError, match="ledger format 1.*--overwrite"):
+        _refuse_older_units(spec, many)
+    (out / "_restorer" / "job.json").write_text(json.dumps({"ledger_format_version": 2}))
+    _refuse_older_units(spec, many)

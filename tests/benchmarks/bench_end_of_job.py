@@ -82,10 +82,10 @@ def _counting_reads():
     real = storage.read_bytes
     counter = {"ledger": 0}
 
-    def read_bytes(uri, options=storage.StorageOptions()):
+    def read_bytes(uri, options=None):
         if "/_restorer/ledger/" in str(uri):
             counter["ledger"] += 1
-        return real(uri, options)
+        return real(uri, options or storage.StorageOptions())
 
     storage.read_bytes = read_bytes
     return counter
