@@ -72,8 +72,8 @@ def test_a_redone_unit_retracts_its_earlier_records():
                                           MIN_RECORDS)[0]] == ["a.png"]
 
 
-def test_job_digest_reads_uncovered_units_once_and_flags_as_the_ledger_scan(  # noqa: F811
-        job_output, monkeypatch):
+def test_job_digest_reads_uncovered_units_once_and_flags_as_the_ledger_scan(
+        job_output, monkeypatch):  # noqa: F811 - the fixture imported above
     output = str(job_output)
     job = digest.job_digest(output, digest.storage.StorageOptions())
     assert (job.records, job.succeeded, job.failed) == (8, 7, 1)
