@@ -9,7 +9,9 @@ no Ray, no model: only the ledger matters here), then times, side by side:
 - *digests*: ``pipeline._audit`` as a run now calls it, with the run's digest built by
   ``Digest.add``/``commit`` as ``_execute`` does while committing.
 
-It prints the seconds and how many ledger unit files each read. Local files: on S3 every
+It prints the seconds and how many ledger unit files and error files each read (the report
+shows the first 200 error rows: digests read the error files up to those, the ledger scan
+read them all). Local files: on S3 every
 file read is a GET (~20-50 ms), so the *ledger* column grows further there.
 
 Run:  python tests/benchmarks/bench_end_of_job.py [--counts 2000 20000]
@@ -80,11 +82,13 @@ def _job(output: Path, count: int, seed: int = 0) -> Digest:
 def _counting_reads():
     """Count reads of ledger unit files (each one a GET on S3)."""
     real = storage.read_bytes
-    counter = {"ledger": 0}
+    counter = {"ledger": 0, "errors": 0}
 
     def read_bytes(uri, options=None):
         if "/_restorer/ledger/" in str(uri):
             counter["ledger"] += 1
+        if "/_restorer/errors.parquet/" in str(uri):
+            counter["errors"] += 1
         return real(uri, options or storage.StorageOptions())
 
     storage.read_bytes = read_bytes
@@ -103,7 +107,7 @@ def main() -> None:
             run, spec = _job(output, count)
             options = storage.StorageOptions()
 
-            counter["ledger"] = 0
+            counter.update(ledger=0, errors=0)
             started = time.perf_counter()
             totals = {"records": 0}
             records = ledger_records(str(output), ["key", "status", "change_mean", "change_p99"],
@@ -111,18 +115,19 @@ def main() -> None:
             flagged = flag_outliers((totals.__setitem__("records", totals["records"] + 1) or r
                                      for r in records), limit=20)
             write_report(str(output), options)
-            old_seconds, old_reads = time.perf_counter() - started, counter["ledger"]
+            old_seconds, old_reads = time.perf_counter() - started, dict(counter)
 
-            counter["ledger"] = 0
+            counter.update(ledger=0, errors=0)
             started = time.perf_counter()
             summary = {"status": "ok"}
             _audit(spec, summary, run)
-            new_seconds, new_reads = time.perf_counter() - started, counter["ledger"]
+            new_seconds, new_reads = time.perf_counter() - started, dict(counter)
             assert summary["job"]["records"] == totals["records"] == count
             assert {f["key"] for f in summary["flagged"]} == {f["key"] for f in flagged}
             print(f"{count:7d} images ({count // UNIT + (count % UNIT > 0)} unit files): "
-                  f"ledger re-read {old_seconds:6.2f} s ({old_reads} unit files read); "
-                  f"digests {new_seconds:6.2f} s ({new_reads} unit files read); "
+                  f"ledger re-read {old_seconds:6.2f} s ({old_reads['ledger']} unit files, "
+                  f"{old_reads['errors']} error files read); digests {new_seconds:6.2f} s "
+                  f"({new_reads['ledger']} unit files, {new_reads['errors']} error files read); "
                   f"{len(flagged)} flagged by both", flush=True)
 
 
