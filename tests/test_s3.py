@@ -106,8 +106,8 @@ def test_manifest_with_a_missing_object(ray_session, s3, bucket, mixed_folder, t
     assert result.exit_code == 3, result.output
     summary = json.loads(result.output[result.output.index("{"):])
     assert summary["failed"] == 1, summary
-    errors = pq.read_table(s3.get_object(Bucket=bucket, Key=next(
-        k for k in _keys(s3, bucket, "restored/_restorer/errors.parquet/")))["Body"].read())
+    errors = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=next(
+        k for k in _keys(s3, bucket, "restored/_restorer/errors.parquet/")))["Body"].read()))
     assert "missing in 3 runs" in errors.column("message")[0].as_py()
     written = _keys(s3, bucket, "restored/")
     assert "restored/pool/gray.png" in written and "restored/pool/rgb.jpg" in written
