@@ -7,9 +7,19 @@ import json
 from collections.abc import Iterator
 from typing import Any
 
-from restorer import storage
+from restorer import digest, storage
 from restorer.errors import JobError
-from restorer.report import DEFAULT_OPTIONS, flag_outliers, ledger_records, meta_uri, report_uri
+from restorer.report import (
+    DEFAULT_OPTIONS,
+    MIN_RECORDS,
+    MIN_SPREAD,
+    OUTLIER_K,
+    flag_outliers,
+    ledger_records,
+    meta_uri,
+    report_uri,
+    table_batches,
+)
 
 MAX_ERRORS = 100  # error records returned; all of them are in _restorer/errors.parquet
 SORT_COLUMNS = ("change_mean", "change_p99", "residual_structure")  # what `top` can rank by
@@ -27,7 +37,10 @@ def inspect_output(output: str, top: int = 10,
     the images that lost the most detail, and skips records written before it), ``flagged``
     (:func:`restorer.report.flag_outliers`: key, change_mean, change_p99, residual_structure,
     reason, ...) and ``report`` (the URI of ``report.html``, or None if it was not written
-    yet). The ledger is scanned in batches, so this stays cheap at millions of records.
+    yet). The ledger is scanned in batches, so this stays cheap at millions of records. An
+    output with run digests (restorer since ledger format 2) is not scanned at all: the
+    figures come from the digests (:func:`restorer.digest.job_digest`; ``top`` at most
+    ``restorer.digest.TOP``) and only the error rows shown are read.
     """
     if sort not in SORT_COLUMNS:
         raise ValueError(f"sort = {sort!r}; choose one of {', '.join(SORT_COLUMNS)}")
@@ -36,6 +49,20 @@ def inspect_output(output: str, top: int = 10,
     summary_uri = meta_uri(output, "summary.json")
     summary = (json.loads(storage.read_bytes(summary_uri, options))
                if storage.exists(summary_uri, options) else {})
+    if storage.list_names(meta_uri(output, digest.DIGEST_DIR), options):
+        job = digest.job_digest(output, options, save=False)
+        errors = [{c: row.get(c) for c in ("key", "status", "stage", "error_class", "message")}
+                  for row in digest.iter_errors(table_batches(
+                      meta_uri(output, "errors.parquet"),
+                      ["key", "stage", "error_class", "message"], options), MAX_ERRORS)]
+        for row in errors:
+            row["status"] = "failed"
+        report = report_uri(output)
+        return {"summary": summary, "records": job.records, "failed": job.failed,
+                "errors": errors, "sort": sort,
+                "most_changed": digest.most_changed(job, top, sort),
+                "flagged": digest.flag(job, OUTLIER_K, MIN_SPREAD, MIN_RECORDS)[0],
+                "report": report if storage.exists(report, options) else None}
     counts = {"records": 0, "failed": 0}
     errors: list[dict[str, Any]] = []
     changed: list[tuple[float, int, dict[str, Any]]] = []  # min-heap of the `top` largest

@@ -2,10 +2,11 @@
 
 The graph, top to bottom (:func:`run_restore`):
 
-1. **List** (driver, streaming per folder): input keys become rows, grouped into *work units*
-   of up to 64 keys of one folder. Unit boundaries depend on the keys alone, so a rerun over the
-   same input makes the same units. Two inputs that would write one output key become error
-   records here, and neither is written.
+1. **List** (listing tasks, streaming; see :mod:`restorer.sources`): input keys become rows,
+   grouped into *work units* of up to 64 keys of one folder (or one hash partition of a flat
+   folder). Unit boundaries depend on the keys alone, so a rerun over the same input makes the
+   same units. Two inputs that would write one output key become error records here, and
+   neither is written.
 2. **Read + decode** (CPU tasks, :func:`read_and_decode`): bytes -> pixels; any failure becomes
    an error record on that row and the row flows on.
 3. **Restore** (a pool of :class:`RestoreActor`, one model per actor on its GPU or CPU): tiles
@@ -19,7 +20,8 @@ The graph, top to bottom (:func:`run_restore`):
    were in flight.
 
 ``OUTPUT/_restorer/job.json`` holds the spec and the job fingerprint; ``summary.json`` is
-written at the end of every run.
+written at the end of every run, from the runs' digests (``_restorer/digests/``,
+:mod:`restorer.digest`), not from a re-read of the ledger.
 """
 
 from __future__ import annotations
@@ -45,6 +47,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from restorer import codec, storage
+from restorer.digest import FLUSH_SECONDS, Digest, flag, job_digest, unit_records
+from restorer.digest import write as write_digest
 from restorer.errors import (
     MISSING,
     PERMANENT,
@@ -55,6 +59,8 @@ from restorer.errors import (
     ModelError,
     OutputConflictError,
     RestorerError,
+    StorageError,
+    backoff_delays,
     classify,
     is_device_fatal,
     retrying,
@@ -63,6 +69,7 @@ from restorer.jobs import RestoreSpec, digest, replace_field, spec_from_flags, s
 from restorer.lease import Lease
 from restorer.progress import Progress
 from restorer.sources import (
+    FLAT_PARTITION_KEYS,
     ListingTask,
     SourceConfig,
     count_inputs,
@@ -81,7 +88,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 META_DIR = "_restorer"
-LEDGER_FORMAT_VERSION = 1
+LEDGER_FORMAT_VERSION = 2  # 2: a flat folder of more than FLAT_PARTITION_KEYS files is cut
+# into units per hash partition (version 1 cut its sorted whole listing), and runs keep digests
 FINGERPRINT_VERSION = 2  # 2: tile, overlap and precision resolved (as the actors run them)
 PLAN_FIELDS = [
     ("key", pa.string()), ("uri", pa.string()), ("out_key", pa.string()),
@@ -622,6 +630,7 @@ class JobState:
     transient: int = 0  # images still failing transiently: their units stay for the next run
     missing: int = 0  # inputs that vanished: their units wait MISSING_RUNS runs, then commit
     incomplete_units: int = 0  # units left uncommitted for those
+    digest: Digest = field(default_factory=Digest)  # what this run committed, in brief
 
 
 def meta_uri(spec: RestoreSpec, *parts: str) -> str:
@@ -668,6 +677,7 @@ def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: st
     if spec.output.overwrite:
         storage.delete(meta_uri(spec, "ledger"), options, recursive=True)
         storage.delete(meta_uri(spec, "errors.parquet"), options, recursive=True)
+        storage.delete(meta_uri(spec, "digests"), options, recursive=True)
     record = {"ledger_format_version": LEDGER_FORMAT_VERSION,
               "fingerprint_version": FINGERPRINT_VERSION, "fingerprint": fingerprint,
               "fingerprint_sha256": digest(fingerprint), "model": model_uri,
@@ -807,12 +817,25 @@ def output_inside_input(spec: RestoreSpec) -> str:
 
 
 def _expand_task(row: dict[str, Any], config: SourceConfig,
-                 done: frozenset[str]) -> list[dict[str, Any]]:
-    """Ray Data flat_map: the rows of one listing task."""
+                 done: frozenset[str]) -> Iterator[dict[str, Any]]:
+    """Ray Data flat_map: the rows of one listing task, unit by unit (a generator, so the
+    task's rows flow on in blocks as they are made)."""
     task = ListingTask(**{f.name: row[f.name] for f in dataclasses.fields(ListingTask)})
-    rows, _ = retrying(lambda: [r for unit in expand(task, config, done) for r in unit],
-                       RETRY_ATTEMPTS, what=f"list {task.uri}")
-    return rows
+    delays = backoff_delays(RETRY_ATTEMPTS)
+    yielded = 0  # units handed on; a retried listing skips them (units come in a stable order)
+    for attempt in range(RETRY_ATTEMPTS):
+        try:
+            for index, unit in enumerate(expand(task, config, done)):
+                if index >= yielded:
+                    yield from unit
+                    yielded += 1
+            return
+        except Exception as e:  # classified here; permanent ones are re-raised
+            if attempt == RETRY_ATTEMPTS - 1 or classify(e) != TRANSIENT:
+                raise
+            log.info("list %s: %s: %s; retry %d of %d in %.1f s", task.uri, type(e).__name__,
+                     e, attempt + 1, RETRY_ATTEMPTS - 1, delays[attempt])
+            time.sleep(delays[attempt])
 
 
 def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
@@ -962,6 +985,7 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
     # (version 1 replicated edge pixels): part of how outputs are made.
     fingerprint = {**spec.fingerprint(model_sha256), "edge_padding": "reflect"}
     state = JobState(spec, model_uri, model_sha256, fingerprint)
+    _refuse_older_units(spec, tasks)
     resumed = (prepare_output(spec, fingerprint, model_uri, legacy_fingerprint)
                and not spec.output.overwrite)
     done, with_errors = committed_units(spec)
@@ -992,12 +1016,13 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         # the whole-job figures and the report page later.
         summary["status"] = "stopped"
         summary["report"] = None
+        _write_run_digest(spec, state.digest)  # its counters are in hand: nothing is re-read
         retrying(lambda: storage.write_bytes(meta_uri(spec, "summary.json"),
                                              json.dumps(summary, indent=2).encode(),
                                              spec.storage.options()),
                  2, what="write summary.json")
     else:
-        _audit(spec, summary)
+        _audit(spec, summary, state.digest)
     if summary["status"] == "incomplete":
         log.warning("%d units (%d images failing transiently, %d inputs missing) were left "
                     "uncommitted; rerun the same command to finish them",
@@ -1007,6 +1032,24 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
                          f"({state.abandoned} images in unfinished units abandoned); rerun "
                          "the same command to finish the job")
     return summary
+
+
+def _refuse_older_units(spec: RestoreSpec, tasks: list[ListingTask]) -> None:
+    """Refuse to resume an output of ledger format 1 whose flat folder is now partitioned: its
+    units were cut differently, so resuming would redo (and count twice) committed images.
+    Folders of up to FLAT_PARTITION_KEYS files make the same units in both formats."""
+    job_uri = meta_uri(spec, "job.json")
+    options = spec.storage.options()
+    if spec.output.overwrite or not any(t.partitions > 1 for t in tasks):
+        return
+    if not storage.exists(job_uri, options):
+        return
+    version = json.loads(storage.read_bytes(job_uri, options)).get("ledger_format_version", 0)
+    if version < 2:
+        raise JobError(f"{spec.output.uri} holds a job of ledger format {version}, whose work "
+                       f"units for a flat folder of more than {FLAT_PARTITION_KEYS} files differ "
+                       "from this restorer's; finish it with the restorer that started it, or "
+                       "pass --overwrite to redo it")
 
 
 def _count_in_background(tasks: list[ListingTask], config: SourceConfig,
@@ -1021,34 +1064,44 @@ def _count_in_background(tasks: list[ListingTask], config: SourceConfig,
     threading.Thread(target=count, name="restorer-count", daemon=True).start()
 
 
-def _audit(spec: RestoreSpec, summary: dict[str, Any]) -> None:
-    """Count the whole job (every run so far) and flag outliers into the summary, in one pass
-    over the ledger, streamed unit file by unit file; write summary.json, then the report page.
+def _audit(spec: RestoreSpec, summary: dict[str, Any], run: Digest | None = None) -> None:
+    """Count the whole job (every run so far) and flag outliers into the summary from the runs'
+    digests (:mod:`restorer.digest`: one GET per run, plus the ledger units no digest covers),
+    never by reading every ledger unit file; write summary.json, then the report page.
 
     A report that cannot be written is logged, never a failed job.
     """
-    from restorer.report import flag_outliers, ledger_records, write_report
+    from restorer.report import MIN_RECORDS, MIN_SPREAD, OUTLIER_K, write_report
 
     options = spec.storage.options()
-    totals = summary["job"] = {"records": 0, "succeeded": 0, "failed": 0}
-
-    def counted(records: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        for record in records:
-            totals["records"] += 1
-            totals["succeeded" if record["status"] == "ok" else "failed"] += 1
-            yield record
-
-    summary["flagged"] = flag_outliers(counted(ledger_records(
-        spec.output.uri, ["key", "status", "change_mean", "change_p99", "residual_structure"],
-        options)), limit=20)
+    if run is not None:
+        _write_run_digest(spec, run)
+    job = job_digest(spec.output.uri, options)
+    summary["job"] = {"records": job.records, "succeeded": job.succeeded, "failed": job.failed}
+    summary["flagged"] = flag(job, OUTLIER_K, MIN_SPREAD, MIN_RECORDS, limit=20)[0]
     summary["report"] = storage.join(spec.output.uri, f"{META_DIR}/report.html")
     storage.write_bytes(meta_uri(spec, "summary.json"), json.dumps(summary, indent=2).encode(),
                         options)
     try:
-        write_report(spec.output.uri, options)
+        write_report(spec.output.uri, options, digest=job)
     except (RestorerError, OSError, ValueError) as e:
         log.warning("could not write the report page: %s", e)
         summary["report"] = None
+
+
+def _write_run_digest(spec: RestoreSpec, run: Digest) -> None:
+    """Publish this run's digest (its committed units only). One that cannot be written is
+    logged: the units it covers are in the ledger, and :func:`restorer.digest.job_digest` reads
+    them back once later."""
+    run.finished = time.time()
+    try:
+        retrying(lambda: write_digest(spec.output.uri, run, spec.storage.options()), 2,
+                 what=f"write digest of run {run.run}")
+    except Exception as e:
+        if classify(e) != TRANSIENT:
+            raise
+        log.warning("could not write this run's digest (%s: %s); the next report reads its "
+                    "units from the ledger", type(e).__name__, e)
 
 
 @contextlib.contextmanager
@@ -1099,6 +1152,7 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
     Only the units in flight are held here, so driver memory does not grow with the job.
     """
     open_units: dict[str, list[dict[str, Any]]] = {}
+    flushed = time.time()
     for batch in _results(ds, stop):
         processed = 0
         for record in batch.to_pylist():
@@ -1113,8 +1167,12 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
             unit = open_units.setdefault(record["unit"], [])
             unit.append(record)
             if len(unit) == record["unit_size"]:
-                _close_unit(spec, state, record["unit"], unit, record["unit"] in with_errors)
+                redone = record["unit"] in with_errors
+                committed = _close_unit(spec, state, record["unit"], unit, redone)
                 del open_units[record["unit"]]
+                if committed and (redone or time.time() - flushed > FLUSH_SECONDS):
+                    _write_run_digest(spec, state.digest)
+                    flushed = time.time()
         if processed:
             now = time.time()
             if state.first_result is None:
@@ -1172,15 +1230,18 @@ MISSING_RUNS = 2  # runs in which a vanished input keeps its unit open before qu
 
 
 def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dict[str, Any]],
-                had_errors: bool) -> None:
-    """Commit a complete unit, unless an image in it failed transiently (then the unit stays
+                had_errors: bool) -> bool:
+    """Commit a complete unit and add its records to the run's digest; return whether it was
+    committed. Not committed: a unit where an image in it failed transiently (then the unit stays
     uncommitted and the next run redoes it) or its input vanished (``missing``): that unit
     stays open for :data:`MISSING_RUNS` runs, counted in ``_restorer/missing/unit-<id>.json``,
     and is committed with those images quarantined in the run after. A commit that still fails
-    transiently after its retries leaves the unit for the next run too."""
+    transiently after its retries leaves the unit for the next run too. A unit redone by
+    ``--retry-failed`` (``had_errors``) takes its earlier records out of the digests' sums
+    (one unit file read, before it is replaced)."""
     if any(r["status"] == "transient" for r in records):
         state.incomplete_units += 1
-        return
+        return False
     missing = [r for r in records if r["status"] == "missing"]
     counter = meta_uri(spec, "missing", f"unit-{unit}.json")
     options = spec.storage.options()
@@ -1192,7 +1253,7 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
             retrying(lambda: storage.write_bytes(counter, json.dumps(body).encode(), options),
                      what=f"write {counter}")
             state.incomplete_units += 1
-            return
+            return False
         for record in missing:  # gone for MISSING_RUNS runs and this one: quarantine
             record.update(status="failed", message=f"{record['message']} (missing in "
                                                    f"{runs + 1} runs)"[:2000])
@@ -1200,6 +1261,7 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
             state.failed += 1
             state.errors_by_class[record["error_class"]] = (
                 state.errors_by_class.get(record["error_class"], 0) + 1)
+    earlier = _earlier_records(spec, unit) if had_errors else None
     try:
         retrying(lambda: commit_unit(spec, unit, records, had_errors), RETRY_ATTEMPTS,
                  what=f"commit unit {unit}")
@@ -1209,10 +1271,28 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
         log.warning("unit %s was not committed (%s: %s); the next run redoes it", unit,
                     type(e).__name__, e)
         state.incomplete_units += 1
-        return
+        return False
     state.committed_units += 1
+    if earlier is not None:  # --retry-failed: its earlier records leave the job's digest
+        state.digest.retract(earlier, unit)
+    for record in records:  # committed records only: a stop or a retry leaves open units out
+        state.digest.add(record)
+    state.digest.commit(unit, len(records))
     if missing:
         retrying(lambda: storage.delete(counter, options), what=f"delete {counter}")
+    return True
+
+
+def _earlier_records(spec: RestoreSpec, unit: str) -> list[dict[str, Any]] | None:
+    """The ledger records of ``unit`` before it is redone (None: it has no ledger entry, so no
+    digest counted it)."""
+    try:
+        records, _ = retrying(lambda: unit_records(spec.output.uri, unit,
+                                                   spec.storage.options()),
+                              what=f"read unit {unit}")
+    except StorageError:
+        return None
+    return records
 
 
 def restore(input: str, output: str, model: str | None = None, **options: Any) -> dict[str, Any]:

@@ -43,6 +43,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from restorer import codec, storage
+from restorer.digest import (
+    DIGEST_DIR,
+    MIN_SPREAD_STRUCTURE,
+    MIN_STRUCTURE_CHANGE,
+    STRUCTURE_STEP,
+    Digest,
+    histogram_values,
+    job_digest,
+)
+from restorer.digest import flag as flag_from_digest
 from restorer.errors import JobError, RestorerError
 
 log = logging.getLogger(__name__)
@@ -59,11 +69,10 @@ REPORT_NAME = "report.html"
 OUTLIER_K = 5.0
 MIN_SPREAD = 0.5
 # residual_structure (restorer.audit, 0-1) is flagged the same way, with its own floor of the
-# spread: a twentieth of its range (noise-like residuals score ~0.06 +- 0.03). An image changed
-# by under MIN_STRUCTURE_CHANGE levels on average is not flagged for it: a structured residual
-# that small is invisible (clean images through a denoiser score 0.1-0.5 at 0-1.5 levels).
-MIN_SPREAD_STRUCTURE = 0.05
-MIN_STRUCTURE_CHANGE = 1.0
+# spread, MIN_SPREAD_STRUCTURE = 0.05: a twentieth of its range (noise-like residuals score
+# ~0.06 +- 0.03). An image changed by under MIN_STRUCTURE_CHANGE = 1 level on average is not
+# flagged for it: a structured residual that small is invisible (clean images through a denoiser
+# score 0.1-0.5 at 0-1.5 levels). Both live in restorer.digest, which flags from run digests.
 OUTLIER_COLUMNS = ("change_mean", "change_p99", "residual_structure")
 MIN_RECORDS = 3  # below this many successful images there is no "typical" change to compare to
 RESERVOIR = 20_000  # values kept to estimate medians (exact below this many images)
@@ -541,7 +550,8 @@ def _read_json(uri: str, options: storage.StorageOptions) -> dict[str, Any]:
 
 
 def write_report(output_uri: str, options: storage.StorageOptions = DEFAULT_OPTIONS,
-                 sample: int = 6, k: float = OUTLIER_K, threshold: float | None = None) -> str:
+                 sample: int = 6, k: float = OUTLIER_K, threshold: float | None = None,
+                 digest: Digest | None = None) -> str:
     """Write ``OUTPUT/_restorer/report.html`` for the job at ``output_uri``; return its URI.
 
     One pass over the ledger (streamed) gives the counts, the outliers (:func:`scan_outliers`
@@ -550,6 +560,11 @@ def write_report(output_uri: str, options: storage.StorageOptions = DEFAULT_OPTI
     randomly chosen others) are read back, input and output, for side-by-side crops of
     ``CROP`` input pixels at the place that changed most; 16-bit images are shown scaled to
     8-bit. Every string from the job (keys, messages, the spec) is HTML-escaped.
+
+    With run digests (``_restorer/digests/``, written by restorer since ledger format 2, or
+    ``digest``, the job's, from :func:`restorer.digest.job_digest`) the counts, outliers,
+    timings, samples and commit timeline come from them instead: no ledger file is read, so
+    the page costs the same for a thousand images as for millions.
 
     Raises ``JobError`` when the output holds no job (no ``_restorer/job.json``).
     """
@@ -562,6 +577,11 @@ def write_report(output_uri: str, options: storage.StorageOptions = DEFAULT_OPTI
     spec = job.get("spec") or summary.get("spec") or {}
     layout = (spec.get("output") or {}).get("layout", "files")
 
+    if digest is None and storage.list_names(meta_uri(output_uri, DIGEST_DIR), options):
+        digest = job_digest(output_uri, options, save=False)
+    if digest is not None:
+        return _write_page(output_uri, options, job, summary, spec, layout, sample,
+                           *_from_digest(digest, k, threshold))
     columns = ["key", "uri", "out_key", "unit", "status", "change_mean", "change_p99",
                "residual_structure", "model_seconds"]
     per_unit: dict[str, int] = {}
@@ -591,11 +611,36 @@ def write_report(output_uri: str, options: storage.StorageOptions = DEFAULT_OPTI
             yield record
 
     flagged, stats = scan_outliers(ok_records(), k=k, threshold=threshold)
+    commits = sorted((when, per_unit[u]) for u, when in
+                     _unit_commit_times(output_uri, options).items() if u in per_unit)
+    return _write_page(output_uri, options, job, summary, spec, layout, sample, tally, flagged,
+                       stats, changes.items, structures.items, seconds, others, commits, None)
 
+
+def _from_digest(digest: Digest, k: float, threshold: float | None) -> tuple:
+    """What :func:`_write_page` needs, from a job's digest instead of a ledger scan."""
+    flagged, stats = flag_from_digest(digest, k, MIN_SPREAD, MIN_RECORDS, threshold)
+    seconds = _Reservoir(RESERVOIR, seed=1)
+    seconds.items, seconds.seen = list(digest.seconds), digest.seen
+    others = _Reservoir(len(digest.sample) or 1, seed=2)
+    others.items, others.seen = list(digest.sample), len(digest.sample)
+    commits = sorted((when, count) for when, count in digest.timeline)
+    tally = {"records": digest.records, "ok": digest.succeeded}
+    return (tally, flagged, stats, histogram_values(digest.change_mean),
+            histogram_values(digest.residual_structure, step=STRUCTURE_STEP), seconds, others,
+            commits, {"total": digest.failed, "by_class": digest.errors_by_class})
+
+
+def _write_page(output_uri: str, options: storage.StorageOptions, job: dict[str, Any],
+                summary: dict[str, Any], spec: dict[str, Any], layout: str, sample: int,
+                tally: dict[str, int], flagged: list[dict[str, Any]], stats: dict[str, Any],
+                changes: Sequence[float], structures: Sequence[float], seconds: _Reservoir,
+                others: _Reservoir, commits: list[tuple[float, int]],
+                error_counts: dict[str, Any] | None) -> str:
     sections = [_summary_section(summary, tally),
-                _throughput_section(output_uri, options, per_unit, seconds, summary, job),
-                _errors_section(output_uri, options),
-                _flagged_section(flagged, stats, changes.items, structures.items),
+                _throughput_section(commits, seconds, summary, job),
+                _errors_section(output_uri, options, error_counts),
+                _flagged_section(flagged, stats, changes, structures),
                 _samples_section(output_uri, options, layout, flagged, others, sample),
                 _provenance_section(job, summary, spec)]
     title = f"restorer report: {output_uri}"
@@ -633,15 +678,14 @@ def _summary_section(summary: dict[str, Any], tally: dict[str, int]) -> str:
     return "".join(parts) + "</section>"
 
 
-def _throughput_section(output: str, options: storage.StorageOptions, per_unit: dict[str, int],
-                        seconds: _Reservoir, summary: dict[str, Any], job: dict[str, Any]) -> str:
+def _throughput_section(commits: list[tuple[float, int]], seconds: _Reservoir,
+                        summary: dict[str, Any], job: dict[str, Any]) -> str:
+    """``commits``: (epoch seconds, images committed then), sorted."""
     parts = ['<section id="throughput"><h2>Throughput</h2>']
     if summary.get("elapsed_seconds"):
         parts.append(f"<p>This run: {_esc(summary.get('images_per_second'))} images/s overall, "
                      f"{_esc(summary.get('steady_images_per_second'))} images/s after the "
                      f"first result ({_esc(summary.get('startup_seconds'))} s of start-up).</p>")
-    times = _unit_commit_times(output, options)
-    commits = sorted((times[u], n) for u, n in per_unit.items() if u in times)
     if len(commits) >= 2 and commits[-1][0] > commits[0][0]:
         start = commits[0][0]
         created = job.get("created")
@@ -668,10 +712,17 @@ def _throughput_section(output: str, options: storage.StorageOptions, per_unit: 
     return "".join(parts) + "</section>"
 
 
-def _errors_section(output: str, options: storage.StorageOptions) -> str:
+def _errors_section(output: str, options: storage.StorageOptions,
+                    counts: dict[str, Any] | None = None) -> str:
+    """With ``counts`` (``total``, ``by_class``, from digests) only the error files holding the
+    rows shown are read."""
     rows, by_class, total = [], {}, 0
-    for batch in table_batches(meta_uri(output, "errors.parquet"),
-                               ["key", "unit", "stage", "error_class", "message"], options):
+    batches = table_batches(meta_uri(output, "errors.parquet"),
+                            ["key", "unit", "stage", "error_class", "message"], options)
+    for batch in batches:
+        if counts is not None and len(rows) >= MAX_ERRORS_SHOWN:
+            batches.close()
+            break
         for record in batch.to_pylist():
             total += 1
             by_class[record.get("error_class")] = by_class.get(record.get("error_class"), 0) + 1
@@ -679,6 +730,8 @@ def _errors_section(output: str, options: storage.StorageOptions) -> str:
                 message = record.get("message") or ""
                 rows.append((record.get("key"), record.get("stage"), record.get("error_class"),
                              message[:300] + ("..." if len(message) > 300 else "")))
+    if counts is not None:
+        total, by_class = counts["total"], dict(counts["by_class"])
     parts = [f'<section id="errors"><h2>Errors ({total:,})</h2>']
     if not total:
         parts.append("<p>No errors.</p>")

@@ -2,19 +2,25 @@
 
 Three layouts, one row shape (``key``, ``uri`` or inline ``data``, ``unit``, ``unit_size``):
 
-- ``files``: a folder or prefix, listed recursively. The driver lists only the top level; each
+- ``files``: a folder or prefix, listed recursively. The driver reads only the top level, page
+  by page (:func:`storage.scan_folder`), counting its files and noting its folders; each
   top-level folder is then listed by its own Ray task, so restoring starts while a huge tree is
   still being listed (Ray's ``read_images`` expands every path in the driver first,
-  ray-project/ray#40686). All files of one folder are listed by one task, which detects output
-  name collisions there.
+  ray-project/ray#40686). All files of one sub-folder are listed by one task, which detects
+  output name collisions there. The files directly under the input (a *flat* prefix, possibly
+  millions) are split into ``partitions`` by a hash of their lower-cased stem: each partition
+  task pages through the folder keeping its share (at most about ``FLAT_PARTITION_KEYS``
+  files), sorts it and cuts it into units. So no task and not the driver ever holds the whole
+  folder, units do not depend on the order a local folder lists in, and names that would
+  write one output (``a.png``/``A.bmp``) always meet in one partition, where they are caught.
 - ``parquet``: shards of encoded images (``*.parquet`` under the prefix) with a key column and a
   bytes column; one task per row group.
 - ``manifest``: a Parquet file with a ``uri`` column (and optional ``key`` column) read one row
   group per task, or a text file with one URI per line. The default key is the URI's path after
   the bucket (or after the leading ``/`` of a local path).
 
-A *work unit* is up to 64 consecutive rows of one listing task (folder, row group or text
-file); its id depends only on its keys, so a rerun over the same input makes the same units.
+A *work unit* is up to 64 consecutive rows of one listing task (folder, flat partition, row
+group or text file); its id depends only on its keys, so a rerun over the same input makes the same units.
 Units that the output's ledger already holds are not expanded again: they come through as one
 ``skipped`` marker row, so the driver can count them without the job holding every key.
 """
@@ -22,6 +28,8 @@ Units that the output's ledger already holds are not expanded again: they come t
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 import posixpath
 import zlib
 from collections.abc import Iterator
@@ -38,6 +46,8 @@ UNIT_BOUNDARY_MODULUS = 16  # a unit also ends after a key whose crc32 is 0 modu
 MANIFEST_CHUNK_ROWS = 512  # rows of a manifest listed by one task
 SHARD_CHUNK_ROWS = 64  # rows (encoded images) of a Parquet shard listed by one task
 MANIFEST_SUFFIXES = (".parquet", ".txt", ".lst", ".csv")
+FLAT_PARTITION_KEYS = 16384  # files of a flat folder per partition task (a power of two of
+# partitions is used: a folder of up to this many files is one partition, listed as before)
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,8 @@ class ListingTask:
     offset: int = 0  # parquet/manifest parquet: first row of this task within the row group
     length: int = 0  # ... and how many rows (0 = to the end of the row group)
     name: str = ""  # files: list only this file of the folder (an input that is one file)
+    partition: int = 0  # files, flat (recursive=False): keep the files whose stem hashes here
+    partitions: int = 0  # ... out of this many (0: not a partitioned listing)
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,8 @@ class SourceConfig:
     options: storage.StorageOptions
     skip_prefix: str = ""  # files: keys under this prefix are not listed (the output, when
     # it lies inside the input: a rerun must not restore the last run's outputs again)
+    page_size: int = storage.LIST_PAGE_SIZE  # entries per listing page of a flat folder
+    partition_keys: int = FLAT_PARTITION_KEYS  # files per partition of a flat folder
 
 
 def detect_layout(uri: str, layout: str, options: storage.StorageOptions) -> str:
@@ -76,8 +90,9 @@ def detect_layout(uri: str, layout: str, options: storage.StorageOptions) -> str
         return layout
     if uri.lower().endswith(MANIFEST_SUFFIXES) and not storage.is_dir(uri, options):
         return "manifest"
-    names = storage.list_names(uri, options)
-    if any(n.lower().endswith(".parquet") for n in names):
+    # The first page only (a flat prefix may hold millions of objects): shards sit at the top.
+    first = next(storage.scan_folder(uri, options), [])
+    if any(not e.is_dir and e.name.lower().endswith(".parquet") for e in first):
         return "parquet"
     return "files"
 
@@ -108,12 +123,60 @@ def listing_tasks(uri: str, config: SourceConfig) -> list[ListingTask]:
         where = ("check the path" if not storage.is_remote(uri) else
                  "check the bucket, prefix and credentials" + storage.CREDENTIALS_HINT)
         raise NotFoundError(f"Input {uri} does not exist ({where})")
-    tasks = [ListingTask("files", uri, recursive=False)]
-    for name in storage.list_dirs(uri, options):
-        if (not name.startswith(".") and name != "_restorer"
-                and config.skip_prefix != name + "/"):
-            tasks.append(ListingTask("files", storage.join(uri, name), key_prefix=name + "/"))
-    return tasks
+    folders, files = [], 0
+    for page in storage.scan_folder(uri, options, config.page_size):  # one page held at a time
+        for entry in page:
+            if entry.is_dir:
+                if entry.name != "_restorer" and config.skip_prefix != entry.name + "/":
+                    folders.append(entry.name)
+            else:
+                files += _listed(entry.name, config)
+    partitions = flat_partitions(files, config.partition_keys)
+    tasks = [ListingTask("files", uri, recursive=False, partition=p, partitions=partitions)
+             for p in range(partitions if files else 0)]
+    return tasks + [ListingTask("files", storage.join(uri, name), key_prefix=name + "/")
+                    for name in sorted(folders)]
+
+
+def flat_partitions(files: int, partition_keys: int = FLAT_PARTITION_KEYS) -> int:
+    """Partitions of a flat folder of ``files`` files: the least power of two that gives each
+    at most ``partition_keys`` files on average (1 up to ``partition_keys``)."""
+    if partition_keys < 1:
+        raise ValueError(f"partition_keys = {partition_keys}; need 1 or more")
+    return 1 << max(0, math.ceil(math.log2(max(1, math.ceil(files / partition_keys)))))
+
+
+def partition_of(name: str, partitions: int) -> int:
+    """The partition of a file ``name`` of a flat folder: a hash of its lower-cased stem, so
+    that names which would write one output (``a.PNG``, ``a.bmp``) share a partition."""
+    stem = (name.rpartition(".")[0] or name).lower()
+    return zlib.crc32(stem.encode()) % partitions if partitions > 1 else 0
+
+
+def _listed(name: str, config: SourceConfig) -> bool:
+    """Whether a file directly under the input is an input (the filters of :func:`expand`)."""
+    return (name.lower().endswith(tuple(e.lower() for e in config.extensions))
+            and not (config.skip_prefix and name.startswith(config.skip_prefix))
+            and storage.matches(name, config.include, config.exclude))
+
+
+def _flat_entries(task: ListingTask, config: SourceConfig) -> list[storage.Entry]:
+    """The files of one partition of a flat folder, sorted by key (one page held at a time
+    while listing, then the partition's share)."""
+    entries = []
+    for page in storage.scan_folder(task.uri, config.options, config.page_size):
+        for entry in page:
+            if (not entry.is_dir and partition_of(entry.name, task.partitions) == task.partition
+                    and _listed(entry.name, config)):
+                size = entry.size
+                if size < 0:
+                    try:
+                        size = os.stat(entry.uri).st_size
+                    except OSError:
+                        continue  # gone since it was listed
+                entries.append(storage.Entry(entry.name, entry.uri, size))
+    entries.sort(key=lambda e: e.key)
+    return entries
 
 
 def _chunked(layout: str, uri: str, row_counts: list[int], chunk: int) -> list[ListingTask]:
@@ -128,6 +191,11 @@ def count_inputs(tasks: list[ListingTask], config: SourceConfig) -> int:
     :func:`expand`, counting only). Costs one more walk of the tree: for progress totals."""
     count = 0
     for task in tasks:
+        if task.partitions:  # the flat folder, counted once (by its first partition)
+            count += sum(_listed(e.name, config) for page in storage.scan_folder(
+                task.uri, config.options, config.page_size) for e in page if not e.is_dir
+                ) if task.partition == 0 else 0
+            continue
         for entries in storage.walk_files(task.uri, config.extensions, (), (),
                                           options=config.options, recursive=task.recursive):
             for entry in entries:
@@ -237,8 +305,9 @@ def expand(task: ListingTask, config: SourceConfig,
     """The units of one listing task, in a stable order."""
     options = config.options
     if task.layout == "files":
-        walk = storage.walk_files(task.uri, config.extensions, (), (), options=options,
-                                  recursive=task.recursive)
+        walk = ([_flat_entries(task, config)] if task.partitions else
+                storage.walk_files(task.uri, config.extensions, (), (), options=options,
+                                   recursive=task.recursive))
         for entries in walk:
             rows = []
             for entry in entries:

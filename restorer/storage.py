@@ -241,6 +241,82 @@ def list_names(uri: str, options: StorageOptions = StorageOptions()) -> list[str
         raise StorageError(f"No permission to list {uri}; check your AWS credentials" + CREDENTIALS_HINT) from e
 
 
+LIST_PAGE_SIZE = 1000  # entries per listing page (S3's ListObjectsV2 maximum)
+
+
+@dataclass(frozen=True)
+class FolderEntry:
+    name: str  # the name directly under the listed folder/prefix
+    uri: str  # full URI or local path
+    is_dir: bool
+    size: int = -1  # bytes (S3 gives it with the listing; locally -1: stat it when needed)
+
+
+def scan_folder(uri: str, options: StorageOptions = StorageOptions(),
+                page_size: int = LIST_PAGE_SIZE) -> Iterator[list[FolderEntry]]:
+    """The entries directly under the folder/prefix ``uri``, in pages of up to ``page_size``,
+    streaming: only one page is held at a time, however many entries the folder has.
+
+    Locally the pages come from ``os.scandir`` in the file system's order (not sorted: no
+    full listing is ever built); on S3 from ``ListObjectsV2`` with a ``/`` delimiter, in key
+    order, sub-prefixes as folders. Hidden entries (``.name``) are left out. A missing folder
+    yields nothing.
+    """
+    if page_size < 1:
+        raise ValueError(f"page_size = {page_size}; need 1 or more")
+    page: list[FolderEntry] = []
+    if not is_remote(uri):
+        path = local_path(uri)
+        if not os.path.isdir(path):
+            return
+        with os.scandir(path) as entries:
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                is_dir = entry.is_dir()
+                if not is_dir and not entry.is_file():
+                    continue  # sockets, broken links
+                page.append(FolderEntry(entry.name, entry.path, is_dir))
+                if len(page) >= page_size:
+                    yield page
+                    page = []
+        if page:
+            yield page
+        return
+    fs, path = filesystem(uri, options)
+    bucket, _, prefix = path.rstrip("/").partition("/")
+    prefix = prefix + "/" if prefix else ""
+    scheme = uri.split("://", 1)[0]
+    token = None
+    try:
+        while True:
+            request = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/",
+                       "MaxKeys": page_size}
+            if token:
+                request["ContinuationToken"] = token
+            answer = fs.call_s3("list_objects_v2", **request)
+            for common in answer.get("CommonPrefixes", []):
+                name = common["Prefix"][len(prefix):].rstrip("/")
+                if name and not name.startswith("."):
+                    page.append(FolderEntry(name, f"{scheme}://{bucket}/{prefix}{name}", True))
+            for item in answer.get("Contents", []):
+                name = item["Key"][len(prefix):]
+                if name and not name.startswith(".") and not name.endswith("/"):
+                    page.append(FolderEntry(name, f"{scheme}://{bucket}/{item['Key']}", False,
+                                            int(item.get("Size") or 0)))
+            if page:
+                yield page
+                page = []
+            token = answer.get("NextContinuationToken")
+            if not answer.get("IsTruncated") or not token:
+                return
+    except FileNotFoundError:
+        return
+    except PermissionError as e:
+        raise StorageError(f"No permission to list {uri}; check your AWS credentials"
+                           + CREDENTIALS_HINT) from e
+
+
 def matches(key: str, include: Sequence[str], exclude: Sequence[str]) -> bool:
     """Whether ``key`` matches an ``include`` glob (if any) and no ``exclude`` glob."""
     if include and not any(fnmatch.fnmatchcase(key, pattern) for pattern in include):

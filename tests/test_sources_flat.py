@@ -1,0 +1,158 @@
+"""Flat folders and prefixes listed page by page: stable units, collisions across pages."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import boto3
+import pytest
+
+from restorer import sources, storage
+from restorer.jobs import RestoreSpec, spec_from_flags
+from restorer.pipeline import source_config
+from restorer.sources import expand, listing_tasks
+
+NAMES = [f"img{i:04d}.png" for i in range(300)] + ["a.png", "A.bmp", "b.PNG", "b.png"]
+
+
+def _config(uri: str, page_size: int, partition_keys: int, **flags):
+    spec = spec_from_flags(RestoreSpec, input=uri, output="out", **flags)
+    return dataclasses.replace(source_config(spec, "files"), page_size=page_size,
+                               partition_keys=partition_keys)
+
+
+def _rows(uri: str, config, done=frozenset()):
+    """(unit id, key, status, error class) of every row, in listing order, and the tasks."""
+    tasks = listing_tasks(uri, config)
+    rows = [(r["unit"], r["key"], r["status"], r["error_class"])
+            for task in tasks for unit in expand(task, config, done) for r in unit]
+    return rows, tasks
+
+
+def _shuffled_scan(seed: int):
+    """storage.scan_folder as a file system with another entry order would list."""
+    real = storage.scan_folder
+
+    def scan(uri, options=None, page_size=storage.LIST_PAGE_SIZE):
+        entries = [e for page in real(uri, options or storage.StorageOptions(), 10**9)
+                   for e in page]
+        random.Random(seed).shuffle(entries)
+        for start in range(0, len(entries), page_size):
+            yield entries[start:start + page_size]
+
+    return scan
+
+
+def test_flat_folder_units_do_not_depend_on_listing_order(tmp_path, monkeypatch):
+    for name in NAMES:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.png").write_bytes(b"x")
+    config = _config(str(tmp_path), page_size=7, partition_keys=40)
+    first, tasks = _rows(str(tmp_path), config)
+    assert [t.partitions for t in tasks if not t.recursive] == [8] * 8  # 304 files / 40 -> 8
+    assert sorted(k for _, k, _, _ in first) == sorted(NAMES + ["sub/c.png"])  # each once
+    for seed in (1, 2):
+        monkeypatch.setattr(storage, "scan_folder", _shuffled_scan(seed))
+        assert _rows(str(tmp_path), config)[0] == first
+    # a committed unit comes back as one skipped marker, the others unchanged
+    unit = first[0][0]
+    again, _ = _rows(str(tmp_path), config, frozenset({unit}))
+    assert again[0] == (unit, "", "skipped", "")
+    assert again[1:] == [r for r in first if r[0] != unit]
+
+
+def test_small_flat_folder_makes_the_units_of_one_sorted_listing(tmp_path):
+    """Up to partition_keys files, a flat folder is one partition: the units ledger format 1
+    made (one sorted listing of the folder), so older outputs resume unchanged."""
+    for name in NAMES:
+        (tmp_path / name).write_bytes(b"x")
+    config = _config(str(tmp_path), page_size=7, partition_keys=1000)
+    rows, tasks = _rows(str(tmp_path), config)
+    assert [(t.partition, t.partitions) for t in tasks] == [(0, 1)]
+    keys = [k for _, k, _, _ in rows]
+    assert keys == sorted(NAMES)
+    old = [dict(r) for r in (sources._row(e.key, e.uri, config, e.size) for e in next(
+        storage.walk_files(str(tmp_path), recursive=False)))]
+    sources._mark_collisions(old)
+    assert [r[0] for r in rows] == [r["unit"] for u in sources._units(old, frozenset())
+                                    for r in u]
+
+
+def test_collisions_are_caught_across_pages_and_partitions(tmp_path):
+    for name in NAMES:
+        (tmp_path / name).write_bytes(b"x")
+    config = _config(str(tmp_path), page_size=1, partition_keys=16, format="png")
+    rows, tasks = _rows(str(tmp_path), config)
+    assert len(tasks) == 32
+    failed = {k: cls for _, k, status, cls in rows if status == "failed"}
+    assert failed == {"a.png": "OutputCollision", "A.bmp": "OutputCollision",
+                      "b.PNG": "OutputCollision", "b.png": "OutputCollision"}
+
+
+def test_partitions_are_a_power_of_two_of_bounded_size():
+    assert [sources.flat_partitions(n, 100) for n in (0, 1, 100, 101, 400, 401)] == \
+        [1, 1, 1, 2, 4, 8]
+    counts = [0] * 8
+    for i in range(8000):
+        counts[sources.partition_of(f"img{i:05d}.png", 8)] += 1
+    assert max(counts) < 1.1 * 1000  # crc32 spreads names evenly
+    assert sources.partition_of("Photo.JPG", 8) == sources.partition_of("photo.png", 8)
+
+
+def test_detect_layout_reads_only_the_first_page(tmp_path, monkeypatch):
+    for name in NAMES:
+        (tmp_path / name).write_bytes(b"x")
+    pages = []
+    real = storage.scan_folder
+
+    def scan(*args, **kwargs):
+        for page in real(*args, **kwargs):
+            pages.append(len(page))
+            yield page
+
+    monkeypatch.setattr(storage, "scan_folder", scan)
+    assert sources.detect_layout(str(tmp_path), "auto", storage.StorageOptions()) == "files"
+    assert len(pages) == 1
+
+
+@pytest.mark.s3
+def test_s3_flat_prefix_units_are_stable_and_match_a_local_copy(s3_server, bucket, tmp_path):
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    for name in NAMES:
+        client.put_object(Bucket=bucket, Key=f"raw/{name}", Body=b"x")
+        (tmp_path / name).write_bytes(b"x")
+    client.put_object(Bucket=bucket, Key="raw/sub/c.png", Body=b"x")
+    client.put_object(Bucket=bucket, Key="raw/.hidden.png", Body=b"x")
+    uri = f"s3://{bucket}/raw"
+    config = _config(uri, page_size=9, partition_keys=40, format="png")
+    rows, tasks = _rows(uri, config)
+    assert sum(1 for t in tasks if t.partitions == 8) == 8
+    assert rows == _rows(uri, config)[0]
+    flat = [r for r in rows if "/" not in r[1]]
+    local = _config(str(tmp_path), page_size=1000, partition_keys=40, format="png")
+    assert flat == _rows(str(tmp_path), local)[0]  # same keys, same units, same collisions
+    assert {k for _, k, s, _ in rows if s == "failed"} == {"a.png", "A.bmp", "b.PNG", "b.png"}
+    assert [r[1] for r in rows if "/" in r[1]] == ["sub/c.png"]
+
+
+def test_an_older_ledger_is_refused_only_where_its_units_differ(tmp_path):
+    import json
+
+    from restorer.errors import JobError
+    from restorer.pipeline import _refuse_older_units
+    from restorer.sources import ListingTask
+
+    out = tmp_path / "out"
+    (out / "_restorer").mkdir(parents=True)
+    (out / "_restorer" / "job.json").write_text(json.dumps({"ledger_format_version": 1}))
+    spec = spec_from_flags(RestoreSpec, input=str(tmp_path / "in"), output=str(out))
+    one = [ListingTask("files", "in", recursive=False, partition=0, partitions=1)]
+    _refuse_older_units(spec, one)  # a folder of one partition: the units of format 1
+    many = [ListingTask("files", "in", recursive=False, partition=p, partitions=2)
+            for p in range(2)]
+    with pytest.raises(JobError, match="ledger format 1.*--overwrite"):
+        _refuse_older_units(spec, many)
+    (out / "_restorer" / "job.json").write_text(json.dumps({"ledger_format_version": 2}))
+    _refuse_older_units(spec, many)
