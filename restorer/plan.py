@@ -70,7 +70,7 @@ def plan_job(spec: RestoreSpec, workers: int, sample_size: int = 200,
         seconds = megapixels / rate if rate else float("inf")
         plan.update(calibration_from=f"{calibration['machine']} on {calibration['date']} "
                                      f"({calibration['device']})",
-                    estimated_seconds=round(seconds, 3),
+                    estimated_seconds=float(f"{seconds:.4g}"),  # 4 significant digits: small jobs too
                     estimated_hours=round(seconds / 3600, 2),
                     gpu_hours=round(seconds / 3600 * workers, 2)
                     if calibration["device"] == "cuda" else 0.0)

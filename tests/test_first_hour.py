@@ -28,6 +28,11 @@ def _images(folder: Path, names: list[str], seed: int = 0, size: tuple[int, int]
         Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(path)
 
 
+def _json(output: str) -> dict:
+    """The first JSON document in a command's output (Ray may print lines after it)."""
+    return json.JSONDecoder().raw_decode(output, output.index("{"))[0]
+
+
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fails the test if the code under test asks for Ray (``runtime.ensure_ray``)."""
@@ -113,7 +118,7 @@ def test_dry_run_without_calibration_times_the_model(tmp_path, monkeypatch, tiny
     result = CliRunner().invoke(main, ["restore", str(tmp_path / "in"), str(tmp_path / "o"),
                                        "--model", tiny_model, "--dry-run", "--json"])
     assert result.exit_code == 0, result.output
-    plan = json.loads(result.output[result.output.index("{"):])
+    plan = _json(result.output)
     assert plan["images"] == 3 and plan["estimated_seconds"] > 0
     assert "quick timing" in plan["calibration_from"]
     result = CliRunner().invoke(main, ["restore", str(tmp_path / "in"), str(tmp_path / "o"),
@@ -182,7 +187,7 @@ def test_one_file_several_files_and_a_rerun(ray_session, tmp_path, tiny_model):
                                   str(tmp_path / "one"), "--model", tiny_model, "--json"])
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["_restorer", "photo.png"]
-    summary = json.loads(result.output[result.output.index("{"):])
+    summary = _json(result.output)
     assert summary["input_bytes"] == (tmp_path / "in" / "photo.png").stat().st_size
     assert summary["steady_images_per_second"] is None  # one image: no steady state to measure
 
@@ -197,7 +202,7 @@ def test_one_file_several_files_and_a_rerun(ray_session, tmp_path, tiny_model):
     # a rerun with nothing to do: no images processed, no rate, never a negative one
     result = runner.invoke(main, ["restore", str(tmp_path / "in" / "photo.png"),
                                   str(tmp_path / "one"), "--model", tiny_model, "--json"])
-    summary = json.loads(result.output[result.output.index("{"):])
+    summary = _json(result.output)
     assert (summary["succeeded"], summary["skipped"]) == (0, 1)
     assert summary["images_per_second"] is None and summary["steady_images_per_second"] is None
 
@@ -212,7 +217,7 @@ def test_output_inside_input_is_left_out_of_the_listing(ray_session, tmp_path, t
         result = runner.invoke(main, ["restore", str(tmp_path / "in"), str(out),
                                       "--model", tiny_model, "--json"])
         assert result.exit_code == 0, result.output
-        summary = json.loads(result.output[result.output.index("{"):])
+        summary = _json(result.output)
         assert summary["total"] == 3, summary
     assert not (out / "restored").exists()
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*.png")) == [
@@ -225,7 +230,7 @@ def test_summary_resolves_the_default_model_and_its_settings(ray_session, tmp_pa
     result = CliRunner().invoke(main, ["restore", str(tmp_path / "in"), str(tmp_path / "o"),
                                        "--json"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{"):])
+    summary = _json(result.output)
     model = summary["spec"]["model"]
     assert model["name"] == "restore-default"
     assert model["overlap"] == summary["fingerprint"]["overlap"] > 0  # the receptive field
@@ -266,7 +271,7 @@ def test_outputs_of_the_previous_fingerprint_version_resume(ray_session, tmp_pat
     job_path.write_text(json.dumps(job))
     result = CliRunner().invoke(main, [*args, "--tile", "256", "--json"])
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.output[result.output.index("{"):])
+    summary = _json(result.output)
     assert summary["resumed"] and (summary["skipped"], summary["succeeded"]) == (2, 0)
     assert "padded image edges by replication" in caplog.text  # what changed, and the remedy
     upgraded = json.loads(job_path.read_text())
