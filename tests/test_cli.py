@@ -43,7 +43,7 @@ def test_restore_and_run_share_one_spec(ray_session, mixed_folder, tmp_path, tin
     result = runner.invoke(main, ["restore", str(source), str(tmp_path / "a"), "--model",
                                   tiny_model, "--format", "png", "--limit", "3", "--json"])
     assert result.exit_code == 3, result.output  # corrupt.jpg is among the first 3 inputs
-    summary = json.loads(result.output[result.output.index("{"):])
+    summary = json.JSONDecoder().raw_decode(result.output, result.output.index("{"))[0]
     assert (summary["total"], summary["succeeded"], summary["failed"]) == (3, 2, 1)
     assert summary["spec"]["output"]["format"] == "png"
 

@@ -365,7 +365,7 @@ def test_eval_command_with_trim_edges_and_frame(odd_dir):
     result = runner.invoke(main, ["eval", "--data", str(odd_dir), "--trim", "1x3", "--edges",
                                   "--json"])
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output[result.output.index("{"):])
+    out = json.JSONDecoder().raw_decode(result.output, result.output.index("{"))[0]
     assert out["trim"] == [1, 3] and "band_gap_mean" in out and out["through"] == "net"
     result = runner.invoke(main, ["eval", "--data", str(odd_dir), "--frame", "gray"])
     assert result.exit_code == 0, result.output

@@ -100,11 +100,11 @@ def test_manifest_with_a_missing_object(ray_session, s3, bucket, mixed_folder, t
     for _ in range(2):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 5, result.output
-        summary = json.loads(result.output[result.output.index("{"):])
+        summary = json.JSONDecoder().raw_decode(result.output, result.output.index("{"))[0]
         assert summary["missing_inputs"] == 1 and summary["failed"] == 0, summary
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 3, result.output
-    summary = json.loads(result.output[result.output.index("{"):])
+    summary = json.JSONDecoder().raw_decode(result.output, result.output.index("{"))[0]
     assert summary["failed"] == 1, summary
     errors = pq.read_table(io.BytesIO(s3.get_object(Bucket=bucket, Key=next(
         k for k in _keys(s3, bucket, "restored/_restorer/errors.parquet/")))["Body"].read()))
