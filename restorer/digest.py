@@ -365,6 +365,25 @@ def robust(histogram: dict[str, int], k: float, min_spread: float,
     return {"median": median, "spread": spread, "cutoff": median + k * spread}
 
 
+
+def outlier_reasons(entry: dict[str, Any], stats: dict[str, Any], k: float,
+                    threshold: float | None) -> list[str]:
+    """Why ``entry`` is an outlier (empty if it is not): each of change_mean, change_p99 and
+    residual_structure above its cutoff (structure only with a visible change), and
+    change_mean above ``threshold``. Shared by the digest and the ledger-scan paths."""
+    reasons = []
+    for name in ("change_mean", "change_p99", "residual_structure"):
+        figures, value = stats.get(name), entry.get(name)
+        if figures and value is not None and value > figures["cutoff"] and (
+                name != "residual_structure" or entry["change_mean"] >= MIN_STRUCTURE_CHANGE):
+            digits = 3 if name == "residual_structure" else 2
+            reasons.append(f"{name} {value:.{digits}f} > typical "
+                           f"{figures['median']:.{digits}f} + {k:g} x "
+                           f"{figures['spread']:.{digits}f} = {figures['cutoff']:.{digits}f}")
+    if threshold is not None and entry["change_mean"] > threshold:
+        reasons.append(f"change_mean {entry['change_mean']:.2f} > threshold {threshold:g}")
+    return reasons
+
 def flag(job: Digest, k: float, min_spread: float, min_records: int,
          threshold: float | None = None, limit: int = 100
          ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -386,18 +405,7 @@ def flag(job: Digest, k: float, min_spread: float, min_records: int,
     flagged: dict[str, dict[str, Any]] = {}
     for entry in job.top_mean + job.top_p99 + job.top_structure_changed:
         entry = {"residual_structure": None, **entry}  # digests written before it
-        reasons = []
-        for name in ("change_mean", "change_p99", "residual_structure"):
-            figures, value = stats[name], entry[name]
-            if figures and value is not None and value > figures["cutoff"] and (
-                    name != "residual_structure"
-                    or entry["change_mean"] >= MIN_STRUCTURE_CHANGE):
-                digits = 3 if name == "residual_structure" else 2
-                reasons.append(f"{name} {value:.{digits}f} > typical "
-                               f"{figures['median']:.{digits}f} + {k:g} x "
-                               f"{figures['spread']:.{digits}f} = {figures['cutoff']:.{digits}f}")
-        if threshold is not None and entry["change_mean"] > threshold:
-            reasons.append(f"change_mean {entry['change_mean']:.2f} > threshold {threshold:g}")
+        reasons = outlier_reasons(entry, stats, k, threshold)
         if reasons:
             flagged[entry["key"]] = dict(entry, reason="; ".join(reasons))
     for top, name in ((job.top_mean, "change_mean"), (job.top_p99, "change_p99"),

@@ -51,6 +51,7 @@ from restorer.digest import (
     Digest,
     histogram_values,
     job_digest,
+    outlier_reasons,
 )
 from restorer.digest import flag as flag_from_digest
 from restorer.errors import JobError, RestorerError
@@ -224,19 +225,7 @@ def scan_outliers(records: Iterable[dict[str, Any]], k: float = OUTLIER_K,
     flagged: dict[str, dict[str, Any]] = {}
     for heap in tops.values():
         for _, _, entry in heap:
-            reasons = []
-            for name in OUTLIER_COLUMNS:
-                robust, value = stats[name], entry[name]
-                if robust and value is not None and value > robust["cutoff"] and (
-                        name != "residual_structure"
-                        or entry["change_mean"] >= MIN_STRUCTURE_CHANGE):
-                    digits = 3 if name == "residual_structure" else 2
-                    reasons.append(f"{name} {value:.{digits}f} > typical "
-                                   f"{robust['median']:.{digits}f} + {k:g} x "
-                                   f"{robust['spread']:.{digits}f} = "
-                                   f"{robust['cutoff']:.{digits}f}")
-            if threshold is not None and entry["change_mean"] > threshold:
-                reasons.append(f"change_mean {entry['change_mean']:.2f} > threshold {threshold:g}")
+            reasons = outlier_reasons(entry, stats, k, threshold)
             if reasons:
                 flagged[entry["key"]] = dict(entry, reason="; ".join(reasons))
     for name, heap in tops.items():
