@@ -155,6 +155,10 @@ def main(verbose: bool) -> None:
 @click.option("--jpeg-quality", type=int, default=None)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None)
 @click.option("--strength", type=float, default=None, help="0..1 blend with the input.")
+@click.option("--flat-fill", type=click.Choice(["auto", "on", "off"]), default=None,
+              help="Fill clean flat regions (frames, clipped areas) with the image's noise "
+                   "before a blind denoiser, so the photo beside them is denoised too "
+                   "(default auto: for models trained to denoise).")
 @click.option("--limit", type=int, default=None, help="Restore at most N inputs.")
 @click.option("--include", multiple=True, help="Glob on relative keys to include (repeatable).")
 @click.option("--exclude", multiple=True, help="Glob on relative keys to exclude (repeatable).")
@@ -169,7 +173,7 @@ def main(verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @_errors_to_exit_codes
 def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, precision, strength,
-            limit, include, exclude, overwrite, retry_failed, max_pixels, batch_size, num_cpus,
+            flat_fill, limit, include, exclude, overwrite, retry_failed, max_pixels, batch_size, num_cpus,
             object_store_mb, dry_run, workers, gpus_per_worker, address, as_json):
     """Restore every image under INPUT (or in --manifest) into OUTPUT, under the same keys.
 
@@ -190,7 +194,7 @@ def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, pre
     spec = jobs.spec_from_flags(
         jobs.RestoreSpec, input=input_uri, output=output_uri, model=model, tile=tile,
         overlap=overlap, format=fmt, jpeg_quality=jpeg_quality, precision=precision,
-        strength=strength, limit=limit, include=list(include) or None,
+        strength=strength, flat_fill=flat_fill, limit=limit, include=list(include) or None,
         exclude=list(exclude) or None, overwrite=overwrite, retry_failed=retry_failed,
         max_pixels=max_pixels, batch_size=batch_size, num_cpus=num_cpus,
         object_store_mb=object_store_mb, workers=workers, gpus_per_worker=gpus_per_worker,
@@ -298,6 +302,10 @@ def train(spec_path, workers, gpus_per_worker, address, as_json):
                    "precision).")
 @click.option("--tile", type=click.IntRange(min=0), default=256, show_default=True,
               help="--through actor: tile size (0 = whole images), as `restorer restore`.")
+@click.option("--flat-fill", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="Fill clean flat regions with the image's noise before the net, as `restorer "
+                   "restore` does (auto: for models trained to denoise).")
 @click.option("--sheet", type=click.Path(dir_okay=False), default=None,
               help="Also write a PNG contact sheet (degraded | restored | clean, and zoomed "
                    "crops) of the first images here.")
@@ -306,7 +314,7 @@ def train(spec_path, workers, gpus_per_worker, address, as_json):
 @click.option("--json", "as_json", is_flag=True)
 @_errors_to_exit_codes
 def evaluate_command(model, data_dir, task, sigma, quality, scale, baseline, trim, edges, frame,
-                     through, tile, sheet, sheet_rows, as_json):
+                     through, tile, flat_fill, sheet, sheet_rows, as_json):
     """Measure a model in the reference conventions (PSNR/SSIM on 8-bit, seeded noise)."""
     from restorer.evaluate import evaluate
 
@@ -320,7 +328,7 @@ def evaluate_command(model, data_dir, task, sigma, quality, scale, baseline, tri
                           baseline=baseline, sheet=sheet, sheet_rows=sheet_rows,
                           trim=(trim_rows, trim_columns), edges=edges,
                           frame=None if frame is None else {"black": 0, "gray": 128}[frame],
-                          through=through, tile=tile)
+                          through=through, tile=tile, flat_fill=flat_fill)
     except ValueError as e:
         raise SpecError(str(e)) from e
     except OSError as e:  # an unreadable image, or a sheet that cannot be written

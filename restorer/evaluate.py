@@ -62,7 +62,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from restorer import degrade, metrics
+from restorer import degrade, flat, metrics
 from restorer.checkpoint import LoadedModel
 from restorer.models import get_model
 from restorer.progress import Progress
@@ -156,12 +156,17 @@ def _run_planes(net: nn.Module, img: np.ndarray) -> np.ndarray:
     return run_net(net, img)
 
 
-def _as_net(model: str | LoadedModel | nn.Module) -> nn.Module:
+def _as_net(model: str | LoadedModel | nn.Module, flat_fill: str = "off") -> nn.Module:
+    """The net to run on whole images: with flat regions filled (:mod:`restorer.flat`) when
+    ``flat_fill`` says so for this model (``auto``: from its provenance; a bare net has none)."""
     if isinstance(model, nn.Module):
-        return model
-    if isinstance(model, LoadedModel):
-        return model.net
-    return get_model(model).net
+        net, provenance = model, {}
+    else:
+        loaded = model if isinstance(model, LoadedModel) else get_model(model)
+        net, provenance = loaded.net, loaded.provenance
+    if flat.wanted(flat_fill, provenance, getattr(net, "scale", 1)):
+        return flat.FlatFilled(net)
+    return net
 
 
 def _measured(img: np.ndarray, task: str, scale: int | None) -> np.ndarray:
@@ -222,7 +227,8 @@ def _framed(img: np.ndarray, level: float) -> np.ndarray:
     return np.pad(img, pad, mode="constant", constant_values=level)
 
 
-def _actor_runner(model: str | LoadedModel | nn.Module | None, tile: int, precision: str):
+def _actor_runner(model: str | LoadedModel | nn.Module | None, tile: int, precision: str,
+                  flat_fill: str = "auto"):
     """A function float HW/HWC -> uint8 restoring as ``restorer restore`` does (see the module
     docstring), through one in-process :class:`RestoreActor`."""
     from restorer.pipeline import RestoreActor
@@ -231,7 +237,7 @@ def _actor_runner(model: str | LoadedModel | nn.Module | None, tile: int, precis
         raise TypeError("through='actor' needs a model name or path (the actor loads it), "
                         "not a bare net")
     actor = RestoreActor(model=model.source if isinstance(model, LoadedModel) else model,
-                         tile=tile, precision=precision)
+                         tile=tile, precision=precision, flat_fill=flat_fill)
 
     def run(degraded: np.ndarray) -> np.ndarray:
         saved = to_uint8(degraded)
@@ -246,7 +252,8 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
              scale: int | None = None, baseline: str | None = None,
              sheet: str | Path | None = None, sheet_rows: int = 4,
              trim: tuple[int, int] = (0, 0), edges: bool = False, frame: float | None = None,
-             through: str = "net", tile: int = 256, precision: str = "auto") -> dict[str, Any]:
+             through: str = "net", tile: int = 256, precision: str = "auto",
+             flat_fill: str = "auto") -> dict[str, Any]:
     """Restore every image in ``data_dir`` after degrading it, and measure PSNR/SSIM.
 
     ``model``: a zoo name, a model path, a ``LoadedModel`` or a net (float32 NCHW ``[0, 1]`` in
@@ -259,7 +266,9 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
     CPU core, about 4x that per 512x512). ``sheet``: also write a PNG :func:`contact_sheet` of
     the first ``sheet_rows`` images there. ``trim``, ``edges``, ``frame`` (a gray level on the
     0-255 scale; denoising and JPEG only), ``through`` (``"net"`` or ``"actor"``, the latter with
-    the actor's ``tile`` and ``precision``): see the module docstring.
+    the actor's ``tile`` and ``precision``): see the module docstring. ``flat_fill`` (``auto``,
+    ``on``, ``off``): fill clean flat regions with the image's noise before the net, as
+    ``restorer restore`` does (:mod:`restorer.flat`; ``auto``: for models trained to denoise).
 
     Returns ``{"task", "sigma"|"quality"|"scale", "count", "psnr", "ssim", "input_psnr",
     ["baseline_psnr"], "seconds", "rows", "through", "trim", ["frame"]}`` where ``rows`` holds
@@ -290,11 +299,11 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
                          f"{frame} for task {task!r}")
     if through not in THROUGH:
         raise ValueError(f"Unknown through {through!r}; choose from {list(THROUGH)}")
-    net = _as_net(model)
+    net = _as_net(model, flat_fill)
     channels = getattr(net, "channels", 1)
     net_scale = getattr(net, "scale", 1)
     if through == "actor":
-        restore = _actor_runner(model, tile, precision)
+        restore = _actor_runner(model, tile, precision, flat_fill)
     else:
         def restore(degraded: np.ndarray) -> np.ndarray:
             return to_uint8(_run_planes(net, degraded))

@@ -62,6 +62,10 @@ class ModelSpec:
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile the net in each actor (CUDA; slower start-up)
     strength: float = 1.0  # 0..1 blend of restored output with the input
+    # Blind denoisers: fill clean flat regions (frames, clipped areas) with the image's own
+    # noise first, so that the photo beside them is denoised too (restorer.flat); auto = for
+    # models trained to denoise | on | off
+    flat_fill: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,8 @@ class RestoreSpec:
         if self.model.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise SpecError(f"model.precision = {self.model.precision!r}; use auto, fp32, bf16 "
                             "or fp16")
+        if self.model.flat_fill not in ("auto", "on", "off"):
+            raise SpecError(f"model.flat_fill = {self.model.flat_fill!r}; use auto, on or off")
         if not 0.0 <= self.model.strength <= 1.0:
             raise SpecError(f"model.strength = {self.model.strength}; use 0..1")
         if self.model.tile < 0 or self.model.overlap < 0:

@@ -90,6 +90,8 @@ log = logging.getLogger(__name__)
 META_DIR = "_restorer"
 LEDGER_FORMAT_VERSION = 2  # 2: a flat folder of more than FLAT_PARTITION_KEYS files is cut
 # into units per hash partition (version 1 cut its sorted whole listing), and runs keep digests
+AUDIT_SIDE = 128  # px: the actor's audit statistics look at a central crop (noise, residual
+# structure: restorer.audit was calibrated on 128 px crops) or a strided view of this side
 FINGERPRINT_VERSION = 2  # 2: tile, overlap and precision resolved (as the actors run them)
 PLAN_FIELDS = [
     ("key", pa.string()), ("uri", pa.string()), ("out_key", pa.string()),
@@ -251,16 +253,17 @@ def _pixels(row: dict[str, Any], name: str = "pixels", channels: int | None = No
 # --- 3. restore (actor pool) -----------------------------------------------------------------
 
 def noise_sigma(plane: torch.Tensor) -> torch.Tensor:
-    """Std of white Gaussian noise in ``plane`` (HW), by Donoho's robust estimator: the median
-    absolute finest-scale diagonal Haar coefficient over 0.6745 (``skimage``'s
-    ``estimate_sigma`` does the same with a db2 wavelet, on the CPU). Image edges inflate it a
-    little; a plane under 8 pixels on a side gives 0."""
-    height, width = (plane.shape[0] // 2) * 2, (plane.shape[1] // 2) * 2
+    """Std of white Gaussian noise in ``plane`` (``...HW``: one value per plane), by Donoho's
+    robust estimator: the median absolute finest-scale diagonal Haar coefficient over 0.6745
+    (``skimage``'s ``estimate_sigma`` does the same with a db2 wavelet, on the CPU). Image
+    edges inflate it a little; a plane under 8 pixels on a side gives 0."""
+    height, width = (plane.shape[-2] // 2) * 2, (plane.shape[-1] // 2) * 2
     if min(height, width) < 8:
-        return plane.new_zeros(())
-    x = plane[:height, :width].float()
-    diagonal = (x[0::2, 0::2] - x[0::2, 1::2] - x[1::2, 0::2] + x[1::2, 1::2]) / 2
-    return diagonal.abs().median() / 0.6745
+        return plane.new_zeros(plane.shape[:-2])
+    x = plane[..., :height, :width].float()
+    diagonal = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2]
+                + x[..., 1::2, 1::2]) / 2
+    return diagonal.abs().flatten(-2).median(-1).values / 0.6745
 
 
 def _p99(values: torch.Tensor) -> torch.Tensor:
@@ -311,16 +314,24 @@ class RestoreActor:
     ``alignment`` (see :mod:`restorer.tiling`). A ``tile`` below 4x the overlap is raised to
     that, rounded up to the alignment, and logged: with a large receptive field (a default
     4-level U-Net needs 112 px of overlap) 256 px tiles would compute each pixel about three
-    times. :attr:`tile` is the tile used; job fingerprints keep the configured one.
+    times. :attr:`tile` is the tile used; job fingerprints keep the configured one. On CPUs
+    tiles shrink to the smallest size that needs no more of them (``balanced``, see
+    :func:`restorer.tiling.plan_tiles`).
+
+    ``flat_fill`` (``auto``, ``on``, ``off``): before a blind denoiser runs, clean flat regions
+    (frames, clipped highlights) are filled with the image's own noise and put back afterwards,
+    so that the photo next to them is denoised like the rest (:mod:`restorer.flat`); ``auto``
+    does it for models trained to denoise. :attr:`flat_fill` says whether this actor does.
     """
 
     def __init__(self, model: str | None = None, tile: int = 256, overlap: int = 0,
                  precision: str = "auto", channels_last: bool = True, strength: float = 1.0,
                  tile_batch: int = 0, threads: int = 0, device: str = "auto",
                  storage_options: storage.StorageOptions = storage.StorageOptions(),
-                 compile: bool = False, model_sha256: str = ""):
+                 compile: bool = False, model_sha256: str = "", flat_fill: str = "auto"):
         import torch
 
+        from restorer import flat
         from restorer.models import get_model
 
         if threads:
@@ -341,6 +352,7 @@ class RestoreActor:
         self.halo = self.net.receptive_field // 2
         self.alignment = getattr(self.net, "alignment", 1)
         self.tile, self.overlap = tile_settings(self.net, tile, overlap)
+        self.flat_fill = flat.wanted(flat_fill, loaded.provenance, self.scale)
         if self.tile != tile:
             log.info("RestoreActor: tile %d raised to %d (4x the overlap of %d px, a multiple of "
                      "the net's alignment %d) so that tiles do not mostly recompute their "
@@ -423,10 +435,17 @@ class RestoreActor:
 
         from restorer.tiling import run_tiled
 
+        from restorer.flat import fill_flat, put_back
+
         tensors = [self._to_tensor(a) for a in arrays]
+        # Blind denoisers: clean flat regions filled with the image's noise (restorer.flat),
+        # on whole images before tiling, so that tiled == untiled still holds.
+        fills = [fill_flat(t) if self.flat_fill else None for t in tensors]
         planes: list[torch.Tensor] = []
         owners: list[tuple[int, int]] = []  # (image index, how many net inputs it became)
         for index, tensor in enumerate(tensors):
+            if fills[index] is not None:
+                tensor = fills[index][0]
             if self.channels == 1:
                 parts = [plane[None] for plane in tensor]
             elif tensor.shape[0] == 1:
@@ -436,7 +455,8 @@ class RestoreActor:
             planes.extend(parts)
             owners.append((index, len(parts)))
         restored = run_tiled(planes, self._forward, self.tile, self.overlap, self.halo,
-                             self.scale, self.tile_batch, self.alignment)
+                             self.scale, self.tile_batch, self.alignment,
+                             balanced=self.device.type != "cuda")
         results, changes, cursor = [], [], 0
         for (index, count), source in zip(owners, tensors):
             parts = restored[cursor:cursor + count]
@@ -444,6 +464,8 @@ class RestoreActor:
             out = torch.cat(parts, 0) if self.channels == 1 else parts[0]
             if out.shape[0] != source.shape[0]:
                 out = out.mean(0, keepdim=True)
+            if fills[index] is not None:
+                out = put_back(out, source, fills[index][1])
             if self.strength < 1.0:
                 base = source if self.scale == 1 else torch.nn.functional.interpolate(
                     source[None], scale_factor=self.scale, mode="bicubic")[0]
@@ -463,25 +485,28 @@ class RestoreActor:
 
     def _change(self, source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """What the model did, cheaply and on the device: |output - input| (mean, 99th
-        percentile) on a <=256px strided view, and the noise level of input and output on a
-        central <=256px crop of the first plane (:func:`noise_sigma`), all in 8-bit levels,
-        and the structure of the residual on that crop (0-1, :func:`residual_structure`; a
-        crop, not the strided view, which would alias the pixel-scale detail it looks for);
-        a tensor of those five values."""
+        percentile) on a strided view of at most ``AUDIT_SIDE`` px a side, and the noise level
+        of input and output on the central ``AUDIT_SIDE`` px crop of the first plane
+        (:func:`noise_sigma`), all in 8-bit levels, and the structure of the residual on that
+        crop (0-1, :func:`restorer.audit.residual_structure`, calibrated on crops of that
+        size; a crop, not the strided view, which would alias the pixel-scale detail it looks
+        for); a tensor of those five values."""
         import torch
 
         from restorer.audit import residual_structure
 
         if self.scale > 1:
             out = torch.nn.functional.avg_pool2d(out[None], self.scale)[0]
-        step = max(1, math.ceil(max(source.shape[-2:]) / 256))
+        step = max(1, math.ceil(max(source.shape[-2:]) / AUDIT_SIDE))
         diff = (out[:, ::step, ::step] - source[:, ::step, ::step]).abs().flatten() * 255.0
         height, width = source.shape[-2:]
-        y0, x0 = max(0, (height - 256) // 2), max(0, (width - 256) // 2)
-        crops = [image[:, y0:y0 + 256, x0:x0 + 256] for image in (source, out)]
-        noise = [noise_sigma(crop[0]) * 255.0 for crop in crops]
-        structure = residual_structure(crops[0][None], crops[1][None])[0]
-        return torch.stack([diff.mean(), _p99(diff), *noise, structure]).float()
+        y0, x0 = max(0, (height - AUDIT_SIDE) // 2), max(0, (width - AUDIT_SIDE) // 2)
+        crops = torch.stack([image[:, y0:y0 + AUDIT_SIDE, x0:x0 + AUDIT_SIDE]
+                             for image in (source, out)])
+        noise = noise_sigma(crops[:, 0]) * 255.0  # input's and output's, in one selection
+        structure = residual_structure(crops[:1], crops[1:])[0]
+        return torch.cat([torch.stack([diff.mean(), _p99(diff)]), noise,
+                          structure[None]]).float()
 
     def __call__(self, batch):
         if isinstance(batch, dict):  # a user's pipeline: numpy batches with an "image" column
@@ -898,7 +923,7 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
             "channels_last": spec.model.channels_last, "strength": spec.model.strength,
             "tile_batch": spec.resources.tile_batch, "threads": plan.threads_per_worker,
             "storage_options": options, "compile": spec.model.compile,
-            "model_sha256": model_sha256})
+            "model_sha256": model_sha256, "flat_fill": spec.model.flat_fill})
     return ds.map_batches(
         encode_and_write, batch_format="pyarrow", batch_size=8, num_cpus=0.5,
         fn_kwargs={"output_uri": spec.output.uri, "options": encode_options,
@@ -938,7 +963,8 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
         spec = replace_field(spec, "model", "name", DEFAULT_MODEL)
     model_uri = resolve_model_uri(spec.model.name)
     model_sha256 = hashlib.sha256(storage.read_bytes(model_uri, options)).hexdigest()
-    net = get_model(model_uri, options).net  # fail here, before any work, if it is unusable
+    loaded = get_model(model_uri, options)  # fail here, before any work, if it is unusable
+    net = loaded.net
     _refuse_input_as_output(spec)
     layout = detect_layout(spec.input.uri, spec.input.layout, options)
     config = source_config(spec, layout)
@@ -962,18 +988,22 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
                                   "job; choose an empty output or pass --overwrite")
     lease = Lease(meta_uri(spec, "lease.json"), options, spec.limits.lease_stale_seconds)
     with lease:  # one job per output, from before anything is written until the end
-        return _run_leased(spec, model_uri, model_sha256, net, layout, config, tasks)
+        return _run_leased(spec, model_uri, model_sha256, net, layout, config, tasks,
+                           loaded.provenance)
 
 
 def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch.nn.Module,
-                layout: str, config: SourceConfig, tasks: list[ListingTask]) -> dict[str, Any]:
-    from restorer.runtime import cluster_shape, ensure_ray, plan_workers
+                layout: str, config: SourceConfig, tasks: list[ListingTask],
+                provenance: dict[str, Any]) -> dict[str, Any]:
+    from restorer import flat
+    from restorer.runtime import cluster_shape, cpu_threads_for, ensure_ray, plan_workers
 
     embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
                           spec.resources.object_store_mb)
     plan = plan_workers(spec.resources.workers, spec.resources.gpus_per_worker,
                         spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
                         *cluster_shape(), can_autoscale=not embedded)
+    plan = cpu_threads_for(net, plan, spec.resources.threads_per_worker)
     log.info("worker plan: %s", plan)
     legacy_fingerprint = spec.fingerprint(model_sha256)  # outputs of restorer before 0.2
     tile, overlap = tile_settings(net, spec.model.tile, spec.model.overlap)
@@ -984,6 +1014,10 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
     # Since fingerprint version 2, images are padded by reflection at their bottom/right edges
     # (version 1 replicated edge pixels): part of how outputs are made.
     fingerprint = {**spec.fingerprint(model_sha256), "edge_padding": "reflect"}
+    if flat.wanted(spec.model.flat_fill, provenance, getattr(net, "scale", 1)):
+        # Flat regions filled with the image's noise (restorer.flat): part of how outputs are
+        # made; absent when off, so that jobs of other models keep their fingerprints.
+        fingerprint["flat_fill"] = f"noise-{flat.FLAT_WINDOW}"
     state = JobState(spec, model_uri, model_sha256, fingerprint)
     _refuse_older_units(spec, tasks)
     resumed = (prepare_output(spec, fingerprint, model_uri, legacy_fingerprint)

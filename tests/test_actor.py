@@ -204,18 +204,20 @@ def test_read_and_write_tasks_import_the_pipeline_without_torch():
 
 
 def test_residual_structure_is_measured_on_the_central_crop(tmp_path):
-    """The ledger's residual_structure is restorer.audit's score on the central <=256px crop."""
+    """The ledger's residual_structure is restorer.audit's score on the central crop of
+    AUDIT_SIDE (128) px, the size the score was calibrated on."""
     from restorer.audit import residual_structure
+    from restorer.pipeline import AUDIT_SIDE as side
 
     path, _ = _model(tmp_path, 1)
     rng = np.random.default_rng(4)
-    y0, x0 = (300 - 256) // 2, (280 - 256) // 2
+    y0, x0 = (300 - side) // 2, (280 - side) // 2
     image = np.zeros((300, 280, 3), dtype=np.uint8)  # a flat frame (residual ~ constant) ...
-    image[y0:y0 + 256, x0:x0 + 256] = rng.integers(0, 255, (256, 256, 3))  # ... around noise
+    image[y0:y0 + side, x0:x0 + side] = rng.integers(0, 255, (side, side, 3))  # ... around noise
     (out,), (stats,) = RestoreActor(model=path, tile=0).restore_arrays([image])
 
     def crop(a):
-        a = a[y0:y0 + 256, x0:x0 + 256].astype(np.float32) / 255
+        a = a[y0:y0 + side, x0:x0 + side].astype(np.float32) / 255
         return torch.from_numpy(a).permute(2, 0, 1)[None]
 
     expected = float(residual_structure(crop(image), crop(out))[0])

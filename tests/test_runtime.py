@@ -34,3 +34,19 @@ def test_impossible_plans_are_refused_not_hung(args, match):
 def test_explicit_gpu_workers_wait_for_an_autoscaling_cluster():
     plan = plan_workers(4, 1.0, 0.0, 0, total_cpus=8, total_gpus=0, node_cpus=8, nodes=1)
     assert (plan.workers, plan.gpus_per_worker) == (4, 1.0)
+
+
+def test_cheap_nets_get_one_cpu_thread_unless_threads_are_configured():
+    from restorer.nets import build_net
+    from restorer.runtime import WorkerPlan, cpu_threads_for, macs_per_pixel
+
+    cheap = build_net({"arch": "dncnn", "channels": 3, "num_layers": 2, "num_features": 4})
+    costly = build_net({"arch": "dncnn", "channels": 3, "num_layers": 6, "num_features": 32})
+    assert macs_per_pixel(cheap) == 2 * 3 * 4 * 9
+    assert macs_per_pixel(costly) == 2 * 3 * 32 * 9 + 4 * 32 * 32 * 9
+    cpu = WorkerPlan(1, 1.0, 0.0, 2)
+    assert cpu_threads_for(cheap, cpu, 0).threads_per_worker == 1
+    assert cpu_threads_for(costly, cpu, 0).threads_per_worker == 2
+    assert cpu_threads_for(cheap, cpu, 2).threads_per_worker == 2  # configured: kept
+    gpu = WorkerPlan(1, 1.0, 1.0, 2)
+    assert cpu_threads_for(cheap, gpu, 0).threads_per_worker == 2

@@ -6,6 +6,7 @@ import torch
 
 from restorer.nets import build_net
 from restorer.tiling import (
+    balanced_tile,
     effective_tile,
     pad_reflect,
     plan_tiles,
@@ -39,14 +40,15 @@ def _assert_same_up_to_rounding(whole, tiled):
     assert mse == 0 or 10 * np.log10(1 / mse) >= 50
 
 
+@pytest.mark.parametrize("balanced", [False, True])
 @pytest.mark.parametrize("shape", [(300, 517), (64, 64), (3, 400), (129, 65)])
-def test_tiled_equals_whole_image(net, shape):
+def test_tiled_equals_whole_image(net, shape, balanced):
     torch.manual_seed(1)
     image = torch.rand(1, *shape)
     with torch.no_grad():
         whole = net(image[None])[0]
         tiled = run_tiled([image], net, tile=48, overlap=net.receptive_field + 3,
-                          halo=net.receptive_field // 2, batch_size=3)[0]
+                          halo=net.receptive_field // 2, batch_size=3, balanced=balanced)[0]
     _assert_same_up_to_rounding(whole, tiled)
 
 
@@ -65,9 +67,10 @@ def other_net(request):
 
 # odd sides, sides not a multiple of the U-Net's alignment, thinner and smaller than one tile,
 # and sides shorter than the pad to the alignment (1, 3: mirrored more than once)
+@pytest.mark.parametrize("balanced", [False, True])
 @pytest.mark.parametrize("shape", [(100, 133), (61, 64), (3, 170), (7, 9), (1, 1), (3, 5),
                                    (7, 7), (1, 133), (129, 2)])
-def test_aligned_and_super_resolution_nets_tile_like_whole_images(other_net, shape):
+def test_aligned_and_super_resolution_nets_tile_like_whole_images(other_net, shape, balanced):
     torch.manual_seed(1)
     image = torch.rand(1, *shape)
     rf = other_net.receptive_field
@@ -75,9 +78,28 @@ def test_aligned_and_super_resolution_nets_tile_like_whole_images(other_net, sha
         whole = other_net(image[None])[0]
         tiled = run_tiled([image], other_net, tile=60, overlap=rf + 3, halo=rf // 2,
                           scale=other_net.scale, batch_size=3,
-                          alignment=getattr(other_net, "alignment", 1))[0]
+                          alignment=getattr(other_net, "alignment", 1), balanced=balanced)[0]
     assert tiled.shape == (1, shape[0] * other_net.scale, shape[1] * other_net.scale)
     _assert_same_up_to_rounding(whole, tiled)
+
+
+@pytest.mark.parametrize("length,tile,overlap,alignment", [
+    (384, 256, 8, 1), (640, 256, 8, 1), (1001, 256, 40, 1), (257, 256, 40, 1),
+    (1000, 448, 112, 8), (480, 448, 112, 8), (200, 256, 8, 1), (96, 32, 13, 16)])
+def test_balanced_tiles_keep_the_count_and_shrink_to_fit(length, tile, overlap, alignment):
+    side = balanced_tile(length, tile, overlap, alignment)
+    count = len(tile_positions(length, tile, overlap, alignment))
+    starts = tile_positions(length, side, overlap, alignment)
+    assert len(starts) == count  # as many tiles as the configured tile needs
+    assert side <= min(tile, length) and side % alignment == 0 or side == length
+    assert starts[0] == 0 and starts[-1] + side == length
+    for a, b in itertools.pairwise(starts):
+        assert b - a <= side - overlap  # still overlapping by at least `overlap`
+    smaller = side - alignment
+    if count > 1 and smaller > -(-overlap // alignment) * alignment:  # no smaller tile does it
+        assert len(tile_positions(length, side - alignment, overlap, alignment)) > count
+    if (length, tile, overlap) == (384, 256, 8):
+        assert side == 196  # 2 x 196 px instead of 2 x 256: 1.7x fewer pixels a 384x384 image
 
 
 def test_unaligned_tiles_break_a_unet():
