@@ -139,5 +139,13 @@ class FlatFilled(nn.Module):
         return torch.stack(outputs)
 
 
-__all__ = ["FLAT_WINDOW", "FlatFilled", "MODES", "fill_flat", "flat_regions", "noise_level",
-           "put_back", "wanted"]
+__all__ = [
+    "FLAT_WINDOW",
+    "MODES",
+    "FlatFilled",
+    "fill_flat",
+    "flat_regions",
+    "noise_level",
+    "put_back",
+    "wanted",
+]

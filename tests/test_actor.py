@@ -98,7 +98,7 @@ def _save(tmp_path, spec, name):
 
 def test_small_tiles_are_raised_to_four_overlaps_on_the_alignment(tmp_path, caplog):
     path, _ = _save(tmp_path, {"arch": "unet", "channels": 1}, "unet")  # 4 levels: rf 105
-    with caplog.at_level("INFO", logger="restorer.pipeline"):
+    with caplog.at_level("INFO", logger="restorer.actor"):
         actor = RestoreActor(model=path, tile=256)
     assert (actor.overlap, actor.alignment, actor.tile) == (112, 8, 448)
     assert "tile 256 raised to 448" in caplog.text
@@ -184,7 +184,7 @@ def test_one_tile_images_match_the_tiled_path_batched_or_alone(tmp_path, spec):
 
 
 def test_audit_p99_is_the_nearest_rank_percentile():
-    from restorer.pipeline import _p99
+    from restorer.actor import p99 as _p99
 
     for size in (1, 7, 100, 65536):
         values = torch.from_numpy(np.random.default_rng(size).exponential(5.0, size)).float()
@@ -198,7 +198,8 @@ def test_read_and_write_tasks_import_the_pipeline_without_torch():
     import subprocess
     import sys
 
-    code = ("import sys, restorer.pipeline as p; p.read_and_decode, p.encode_and_write; "
+    code = ("import sys, restorer.pipeline as p, restorer.stages as s; "
+            "p.read_and_decode, s.read_and_decode, s.encode_and_write; "
             "sys.exit(int('torch' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], timeout=120, check=False).returncode == 0
 

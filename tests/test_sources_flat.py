@@ -141,7 +141,7 @@ def test_an_older_ledger_is_refused_only_where_its_units_differ(tmp_path):
     import json
 
     from restorer.errors import JobError
-    from restorer.pipeline import _refuse_older_units
+    from restorer.ledger import refuse_older_units as _refuse_older_units
     from restorer.sources import ListingTask
 
     out = tmp_path / "out"

@@ -36,8 +36,9 @@ import ray
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import PeakMemory, _rss_bytes
 
+from restorer.graph import expand_task as _expand_task
+from restorer.graph import source_config
 from restorer.jobs import RestoreSpec, spec_from_flags
-from restorer.pipeline import _expand_task, source_config
 from restorer.sources import listing_tasks
 
 

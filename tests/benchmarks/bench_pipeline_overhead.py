@@ -138,8 +138,9 @@ def instrument() -> None:
     """Worker set-up hook: time restorer's stage functions (CPU seconds, rows) in this worker,
     appending ``stage cpu_seconds rows`` lines to ``$BENCH_STAGES/<pid>`` per call.
 
-    The wrappers go in when ``restorer.pipeline`` is first imported (a meta path finder), so a
-    worker that never runs a restorer stage does not import it (nor torch) because of this."""
+    The wrappers go in when ``restorer.stages`` / ``restorer.actor`` are first imported (a meta
+    path finder), so a worker that never runs a restorer stage does not import them (nor
+    torch) because of this."""
     import importlib.abc
     import time as clock
 
@@ -154,18 +155,20 @@ def instrument() -> None:
             return result
         return wrapper
 
-    def patch(pipeline) -> None:
-        pipeline.read_and_decode = timed("decode", pipeline.read_and_decode,
-                                         lambda a: a[0].num_rows)
-        pipeline.encode_and_write = timed("encode_write", pipeline.encode_and_write,
-                                          lambda a: a[0].num_rows)
-        actor = pipeline.RestoreActor
-        actor.__call__ = timed("actor_call", actor.__call__, lambda a: a[1].num_rows)
-        actor._forward = timed("net", actor._forward, lambda a: 0)
+    def patch(module) -> None:
+        if module.__name__ == "restorer.stages":
+            module.read_and_decode = timed("decode", module.read_and_decode,
+                                           lambda a: a[0].num_rows)
+            module.encode_and_write = timed("encode_write", module.encode_and_write,
+                                            lambda a: a[0].num_rows)
+        else:
+            actor = module.RestoreActor
+            actor.__call__ = timed("actor_call", actor.__call__, lambda a: a[1].num_rows)
+            actor._forward = timed("net", actor._forward, lambda a: 0)
 
     class PatchOnImport(importlib.abc.MetaPathFinder):
         def find_spec(self, name, import_path, target=None):
-            if name != "restorer.pipeline":
+            if name not in PATCHED:
                 return None
             for finder in sys.meta_path:
                 if finder is not self and hasattr(finder, "find_spec"):
@@ -183,10 +186,14 @@ def instrument() -> None:
             spec.loader.exec_module = exec_module
             return spec
 
-    if "restorer.pipeline" in sys.modules:
-        patch(sys.modules["restorer.pipeline"])
-    else:
+    for name in PATCHED:
+        if name in sys.modules:
+            patch(sys.modules[name])
+    if not all(name in sys.modules for name in PATCHED):
         sys.meta_path.insert(0, PatchOnImport())
+
+
+PATCHED = ("restorer.stages", "restorer.actor")  # where the stage functions and the actor live
 
 
 def cpu_seconds(pid: int) -> float:

@@ -1,0 +1,157 @@
+"""The Ray Data graph of a restore job: the one pipeline builder (:func:`build_pipeline`).
+
+list (:func:`expand_task` over :mod:`restorer.sources`' listing tasks) -> read + decode
+(:func:`restorer.stages.read_and_decode`) -> restore (a pool of
+:class:`restorer.actor.RestoreActor`) -> encode + write
+(:func:`restorer.stages.encode_and_write`). The driver (:mod:`restorer.pipeline`) consumes the
+records it yields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from restorer import codec, storage
+from restorer.actor import RestoreActor
+from restorer.errors import TRANSIENT, backoff_delays, classify
+from restorer.jobs import RestoreSpec
+from restorer.records import RETRY_ATTEMPTS
+from restorer.sources import ListingTask, SourceConfig, expand
+from restorer.stages import encode_and_write, read_and_decode
+
+log = logging.getLogger(__name__)
+
+def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
+                   done: frozenset[str], resumed: bool = False, model_sha256: str = "") -> Any:
+    """The Ray Data graph of a restore job (the one pipeline builder).
+
+    With ``input.limit`` the (small) listing runs in the driver; otherwise each listing task
+    runs in a Ray task and its rows stream on in small blocks, so decoding starts while
+    listing goes on.
+    """
+    import ray.data
+    from ray.data import ActorPoolStrategy
+
+    from restorer.console import configure_ray_data
+
+    configure_ray_data()
+    options = spec.storage.options()
+    encode_options = codec.EncodeOptions(spec.output.format, spec.output.jpeg_quality,
+                                         spec.output.png_compress_level)
+    if spec.input.limit:
+        rows: list[dict[str, Any]] = []
+        for task in tasks:
+            for unit in expand(task, config, done):
+                real = sum(1 for r in unit if r["status"] != "skipped") or unit[0]["unit_size"]
+                if len(rows) + real > spec.input.limit:
+                    unit = truncate_unit(unit, spec.input.limit - len(rows), done)
+                rows.extend(unit)
+                if sum(1 if r["status"] != "skipped" else r["unit_size"] for r in rows) >= \
+                        spec.input.limit:
+                    break
+            else:
+                continue
+            break
+        ds = ray.data.from_items(rows or [], override_num_blocks=max(1, math.ceil(len(rows) / 8)))
+    else:
+        ds = ray.data.from_items([dataclasses.asdict(task) for task in tasks],
+                                 override_num_blocks=max(1, len(tasks)))
+        ds = ds.flat_map(expand_task, fn_kwargs={"config": config, "done": done},
+                         num_cpus=0.25)
+        if config.layout == "files":
+            # A folder is listed by one task, whatever its size: cut its rows into blocks so
+            # that many decode tasks share them. Manifests and shards are listed in chunks.
+            ds = ds.repartition(target_num_rows_per_block=32)
+    ds = ds.map_batches(
+        read_and_decode, batch_format="pyarrow", batch_size=8, num_cpus=0.5,
+        fn_kwargs={"storage_options": options, "max_pixels": spec.limits.max_pixels,
+                   "max_input_bytes": spec.limits.max_input_mb * 1024 * 1024})
+    # OpenMP threads that spin between parallel regions take the cores that decode and encode
+    # need: on a 2-core machine a CPU actor with 2 torch threads used ~9x the CPU per image of
+    # a small net (and ~2x of the default U-Net) for the same or a longer wall time.
+    actor_env = {} if plan.gpus_per_worker else {"runtime_env": {"env_vars": {
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}}
+    ds = ds.map_batches(
+        RestoreActor, batch_format="pyarrow", batch_size=spec.resources.batch_size,
+        compute=ActorPoolStrategy(size=plan.workers), num_cpus=plan.cpus_per_worker,
+        num_gpus=plan.gpus_per_worker, **actor_env,
+        fn_constructor_kwargs={
+            "model": spec.model.name or None, "tile": spec.model.tile,
+            "overlap": spec.model.overlap, "precision": spec.model.precision,
+            "channels_last": spec.model.channels_last, "strength": spec.model.strength,
+            "tile_batch": spec.resources.tile_batch, "threads": plan.threads_per_worker,
+            "storage_options": options, "compile": spec.model.compile,
+            "model_sha256": model_sha256, "flat_fill": spec.model.flat_fill})
+    return ds.map_batches(
+        encode_and_write, batch_format="pyarrow", batch_size=8, num_cpus=0.5,
+        fn_kwargs={"output_uri": spec.output.uri, "options": encode_options,
+                   "storage_options": options, "layout": spec.output.layout,
+                   "resumed": resumed})
+
+
+def expand_task(row: dict[str, Any], config: SourceConfig,
+                 done: frozenset[str]) -> Iterator[dict[str, Any]]:
+    """Ray Data flat_map: the rows of one listing task, unit by unit (a generator, so the
+    task's rows flow on in blocks as they are made)."""
+    task = ListingTask(**{f.name: row[f.name] for f in dataclasses.fields(ListingTask)})
+    delays = backoff_delays(RETRY_ATTEMPTS)
+    yielded = 0  # units handed on; a retried listing skips them (units come in a stable order)
+    for attempt in range(RETRY_ATTEMPTS):
+        try:
+            for index, unit in enumerate(expand(task, config, done)):
+                if index >= yielded:
+                    yield from unit
+                    yielded += 1
+            return
+        except Exception as e:  # classified here; permanent ones are re-raised
+            if attempt == RETRY_ATTEMPTS - 1 or classify(e) != TRANSIENT:
+                raise
+            log.info("list %s: %s: %s; retry %d of %d in %.1f s", task.uri, type(e).__name__,
+                     e, attempt + 1, RETRY_ATTEMPTS - 1, delays[attempt])
+            time.sleep(delays[attempt])
+
+
+def truncate_unit(unit: list[dict[str, Any]], count: int,
+                   done: frozenset[str]) -> list[dict[str, Any]]:
+    """The first ``count`` rows of a unit, as a unit of their own (``--limit``), or its
+    ``skipped`` marker row when an earlier run with the same limit committed it."""
+    from restorer.sources import _unit_id
+
+    rows = [r for r in unit if r["status"] != "skipped"][:count]
+    unit_id = _unit_id([r["key"] for r in rows])
+    if rows and unit_id in done:
+        return [dict(rows[0], key="", uri="", data=b"", size=0, out_key="", format="",
+                     status="skipped", unit=unit_id, unit_size=len(rows))]
+    for r in rows:
+        r["unit"], r["unit_size"] = unit_id, len(rows)
+    return rows
+
+
+def source_config(spec: RestoreSpec, layout: str) -> SourceConfig:
+    return SourceConfig(layout, spec.input.extensions, spec.input.include, spec.input.exclude,
+                        spec.output.format, spec.input.key_column, spec.input.bytes_column,
+                        spec.input.uri_column, spec.storage.options(),
+                        skip_prefix=output_inside_input(spec))
+
+
+def output_inside_input(spec: RestoreSpec) -> str:
+    """The output's key prefix inside the input folder ("" when it lies elsewhere)."""
+    import os
+
+    source, target = spec.input.uri, spec.output.uri
+    if storage.is_remote(source) != storage.is_remote(target):
+        return ""
+    if storage.is_remote(source):
+        source, target = source.rstrip("/") + "/", target.rstrip("/") + "/"
+        return target[len(source):] if target.startswith(source) and target != source else ""
+    source = os.path.realpath(storage.local_path(source))
+    target = os.path.realpath(storage.local_path(target))
+    if target != source and target.startswith(source.rstrip(os.sep) + os.sep):
+        return os.path.relpath(target, source).replace(os.sep, "/") + "/"
+    return ""

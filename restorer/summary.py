@@ -1,0 +1,96 @@
+"""What a run of a restore job did: the driver's counters (:class:`JobState`), fed one record
+at a time (:func:`account`), and the summary made from them (:func:`summarize`)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from restorer.digest import Digest
+from restorer.jobs import RestoreSpec, spec_to_dict
+
+
+@dataclass
+class JobState:
+    spec: RestoreSpec
+    model_uri: str
+    model_sha256: str
+    fingerprint: dict[str, Any]
+    started: float = field(default_factory=time.time)
+    total: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    skipped: int = 0
+    skipped_units: int = 0
+    committed_units: int = 0
+    input_bytes: int = 0
+    output_bytes: int = 0
+    megapixels: float = 0.0
+    first_result: float | None = None  # when the first records reached the driver
+    first_count: int = 0  # records in that first batch
+    last_result: float | None = None
+    errors_by_class: dict[str, int] = field(default_factory=dict)
+    notes: int = 0
+    replaced: int = 0  # outputs found already written (in units a crash left uncommitted)
+    abandoned: int = 0  # images in units left open by a stop
+    retries: int = 0  # transient failures retried (reads, writes) in this run
+    transient: int = 0  # images still failing transiently: their units stay for the next run
+    missing: int = 0  # inputs that vanished: their units wait MISSING_RUNS runs, then commit
+    incomplete_units: int = 0  # units left uncommitted for those
+    digest: Digest = field(default_factory=Digest)  # what this run committed, in brief
+
+
+def account(state: JobState, record: dict[str, Any]) -> None:
+    state.input_bytes += record["in_bytes"]
+    state.retries += record["retries"]
+    if record["status"] == "ok":
+        state.succeeded += 1
+        state.output_bytes += record["out_bytes"]
+        state.megapixels += record["width"] * record["height"] / 1e6
+    elif record["status"] == "transient":
+        state.transient += 1
+    elif record["status"] == "missing":
+        state.missing += 1
+    else:
+        state.failed += 1
+        state.errors_by_class[record["error_class"]] = (
+            state.errors_by_class.get(record["error_class"], 0) + 1)
+    state.notes += bool(record["note"])
+    state.replaced += record["replaced"]
+
+
+def summarize(state: JobState, elapsed: float) -> dict[str, Any]:
+    """The run's figures. Rates count the images this run processed (restored or failed), not
+    the units it skipped; a run that processed none has no rate (``None``). The steady rate
+    runs from the first processed records to the last, so Ray's and the actors' start-up is
+    left out; it needs at least two batches of results."""
+    processed = state.succeeded + state.failed
+    steady = None
+    if state.first_result is not None and state.last_result is not None:
+        span = state.last_result - state.first_result
+        if span > 0 and processed > state.first_count:
+            steady = round((processed - state.first_count) / span, 3)
+    status = "failed_images" if state.failed else "ok"
+    if state.incomplete_units:
+        status = "incomplete"
+    return {
+        "status": status,
+        "total": state.total, "succeeded": state.succeeded, "failed": state.failed,
+        "skipped": state.skipped, "skipped_units": state.skipped_units,
+        "committed_units": state.committed_units,
+        "elapsed_seconds": round(elapsed, 3),
+        "startup_seconds": (round(state.first_result - state.started, 3)
+                            if state.first_result is not None else None),
+        "images_per_second": round(processed / elapsed, 3) if processed and elapsed > 0 else None,
+        "steady_images_per_second": steady,
+        "megapixels": round(state.megapixels, 3), "input_bytes": state.input_bytes,
+        "output_bytes": state.output_bytes, "errors_by_class": state.errors_by_class,
+        "images_with_notes": state.notes,
+        "replaced_outputs": state.replaced, "abandoned_images": state.abandoned,
+        "retries": state.retries, "transient_failures": state.transient,
+        "missing_inputs": state.missing, "incomplete_units": state.incomplete_units,
+        "model": state.model_uri, "model_sha256": state.model_sha256,
+        "fingerprint": state.fingerprint, "spec": spec_to_dict(state.spec),
+        "input": state.spec.input.uri, "output": state.spec.output.uri,
+    }
