@@ -69,7 +69,6 @@ from restorer.jobs import RestoreSpec, digest, replace_field, spec_from_flags, s
 from restorer.lease import Lease
 from restorer.progress import Progress
 from restorer.sources import (
-    FLAT_PARTITION_KEYS,
     ListingTask,
     SourceConfig,
     count_inputs,
@@ -77,6 +76,7 @@ from restorer.sources import (
     expand,
     known_total,
     listing_tasks,
+    units_changed,
 )
 
 if TYPE_CHECKING:
@@ -88,8 +88,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 META_DIR = "_restorer"
-LEDGER_FORMAT_VERSION = 2  # 2: a flat folder of more than FLAT_PARTITION_KEYS files is cut
-# into units per hash partition (version 1 cut its sorted whole listing), and runs keep digests
+LEDGER_FORMAT_VERSION = 3  # 2: a flat folder of more than FLAT_PARTITION_KEYS files is cut
+# into units per hash partition (version 1 cut its sorted whole listing), and runs keep digests;
+# 3: a flat S3 prefix is cut in key order, as it streams (sources.units_changed)
 FINGERPRINT_VERSION = 2  # 2: tile, overlap and precision resolved (as the actors run them)
 PLAN_FIELDS = [
     ("key", pa.string()), ("uri", pa.string()), ("out_key", pa.string()),
@@ -985,7 +986,7 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
     # (version 1 replicated edge pixels): part of how outputs are made.
     fingerprint = {**spec.fingerprint(model_sha256), "edge_padding": "reflect"}
     state = JobState(spec, model_uri, model_sha256, fingerprint)
-    _refuse_older_units(spec, tasks)
+    _refuse_older_units(spec, tasks, config)
     resumed = (prepare_output(spec, fingerprint, model_uri, legacy_fingerprint)
                and not spec.output.overwrite)
     done, with_errors = committed_units(spec)
@@ -1034,22 +1035,20 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
     return summary
 
 
-def _refuse_older_units(spec: RestoreSpec, tasks: list[ListingTask]) -> None:
-    """Refuse to resume an output of ledger format 1 whose flat folder is now partitioned: its
-    units were cut differently, so resuming would redo (and count twice) committed images.
-    Folders of up to FLAT_PARTITION_KEYS files make the same units in both formats."""
+def _refuse_older_units(spec: RestoreSpec, tasks: list[ListingTask],
+                        config: SourceConfig) -> None:
+    """Refuse to resume an output of an older ledger format whose units this restorer would
+    cut differently: resuming would redo (and count twice) committed images."""
     job_uri = meta_uri(spec, "job.json")
     options = spec.storage.options()
-    if spec.output.overwrite or not any(t.partitions > 1 for t in tasks):
-        return
-    if not storage.exists(job_uri, options):
+    if spec.output.overwrite or not storage.exists(job_uri, options):
         return
     version = json.loads(storage.read_bytes(job_uri, options)).get("ledger_format_version", 0)
-    if version < 2:
-        raise JobError(f"{spec.output.uri} holds a job of ledger format {version}, whose work "
-                       f"units for a flat folder of more than {FLAT_PARTITION_KEYS} files differ "
-                       "from this restorer's; finish it with the restorer that started it, or "
-                       "pass --overwrite to redo it")
+    why = units_changed(version, tasks, config) if version < LEDGER_FORMAT_VERSION else ""
+    if why:
+        raise JobError(f"{spec.output.uri} holds a job of ledger format {version}: {why}; "
+                       "finish it with the restorer that started it, or pass --overwrite to "
+                       "redo it")
 
 
 def _count_in_background(tasks: list[ListingTask], config: SourceConfig,
