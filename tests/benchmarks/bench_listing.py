@@ -117,7 +117,7 @@ def _measure(what: str, uri: str, out: str, layout: str) -> None:
         ds = ray.data.from_items([dataclasses.asdict(t) for t in tasks],
                                  override_num_blocks=len(tasks))
         ds = ds.flat_map(_expand_task, fn_kwargs={"config": config, "done": frozenset()},
-                         num_cpus=0.25)
+                         num_cpus=0.25).repartition(target_num_rows_per_block=32)  # as run
         rows = 0
         for batch in ds.iter_batches(batch_size=None):
             if not rows:
