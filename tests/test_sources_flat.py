@@ -159,7 +159,7 @@ def test_s3_flat_prefix_streams_units_of_its_key_order(s3_server, bucket, tmp_pa
     photo = next(u for u, k, _, _ in rows if k == "Photo.JPG")
     again, _ = _rows(uri, config, frozenset({photo}))
     assert (photo, "", "skipped", "") in again
-    assert ("photo.png" in {k for _, k, s, _ in again if s == "failed"})
+    assert "photo.png" in {k for _, k, s, _ in again if s == "failed"}
     assert [r for r in again if r[0] != photo] == [r for r in rows if r[0] != photo]
 
 
