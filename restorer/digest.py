@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from restorer import storage
+from restorer.errors import JobError
 
 log = logging.getLogger(__name__)
 
@@ -248,6 +249,11 @@ def read_all(output: str, options: storage.StorageOptions) -> list[Digest]:
         if name.startswith("run-") and name.endswith(".json"):
             digests.append(Digest.from_json(storage.read_bytes(storage.join(folder, name),
                                                                options)))
+            if digests[-1].version > DIGEST_VERSION:  # its fields may mean something else
+                raise JobError(f"{storage.join(folder, name)} is a run digest of format "
+                               f"{digests[-1].version}, written by a newer restorer (this one "
+                               f"reads format {DIGEST_VERSION}); upgrade restorer to read "
+                               f"{output}")
     return sorted(digests, key=lambda d: (d.started, d.run))
 
 

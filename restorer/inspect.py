@@ -39,8 +39,8 @@ def inspect_output(output: str, top: int = 10,
     reason, ...) and ``report`` (the URI of ``report.html``, or None if it was not written
     yet). The ledger is scanned in batches, so this stays cheap at millions of records. An
     output with run digests (restorer since ledger format 2) is not scanned at all: the
-    figures come from the digests (:func:`restorer.digest.job_digest`; ``top`` at most
-    ``restorer.digest.TOP``) and only the error rows shown are read.
+    figures come from the digests (:func:`restorer.digest.job_digest`) and only the error rows
+    shown are read, unless ``top`` is more than the digests keep (``restorer.digest.TOP``).
     """
     if sort not in SORT_COLUMNS:
         raise ValueError(f"sort = {sort!r}; choose one of {', '.join(SORT_COLUMNS)}")
@@ -49,7 +49,7 @@ def inspect_output(output: str, top: int = 10,
     summary_uri = meta_uri(output, "summary.json")
     summary = (json.loads(storage.read_bytes(summary_uri, options))
                if storage.exists(summary_uri, options) else {})
-    if storage.list_names(meta_uri(output, digest.DIGEST_DIR), options):
+    if top <= digest.TOP and storage.list_names(meta_uri(output, digest.DIGEST_DIR), options):
         job = digest.job_digest(output, options, save=False)
         errors = [{c: row.get(c) for c in ("key", "status", "stage", "error_class", "message")}
                   for row in digest.iter_errors(table_batches(

@@ -35,13 +35,14 @@ from restorer.errors import (
 )
 from restorer.jobs import RestoreSpec, digest, spec_to_dict
 from restorer.records import ERROR_COLUMNS, RECORD_SCHEMA
-from restorer.sources import FLAT_PARTITION_KEYS, ListingTask
+from restorer.sources import ListingTask, SourceConfig, units_changed
 
 log = logging.getLogger(__name__)
 
 META_DIR = "_restorer"
-LEDGER_FORMAT_VERSION = 2  # 2: a flat folder of more than FLAT_PARTITION_KEYS files is cut
-# into units per hash partition (version 1 cut its sorted whole listing), and runs keep digests
+LEDGER_FORMAT_VERSION = 3  # 2: a flat folder of more than FLAT_PARTITION_KEYS files is cut
+# into units per hash partition (version 1 cut its sorted whole listing), and runs keep digests;
+# 3: a flat S3 prefix is cut in key order, as it streams (sources.units_changed)
 # structure: restorer.audit was calibrated on 128 px crops) or a strided view of this side
 FINGERPRINT_VERSION = 2  # 2: tile, overlap and precision resolved (as the actors run them)
 MISSING_RUNS = 2  # runs in which a vanished input keeps its unit open before quarantine
@@ -151,22 +152,20 @@ def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
                         options, create=not had_errors)
 
 
-def refuse_older_units(spec: RestoreSpec, tasks: list[ListingTask]) -> None:
-    """Refuse to resume an output of ledger format 1 whose flat folder is now partitioned: its
-    units were cut differently, so resuming would redo (and count twice) committed images.
-    Folders of up to FLAT_PARTITION_KEYS files make the same units in both formats."""
+def refuse_older_units(spec: RestoreSpec, tasks: list[ListingTask],
+                       config: SourceConfig) -> None:
+    """Refuse to resume an output of an older ledger format whose units this restorer would
+    cut differently: resuming would redo (and count twice) committed images."""
     job_uri = meta_uri(spec, "job.json")
     options = spec.storage.options()
-    if spec.output.overwrite or not any(t.partitions > 1 for t in tasks):
-        return
-    if not storage.exists(job_uri, options):
+    if spec.output.overwrite or not storage.exists(job_uri, options):
         return
     version = json.loads(storage.read_bytes(job_uri, options)).get("ledger_format_version", 0)
-    if version < 2:
-        raise JobError(f"{spec.output.uri} holds a job of ledger format {version}, whose work "
-                       f"units for a flat folder of more than {FLAT_PARTITION_KEYS} files differ "
-                       "from this restorer's; finish it with the restorer that started it, or "
-                       "pass --overwrite to redo it")
+    why = units_changed(version, tasks, config) if version < LEDGER_FORMAT_VERSION else ""
+    if why:
+        raise JobError(f"{spec.output.uri} holds a job of ledger format {version}: {why}; "
+                       "finish it with the restorer that started it, or pass --overwrite to "
+                       "redo it")
 
 
 def write_run_digest(spec: RestoreSpec, run: Digest) -> None:

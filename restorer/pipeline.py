@@ -191,7 +191,7 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         # made; absent when off, so that jobs of other models keep their fingerprints.
         fingerprint["flat_fill"] = f"noise-{flat.FLAT_WINDOW}"
     state = JobState(spec, model_uri, model_sha256, fingerprint)
-    refuse_older_units(spec, tasks)
+    refuse_older_units(spec, tasks, config)
     resumed = (prepare_output(spec, fingerprint, model_uri, legacy_fingerprint)
                and not spec.output.overwrite)
     done, with_errors = committed_units(spec)

@@ -7,20 +7,41 @@ Three layouts, one row shape (``key``, ``uri`` or inline ``data``, ``unit``, ``u
   top-level folder is then listed by its own Ray task, so restoring starts while a huge tree is
   still being listed (Ray's ``read_images`` expands every path in the driver first,
   ray-project/ray#40686). All files of one sub-folder are listed by one task, which detects
-  output name collisions there. The files directly under the input (a *flat* prefix, possibly
-  millions) are split into ``partitions`` by a hash of their lower-cased stem: each partition
-  task pages through the folder keeping its share (at most about ``FLAT_PARTITION_KEYS``
-  files), sorts it and cuts it into units. So no task and not the driver ever holds the whole
-  folder, units do not depend on the order a local folder lists in, and names that would
-  write one output (``a.png``/``A.bmp``) always meet in one partition, where they are caught.
+  output name collisions there. The files directly under the input (a *flat* folder or prefix,
+  possibly millions) are listed so that no task and not the driver ever holds all of them, and
+  names that would write one output (``a.png``/``A.bmp``: same lower-cased stem) are caught
+  across the whole folder:
+
+  - *Local folder*: ``os.scandir`` lists in no useful order, so the files are split into
+    ``partitions`` by a hash of their lower-cased stem: each partition task pages through the
+    folder keeping its share (at most about ``FLAT_PARTITION_KEYS`` files), sorts it and cuts
+    it into units. Units do not depend on the listing order, and colliding names meet in one
+    partition, where all of them fail.
+  - *S3 prefix*: ``ListObjectsV2`` gives keys in key order, the same order every time, so the
+    prefix is one *stream* task whose units are consecutive runs of keys cut where
+    :func:`_units` cuts (the units of one sorted listing: those of ledger format 1, and of
+    format 2 up to ``FLAT_PARTITION_KEYS`` keys). Rows flow on after the first page. The
+    driver reads at most two pages: if the top level fits in one, its folders get their own
+    tasks; if not, the stream task also lists each folder it meets (exactly as a folder task
+    would: the same units), so that the driver never pages through the prefix. Key order does
+    not group colliding names (``Photo.JPG`` and ``photo.png`` lie far apart: every key from
+    ``Q`` to ``o`` may sort between them), and a unit boundary that no collision straddles
+    cannot be proved without seeing every later key; so rows are not held back: each row's
+    lower-cased output key is claimed in a table on the task's local disk
+    (:class:`_OutputClaims`, SQLite: memory bounded by its page cache, whatever the prefix
+    holds), and a key whose output an earlier key already claimed fails with
+    ``OutputCollision`` naming that key. The first key in key order wins; key order is fixed,
+    so every rerun decides the same way. (Locally all colliding names fail: a partition is
+    complete before any of its rows go.) Sub-folders whose names differ only in case
+    (``Raw/a.png``, ``raw/a.png``) are listed by separate folder tasks and not compared.
 - ``parquet``: shards of encoded images (``*.parquet`` under the prefix) with a key column and a
   bytes column; one task per row group.
 - ``manifest``: a Parquet file with a ``uri`` column (and optional ``key`` column) read one row
   group per task, or a text file with one URI per line. The default key is the URI's path after
   the bucket (or after the leading ``/`` of a local path).
 
-A *work unit* is up to 64 consecutive rows of one listing task (folder, flat partition, row
-group or text file); its id depends only on its keys, so a rerun over the same input makes the same units.
+A *work unit* is up to 64 consecutive rows of one listing task (folder, flat partition or S3
+stream, row group or text file); its id depends only on its keys, so a rerun over the same input makes the same units.
 Units that the output's ledger already holds are not expanded again: they come through as one
 ``skipped`` marker row, so the driver can count them without the job holding every key.
 """
@@ -31,8 +52,10 @@ import hashlib
 import math
 import os
 import posixpath
+import sqlite3
+import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +87,8 @@ class ListingTask:
     name: str = ""  # files: list only this file of the folder (an input that is one file)
     partition: int = 0  # files, flat (recursive=False): keep the files whose stem hashes here
     partitions: int = 0  # ... out of this many (0: not a partitioned listing)
+    stream: bool = False  # files, S3 (recursive=False): the prefix's files in key order
+    folders: bool = False  # stream: also list the sub-folders it meets (the driver did not)
 
 
 @dataclass(frozen=True)
@@ -123,19 +148,44 @@ def listing_tasks(uri: str, config: SourceConfig) -> list[ListingTask]:
         where = ("check the path" if not storage.is_remote(uri) else
                  "check the bucket, prefix and credentials" + storage.CREDENTIALS_HINT)
         raise NotFoundError(f"Input {uri} does not exist ({where})")
+    if storage.is_remote(uri):
+        return _stream_tasks(uri, config)
     folders, files = [], 0
     for page in storage.scan_folder(uri, options, config.page_size):  # one page held at a time
         for entry in page:
             if entry.is_dir:
-                if entry.name != "_restorer" and config.skip_prefix != entry.name + "/":
+                if _folder_listed(entry.name, config):
                     folders.append(entry.name)
             else:
                 files += _listed(entry.name, config)
     partitions = flat_partitions(files, config.partition_keys)
     tasks = [ListingTask("files", uri, recursive=False, partition=p, partitions=partitions)
              for p in range(partitions if files else 0)]
-    return tasks + [ListingTask("files", storage.join(uri, name), key_prefix=name + "/")
-                    for name in sorted(folders)]
+    return tasks + _folder_tasks(uri, folders)
+
+
+def _stream_tasks(uri: str, config: SourceConfig) -> list[ListingTask]:
+    """An S3 prefix: one stream task for its files, after at most two pages of its top level
+    (a flat prefix of millions of keys is not paged through before its first rows)."""
+    pages = storage.scan_folder(uri, config.options, config.page_size)
+    first, more = next(pages, []), next(pages, None)
+    pages.close()
+    if more is not None:  # the top level is longer than a page: the stream lists it all
+        return [ListingTask("files", uri, recursive=False, stream=True, folders=True)]
+    folders = [e.name for e in first if e.is_dir and _folder_listed(e.name, config)]
+    stream = ([ListingTask("files", uri, recursive=False, stream=True)]
+              if any(not e.is_dir and _listed(e.name, config) for e in first) else [])
+    return stream + _folder_tasks(uri, folders)
+
+
+def _folder_tasks(uri: str, folders: Iterable[str]) -> list[ListingTask]:
+    return [ListingTask("files", storage.join(uri, name), key_prefix=name + "/")
+            for name in sorted(folders)]
+
+
+def _folder_listed(name: str, config: SourceConfig) -> bool:
+    """Whether a folder directly under the input is listed (not ours, not the output)."""
+    return name != "_restorer" and config.skip_prefix != name + "/"
 
 
 def flat_partitions(files: int, partition_keys: int = FLAT_PARTITION_KEYS) -> int:
@@ -144,6 +194,27 @@ def flat_partitions(files: int, partition_keys: int = FLAT_PARTITION_KEYS) -> in
     if partition_keys < 1:
         raise ValueError(f"partition_keys = {partition_keys}; need 1 or more")
     return 1 << max(0, math.ceil(math.log2(max(1, math.ceil(files / partition_keys)))))
+
+
+def units_changed(version: int, tasks: list[ListingTask], config: SourceConfig) -> str:
+    """Why an output of ledger format ``version`` holds units other than those ``tasks`` make
+    ("" when they are the same). Format 1 cut a flat folder or prefix as one sorted listing;
+    format 2 cut one of more than ``partition_keys`` files by hash partitions; format 3 cuts
+    a local folder by partitions (as format 2) and an S3 prefix as one sorted listing (as
+    format 1). Only a format 2 output read from a flat S3 prefix costs a pass over the prefix
+    here, counting (what every format 2 run did), once: the resume upgrades it to format 3."""
+    if version < 2 and any(t.partitions > 1 for t in tasks):
+        return (f"its units of a flat folder of more than {config.partition_keys} files were "
+                "cut from one sorted listing (this restorer cuts them by hash partitions)")
+    if version == 2:
+        for task in (t for t in tasks if t.stream):
+            files = sum(_listed(e.name, config) for page in storage.scan_folder(
+                task.uri, config.options, config.page_size) for e in page if not e.is_dir)
+            if flat_partitions(files, config.partition_keys) > 1:
+                return (f"its units of a flat S3 prefix of more than {config.partition_keys} "
+                        "objects were cut by hash partitions (this restorer cuts them from "
+                        "the prefix's key order, as it lists)")
+    return ""
 
 
 def partition_of(name: str, partitions: int) -> int:
@@ -270,23 +341,105 @@ def _row(key: str, uri: str, config: SourceConfig, size: int = 0, data: bytes = 
     return row
 
 
-def _units(rows: list[dict[str, Any]], done: frozenset[str]) -> Iterator[list[dict[str, Any]]]:
-    """Cut ``rows`` into units; a committed unit becomes one ``skipped`` marker row."""
+def _units(rows: Iterable[dict[str, Any]],
+           done: frozenset[str]) -> Iterator[list[dict[str, Any]]]:
+    """Cut ``rows`` into units; a unit ends after
+    ``UNIT_MAX_KEYS`` rows or after a key whose crc32 is 0 modulo ``UNIT_BOUNDARY_MODULUS``.
+    A committed unit becomes one ``skipped`` marker row."""
     unit: list[dict[str, Any]] = []
-    for index, row in enumerate(rows):
+    for row in rows:
         unit.append(row)
-        if (index == len(rows) - 1 or len(unit) >= UNIT_MAX_KEYS
-                or zlib.crc32(row["key"].encode()) % UNIT_BOUNDARY_MODULUS == 0):
-            unit_id = _unit_id([r["key"] for r in unit])
-            if unit_id in done:
-                yield [{"key": "", "uri": "", "data": b"", "size": 0, "status": "skipped",
-                        "stage": "", "error_class": "", "message": "", "out_key": "",
-                        "format": "", "unit": unit_id, "unit_size": len(unit)}]
-            else:
-                for r in unit:
-                    r["unit"], r["unit_size"] = unit_id, len(unit)
-                yield unit
+        if _ends_unit(row, len(unit)):
+            yield _unit(unit, done)
             unit = []
+    if unit:
+        yield _unit(unit, done)
+
+
+def _ends_unit(row: dict[str, Any], size: int) -> bool:
+    return (size >= UNIT_MAX_KEYS
+            or zlib.crc32(row["key"].encode()) % UNIT_BOUNDARY_MODULUS == 0)
+
+
+def _unit(rows: list[dict[str, Any]], done: frozenset[str]) -> list[dict[str, Any]]:
+    unit_id = _unit_id([r["key"] for r in rows])
+    if unit_id in done:
+        return [{"key": "", "uri": "", "data": b"", "size": 0, "status": "skipped",
+                 "stage": "", "error_class": "", "message": "", "out_key": "",
+                 "format": "", "unit": unit_id, "unit_size": len(rows)}]
+    for r in rows:
+        r["unit"], r["unit_size"] = unit_id, len(rows)
+    return rows
+
+
+class _OutputClaims:
+    """The outputs (lower-cased output keys) that earlier rows of a stream claimed, and by
+    which key: a SQLite table in a temporary folder of the task, so its memory stays within
+    SQLite's page cache however many keys the stream lists."""
+
+    def __init__(self) -> None:
+        self._folder = tempfile.TemporaryDirectory(prefix="restorer-claims-")
+        self._db = sqlite3.connect(os.path.join(self._folder.name, "claims.sqlite"))
+        for pragma in ("journal_mode = OFF", "synchronous = OFF", "cache_size = -16384"):
+            self._db.execute(f"PRAGMA {pragma}")  # a scratch table: no journal, 16 MiB cache
+        self._db.execute("CREATE TABLE claims (target TEXT PRIMARY KEY, key TEXT NOT NULL) "
+                         "WITHOUT ROWID")
+
+    def close(self) -> None:
+        self._db.close()
+        self._folder.cleanup()
+
+    def claim(self, rows: list[dict[str, Any]]) -> None:
+        """Claim the outputs of ``rows`` (in order); a row whose output an earlier row
+        claimed fails with ``OutputCollision``."""
+        live = [r for r in rows if r["status"] != "failed"]
+        targets = list({r["out_key"].lower() for r in live})
+        owners: dict[str, str] = {}
+        for start in range(0, len(targets), 500):  # SQLite's bound on ? parameters
+            chunk = targets[start:start + 500]
+            owners.update(self._db.execute(
+                f"SELECT target, key FROM claims WHERE target IN ({','.join('?' * len(chunk))})",
+                chunk))
+        claimed: dict[str, str] = {}
+        for row in live:
+            target = row["out_key"].lower()
+            owner = owners.get(target) or claimed.get(target)
+            if owner is None:
+                claimed[target] = row["key"]
+                continue
+            row.update(status="failed", stage="plan", error_class="OutputCollision",
+                       message=f"input {row['key']!r} would be written to {row['out_key']!r}, "
+                               f"which {owner!r} (listed before it) writes (names differ only "
+                               "in extension or case); rename it or choose another --format")
+        self._db.executemany("INSERT INTO claims VALUES (?, ?)", claimed.items())
+
+
+def _stream(task: ListingTask, config: SourceConfig,
+            done: frozenset[str]) -> Iterator[list[dict[str, Any]]]:
+    """The units of an S3 prefix listed as one stream (see the module docstring): its files'
+    units as their pages come (the units :func:`_units` cuts from the sorted listing) and,
+    with ``task.folders``, each sub-folder's units, as its folder task would make them, when
+    the listing meets it (a unit of files stays open meanwhile)."""
+    claims = _OutputClaims()
+    unit: list[dict[str, Any]] = []
+    try:
+        for page in storage.scan_folder(task.uri, config.options, config.page_size):
+            listed = [_row(e.name, e.uri, config, e.size) for e in page
+                      if not e.is_dir and _listed(e.name, config)]
+            claims.claim(listed)
+            for row in listed:
+                unit.append(row)
+                if _ends_unit(row, len(unit)):
+                    yield _unit(unit, done)
+                    unit = []
+            folders = [e.name for e in page
+                       if e.is_dir and task.folders and _folder_listed(e.name, config)]
+            for folder in _folder_tasks(task.uri, folders):
+                yield from expand(folder, config, done)
+        if unit:
+            yield _unit(unit, done)
+    finally:
+        claims.close()
 
 
 def _slice(table, task: ListingTask):
@@ -304,6 +457,9 @@ def expand(task: ListingTask, config: SourceConfig,
            done: frozenset[str] = frozenset()) -> Iterator[list[dict[str, Any]]]:
     """The units of one listing task, in a stable order."""
     options = config.options
+    if task.layout == "files" and task.stream:
+        yield from _stream(task, config, done)
+        return
     if task.layout == "files":
         walk = ([_flat_entries(task, config)] if task.partitions else
                 storage.walk_files(task.uri, config.extensions, (), (), options=options,

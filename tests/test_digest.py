@@ -120,6 +120,29 @@ def test_job_digest_reads_uncovered_units_once_and_flags_as_the_ledger_scan(
         scanned["most_changed"][1]["residual_structure"], abs=0.001)
 
 
+def test_inspect_top_beyond_what_digests_keep_scans_the_ledger(job_output, monkeypatch):  # noqa: F811
+    output = str(job_output)
+    monkeypatch.setattr(digest, "TOP", 2)  # digests keep the 2 most changed images per column
+    digest.job_digest(output, digest.storage.StorageOptions())  # saved: 8 succeeded, 1 failed
+    assert len(inspect_output(output, top=2)["most_changed"]) == 2
+    five = inspect_output(output, top=5)
+    assert len(five["most_changed"]) == 5 and five["most_changed"][0]["key"] == OUTLIER_KEY
+    assert (five["records"], five["failed"]) == (9, 1)
+
+
+def test_a_digest_of_a_newer_format_is_refused(job_output):  # noqa: F811
+    from restorer.errors import JobError
+
+    output = str(job_output)
+    job = digest.job_digest(output, digest.storage.StorageOptions())  # saved: format 1
+    assert inspect_output(output)["records"] == job.records == 9
+    newer = digest.Digest(run="newer", version=digest.DIGEST_VERSION + 1)
+    folder = Path(output) / "_restorer" / digest.DIGEST_DIR
+    (folder / "run-newer.json").write_bytes(newer.to_json())
+    with pytest.raises(JobError, match="run digest of format 2.*upgrade restorer"):
+        inspect_output(output)
+
+
 def test_structure_candidates_need_a_visible_change():
     """As the ledger scan: lost structure in an image changed by under MIN_STRUCTURE_CHANGE
     levels is counted in the typical values but never flagged; above it, it is."""

@@ -117,42 +117,133 @@ def test_detect_layout_reads_only_the_first_page(tmp_path, monkeypatch):
     assert len(pages) == 1
 
 
-@pytest.mark.s3
-def test_s3_flat_prefix_units_are_stable_and_match_a_local_copy(s3_server, bucket, tmp_path):
-    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
-    for name in NAMES:
+def _put(client, bucket: str, names) -> None:
+    for name in names:
         client.put_object(Bucket=bucket, Key=f"raw/{name}", Body=b"x")
+
+
+# Names that would write one output, far apart in key order (uppercase sorts before lowercase):
+# more than 30 pages of 9 keys lie between Photo.JPG and photo.png.
+FAR = ["Photo.JPG", "photo.png", "zz.png", "ZZ.bmp"]
+
+
+def test_s3_flat_prefix_streams_units_of_its_key_order(s3_server, bucket, tmp_path):
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    _put(client, bucket, NAMES + FAR + ["sub/c.png", "sub/C.png", ".hidden.png"])
+    for name in NAMES + FAR:
         (tmp_path / name).write_bytes(b"x")
-    client.put_object(Bucket=bucket, Key="raw/sub/c.png", Body=b"x")
-    client.put_object(Bucket=bucket, Key="raw/.hidden.png", Body=b"x")
     uri = f"s3://{bucket}/raw"
     config = _config(uri, page_size=9, partition_keys=40, format="png")
     rows, tasks = _rows(uri, config)
-    assert sum(1 for t in tasks if t.partitions == 8) == 8
-    assert rows == _rows(uri, config)[0]
-    flat = [r for r in rows if "/" not in r[1]]
-    local = _config(str(tmp_path), page_size=1000, partition_keys=40, format="png")
-    assert flat == _rows(str(tmp_path), local)[0]  # same keys, same units, same collisions
-    assert {k for _, k, s, _ in rows if s == "failed"} == {"a.png", "A.bmp", "b.PNG", "b.png"}
-    assert [r[1] for r in rows if "/" in r[1]] == ["sub/c.png"]
+    # the top level is longer than a page: one stream, which lists the folder it meets too
+    assert [(t.stream, t.folders, t.partitions) for t in tasks] == [(True, True, 0)]
+    assert rows == _rows(uri, config)[0]  # a rerun makes the same units
+    # the units of one sorted listing (ledger format 1; format 2 up to partition_keys keys)
+    flat = [(u, k) for u, k, _, _ in rows if "/" not in k]
+    local = _config(str(tmp_path), page_size=1000, partition_keys=10**6, format="png")
+    assert flat == [(u, k) for u, k, _, _ in _rows(str(tmp_path), local)[0]]
+    assert [k for _, k in flat] == sorted(NAMES + FAR)
+    # whatever the page size, and whether the driver saw the folder or the stream met it
+    whole, whole_tasks = _rows(uri, dataclasses.replace(config, page_size=1000))
+    assert [(t.stream, t.folders) for t in whole_tasks] == [(True, False), (False, False)]
+    assert sorted(whole) == sorted(rows)
+    # collisions across pages: the first key in key order writes the output, later ones fail
+    failed = {k: cls for _, k, status, cls in rows if status == "failed"}
+    assert failed == {"a.png": "OutputCollision", "b.png": "OutputCollision",
+                      "photo.png": "OutputCollision", "zz.png": "OutputCollision",
+                      "sub/c.png": "OutputCollision", "sub/C.png": "OutputCollision"}
+    message = next(m for m in (r for task in tasks for unit in expand(task, config)
+                               for r in unit) if m["key"] == "photo.png")["message"]
+    assert "'Photo.JPG' (listed before it)" in message
+    # a committed unit comes back as one marker; a collision with its keys is still caught
+    photo = next(u for u, k, _, _ in rows if k == "Photo.JPG")
+    again, _ = _rows(uri, config, frozenset({photo}))
+    assert (photo, "", "skipped", "") in again
+    assert "photo.png" in {k for _, k, s, _ in again if s == "failed"}
+    assert [r for r in again if r[0] != photo] == [r for r in rows if r[0] != photo]
+
+
+def test_s3_flat_prefix_yields_its_first_unit_after_its_first_pages(s3_server, bucket,
+                                                                    monkeypatch):
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    _put(client, bucket, NAMES)
+    fetched = []
+    real = storage.scan_folder
+
+    def scan(*args, **kwargs):  # counts the pages (list requests) as they are fetched
+        for page in real(*args, **kwargs):
+            fetched.append(len(page))
+            yield page
+
+    monkeypatch.setattr(storage, "scan_folder", scan)
+    uri = f"s3://{bucket}/raw"
+    config = _config(uri, page_size=9, partition_keys=40)
+    tasks = listing_tasks(uri, config)
+    assert len(fetched) == 2  # the driver: two pages, not the whole prefix
+    units = expand(tasks[0], config)
+    first = next(units)
+    # the stream has fetched the pages that hold its first unit's keys, and no more
+    assert len(fetched) == 2 + -(-len(first) // 9) <= 2 + -(-sources.UNIT_MAX_KEYS // 9)
+    rest = sum(1 for _ in units)
+    assert rest > 5 and len(fetched) == 2 + -(-len(NAMES) // 9)  # 34 pages in the stream
+
+
+def test_s3_prefix_of_one_page_lists_its_folders_in_their_own_tasks(s3_server, bucket):
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    _put(client, bucket, ["a.png", "b/c.png", "d/e.png", "_restorer/x.png"])
+    uri = f"s3://{bucket}/raw"
+    tasks = listing_tasks(uri, _config(uri, page_size=100, partition_keys=40))
+    assert [(t.uri.rsplit("/", 1)[-1], t.stream, t.key_prefix) for t in tasks] == [
+        ("raw", True, ""), ("b", False, "b/"), ("d", False, "d/")]
+    client.delete_object(Bucket=bucket, Key="raw/a.png")  # no files: no stream task
+    assert [t.stream for t in listing_tasks(uri, _config(uri, 100, 40))] == [False, False]
 
 
 def test_an_older_ledger_is_refused_only_where_its_units_differ(tmp_path):
-    import json
-
     from restorer.errors import JobError
     from restorer.ledger import refuse_older_units as _refuse_older_units
     from restorer.sources import ListingTask
 
     out = tmp_path / "out"
     (out / "_restorer").mkdir(parents=True)
-    (out / "_restorer" / "job.json").write_text(json.dumps({"ledger_format_version": 1}))
     spec = spec_from_flags(RestoreSpec, input=str(tmp_path / "in"), output=str(out))
+    config = _config(str(tmp_path / "in"), page_size=10, partition_keys=40)
     one = [ListingTask("files", "in", recursive=False, partition=0, partitions=1)]
-    _refuse_older_units(spec, one)  # a folder of one partition: the units of format 1
     many = [ListingTask("files", "in", recursive=False, partition=p, partitions=2)
             for p in range(2)]
-    with pytest.raises(JobError, match="ledger format 1.*--overwrite"):
-        _refuse_older_units(spec, many)
-    (out / "_restorer" / "job.json").write_text(json.dumps({"ledger_format_version": 2}))
-    _refuse_older_units(spec, many)
+    _job(out, 1)
+    _refuse_older_units(spec, one, config)  # a folder of one partition: the units of format 1
+    with pytest.raises(JobError, match="ledger format 1.*sorted listing.*--overwrite"):
+        _refuse_older_units(spec, many, config)
+    for version in (2, 3):
+        _job(out, version)
+        _refuse_older_units(spec, many, config)
+
+
+def _job(out, version: int) -> None:
+    import json
+
+    (out / "_restorer" / "job.json").write_text(json.dumps({"ledger_format_version": version}))
+
+
+def test_an_older_ledger_of_a_big_s3_prefix_is_refused(s3_server, bucket, tmp_path):
+    from restorer.errors import JobError
+    from restorer.ledger import refuse_older_units as _refuse_older_units
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    _put(client, bucket, NAMES)
+    uri = f"s3://{bucket}/raw"
+    big = _config(uri, page_size=50, partition_keys=40)  # format 2 cut 304 keys by partition
+    small = _config(uri, page_size=50, partition_keys=400)  # ... but not up to 400
+    tasks = listing_tasks(uri, big)
+    assert sources.units_changed(1, tasks, big) == ""  # format 1: one sorted listing
+    assert "hash partitions" in sources.units_changed(2, tasks, big)
+    assert sources.units_changed(2, tasks, small) == ""
+    assert sources.units_changed(3, tasks, big) == ""
+    out = tmp_path / "out"
+    (out / "_restorer").mkdir(parents=True)
+    spec = spec_from_flags(RestoreSpec, input=uri, output=str(out))
+    _job(out, 2)
+    with pytest.raises(JobError, match="ledger format 2: its units of a flat S3 prefix"):
+        _refuse_older_units(spec, tasks, big)
+    _refuse_older_units(spec, tasks, small)

@@ -14,13 +14,21 @@ shows the first 200 error rows: digests read the error files up to those, the le
 read them all). Local files: on S3 every
 file read is a GET (~20-50 ms), so the *ledger* column grows further there.
 
+``--job`` runs whole restorer jobs instead (Ray, a near-free 2-layer net, ``COUNT`` 16x16 PNGs
+in one flat local folder): the end of the job is the time from the last ledger unit file
+written (the last images committed) to ``summary.json`` (and to the report page), from the
+files' modification times; ``_audit`` (the summary and the report) is timed on its own.
+
 Run:  python tests/benchmarks/bench_end_of_job.py [--counts 2000 20000]
+      flock /tmp/restorer-ray.lock python tests/benchmarks/bench_end_of_job.py --job \
+          --counts 2000 20000
 """
 
 import argparse
 import io
 import json
 import logging
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -95,11 +103,69 @@ def _counting_reads():
     return counter
 
 
+def _jobs(counts: list[int]) -> None:
+    """Whole restorer jobs: the end of the job (last commit -> summary.json) by size."""
+    import ray
+    from PIL import Image
+
+    from restorer import pipeline
+    from restorer.checkpoint import save_model
+    from restorer.nets import build_net
+
+    audit_seconds = []
+    real_audit = pipeline._audit
+
+    def timed_audit(*args, **kwargs):
+        started = time.perf_counter()
+        try:
+            return real_audit(*args, **kwargs)
+        finally:
+            audit_seconds.append(time.perf_counter() - started)
+
+    pipeline._audit = timed_audit
+    ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
+             logging_level=logging.WARNING)
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory(prefix="bench-end-of-job-") as scratch:
+        root = Path(scratch)
+        model = str(root / "cheap.safetensors")
+        save_model(model, build_net({"arch": "dncnn", "channels": 3, "num_features": 4,
+                                     "num_layers": 2}))
+        for count in counts:
+            source, output = root / f"in{count}", root / f"out{count}"
+            source.mkdir()
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                    source / f"img{i:07d}.png")
+            started = time.time()
+            summary = pipeline.restore(str(source), str(output), model=model, format="png")
+            wall = time.time() - started
+            meta = output / "_restorer"
+            last_commit = max(p.stat().st_mtime for p in (meta / "ledger").iterdir())
+            to_summary = (meta / "summary.json").stat().st_mtime - last_commit
+            report = meta / "report.html"
+            to_report = (report.stat().st_mtime - last_commit if report.exists()
+                         else float("nan"))
+            units = sum(1 for _ in (meta / "ledger").iterdir())
+            print(f"{count:7d} images ({units} ledger unit files, {summary['succeeded']} "
+                  f"restored, {summary['failed']} failed) in {wall:6.1f} s: last commit -> "
+                  f"summary.json {to_summary:5.2f} s, -> report page {to_report:5.2f} s; "
+                  f"_audit {audit_seconds[-1]:5.2f} s", flush=True)
+            shutil.rmtree(source)
+            shutil.rmtree(output)
+    ray.shutdown()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--counts", type=int, nargs="+", default=[2000, 20000])
+    parser.add_argument("--job", action="store_true",
+                        help="whole restorer jobs (Ray): last commit -> summary.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.job:
+        _jobs(args.counts)
+        return
     counter = _counting_reads()
     with tempfile.TemporaryDirectory() as scratch:
         for count in args.counts:

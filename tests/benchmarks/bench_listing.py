@@ -8,8 +8,10 @@ first (as Ray's read_images does, ray-project/ray#40686) would grow with the man
 
 Flat folders (``--flat-local``, empty files directly in one local folder) and flat S3 prefixes
 (``--flat-s3``, empty objects under one prefix of a moto server run as its own process, so its
-memory is not the driver's) go the same way: the driver pages through the top level once
-(counting), then partition tasks list it again, page by page, each keeping its share.
+memory is not the driver's) are listed as the pipeline lists them: locally the driver pages
+through the top level once (counting), then partition tasks list it again, page by page, each
+keeping its share; on S3 the driver reads two pages and one stream task lists the prefix once,
+in key order, its rows flowing on after its first page.
 
 Run:  python tests/benchmarks/bench_listing.py [--counts 100000 1000000]
       python tests/benchmarks/bench_listing.py --counts --flat-local 20000 200000 \
@@ -116,7 +118,7 @@ def _measure(what: str, uri: str, out: str, layout: str) -> None:
         ds = ray.data.from_items([dataclasses.asdict(t) for t in tasks],
                                  override_num_blocks=len(tasks))
         ds = ds.flat_map(_expand_task, fn_kwargs={"config": config, "done": frozenset()},
-                         num_cpus=0.25)
+                         num_cpus=0.25).repartition(target_num_rows_per_block=32)  # as run
         rows = 0
         for batch in ds.iter_batches(batch_size=None):
             if not rows:
