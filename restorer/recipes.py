@@ -40,7 +40,7 @@ from restorer import degrade, synth
 from restorer.checkpoint import count_parameters, load_model, save_model
 from restorer.evaluate import evaluate, image_files, read_image
 from restorer.nets import build_net
-from restorer.train import cosine_lr, train_step
+from restorer.train import EMA, Schedule, Trainer, precision_for
 
 log = logging.getLogger(__name__)
 
@@ -222,16 +222,16 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
         init_info = {"uri": str(init), "sha256": start.sha256,
                      "steps": start.provenance.get("steps_total", start.provenance.get("steps")),
                      "wall_seconds": start.provenance.get("wall_seconds_total")}
-    cuda = device.type == "cuda"
+    precision = precision_for(device)  # bf16 autocast and channels_last on CUDA
     net = net.to(device)
-    if cuda:
+    if precision.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    ema = build_net(recipe.net).to(device)
-    ema.load_state_dict(net.state_dict())
-    ema.eval().requires_grad_(False)
     base_lr = lr or recipe.lr
-    optimizer = torch.optim.Adam(net.parameters(), lr=base_lr)
-    autocast = torch.bfloat16 if cuda else None
+    # the EMA averages the parameters only (buffers keep their initial values)
+    trainer = Trainer(net, torch.optim.Adam(net.parameters(), lr=base_lr), recipe.loss,
+                      precision, EMA(net, recipe.ema, buffers=False))
+    schedule = Schedule(base_lr, recipe.min_lr, recipe.warmup)  # by wall time, warm-up by step
+    ema = trainer.averaged()
     provenance: dict[str, Any] = {
         "recipe": name, "command": command or shlex.join([sys.executable] + sys.argv),
         "config": {**asdict(recipe), "lr": base_lr, "seed": seed},
@@ -268,32 +268,25 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
         elapsed = time.perf_counter() - started
         if elapsed >= budget:
             break
-        scale = min(1.0, (step + 1) / recipe.warmup)
-        cosine = cosine_lr(base_lr, recipe.min_lr, elapsed / budget)
-        for group in optimizer.param_groups:
-            group["lr"] = cosine * scale
         clean, degraded = batches()
-        if cuda:
-            degraded = degraded.contiguous(memory_format=torch.channels_last)
-        loss = train_step(net, optimizer, clean, degraded, recipe.loss, autocast)
+        loss = trainer.step(clean, degraded, schedule(elapsed / budget, step))
         if not math.isfinite(loss):  # diverged: back to the last good weights, half the rate
             base_lr /= 2
             log.warning("%s: loss %s at step %d; back to step %d's weights, peak lr %.1e",
                         name, loss, step, good["step"], base_lr)
             net.load_state_dict(good["net"])
             ema.load_state_dict(good["ema"])
-            optimizer = torch.optim.Adam(net.parameters(), lr=base_lr)
+            trainer.optimizer = torch.optim.Adam(net.parameters(), lr=base_lr)
+            schedule = dataclasses.replace(schedule, lr=base_lr)
             continue
         running += loss
-        with torch.no_grad():
-            for mine, theirs in zip(ema.parameters(), net.parameters()):
-                mine.lerp_(theirs, 1 - recipe.ema)
         step += 1
         if step % 200 == 0:
             good = {"step": step, "net": {k: v.clone() for k, v in net.state_dict().items()},
                     "ema": {k: v.clone() for k, v in ema.state_dict().items()}}
             log.info("%s step %d loss %.5f lr %.2e %.1f steps/s", name, step, running / 200,
-                     optimizer.param_groups[0]["lr"], step / (time.perf_counter() - started))
+                     trainer.optimizer.param_groups[0]["lr"],
+                     step / (time.perf_counter() - started))
             running = 0.0
         if time.perf_counter() - last_val >= val_seconds:
             checkpoint()
