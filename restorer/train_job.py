@@ -4,9 +4,10 @@ The spec is :class:`restorer.jobs.TrainSpec`. The per-worker loop drives the tra
 (:class:`restorer.train.Trainer`: step, EMA, schedule, precision, state); this module adds what
 a cluster needs:
 
-- **data**: clean images from the restore input layer (a folder or ``s3://`` prefix), read by
-  every worker; random patches with flips/rotations and degradations synthesised on the fly
-  with an explicit RNG seeded by (seed, rank, step), so a resumed run draws the same batches;
+- **data** (:mod:`restorer.train_data`): clean images from the restore input layer (a folder
+  or ``s3://`` prefix), read by every worker; random patches with flips/rotations and
+  degradations synthesised on the fly with an explicit RNG seeded by (seed, rank, step), so a
+  resumed run draws the same batches;
 - **checkpoints**: every ``validation.every`` steps rank 0 validates (PSNR, SSIM on a held-apart
   folder), and writes a checkpoint folder: ``model.safetensors`` (a restorer model with its net
   spec and provenance, loadable by ``restorer restore --model``), ``state.pt`` (optimizer, EMA,
@@ -21,6 +22,9 @@ a cluster needs:
   ``output.keep`` folders remain;
 - **results**: ``STORAGE/NAME/model.safetensors`` (the best), ``history.jsonl`` and
   ``curves.png`` (loss and validation PSNR by step).
+
+The file reads top down: the driver (:func:`run_train`, run where ``restorer train`` runs),
+then the loop each Ray Train worker runs (:func:`train_loop_per_worker`).
 """
 
 from __future__ import annotations
@@ -39,13 +43,13 @@ import torch
 
 from restorer import console, degrade, storage
 from restorer.errors import JobError, NotFoundError
-from restorer.jobs import (
+from restorer.jobs import (  # the spec classes live in jobs; re-exported here
     TRAIN_DEGRADATIONS,
     Degradation,
     Optim,
     Output,
     TrainData,
-    TrainSpec,  # the specs, re-exported
+    TrainSpec,
     Validation,
     spec_to_dict,
 )
@@ -60,111 +64,177 @@ from restorer.train_checkpoints import (
     resume_state,
     write_checkpoint,
 )
+from restorer.train_data import (
+    degrade_batch,
+    load_clean_images,
+    to_nchw,
+    validate_net,
+    validation_samples,
+)
 
 log = logging.getLogger(__name__)
 
 DEGRADATIONS = TRAIN_DEGRADATIONS
 
 
+# --- the driver ------------------------------------------------------------------------------
 
-# --- data ------------------------------------------------------------------------------------
+def run_train(spec: TrainSpec) -> dict[str, Any]:
+    """Train with Ray Train's TorchTrainer; returns (and writes) the run's summary."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
 
-def load_clean_images(uri: str, channels: int, options: storage.StorageOptions,
-                      limit: int = 0, min_side: int = 0) -> tuple[list[np.ndarray], list[str]]:
-    """Clean images under ``uri`` as float32 HW (gray) or HWC (RGB) in ``[0, 1]``."""
-    from restorer.codec import decode
+    from restorer.runtime import cluster_shape, ensure_ray, plan_workers
 
-    images, keys = [], []
-    for entries in storage.walk_files(uri, options=options):
-        for entry in entries:
-            pixels = decode(storage.read_bytes(entry.uri, options), name=entry.key).pixels
-            peak = 65535.0 if pixels.dtype == np.uint16 else 255.0
-            image = pixels.astype(np.float32) / peak
-            if channels == 1:
-                image = image.mean(-1) if image.shape[-1] == 3 else image[..., 0]
-            elif image.shape[-1] == 1:
-                image = np.repeat(image, 3, -1)
-            if min(image.shape[:2]) >= min_side:
-                images.append(image)
-                keys.append(entry.key)
-            if limit and len(images) >= limit:
-                return images, keys
-    if not images:
-        raise JobError(f"No usable images (at least {min_side}px on each side) under {uri}")
-    return images, keys
-
-
-def degrade_batch(clean: np.ndarray, spec: Degradation, rng: np.random.Generator,
-                  scale: int = 1) -> np.ndarray:
-    """Degrade each patch of ``clean`` (N, H, W[, C]) float32 [0, 1] as ``spec`` says; kind
-    ``sr`` shrinks by ``scale`` (MATLAB bicubic, unrounded)."""
-    out = []
-    for patch in clean:
-        kind = spec.kind if spec.kind != "blind" else ("noise", "jpeg")[int(rng.integers(2))]
-        if kind == "sr":
-            out.append(degrade.bicubic_downscale(patch, scale))
-        elif kind == "noise":
-            out.append(degrade.add_gaussian_noise(
-                patch, float(rng.uniform(spec.sigma_min, spec.sigma_max)), rng))
-        elif kind == "jpeg":
-            quality = int(rng.integers(spec.quality_min, spec.quality_max + 1))
-            as_uint8 = np.round(np.clip(patch, 0, 1) * 255).astype(np.uint8)
-            out.append(degrade.jpeg_compress(as_uint8, quality).astype(np.float32) / 255.0)
-        else:
-            out.append(degrade.gaussian_blur(
-                patch, float(rng.uniform(spec.blur_min, spec.blur_max))))
-    return np.stack(out).astype(np.float32)
-
-
-def _to_uint8(array) -> np.ndarray:
-    """Float ``[0, 1]`` -> uint8 as the reference code does: clamp, x255, round."""
-    return np.round(np.clip(np.asarray(array), 0, 1) * 255).astype(np.uint8)
-
-
-def _nchw(batch: np.ndarray) -> torch.Tensor:
-    tensor = torch.from_numpy(np.ascontiguousarray(batch))
-    return tensor[:, None] if tensor.ndim == 3 else tensor.permute(0, 3, 1, 2)
+    spec = _absolute_paths(spec.validate())
+    options = spec.storage.options()
+    for field_name, uri in (("data.uri", spec.data.uri), ("data.val_uri", spec.data.val_uri)):
+        if not uri:
+            continue
+        if not storage.is_dir(uri, options):
+            raise NotFoundError(f"Training data {uri} ({field_name}) does not exist or is not a "
+                                "folder; check the path (or bucket and credentials)")
+        if not _has_images(uri, options):
+            raise NotFoundError(f"Training data {uri} ({field_name}) holds no images "
+                                f"({' '.join(storage.IMAGE_EXTENSIONS)}); point {field_name} "
+                                "at a folder of clean images")
+    embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
+                          spec.resources.object_store_mb)
+    total_cpus, total_gpus, node_cpus, nodes = cluster_shape()
+    workers = spec.resources.workers or 1
+    plan = plan_workers(workers, spec.resources.gpus_per_worker,
+                        spec.resources.cpus_per_worker or 1.0, spec.resources.threads_per_worker,
+                        total_cpus, total_gpus, node_cpus, nodes, reserve_cpus=0.0,
+                        can_autoscale=not embedded)
+    per_node = -(-plan.workers // max(nodes, 1))  # workers sharing a node's cores
+    threads = 2 if plan.gpus_per_worker else max(1, int(node_cpus // per_node))
+    storage_path, filesystem = _storage_filesystem(spec.output.storage_path, options)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"spec": spec, "threads": spec.resources.threads_per_worker or threads,
+                           "tty": stderr_is_tty(), "quiet": console.quiet},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=plan.workers, use_gpu=plan.gpus_per_worker > 0,
+            resources_per_worker={"CPU": plan.cpus_per_worker,
+                                  **({"GPU": plan.gpus_per_worker}
+                                     if plan.gpus_per_worker else {})}),
+        run_config=ray.train.RunConfig(
+            name=spec.name, storage_path=storage_path, storage_filesystem=filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=3),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=max(1, spec.output.keep),
+                checkpoint_score_attribute="val_psnr" if spec.data.val_uri else "step",
+                checkpoint_score_order="max")))
+    started = time.time()
+    result = trainer.fit()
+    if result.error:
+        raise JobError(f"Training run {spec.name} failed: {result.error}")
+    kept = {os.path.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or []}
+    if result.checkpoint is not None:
+        kept.add(os.path.basename(result.checkpoint.path.rstrip("/")))
+    prune_checkpoints(storage.join(spec.output.storage_path, spec.name), kept, options)
+    return finish_run(spec, result, time.time() - started)
 
 
-# --- validation ------------------------------------------------------------------------------
+def _storage_filesystem(uri: str, options: storage.StorageOptions):
+    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
+    if not storage.is_remote(uri):
+        return os.path.abspath(storage.local_path(uri)), None
+    import pyarrow.fs
 
-def validate_net(net: torch.nn.Module, images: list[np.ndarray], spec: Degradation,
-                 crop: int, seed: int = 0) -> dict[str, float]:
-    """Mean PSNR/SSIM of ``net`` on degraded copies of ``images`` (fixed per-image seeds;
-    output clamped, x255, rounded to uint8, as the reference code)."""
-    from restorer import metrics
+    fs, path = storage.filesystem(uri, options)
+    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
-    psnrs, ssims, inputs = [], [], []
-    net.eval()
-    for index, image in enumerate(images):
-        if crop:
-            top = max(0, (image.shape[0] - crop) // 2)
-            left = max(0, (image.shape[1] - crop) // 2)
-            image = image[top:top + crop, left:left + crop]
-        rng = np.random.default_rng([seed, index])
-        kind = "noise" if spec.kind in ("noise", "blind") else spec.kind
-        scale = getattr(net, "scale", 1)
-        if kind == "sr":
-            image = image[: image.shape[0] - image.shape[0] % scale,
-                          : image.shape[1] - image.shape[1] % scale]
-            degraded = degrade.bicubic_downscale(image, scale)
-        elif kind == "noise":
-            degraded = degrade.add_gaussian_noise(image, spec.val_sigma, rng)
-        elif kind == "jpeg":
-            degraded = degrade.jpeg_compress(np.round(image * 255).astype(np.uint8),
-                                             spec.val_quality).astype(np.float32) / 255.0
-        else:
-            degraded = degrade.gaussian_blur(image, (spec.blur_min + spec.blur_max) / 2)
-        with torch.no_grad():
-            restored = net(_nchw(degraded[None]))[0]
-        restored = restored[0] if image.ndim == 2 else restored.permute(1, 2, 0)
-        clean8 = _to_uint8(image)
-        psnrs.append(metrics.psnr(_to_uint8(restored.numpy()), clean8))
-        ssims.append(metrics.ssim(_to_uint8(restored.numpy()), clean8))
-        shown = degrade.bicubic_resize(degraded, float(scale)) if kind == "sr" else degraded
-        inputs.append(metrics.psnr(_to_uint8(shown), clean8))
-    return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims)),
-            "val_input_psnr": float(np.mean(inputs))}
+
+def _absolute_paths(spec: TrainSpec) -> TrainSpec:
+    """Local paths made absolute: Ray Train workers run in another working directory."""
+    def absolute(uri: str) -> str:
+        if not uri or storage.is_remote(uri):
+            return uri
+        path = storage.local_path(uri)
+        return os.path.abspath(path) if os.path.exists(path) or "/" in uri or "." in uri \
+            else uri  # a zoo name (output.init) stays a name
+
+    return dataclasses.replace(
+        spec,
+        data=dataclasses.replace(spec.data, uri=absolute(spec.data.uri),
+                                 val_uri=absolute(spec.data.val_uri)),
+        output=dataclasses.replace(spec.output, storage_path=absolute(spec.output.storage_path),
+                                   init=absolute(spec.output.init)))
+
+
+def _has_images(uri: str, options: storage.StorageOptions) -> bool:
+    """Whether the folder ``uri`` holds an image, found without listing it all where possible."""
+    if not storage.is_remote(uri):
+        return storage.has_local_file(uri, storage.IMAGE_EXTENSIONS)
+    return next(iter(storage.walk_files(uri, options=options)), None) is not None
+
+
+def finish_run(spec: TrainSpec, result, seconds: float) -> dict[str, Any]:
+    """Copy the best model, the history and a plot of the curves next to the run."""
+    options = spec.storage.options()
+    run_uri = storage.join(spec.output.storage_path, spec.name)
+    best = result.get_best_checkpoint("val_psnr" if spec.data.val_uri else "step", "max") \
+        or result.checkpoint
+    with best.as_directory() as folder, \
+            open(os.path.join(folder, "model.safetensors"), "rb") as f:
+        model = f.read()
+    with result.checkpoint.as_directory() as folder, \
+            open(os.path.join(folder, "history.jsonl")) as f:
+        history = [json.loads(line) for line in f]
+    storage.write_bytes(storage.join(run_uri, "model.safetensors"), model, options)
+    storage.write_bytes(storage.join(run_uri, "history.jsonl"),
+                        "".join(json.dumps(h) + "\n" for h in history).encode(), options)
+    curves = plot_curves(history)
+    storage.write_bytes(storage.join(run_uri, "curves.png"), curves, options)
+    summary = {"kind": "train", "name": spec.name, "steps": history[-1]["step"],
+               "final": history[-1], "best_val_psnr": max(
+                   (h.get("val_psnr", float("nan")) for h in history), default=None),
+               "model": storage.join(run_uri, "model.safetensors"),
+               "history": storage.join(run_uri, "history.jsonl"),
+               "elapsed_seconds": round(seconds, 1), "spec": spec_to_dict(spec)}
+    from restorer.report import write_train_report
+
+    summary["report"] = write_train_report(run_uri, summary, history, curves,
+                                           validation_samples(spec, model), options)
+    storage.write_bytes(storage.join(run_uri, "summary.json"),
+                        json.dumps(summary, indent=2).encode(), options)
+    return summary
+
+
+def plot_curves(history: list[dict[str, Any]], width: int = 640, height: int = 360) -> bytes:
+    """A PNG with the training loss (left axis) and validation PSNR (right axis) by step."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 50, width - 50, 20, height - 40
+    draw.rectangle([left, top, right, bottom], outline="black")
+    steps = [h["step"] for h in history]
+    span = max(max(steps) - min(steps), 1)
+
+    def series(key: str, color: str, label_x: int) -> None:
+        points = [(h["step"], h[key]) for h in history if key in h]
+        if not points:
+            return
+        low = min(v for _, v in points)
+        high = max(v for _, v in points)
+        scale = (high - low) or 1.0
+        xy = [(left + (s - min(steps)) / span * (right - left),
+               bottom - (v - low) / scale * (bottom - top)) for s, v in points]
+        if len(xy) > 1:
+            draw.line(xy, fill=color, width=2)
+        for x, y in xy:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
+        draw.text((label_x, 4), f"{key}: {low:.4g}..{high:.4g}", fill=color)
+
+    series("loss", "blue", left)
+    series("val_psnr", "red", width // 2)
+    draw.text((left, bottom + 8), f"step {min(steps)}", fill="black")
+    draw.text((right - 60, bottom + 8), f"step {max(steps)}", fill="black")
+    out = io.BytesIO()
+    image.save(out, "PNG")
+    return out.getvalue()
 
 
 # --- the per-worker loop ---------------------------------------------------------------------
@@ -234,7 +304,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         rng = np.random.default_rng([spec.optim.seed, rank, step])
         clean = degrade.sample_patches(images, spec.optim.patch_size, spec.optim.batch_size, rng)
         degraded = degrade_batch(clean, spec.degradation, rng, scale)
-        running += trainer.step(_nchw(clean).to(device), _nchw(degraded).to(device),
+        running += trainer.step(to_nchw(clean).to(device), to_nchw(degraded).to(device),
                                 schedule(step / spec.optim.steps, step))
         count += 1
         step += 1
@@ -278,207 +348,6 @@ def _same_on_every_rank(value: Any) -> Any:
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return value
-
-
-# --- the driver ------------------------------------------------------------------------------
-
-def _storage_filesystem(uri: str, options: storage.StorageOptions):
-    """(storage_path, pyarrow filesystem or None) for Ray Train's RunConfig."""
-    if not storage.is_remote(uri):
-        return os.path.abspath(storage.local_path(uri)), None
-    import pyarrow.fs
-
-    fs, path = storage.filesystem(uri, options)
-    return path, pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
-
-
-def _absolute_paths(spec: TrainSpec) -> TrainSpec:
-    """Local paths made absolute: Ray Train workers run in another working directory."""
-    def absolute(uri: str) -> str:
-        if not uri or storage.is_remote(uri):
-            return uri
-        path = storage.local_path(uri)
-        return os.path.abspath(path) if os.path.exists(path) or "/" in uri or "." in uri \
-            else uri  # a zoo name (output.init) stays a name
-
-    return dataclasses.replace(
-        spec,
-        data=dataclasses.replace(spec.data, uri=absolute(spec.data.uri),
-                                 val_uri=absolute(spec.data.val_uri)),
-        output=dataclasses.replace(spec.output, storage_path=absolute(spec.output.storage_path),
-                                   init=absolute(spec.output.init)))
-
-
-def _has_images(uri: str, options: storage.StorageOptions) -> bool:
-    """Whether the folder ``uri`` holds an image, found without listing it all where possible."""
-    if not storage.is_remote(uri):
-        return storage.has_local_file(uri, storage.IMAGE_EXTENSIONS)
-    return next(iter(storage.walk_files(uri, options=options)), None) is not None
-
-
-def run_train(spec: TrainSpec) -> dict[str, Any]:
-    """Train with Ray Train's TorchTrainer; returns (and writes) the run's summary."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from restorer.runtime import cluster_shape, ensure_ray, plan_workers
-
-    spec = _absolute_paths(spec.validate())
-    options = spec.storage.options()
-    for field_name, uri in (("data.uri", spec.data.uri), ("data.val_uri", spec.data.val_uri)):
-        if not uri:
-            continue
-        if not storage.is_dir(uri, options):
-            raise NotFoundError(f"Training data {uri} ({field_name}) does not exist or is not a "
-                                "folder; check the path (or bucket and credentials)")
-        if not _has_images(uri, options):
-            raise NotFoundError(f"Training data {uri} ({field_name}) holds no images "
-                                f"({' '.join(storage.IMAGE_EXTENSIONS)}); point {field_name} "
-                                "at a folder of clean images")
-    embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
-                          spec.resources.object_store_mb)
-    total_cpus, total_gpus, node_cpus, nodes = cluster_shape()
-    workers = spec.resources.workers or 1
-    plan = plan_workers(workers, spec.resources.gpus_per_worker,
-                        spec.resources.cpus_per_worker or 1.0, spec.resources.threads_per_worker,
-                        total_cpus, total_gpus, node_cpus, nodes, reserve_cpus=0.0,
-                        can_autoscale=not embedded)
-    per_node = -(-plan.workers // max(nodes, 1))  # workers sharing a node's cores
-    threads = 2 if plan.gpus_per_worker else max(1, int(node_cpus // per_node))
-    storage_path, filesystem = _storage_filesystem(spec.output.storage_path, options)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec, "threads": spec.resources.threads_per_worker or threads,
-                           "tty": stderr_is_tty(), "quiet": console.quiet},
-        scaling_config=ray.train.ScalingConfig(
-            num_workers=plan.workers, use_gpu=plan.gpus_per_worker > 0,
-            resources_per_worker={"CPU": plan.cpus_per_worker,
-                                  **({"GPU": plan.gpus_per_worker}
-                                     if plan.gpus_per_worker else {})}),
-        run_config=ray.train.RunConfig(
-            name=spec.name, storage_path=storage_path, storage_filesystem=filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=3),
-            checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=max(1, spec.output.keep),
-                checkpoint_score_attribute="val_psnr" if spec.data.val_uri else "step",
-                checkpoint_score_order="max")))
-    started = time.time()
-    result = trainer.fit()
-    if result.error:
-        raise JobError(f"Training run {spec.name} failed: {result.error}")
-    kept = {os.path.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or []}
-    if result.checkpoint is not None:
-        kept.add(os.path.basename(result.checkpoint.path.rstrip("/")))
-    prune_checkpoints(storage.join(spec.output.storage_path, spec.name), kept, options)
-    return finish_run(spec, result, time.time() - started)
-
-
-def finish_run(spec: TrainSpec, result, seconds: float) -> dict[str, Any]:
-    """Copy the best model, the history and a plot of the curves next to the run."""
-    options = spec.storage.options()
-    run_uri = storage.join(spec.output.storage_path, spec.name)
-    best = result.get_best_checkpoint("val_psnr" if spec.data.val_uri else "step", "max") \
-        or result.checkpoint
-    with best.as_directory() as folder, \
-            open(os.path.join(folder, "model.safetensors"), "rb") as f:
-        model = f.read()
-    with result.checkpoint.as_directory() as folder, \
-            open(os.path.join(folder, "history.jsonl")) as f:
-        history = [json.loads(line) for line in f]
-    storage.write_bytes(storage.join(run_uri, "model.safetensors"), model, options)
-    storage.write_bytes(storage.join(run_uri, "history.jsonl"),
-                        "".join(json.dumps(h) + "\n" for h in history).encode(), options)
-    curves = plot_curves(history)
-    storage.write_bytes(storage.join(run_uri, "curves.png"), curves, options)
-    summary = {"kind": "train", "name": spec.name, "steps": history[-1]["step"],
-               "final": history[-1], "best_val_psnr": max(
-                   (h.get("val_psnr", float("nan")) for h in history), default=None),
-               "model": storage.join(run_uri, "model.safetensors"),
-               "history": storage.join(run_uri, "history.jsonl"),
-               "elapsed_seconds": round(seconds, 1), "spec": spec_to_dict(spec)}
-    from restorer.report import write_train_report
-
-    summary["report"] = write_train_report(run_uri, summary, history, curves,
-                                           validation_samples(spec, model), options)
-    storage.write_bytes(storage.join(run_uri, "summary.json"),
-                        json.dumps(summary, indent=2).encode(), options)
-    return summary
-
-
-def validation_samples(spec: TrainSpec, model: bytes, count: int = 3,
-                       crop: int = 128) -> list[dict[str, Any]]:
-    """Degraded / restored / clean centre crops of the first validation images (uint8 HWC)."""
-    from restorer import metrics
-    from restorer.checkpoint import load_model_bytes
-
-    if not spec.data.val_uri:
-        return []
-    net = load_model_bytes(model, "the run's best model").net
-    images, keys = load_clean_images(spec.data.val_uri, net.channels, spec.storage.options(),
-                                     limit=count)
-    samples = []
-    scale = getattr(net, "scale", 1)
-    for index, (image, key) in enumerate(zip(images, keys)):
-        top, left = max(0, (image.shape[0] - crop) // 2), max(0, (image.shape[1] - crop) // 2)
-        clean = image[top:top + crop, left:left + crop]
-        clean = clean[: clean.shape[0] - clean.shape[0] % scale,
-                      : clean.shape[1] - clean.shape[1] % scale]
-        degraded = degrade_batch(clean[None], dataclasses.replace(
-            spec.degradation, sigma_min=spec.degradation.val_sigma,
-            sigma_max=spec.degradation.val_sigma, kind="noise" if spec.degradation.kind in (
-                "noise", "blind") else spec.degradation.kind,
-            quality_min=spec.degradation.val_quality, quality_max=spec.degradation.val_quality),
-            np.random.default_rng([spec.optim.seed, index]), scale)[0]
-        with torch.no_grad():
-            restored = net(_nchw(degraded[None]))[0]
-        if scale > 1:  # shown (and measured) at the clean image's size, as bicubic upscales
-            degraded = degrade.bicubic_resize(degraded, float(scale))
-        restored = restored[0].numpy() if clean.ndim == 2 else restored.permute(1, 2, 0).numpy()
-
-        def hwc(array):
-            array = _to_uint8(array)
-            return array[..., None] if array.ndim == 2 else array
-
-        samples.append({"name": key, "degraded": hwc(degraded), "restored": hwc(restored),
-                        "clean": hwc(clean),
-                        "input_psnr": metrics.psnr(hwc(degraded), hwc(clean)),
-                        "psnr": metrics.psnr(hwc(restored), hwc(clean))})
-    return samples
-
-
-def plot_curves(history: list[dict[str, Any]], width: int = 640, height: int = 360) -> bytes:
-    """A PNG with the training loss (left axis) and validation PSNR (right axis) by step."""
-    from PIL import Image, ImageDraw
-
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    left, right, top, bottom = 50, width - 50, 20, height - 40
-    draw.rectangle([left, top, right, bottom], outline="black")
-    steps = [h["step"] for h in history]
-    span = max(max(steps) - min(steps), 1)
-
-    def series(key: str, color: str, label_x: int) -> None:
-        points = [(h["step"], h[key]) for h in history if key in h]
-        if not points:
-            return
-        low = min(v for _, v in points)
-        high = max(v for _, v in points)
-        scale = (high - low) or 1.0
-        xy = [(left + (s - min(steps)) / span * (right - left),
-               bottom - (v - low) / scale * (bottom - top)) for s, v in points]
-        if len(xy) > 1:
-            draw.line(xy, fill=color, width=2)
-        for x, y in xy:
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=color)
-        draw.text((label_x, 4), f"{key}: {low:.4g}..{high:.4g}", fill=color)
-
-    series("loss", "blue", left)
-    series("val_psnr", "red", width // 2)
-    draw.text((left, bottom + 8), f"step {min(steps)}", fill="black")
-    draw.text((right - 60, bottom + 8), f"step {max(steps)}", fill="black")
-    out = io.BytesIO()
-    image.save(out, "PNG")
-    return out.getvalue()
 
 
 __all__ = [
