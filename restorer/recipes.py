@@ -1,13 +1,15 @@
 """The recipes that train the bundled zoo, runnable on one GPU without Ray.
 
 Each recipe fixes a net, its data split (folders of ``shared/data``, see its README), the
-degradation it learns and its validation. Training is plain PyTorch around
-:func:`restorer.train.train_step` with batches made on the device by :mod:`restorer.synth`;
-bf16 autocast and channels_last on CUDA; an exponential moving average (EMA) of the weights is
-what gets validated and saved. It runs for a wall-time budget (so that it fits a leased GPU's
-10-minute calls) and continues from a saved model with ``--init`` (weights only: Adam restarts,
-with its warm-up, at ``--lr``). Every ``--val-seconds`` and at the end it validates with
+degradation it learns and its validation. Training is plain PyTorch: the training core
+(:class:`restorer.train.Trainer`) with batches made on the device by :mod:`restorer.synth`;
+bf16 autocast and channels_last on CUDA; an exponential moving average (EMA) of the
+parameters is what gets validated and saved. It runs for a wall-time budget (so that it fits
+a leased GPU's 10-minute calls): the learning rate warms up over ``warmup`` steps and follows
+a cosine over the budget. It continues from a saved model with ``--init`` (weights only: Adam
+restarts, with its warm-up, at ``--lr``). Every ``--val-seconds`` and at the end it validates with
 :func:`restorer.evaluate.evaluate` and writes ``OUT/NAME.safetensors`` with its provenance.
+``--ship`` writes the model card from the templates in ``restorer/zoo/cards/``.
 
     python -m restorer.recipes denoise-gray --data ../shared/data --out zoo-out --minutes 8
     python -m restorer.recipes denoise-gray --data ../shared/data --out zoo-out --minutes 8 \\
