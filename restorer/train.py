@@ -220,8 +220,15 @@ def save_state(state: dict[str, Any], path: str) -> None:
 
 def load_state(data: bytes) -> dict[str, Any]:
     """The state in ``state.pt`` bytes, read with ``weights_only=True`` (tensors and plain
-    containers only: no code runs)."""
-    return torch.load(io.BytesIO(data), weights_only=True)
+    containers only: no code runs). Bytes that do not load (empty, truncated, not a state)
+    raise ``ValueError``."""
+    try:
+        state = torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch raises EOFError, IndexError, RuntimeError...
+        raise ValueError(f"not a training state ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict) or not {"optimizer", "net"} <= set(state):
+        raise ValueError("not a training state (no optimizer and net entries)")
+    return state
 
 
 __all__ = ["EMA", "LOSSES", "PRECISIONS", "Precision", "Schedule", "Trainer", "cosine_lr",
