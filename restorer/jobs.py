@@ -1,6 +1,7 @@
 """Job specs: frozen dataclasses loaded from TOML, validated, with unknown keys rejected.
 
-A spec file has ``kind = "restore"`` or ``kind = "train"`` and one table per section below;
+A spec file has ``kind = "restore"`` (:class:`RestoreSpec`) or ``kind = "train"``
+(:class:`TrainSpec`) and one table per section below;
 ``jobs/README.md`` documents every field. ``restorer restore`` and ``restorer train`` build the
 same specs from flags, and only the fields in :data:`OVERRIDES` may be overridden by flags.
 Specs hold no secrets: credentials stay in the environment.
@@ -165,6 +166,106 @@ class RestoreSpec:
         }
 
 
+# --- training specs (kind = "train", run by restorer.train_job) ------------------------------
+
+TRAIN_DEGRADATIONS = ("noise", "jpeg", "blur", "blind", "sr")
+
+
+def _default_net() -> dict[str, Any]:
+    return {"arch": "dncnn", "channels": 1, "num_features": 32, "num_layers": 12}
+
+
+@dataclass(frozen=True)
+class TrainData:
+    uri: str = ""  # clean training images: folder or s3:// prefix
+    val_uri: str = ""  # clean validation images, held apart; "" = no validation
+    val_images: int = 4  # validate on at most this many images (first in listing order)
+    val_crop: int = 256  # centre crop of each validation image, pixels; 0 = whole image
+
+
+@dataclass(frozen=True)
+class Degradation:
+    kind: str = "noise"  # noise | jpeg | blur | blind (noise or jpeg, DnCNN-3) | sr (MATLAB
+    # bicubic downscale by the net's scale; for super-resolution nets)
+    sigma_min: float = 0.0  # Gaussian noise std range, 0-255 scale (blind when min < max)
+    sigma_max: float = 55.0
+    quality_min: int = 10  # JPEG quality range
+    quality_max: int = 40
+    blur_min: float = 0.5  # Gaussian blur std range, pixels
+    blur_max: float = 2.0
+    val_sigma: float = 25.0  # validation: noise std (noise and blind kinds)
+    val_quality: int = 20  # validation: JPEG quality (jpeg kind)
+
+
+@dataclass(frozen=True)
+class Optim:
+    steps: int = 2000  # optimiser steps in all (a resumed run continues to this count)
+    batch_size: int = 32  # patches per step per worker
+    patch_size: int = 48
+    lr: float = 1e-3  # Adam, cosine-decayed to min_lr
+    min_lr: float = 1e-5
+    loss: str = "l1"  # l1 | mse
+    seed: int = 0
+    ema: float = 0.0  # 0 = off; else the decay of an exponential moving average of weights
+    precision: str = "auto"  # auto: bf16 autocast + channels_last on CUDA, fp32 on CPU | fp32
+
+
+@dataclass(frozen=True)
+class Validation:
+    every: int = 200  # steps between validation + checkpoint
+
+
+@dataclass(frozen=True)
+class Output:
+    storage_path: str = "checkpoints"  # local folder or s3:// prefix for runs
+    init: str = ""  # fine-tune from this model (zoo name or path); "" = from scratch
+    keep: int = 2  # checkpoints kept (the best by validation PSNR and the latest)
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    kind: str = "train"
+    name: str = "train"  # the run name: same name + storage path = resume
+    net: dict[str, Any] = field(default_factory=_default_net)  # see restorer.nets
+    data: TrainData = field(default_factory=TrainData)
+    degradation: Degradation = field(default_factory=Degradation)
+    optim: Optim = field(default_factory=Optim)
+    validation: Validation = field(default_factory=Validation)
+    output: Output = field(default_factory=Output)
+    resources: ResourceSpec = field(default_factory=ResourceSpec)
+    storage: StorageSpec = field(default_factory=StorageSpec)
+
+    def validate(self) -> TrainSpec:
+        if not self.data.uri:
+            raise SpecError("data.uri is empty; give the folder or prefix of clean images")
+        if self.degradation.kind not in TRAIN_DEGRADATIONS:
+            raise SpecError(f"degradation.kind = {self.degradation.kind!r}; use one of "
+                            f"{TRAIN_DEGRADATIONS}")
+        if self.optim.precision not in ("auto", "fp32"):
+            raise SpecError(f"optim.precision = {self.optim.precision!r}; use auto or fp32")
+        if self.optim.loss not in ("l1", "mse"):  # restorer.train.LOSSES
+            raise SpecError(f"optim.loss = {self.optim.loss!r}; use l1 or mse")
+        if self.optim.steps < 1 or self.optim.batch_size < 1 or self.validation.every < 1:
+            raise SpecError("optim.steps, optim.batch_size and validation.every must be >= 1")
+        if not self.name or "/" in self.name:
+            raise SpecError(f"name = {self.name!r}; give a run name without '/'")
+        from restorer.nets import build_net  # torch: imported when a train spec is checked
+
+        try:
+            scale = getattr(build_net(self.net), "scale", 1)
+        except Exception as e:  # noqa: BLE001 - report the net spec error as a spec error
+            raise SpecError(f"[net]: {e}") from None
+        if (scale > 1) != (self.degradation.kind == "sr"):
+            raise SpecError(f"the net's scale is {scale} and degradation.kind is "
+                            f"{self.degradation.kind!r}: super-resolution nets (scale > 1) "
+                            "train with kind = \"sr\", and only they do")
+        if scale > 1 and self.optim.patch_size % scale:
+            raise SpecError(f"optim.patch_size = {self.optim.patch_size} must be a multiple of "
+                            f"the net's scale {scale}")
+        return self
+
+
+
 # Fields that command-line flags may override, as flag name -> (section, field).
 OVERRIDES = {
     "input": ("input", "uri"),
@@ -305,12 +406,7 @@ def spec_from_flags(cls: type, **values: Any) -> Any:
     return spec
 
 
-SPEC_KINDS: dict[str, type] = {"restore": RestoreSpec}
-
-
-def register_kind(kind: str, cls: type) -> None:
-    """Register a spec class for ``kind`` (the training layer registers ``train``)."""
-    SPEC_KINDS[kind] = cls
+SPEC_KINDS: dict[str, type] = {"restore": RestoreSpec, "train": TrainSpec}
 
 
 def spec_from_dict(data: dict[str, Any], source: str = "spec") -> Any:

@@ -13,9 +13,7 @@ from restorer.errors import SpecError
 
 
 def load_spec(path: str) -> Any:
-    """Load a job spec of any kind (the train kind registers itself when imported)."""
-    import restorer.train_job  # noqa: F401
-
+    """Load a job spec of any kind (:data:`restorer.jobs.SPEC_KINDS`)."""
     return jobs.load_spec(path)
 
 

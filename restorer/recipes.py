@@ -1,13 +1,15 @@
 """The recipes that train the bundled zoo, runnable on one GPU without Ray.
 
 Each recipe fixes a net, its data split (folders of ``shared/data``, see its README), the
-degradation it learns and its validation. Training is plain PyTorch around
-:func:`restorer.train.train_step` with batches made on the device by :mod:`restorer.synth`;
-bf16 autocast and channels_last on CUDA; an exponential moving average (EMA) of the weights is
-what gets validated and saved. It runs for a wall-time budget (so that it fits a leased GPU's
-10-minute calls) and continues from a saved model with ``--init`` (weights only: Adam restarts,
-with its warm-up, at ``--lr``). Every ``--val-seconds`` and at the end it validates with
+degradation it learns and its validation. Training is plain PyTorch: the training core
+(:class:`restorer.train.Trainer`) with batches made on the device by :mod:`restorer.synth`;
+bf16 autocast and channels_last on CUDA; an exponential moving average (EMA) of the
+parameters is what gets validated and saved. It runs for a wall-time budget (so that it fits
+a leased GPU's 10-minute calls): the learning rate warms up over ``warmup`` steps and follows
+a cosine over the budget. It continues from a saved model with ``--init`` (weights only: Adam
+restarts, with its warm-up, at ``--lr``). Every ``--val-seconds`` and at the end it validates with
 :func:`restorer.evaluate.evaluate` and writes ``OUT/NAME.safetensors`` with its provenance.
+``--ship`` writes the model card from the templates in ``restorer/zoo/cards/``.
 
     python -m restorer.recipes denoise-gray --data ../shared/data --out zoo-out --minutes 8
     python -m restorer.recipes denoise-gray --data ../shared/data --out zoo-out --minutes 8 \\
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 import json
 import logging
 import math
@@ -28,6 +31,7 @@ import platform
 import shlex
 import sys
 import time
+import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,7 +44,7 @@ from restorer import degrade, synth
 from restorer.checkpoint import count_parameters, load_model, save_model
 from restorer.evaluate import evaluate, image_files, read_image
 from restorer.nets import build_net
-from restorer.train import cosine_lr, train_step
+from restorer.train import EMA, Schedule, Trainer, precision_for
 
 log = logging.getLogger(__name__)
 
@@ -222,16 +226,16 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
         init_info = {"uri": str(init), "sha256": start.sha256,
                      "steps": start.provenance.get("steps_total", start.provenance.get("steps")),
                      "wall_seconds": start.provenance.get("wall_seconds_total")}
-    cuda = device.type == "cuda"
+    precision = precision_for(device)  # bf16 autocast and channels_last on CUDA
     net = net.to(device)
-    if cuda:
+    if precision.channels_last:
         net = net.to(memory_format=torch.channels_last)
-    ema = build_net(recipe.net).to(device)
-    ema.load_state_dict(net.state_dict())
-    ema.eval().requires_grad_(False)
     base_lr = lr or recipe.lr
-    optimizer = torch.optim.Adam(net.parameters(), lr=base_lr)
-    autocast = torch.bfloat16 if cuda else None
+    # the EMA averages the parameters only (buffers keep their initial values)
+    trainer = Trainer(net, torch.optim.Adam(net.parameters(), lr=base_lr), recipe.loss,
+                      precision, EMA(net, recipe.ema, buffers=False))
+    schedule = Schedule(base_lr, recipe.min_lr, recipe.warmup)  # by wall time, warm-up by step
+    ema = trainer.averaged()
     provenance: dict[str, Any] = {
         "recipe": name, "command": command or shlex.join([sys.executable] + sys.argv),
         "config": {**asdict(recipe), "lr": base_lr, "seed": seed},
@@ -268,32 +272,25 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
         elapsed = time.perf_counter() - started
         if elapsed >= budget:
             break
-        scale = min(1.0, (step + 1) / recipe.warmup)
-        cosine = cosine_lr(base_lr, recipe.min_lr, elapsed / budget)
-        for group in optimizer.param_groups:
-            group["lr"] = cosine * scale
         clean, degraded = batches()
-        if cuda:
-            degraded = degraded.contiguous(memory_format=torch.channels_last)
-        loss = train_step(net, optimizer, clean, degraded, recipe.loss, autocast)
+        loss = trainer.step(clean, degraded, schedule(elapsed / budget, step))
         if not math.isfinite(loss):  # diverged: back to the last good weights, half the rate
             base_lr /= 2
             log.warning("%s: loss %s at step %d; back to step %d's weights, peak lr %.1e",
                         name, loss, step, good["step"], base_lr)
             net.load_state_dict(good["net"])
             ema.load_state_dict(good["ema"])
-            optimizer = torch.optim.Adam(net.parameters(), lr=base_lr)
+            trainer.optimizer = torch.optim.Adam(net.parameters(), lr=base_lr)
+            schedule = dataclasses.replace(schedule, lr=base_lr)
             continue
         running += loss
-        with torch.no_grad():
-            for mine, theirs in zip(ema.parameters(), net.parameters()):
-                mine.lerp_(theirs, 1 - recipe.ema)
         step += 1
         if step % 200 == 0:
             good = {"step": step, "net": {k: v.clone() for k, v in net.state_dict().items()},
                     "ema": {k: v.clone() for k, v in ema.state_dict().items()}}
             log.info("%s step %d loss %.5f lr %.2e %.1f steps/s", name, step, running / 200,
-                     optimizer.param_groups[0]["lr"], step / (time.perf_counter() - started))
+                     trainer.optimizer.param_groups[0]["lr"],
+                     step / (time.perf_counter() - started))
             running = 0.0
         if time.perf_counter() - last_val >= val_seconds:
             checkpoint()
@@ -319,48 +316,11 @@ CARD_EVALS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
         *(("classic5", {"task": "jpeg", "quality": q}) for q in (10, 20, 40))),
 }
 
-CARD_TEXT: dict[str, tuple[str, str]] = {  # (what it is, published figures and limits)
-    "denoise-gray": (
-        ("A **blind Gaussian denoiser for gray images** (never told the noise level; trained on "
-        "sigma 0-55)."),
-        ("Published, Set12 sigma 15 / 25 / 50: BM3D 32.37 / 29.97 / 26.72, DnCNN-S 32.86 / "
-        "30.44 / 27.18, FFDNet 32.75 / 30.43 / 27.32 (the papers' tables). Limits: additive "
-        "white Gaussian noise only; Set12 was the validation set during training (no model "
-        "selection on it: the last weights are shipped), so held-out figures may be a little "
-        "lower; a colour image is denoised plane by plane.")),
-    "denoise-color": (
-        "A **blind Gaussian denoiser for RGB images** (sigma 0-55, independent per plane).",
-        ("Trained on only 32 colour images (mcmaster, set14), so augmented hard: 8 flips/"
-        "rotations, random plane order, copies shrunk to 0.8/0.6/0.4. Set5 was the validation "
-        "set (last weights shipped). Limits: white Gaussian noise only, not camera noise "
-        "(which is spatially and chromatically correlated).")),
-    "jpeg": (
-        ("A **JPEG deblocking net for gray images** (quality 10-40, Pillow/libjpeg tables); "
-        "a colour image is restored plane by plane."),
-        ("Published, classic5 quality 10 / 20 / 30 / 40: ARCNN 29.03 / 31.15 / 32.51 / 33.34, "
-        "DnCNN-3 29.40 / 31.63 / 32.91 / 33.77. Limits: trained on gray JPEG only (colour "
-        "JPEG's 4:2:0 chroma artifacts are not modelled; use restore-default for colour); "
-        "classic5 was the validation set (last weights shipped).")),
-    "sr-x2": (
-        ("**x2 super-resolution** of one plane (a colour image is upscaled plane by plane), "
-        "for images shrunk with MATLAB's bicubic `imresize`."),
-        ("Published, Set5 x2 (Y): bicubic 33.66, SRCNN 36.66, DnCNN-3 37.58. Limits: learns the "
-        "inverse of one known blur-and-decimate (MATLAB bicubic); real camera images or other "
-        "resamplers fare worse; Set5 was the validation set (last weights shipped).")),
-    "sr-x4": (
-        ("**x4 super-resolution** of one plane (a colour image is upscaled plane by plane), "
-        "for images shrunk with MATLAB's bicubic `imresize`."),
-        "Published, Set5 x4 (Y): bicubic 28.42, SRCNN 30.48, DnCNN-3 31.40. Limits as sr-x2."),
-    "restore-default": (
-        ("The default model of `restorer restore`: **one blind RGB net for gray and colour "
-        "images** with Gaussian noise (sigma 0-50) or JPEG artifacts (quality 10-90), which "
-        "also leaves clean images nearly alone; `--strength 0..1` blends its output with the "
-        "input."),
-        ("A gray image is shown to it as three equal planes (with equal noise, as a gray file "
-        "has) and the mean of its output planes is kept, exactly as the pipeline does. It is "
-        "a generalist: the specialists (denoise-gray, denoise-color, jpeg) are better at their "
-        "own task. Limits: not trained on noise followed by JPEG, blur or camera noise.")),
-}
+CARDS = importlib.resources.files("restorer") / "zoo" / "cards"  # card.md and text.toml
+CARD_PROSE = tomllib.loads((CARDS / "text.toml").read_text(encoding="utf-8"))
+# (what it is, published figures and limits) by model, from zoo/cards/text.toml
+CARD_TEXT: dict[str, tuple[str, str]] = {
+    name: (text["what"], text["notes"]) for name, text in CARD_PROSE["models"].items()}
 
 
 def measure_card_table(name: str, model: Any, data: Path) -> list[dict[str, Any]]:
@@ -381,58 +341,40 @@ def measure_card_table(name: str, model: Any, data: Path) -> list[dict[str, Any]
 def _card(name: str, path: Path, sha256: str, provenance: dict[str, Any],
           stages: list[dict[str, Any]], table: list[dict[str, Any]], net: torch.nn.Module
           ) -> str:
+    """The card's Markdown: ``zoo/cards/card.md`` filled in with the prose of ``text.toml``."""
     what, notes = CARD_TEXT[name]
     recipe = RECIPES[name]
-    spec = json.dumps(recipe.net)
-    lines = [f"# {name}", "", what, "", "| | |", "| --- | --- |",
-             (f"| file | `{path.name}` ({path.stat().st_size:,} bytes, weights stored as float16, "
-             f"sha256 `{sha256}`) |"),
-             (f"| net | `{spec}`; {provenance['parameters']:,} parameters; receptive field "
-             f"{net.receptive_field} px |"),
-             (f"| input / output | float32 NCHW `[0, 1]`, {recipe.channels} plane(s); output "
-             f"{getattr(net, 'scale', 1)}x the input's size |"),
-             f"| learnt | {_learnt(recipe)} |",
-             (f"| training data | {', '.join(recipe.train)} (`../shared/data`), random "
-             f"{recipe.patch}x{recipe.patch} crops{' (low-resolution side)' if recipe.task == 'sr' else ''}"
-             f", 8 flips/rotations |"),
-             (f"| training | {sum(s['steps'] for s in stages):,} steps, "
-             f"{sum(s['wall_seconds'] for s in stages) / 60:.1f} minutes on "
-             f"{stages[-1]['hardware']} |"), "",
-             "## How it was trained", "",
-             ("`python -m restorer.recipes` (plain PyTorch around `restorer.train.train_step`, "
-             "batches made on the GPU by `restorer.synth`, bf16 autocast, channels_last, Adam "
-             "with warm-up and cosine decay, L1 loss, EMA 0.999 of the weights shipped), from "
-             "the repository root on a leased GPU machine where `.data` was a copy of "
-             "`../shared/data`. Stages (each continues the previous one's weights):"), ""]
+    prose = CARD_PROSE["card"]
+    lines = []
     for index, stage in enumerate(stages, 1):
         last = stage["history"][-1]["validation"]
-        lines += [f"{index}. `{stage['command']}` — {stage['steps']:,} steps of "
-                  f"{stage['config']['batch']} crops, {stage['wall_seconds']:.0f} s, peak lr "
-                  f"{stage['config']['lr']:g}; validation at the end: "
-                  + "; ".join(f"{v['set']} {_setting(v)} {v['psnr']:.2f} dB" for v in last)]
-    lines += ["", "## Measured", "",
-              "Measured on the shipped file with `restorer eval` on a 2-core x86_64 CPU "
-              "(torch CPU), in the conventions of `../shared/data/README.md` (noise seeded per "
-              "image, unclipped; output rounded to uint8; JPEG on Y for colour images; SR on Y "
-              "with the border cropped by the scale). Input = the degraded image as saved "
-              "(bicubic upscale for SR)"
-              + ("; NLM = scikit-image non-local means told the true sigma" if any(
-                  r["baseline_psnr"] is not None for r in table) else "") + ".", ""]
+        lines.append(prose["stage"].format(
+            index=index, command=stage["command"], steps=stage["steps"],
+            batch=stage["config"]["batch"], seconds=stage["wall_seconds"],
+            lr=stage["config"]["lr"], validation="; ".join(prose["stage_validation"].format(
+                set=v["set"], setting=_setting(v), psnr=v["psnr"]) for v in last)))
+    baseline = any(r["baseline_psnr"] is not None for r in table)
     header = "| set | setting | images | input PSNR | **PSNR** | SSIM |"
     rule = "| --- | --- | --- | --- | --- | --- |"
-    if any(r["baseline_psnr"] is not None for r in table):
+    if baseline:
         header, rule = header + " NLM PSNR |", rule + " --- |"
-    lines += [header, rule]
+    rows = [header, rule]
     for r in table:
         row = (f"| {r['set']} | {r['setting']} | {r['count']} | {r['input_psnr']:.2f} | "
                f"**{r['psnr']:.2f}** | {r['ssim']:.4f} |")
         if r["baseline_psnr"] is not None:
             row += f" {r['baseline_psnr']:.2f} |"
-        lines.append(row)
-    lines += ["", "Commands (DATA = `../shared/data`):", "", "```"]
-    lines += [r["command"] for r in table]
-    lines += ["```", "", "## Notes", "", notes, ""]
-    return "\n".join(lines)
+        rows.append(row)
+    return (CARDS / "card.md").read_text(encoding="utf-8").format(
+        name=name, what=what, notes=notes, file=path.name, size=path.stat().st_size,
+        sha256=sha256, net=json.dumps(recipe.net), parameters=provenance["parameters"],
+        receptive_field=net.receptive_field, channels=recipe.channels,
+        scale=getattr(net, "scale", 1), learnt=_learnt(recipe), train=", ".join(recipe.train),
+        patch=recipe.patch, crop_side=prose["sr_crop_side"] if recipe.task == "sr" else "",
+        steps=sum(s["steps"] for s in stages),
+        minutes=sum(s["wall_seconds"] for s in stages) / 60, hardware=stages[-1]["hardware"],
+        stages="\n".join(lines), nlm_note=prose["nlm_note"] if baseline else "",
+        table="\n".join(rows), commands="\n".join(r["command"] for r in table))
 
 
 def _setting(validation: dict[str, Any]) -> str:
@@ -444,17 +386,13 @@ def _setting(validation: dict[str, Any]) -> str:
 
 
 def _learnt(recipe: Recipe) -> str:
-    if recipe.task == "denoise":
-        return (f"additive white Gaussian noise, sigma uniform in {list(recipe.sigma_range)} "
-                "(0-255 scale) per crop, unclipped")
-    if recipe.task == "jpeg":
-        return f"Pillow JPEG, quality uniform in {min(recipe.qualities)}-{max(recipe.qualities)}"
-    if recipe.task == "sr":
-        return f"MATLAB bicubic downscale by {recipe.net['scale']} (unrounded)"
+    """The "learnt" row: ``[learnt]`` of ``zoo/cards/text.toml`` for the recipe's task."""
     mix = recipe.mixture
-    return (f"per crop: clean ({mix.clean:.0%}), Gaussian noise sigma in "
-            f"{list(recipe.sigma_range)} ({mix.noise:.0%}), or JPEG quality "
-            f"{min(recipe.qualities)}-{max(recipe.qualities)} ({mix.jpeg:.0%})")
+    qualities = recipe.qualities or (0,)
+    return CARD_PROSE["learnt"][recipe.task].format(
+        sigma_range=list(recipe.sigma_range), quality_min=min(qualities),
+        quality_max=max(qualities), scale=recipe.net.get("scale", 1), clean=mix.clean,
+        noise=mix.noise, jpeg=mix.jpeg)
 
 
 def ship(name: str, stages: Sequence[str | Path], data: str | Path,

@@ -1,8 +1,9 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-import restorer.train_job  # noqa: F401 - registers the "train" kind
 from restorer import jobs
 from restorer.errors import SpecError
 
@@ -14,6 +15,16 @@ def test_shipped_specs_load_and_validate(path):
     spec = jobs.load_spec(path)
     assert spec.kind == path.name.split("-")[0]  # restore-*.toml, train-*.toml
     assert spec.validate() is not None  # restore and train specs alike
+
+
+def test_the_train_kind_needs_no_import_of_the_training_layer():
+    code = ("import sys; from restorer import jobs; "
+            "spec = jobs.spec_from_dict({'kind': 'train', 'data': {'uri': 'x'}}); "
+            "print(type(spec).__name__, spec.validate().name, "
+            "any(m.startswith(('restorer.train', 'ray')) for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+    assert out.split() == ["TrainSpec", "train", "False"]
 
 
 def test_restore_and_train_specs_are_shipped():

@@ -2,6 +2,7 @@
 on CPU with generated images."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,3 +191,20 @@ def test_every_zoo_recipe_builds_its_net_and_has_a_card_entry(name):
     assert (recipe.task == "sr") == (net.scale > 1)
     what, notes = recipes.CARD_TEXT[name]
     assert what and notes
+
+
+def test_card_templates_are_package_data_and_fill_every_field():
+    import tomllib
+
+    root = Path(recipes.__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())[
+        "tool"]["setuptools"]["package-data"]["restorer"]
+    shipped = {path for pattern in globs for path in (root / "restorer").glob(pattern)}
+    templates = sorted((root / "restorer" / "zoo" / "cards").iterdir())
+    assert templates and all(path in shipped for path in templates)
+    assert set(recipes.CARD_TEXT) == set(recipes.RECIPES)  # every recipe has its prose
+    for task in recipes.TASKS:  # and every task its "learnt" sentence, filled in
+        recipe = recipes.Recipe(net={"arch": "srnet", "scale": 2} if task == "sr" else {},
+                                train=(), task=task, validation=(), qualities=(10, 40))
+        learnt = recipes._learnt(recipe)
+        assert learnt and "{" not in learnt, task

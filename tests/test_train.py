@@ -57,3 +57,143 @@ def test_cosine_lr_runs_from_lr_to_min_lr():
     assert train.cosine_lr(1e-3, 1e-5, 0.5) == pytest.approx((1e-3 + 1e-5) / 2)
     assert train.cosine_lr(1e-3, 1e-5, 1.0) == pytest.approx(1e-5)
     assert train.cosine_lr(1e-3, 1e-5, 7.0) == pytest.approx(1e-5)
+
+
+# --- the training core: schedule, precision, EMA, Trainer and its state ----------------------
+
+BN_NET = {"arch": "dncnn", "channels": 1, "num_features": 8, "num_layers": 3}  # BatchNorm
+
+
+def _batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed noisy batch of flat patches: learnable, so a step must lower the loss."""
+    clean = torch.rand(4, 1, 1, 1, generator=torch.Generator().manual_seed(seed))
+    clean = clean.expand(4, 1, 16, 16).contiguous()
+    noise = torch.randn(clean.shape, generator=torch.Generator().manual_seed(seed + 1))
+    return clean, clean + 0.1 * noise
+
+
+def _trainer(net_spec=TINY_NET, ema: float = 0.0, buffers: bool = True, seed: int = 0
+             ) -> train.Trainer:
+    torch.manual_seed(seed)
+    net = build_net(net_spec)
+    return train.Trainer(net, torch.optim.Adam(net.parameters(), lr=1e-2), "l1",
+                         train.Precision(), train.EMA(net, ema, buffers) if ema else None)
+
+
+def test_schedule_warms_up_linearly_then_follows_the_cosine():
+    warm = train.Schedule(lr=1e-3, min_lr=1e-5, warmup=4)
+    assert warm(0.0, 0) == pytest.approx(1e-3 / 4)
+    assert warm(0.0, 2) == pytest.approx(1e-3 * 3 / 4)
+    assert warm(0.5, 3) == pytest.approx((1e-3 + 1e-5) / 2)  # warm-up over: the cosine's
+    assert warm(0.5, 100) == pytest.approx((1e-3 + 1e-5) / 2)
+    plain = train.Schedule(lr=1e-3, min_lr=1e-5)  # the Ray job's: no warm-up
+    assert [plain(p, 0) for p in (0.0, 0.5, 1.0)] == [
+        train.cosine_lr(1e-3, 1e-5, p) for p in (0.0, 0.5, 1.0)]
+    assert plain(0.25, 0) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + 2 ** -0.5))
+
+
+def test_precision_is_bf16_channels_last_on_cuda_only_in_auto():
+    assert train.precision_for(torch.device("cpu")) == train.Precision(None, False)
+    assert train.precision_for(torch.device("cuda")) == train.Precision(torch.bfloat16, True)
+    assert train.precision_for(torch.device("cuda"), "fp32") == train.Precision(None, False)
+    with pytest.raises(ValueError, match="fp16"):
+        train.precision_for(torch.device("cpu"), "fp16")
+
+
+def test_ema_moves_each_weight_by_one_minus_decay_towards_the_net():
+    torch.manual_seed(0)
+    net = build_net(BN_NET)
+    everything, parameters = train.EMA(net, 0.9), train.EMA(net, 0.9, buffers=False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        for value in net.state_dict().values():
+            value.add_(1.0) if value.is_floating_point() else value.add_(5)
+    for ema in (everything, parameters):
+        ema.update(net)
+    after = net.state_dict()
+    mean = next(k for k in before if k.endswith("running_mean"))
+    count = next(k for k in before if k.endswith("num_batches_tracked"))
+    assert set(everything.state_dict()) == set(before)
+    for name, value in everything.state_dict().items():
+        if value.is_floating_point():  # parameters and BatchNorm statistics alike
+            assert torch.allclose(value, before[name] + 0.1 * (after[name] - before[name]))
+        else:
+            assert torch.equal(value, after[name])  # integer buffers are copied
+    averaged = parameters.state_dict()
+    for name, value in net.named_parameters():
+        assert torch.allclose(averaged[name], before[name] + 0.1 * (value - before[name]))
+    assert torch.equal(averaged[mean], before[mean])  # parameters only: buffers stay
+    assert torch.equal(averaged[count], before[count])
+    with pytest.raises(ValueError, match="decay 1.0"):
+        train.EMA(net, 1.0)
+
+
+def test_trainer_steps_lower_the_loss_and_set_the_rate():
+    trainer = _trainer(ema=0.5)
+    clean, noisy = _batch()
+    first = next(name for name, _ in trainer.net.named_parameters())
+    start = trainer.averaged().state_dict()[first].clone()
+    losses = [trainer.step(clean, noisy, lr=1e-2) for _ in range(30)]
+    assert losses[-1] < 0.6 * losses[0]
+    assert trainer.optimizer.param_groups[0]["lr"] == 1e-2
+    trainer.step(clean, noisy, lr=3e-4)
+    assert trainer.optimizer.param_groups[0]["lr"] == 3e-4
+    ema = trainer.averaged().state_dict()[first]
+    net = trainer.net.state_dict()[first]
+    assert not torch.equal(ema, start) and not torch.equal(ema, net)  # in between
+    assert trainer.averaged() is trainer.ema.net
+    plain = _trainer()
+    assert plain.averaged() is plain.net  # without EMA: the net itself
+
+
+@pytest.mark.parametrize("buffers", [True, False])
+def test_state_round_trips_through_state_pt_exactly(tmp_path, buffers):
+    clean, noisy = _batch()
+    first = _trainer(BN_NET, ema=0.9, buffers=buffers)
+    for _ in range(3):
+        first.step(clean, noisy, lr=1e-2)
+    train.save_state(first.state_dict(), str(tmp_path / "state.pt"))
+    state = train.load_state((tmp_path / "state.pt").read_bytes())
+    assert list(state) == ["optimizer", "ema", "net"]  # the layout of state.pt on disk
+    second = _trainer(BN_NET, ema=0.9, buffers=buffers, seed=1)  # other initial weights
+    second.load_state_dict(state)
+    # the next steps agree bit for bit: weights, Adam's moments and the EMA all came back
+    for trainer in (first, second):
+        for _ in range(2):
+            trainer.step(clean, noisy, lr=5e-3)
+    for part in ("net", "ema"):
+        mine, theirs = first.state_dict()[part], second.state_dict()[part]
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), part
+    assert first.state_dict()["optimizer"]["state"][0]["step"] == 5
+
+
+def test_a_state_without_ema_starts_the_ema_from_the_restored_weights():
+    clean, noisy = _batch()
+    plain = _trainer()
+    plain.step(clean, noisy, lr=1e-2)
+    state = plain.state_dict()
+    assert state["ema"] is None
+    with_ema = _trainer(ema=0.9, seed=1)
+    with_ema.load_state_dict(state)
+    ema = with_ema.ema.state_dict()
+    assert all(torch.equal(ema[k], v) for k, v in state["net"].items())
+
+
+def test_trainer_on_a_ddp_net_keeps_unwrapped_state(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
+                            world_size=1)
+    try:
+        torch.manual_seed(0)
+        net = torch.nn.parallel.DistributedDataParallel(build_net(TINY_NET))
+        trainer = train.Trainer(net, torch.optim.Adam(net.parameters(), lr=1e-2), "l1",
+                                train.Precision(), train.EMA(net, 0.9))
+        clean, noisy = _batch()
+        losses = [trainer.step(clean, noisy, lr=1e-2) for _ in range(5)]
+        assert losses[-1] < losses[0]
+        state = trainer.state_dict()
+        assert not any(k.startswith("module.") for k in (*state["net"], *state["ema"]))
+        assert trainer.averaged() is trainer.ema.net
+    finally:
+        dist.destroy_process_group()
