@@ -29,16 +29,8 @@ from restorer.errors import (
     retrying,
 )
 from restorer.jobs import RestoreSpec, spec_from_flags
-from restorer.pipeline import (
-    DECODED_SCHEMA,
-    MISSING_RUNS,
-    RECORD_SCHEMA,
-    JobState,
-    RestoreActor,
-    _close_unit,
-    _defaults,
-    read_and_decode,
-)
+from restorer.pipeline import MISSING_RUNS, JobState, RestoreActor, _close_unit, read_and_decode
+from restorer.records import DECODED_SCHEMA, RECORD_SCHEMA, _defaults
 
 
 def _client_error(code: str, status: int):
