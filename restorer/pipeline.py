@@ -47,6 +47,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from restorer import codec, storage
+from restorer.audit import noise_sigma
+from restorer.audit import p99 as _p99
 from restorer.digest import FLUSH_SECONDS, Digest, flag, job_digest, unit_records
 from restorer.digest import write as write_digest
 from restorer.errors import (
@@ -249,25 +251,6 @@ def _pixels(row: dict[str, Any], name: str = "pixels", channels: int | None = No
 
 
 # --- 3. restore (actor pool) -----------------------------------------------------------------
-
-def noise_sigma(plane: torch.Tensor) -> torch.Tensor:
-    """Std of white Gaussian noise in ``plane`` (HW), by Donoho's robust estimator: the median
-    absolute finest-scale diagonal Haar coefficient over 0.6745 (``skimage``'s
-    ``estimate_sigma`` does the same with a db2 wavelet, on the CPU). Image edges inflate it a
-    little; a plane under 8 pixels on a side gives 0."""
-    height, width = (plane.shape[0] // 2) * 2, (plane.shape[1] // 2) * 2
-    if min(height, width) < 8:
-        return plane.new_zeros(())
-    x = plane[:height, :width].float()
-    diagonal = (x[0::2, 0::2] - x[0::2, 1::2] - x[1::2, 0::2] + x[1::2, 1::2]) / 2
-    return diagonal.abs().median() / 0.6745
-
-
-def _p99(values: torch.Tensor) -> torch.Tensor:
-    """The 99th percentile of a 1-D tensor, nearest rank: one selection (``kthvalue``), not
-    ``torch.quantile``'s full sort (a third of the actor's time per image with a small net)."""
-    return values.kthvalue(max(1, math.ceil(0.99 * values.numel()))).values
-
 
 def tile_settings(net: torch.nn.Module, tile: int, overlap: int) -> tuple[int, int]:
     """(tile, overlap) that the actor uses for ``net`` given the configured ones.
