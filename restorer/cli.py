@@ -5,6 +5,12 @@ finished but some images were quarantined (see ``OUTPUT/_restorer/errors.parquet
 was stopped (SIGTERM) after draining, and a rerun resumes it; 5 the job is incomplete: some
 units still failed transiently (storage outage, device errors) after retries, or hold inputs
 that vanished, and were not committed; a plain rerun redoes exactly those.
+
+Options that several commands take are declared once below (``json_option``,
+``worker_options``, ``resource_options``, ``override_options``, ``num_cpus_option``,
+``dashboard_option``). Names: ``specs`` is :mod:`restorer.jobs` (the job spec dataclasses);
+``jobs_api`` is :mod:`restorer.submit` (the Ray Jobs API client), which the ``restorer
+submit`` command and the ``restorer jobs`` group drive.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from typing import Any
 
 import click
 
-from restorer import jobs
+from restorer import jobs as specs
 from restorer.errors import JobStopped, RestorerError, SpecError
 
 EXIT_USAGE = 2
@@ -50,20 +56,44 @@ def _errors_to_exit_codes(command):
     return wrapper
 
 
-def resource_options(command):
-    """Options shared by every command that runs work on Ray."""
-    options = [
-        click.option("--workers", type=int, default=None,
-                     help="Restore actors or train workers (default: sized from the cluster)."),
-        click.option("--gpus-per-worker", type=float, default=None,
-                     help="GPUs per worker; 0 = CPU, fractions allowed (default: 1 if the "
-                          "cluster has GPUs, else 0)."),
-        click.option("--address", default=None,
-                     help="Ray cluster address (default: an embedded local Ray)."),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _options(*decorators):
+    """One decorator applying ``decorators`` (options, or groups of them) in the order given,
+    which is the order ``--help`` lists them in."""
+
+    def decorate(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return decorate
+
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as JSON (for scripts).")
+num_cpus_option = click.option("--num-cpus", type=int, default=None,
+                               help="Embedded Ray: CPUs to use.")
+# The workers a job asks for: `restorer restore/run/train` and `restorer submit`.
+worker_options = _options(
+    click.option("--workers", type=int, default=None,
+                 help="Restore actors or train workers (default: sized from the cluster)."),
+    click.option("--gpus-per-worker", type=float, default=None,
+                 help="GPUs per worker; 0 = CPU, fractions allowed (default: 1 if the "
+                      "cluster has GPUs, else 0)."))
+# Every command that runs work on Ray from this process.
+resource_options = _options(
+    worker_options,
+    click.option("--address", default=None,
+                 help="Ray cluster address (default: an embedded local Ray)."))
+# Overrides of a spec file's fields: `restorer run` and `restorer submit`.
+override_options = _options(
+    click.option("--input", "input_uri", default=None, help="Override input.uri."),
+    click.option("--output", "output_uri", default=None, help="Override output.uri."),
+    click.option("--model", default=None, help="Override the model."),
+    click.option("--limit", type=int, default=None, help="Override input.limit."))
+# The cluster a `restorer submit` / `restorer jobs ...` command talks to.
+dashboard_option = click.option(
+    "--address", default=None,
+    help="Ray dashboard / Jobs API URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS).")
 
 
 def _rate(value: float | None) -> str:
@@ -162,11 +192,11 @@ def main(verbose: bool) -> None:
 @click.option("--retry-failed", is_flag=True, default=None, help="Redo quarantined inputs.")
 @click.option("--max-pixels", type=int, default=None, help="Quarantine larger images.")
 @click.option("--batch-size", type=int, default=None, help="Images per actor call.")
-@click.option("--num-cpus", type=int, default=None, help="Embedded Ray: CPUs to use.")
+@num_cpus_option
 @click.option("--object-store-mb", type=int, default=None, help="Embedded Ray: object store.")
 @click.option("--dry-run", is_flag=True, help="Count inputs and estimate time; restore nothing.")
 @resource_options
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option
 @_errors_to_exit_codes
 def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, precision, strength,
             limit, include, exclude, overwrite, retry_failed, max_pixels, batch_size, num_cpus,
@@ -185,10 +215,10 @@ def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, pre
         input_uri, output_uri = manifest, uris[0]
     else:
         output_uri = uris[-1]
-        input_uri, picked = jobs.input_from_files(list(uris[:-1]))
+        input_uri, picked = specs.input_from_files(list(uris[:-1]))
         include = include + picked
-    spec = jobs.spec_from_flags(
-        jobs.RestoreSpec, input=input_uri, output=output_uri, model=model, tile=tile,
+    spec = specs.spec_from_flags(
+        specs.RestoreSpec, input=input_uri, output=output_uri, model=model, tile=tile,
         overlap=overlap, format=fmt, jpeg_quality=jpeg_quality, precision=precision,
         strength=strength, limit=limit, include=list(include) or None,
         exclude=list(exclude) or None, overwrite=overwrite, retry_failed=retry_failed,
@@ -196,9 +226,9 @@ def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, pre
         object_store_mb=object_store_mb, workers=workers, gpus_per_worker=gpus_per_worker,
         address=address)
     if manifest:
-        spec = jobs.replace_field(spec, "input", "layout", "manifest")
+        spec = specs.replace_field(spec, "input", "layout", "manifest")
     if layout:
-        spec = jobs.replace_field(spec, "output", "layout", layout)
+        spec = specs.replace_field(spec, "output", "layout", layout)
     if dry_run:
         from restorer.plan import plan_job
 
@@ -222,12 +252,9 @@ def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, pre
 
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
-@click.option("--input", "input_uri", default=None, help="Override input.uri.")
-@click.option("--output", "output_uri", default=None, help="Override output.uri.")
-@click.option("--model", default=None, help="Override the model.")
-@click.option("--limit", type=int, default=None, help="Override input.limit.")
+@override_options
 @resource_options
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option
 @_errors_to_exit_codes
 def run(spec_path, input_uri, output_uri, model, limit, workers, gpus_per_worker, address,
         as_json):
@@ -235,7 +262,7 @@ def run(spec_path, input_uri, output_uri, model, limit, workers, gpus_per_worker
     from restorer.launch import load_spec, run_spec
 
     spec = load_spec(spec_path)
-    spec = jobs.apply_overrides(spec, input=input_uri, output=output_uri, model=model,
+    spec = specs.apply_overrides(spec, input=input_uri, output=output_uri, model=model,
                                 limit=limit, workers=workers, gpus_per_worker=gpus_per_worker,
                                 address=address)
     _finish(run_spec(spec), as_json)
@@ -244,7 +271,7 @@ def run(spec_path, input_uri, output_uri, model, limit, workers, gpus_per_worker
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @resource_options
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@json_option
 @_errors_to_exit_codes
 def train(spec_path, workers, gpus_per_worker, address, as_json):
     """Train a restoration net with Ray Train (DDP) from a kind = "train" SPEC.
@@ -256,7 +283,7 @@ def train(spec_path, workers, gpus_per_worker, address, as_json):
     spec = load_spec(spec_path)
     if spec.kind != "train":
         raise SpecError(f"{spec_path} is a {spec.kind!r} spec; use `restorer run` for it")
-    spec = jobs.apply_overrides(spec, workers=workers, gpus_per_worker=gpus_per_worker,
+    spec = specs.apply_overrides(spec, workers=workers, gpus_per_worker=gpus_per_worker,
                                 address=address)
     summary = run_spec(spec)
     if as_json:
@@ -303,7 +330,7 @@ def train(spec_path, workers, gpus_per_worker, address, as_json):
                    "crops) of the first images here.")
 @click.option("--sheet-rows", type=click.IntRange(min=1), default=4, show_default=True,
               help="Images on the contact sheet.")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @_errors_to_exit_codes
 def evaluate_command(model, data_dir, task, sigma, quality, scale, baseline, trim, edges, frame,
                      through, tile, sheet, sheet_rows, as_json):
@@ -394,20 +421,11 @@ def _job_exit_code(job) -> int:
     return job.driver_exit_code if job.driver_exit_code in (1, 2, 3, 4, 5) else 1
 
 
-dashboard_option = click.option(
-    "--address", default=None,
-    help="Ray dashboard / Jobs API URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS).")
-
-
 @main.command()
 @click.argument("spec_path", metavar="SPEC", type=click.Path(dir_okay=False))
 @dashboard_option
-@click.option("--input", "input_uri", default=None, help="Override input.uri.")
-@click.option("--output", "output_uri", default=None, help="Override output.uri.")
-@click.option("--model", default=None, help="Override the model.")
-@click.option("--limit", type=int, default=None, help="Override input.limit.")
-@click.option("--workers", type=int, default=None, help="Restore actors or train workers.")
-@click.option("--gpus-per-worker", type=float, default=None, help="GPUs per worker (0 = CPU).")
+@override_options
+@worker_options
 @click.option("--pip", multiple=True, help="pip requirement to install on a bare cluster "
               "(repeatable).")
 @click.option("--follow", is_flag=True, help="Stream the logs and exit with the job's status.")
@@ -485,7 +503,7 @@ def jobs_stop(job_id, address, wait):
 
 @main.command()
 @click.argument("paths", nargs=-1)
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @_errors_to_exit_codes
 def models(paths, as_json):
     """List the bundled models, or describe model files given by path."""
@@ -521,7 +539,7 @@ def models(paths, as_json):
 
 @main.command()
 @click.argument("output_uri", metavar="OUTPUT")
-@click.option("--json", "as_json", is_flag=True)
+@json_option
 @click.option("--top", type=int, default=10, help="How many top-ranked images to list.")
 @click.option("--sort", type=click.Choice(["change_mean", "change_p99", "residual_structure"]),
               default="change_mean", show_default=True,
@@ -579,8 +597,8 @@ def inspect(output_uri, as_json, top, sort, rebuild_report):
 @click.option("--model", default=None)
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--data", default=None, help="Use these images (one shape) instead of synthetic.")
-@click.option("--num-cpus", type=int, default=None, help="Embedded Ray: CPUs to use.")
-@click.option("--json", "as_json", is_flag=True)
+@num_cpus_option
+@json_option
 @_errors_to_exit_codes
 def bench(images, size, model, batch_size, data, num_cpus, as_json):
     """Measure forward-only ceiling, a naive loop and a restorer job side by side."""
@@ -637,6 +655,7 @@ def shard_unpack(source, target):
 @click.argument("folder")
 @click.option("--sigma", type=float, default=25.0, help="Noise level on the 0-255 scale.")
 @click.option("--clean", "clean_folder", default=None, help="Also write the clean originals here.")
+@_errors_to_exit_codes
 def samples(folder, sigma, clean_folder):
     """Write a few noisy synthetic sample images (gray, RGB, RGBA, 16-bit) into FOLDER."""
     from restorer.samples import write_samples

@@ -41,7 +41,7 @@ from restorer.digest import (
     job_digest,
 )
 from restorer.digest import flag as flag_from_digest
-from restorer.errors import JobError
+from restorer.errors import JobError, SpecError
 from restorer.report import charts, render
 from restorer.report.crops import (
     CROP,
@@ -115,7 +115,7 @@ def write_report(output_uri: str, options: storage.StorageOptions = DEFAULT_OPTI
     Raises ``JobError`` when the output holds no job (no ``_restorer/job.json``).
     """
     if sample < 0:
-        raise ValueError(f"sample = {sample}; need 0 or more images")
+        raise SpecError(f"sample = {sample}; need 0 or more images")
     job = read_json(meta_uri(output_uri, "job.json"), options)
     if not job:
         raise JobError(f"{output_uri} holds no restorer job (no _restorer/job.json)")

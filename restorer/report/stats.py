@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from restorer import storage
 from restorer.digest import MIN_SPREAD_STRUCTURE, MIN_STRUCTURE_CHANGE, outlier_reasons
+from restorer.errors import SpecError
 
 log = logging.getLogger(__name__)
 
@@ -151,7 +152,7 @@ def scan_outliers(records: Iterable[dict[str, Any]], k: float = OUTLIER_K,
     ``truncated`` (whether more than ``limit`` images may be above a cutoff).
     """
     if k <= 0 or min_spread < 0 or limit < 1:
-        raise ValueError(f"k = {k}, min_spread = {min_spread}, limit = {limit}: need k > 0, "
+        raise SpecError(f"k = {k}, min_spread = {min_spread}, limit = {limit}: need k > 0, "
                          "min_spread >= 0 and limit >= 1")
     floors = {"change_mean": min_spread, "change_p99": min_spread,
               "residual_structure": MIN_SPREAD_STRUCTURE}
