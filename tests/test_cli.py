@@ -54,8 +54,9 @@ def test_json_is_one_shared_option():
     for command in ("restore", "run", "train", "eval", "models", "inspect", "bench"):
         result = CliRunner().invoke(main, [command, "--help"])
         assert result.exit_code == 0, result.output
-        helps[command] = " ".join((line.split(None, 1) + [""])[1] for line in result.output.splitlines()
-                                  if line.strip().startswith("--json"))
+        lines = [line.split(None, 1) for line in result.output.splitlines()
+                 if line.strip().startswith("--json")]
+        helps[command] = " ".join((parts + [""])[1] for parts in lines)
     assert len(set(helps.values())) == 1 and "JSON" in helps["models"], helps
     result = CliRunner().invoke(main, ["models", "--json"])
     assert result.exit_code == 0 and isinstance(json.loads(result.output), list)
