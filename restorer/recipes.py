@@ -390,7 +390,7 @@ def _card(name: str, path: Path, sha256: str, provenance: dict[str, Any],
              (f"| net | `{spec}`; {provenance['parameters']:,} parameters; receptive field "
              f"{net.receptive_field} px |"),
              (f"| input / output | float32 NCHW `[0, 1]`, {recipe.channels} plane(s); output "
-             f"{getattr(net, 'scale', 1)}x the input's size |"),
+             f"{net.scale}x the input's size |"),
              f"| learnt | {_learnt(recipe)} |",
              (f"| training data | {', '.join(recipe.train)} (`../shared/data`), random "
              f"{recipe.patch}x{recipe.patch} crops{' (low-resolution side)' if recipe.task == 'sr' else ''}"

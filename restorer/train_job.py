@@ -128,7 +128,7 @@ class TrainSpec:
         if not self.name or "/" in self.name:
             raise SpecError(f"name = {self.name!r}; give a run name without '/'")
         try:
-            scale = getattr(build_net(self.net), "scale", 1)
+            scale = build_net(self.net).scale
         except Exception as e:  # noqa: BLE001 - report the net spec error as a spec error
             raise SpecError(f"[net]: {e}") from None
         if (scale > 1) != (self.degradation.kind == "sr"):
@@ -220,7 +220,7 @@ def validate_net(net: torch.nn.Module, images: list[np.ndarray], spec: Degradati
             image = image[top:top + crop, left:left + crop]
         rng = np.random.default_rng([seed, index])
         kind = "noise" if spec.kind in ("noise", "blind") else spec.kind
-        scale = getattr(net, "scale", 1)
+        scale = net.scale
         if kind == "sr":
             image = image[: image.shape[0] - image.shape[0] % scale,
                           : image.shape[1] - image.shape[1] % scale]
@@ -301,7 +301,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         ema = state.get("ema")
         log.info("rank %d resumes at step %d from %s", rank, step, source)
     resumed_from = step if resumed is not None else None
-    scale = getattr(net, "scale", 1)
+    scale = net.scale
     fast_cuda = device.type == "cuda" and spec.optim.precision == "auto"
     if fast_cuda:
         net = net.to(device, memory_format=torch.channels_last)
@@ -626,7 +626,7 @@ def validation_samples(spec: TrainSpec, model: bytes, count: int = 3,
     images, keys = load_clean_images(spec.data.val_uri, net.channels, spec.storage.options(),
                                      limit=count)
     samples = []
-    scale = getattr(net, "scale", 1)
+    scale = net.scale
     for index, (image, key) in enumerate(zip(images, keys)):
         top, left = max(0, (image.shape[0] - crop) // 2), max(0, (image.shape[1] - crop) // 2)
         clean = image[top:top + crop, left:left + crop]
