@@ -72,6 +72,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from restorer.pixels import to_float
+
 if TYPE_CHECKING:
     import torch
 
@@ -102,10 +104,9 @@ def input_noise(pixels: np.ndarray) -> float:
     under 8 pixels on a side)."""
     import torch
 
-    peak = 65535.0 if pixels.dtype == np.uint16 else 255.0
     height, width = pixels.shape[:2]
     top, left = max(0, (height - NOISE_CROP) // 2), max(0, (width - NOISE_CROP) // 2)
-    crop = pixels[top:top + NOISE_CROP, left:left + NOISE_CROP, 0].astype(np.float32) / peak
+    crop = to_float(pixels[top:top + NOISE_CROP, left:left + NOISE_CROP, 0])
     return float(noise_sigma(torch.from_numpy(crop)) * 255.0)
 
 

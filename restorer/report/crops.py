@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 from restorer import codec, storage
 from restorer.audit import input_noise, noise_sigma
 from restorer.errors import RestorerError
+from restorer.pixels import peak, to_8bit
 
 CROP = 192  # side of the before/after crops, in input pixels
 MAX_CROP_DISPLAY = 384  # crops are shown at most this wide (super-resolution outputs are larger)
@@ -71,7 +72,7 @@ def png_data_uri(pixels: np.ndarray) -> str:
     """An HWC image (uint8, or uint16 shown as 8-bit) as a PNG ``data:`` URI."""
     from PIL import Image
 
-    array = codec.to_uint8(pixels)
+    array = to_8bit(pixels)
     image = Image.fromarray(array[..., 0] if array.shape[2] == 1 else array)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -135,12 +136,11 @@ def _residual_crop(before: np.ndarray, after: np.ndarray, scale: int) -> tuple[n
     99th-percentile magnitude reaches 100 levels (a gain of 1 to ``MAX_RESIDUAL_GAIN``);
     returns it and the gain. Noise removed shows as even grain; detail removed shows as the
     image's edges, text and texture."""
-    peak = 65535.0 if before.dtype == np.uint16 else 255.0
     out = after.astype(np.float32)
     if scale > 1:
         height, width = before.shape[:2]
         out = out.reshape(height, scale, width, scale, -1).mean(axis=(1, 3))
-    residual = (before.astype(np.float32) - out) * (255.0 / peak)
+    residual = (before.astype(np.float32) - out) * (255.0 / peak(before.dtype))
     level = float(np.quantile(np.abs(residual), 0.99)) if residual.size else 0.0
     gain = float(np.clip(100.0 / max(level, 1e-6), 1.0, MAX_RESIDUAL_GAIN))
     return np.clip(128.0 + gain * residual, 0, 255).round().astype(np.uint8), gain
