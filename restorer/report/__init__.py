@@ -64,7 +64,7 @@ from restorer.report.stats import (
     REPORT_NAME,
     RESERVOIR,
     Reservoir,
-    _robust,
+    _robust,  # noqa: F401 - restorer.digest's docstring and tests compare against it
     flag_outliers,
     ledger_records,
     meta_uri,
@@ -79,7 +79,7 @@ __all__ = [
     "CARRIED", "CROP", "DEFAULT_OPTIONS", "MAX_CROP_DISPLAY", "MAX_ERRORS_SHOWN",
     "MAX_RESIDUAL_GAIN", "MAX_SEARCH_PIXELS", "META_DIR", "MIN_RECORDS", "MIN_SPREAD",
     "MIN_SPREAD_STRUCTURE", "MIN_STRUCTURE_CHANGE", "OUTLIER_COLUMNS", "OUTLIER_K",
-    "READ_AHEAD", "REPORT_NAME", "RESERVOIR", "Reservoir", "_robust", "estimate_noise",
+    "READ_AHEAD", "REPORT_NAME", "RESERVOIR", "Reservoir", "estimate_noise",
     "flag_outliers", "ledger_records", "meta_uri", "report_uri", "scan_outliers",
     "table_batches", "write_report", "write_train_report",
 ]
