@@ -31,7 +31,7 @@ from restorer.errors import SpecError
               "omitted); see `restorer models`.")
 @click.option("--tile", type=int, default=None, help="Tile side in pixels (0 = whole images).")
 @click.option("--overlap", type=int, default=None, help="Tile overlap (default: receptive field).")
-@click.option("--format", "fmt", type=click.Choice(["same", "png", "jpeg", "webp", "tiff"]),
+@click.option("--format", type=click.Choice(["same", "png", "jpeg", "webp", "tiff"]),
               default=None, help="Output format (default: same as the input).")
 @click.option("--jpeg-quality", type=int, default=None)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None)
@@ -49,14 +49,14 @@ from restorer.errors import SpecError
 @resource_options
 @json_option
 @errors_to_exit_codes
-def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, precision, strength,
-            limit, include, exclude, overwrite, retry_failed, max_pixels, batch_size, num_cpus,
-            object_store_mb, dry_run, workers, gpus_per_worker, address, as_json):
+def restore(uris, manifest, layout, include, exclude, dry_run, as_json, **fields):
     """Restore every image under INPUT (or in --manifest) into OUTPUT, under the same keys.
 
     INPUT is a folder, an s3:// prefix, a prefix of Parquet shards (detected), or one or more
     image files (written under their names, or their paths below the files' common folder).
     """
+    # ``fields``: the options named as fields of the restore spec (restorer.jobs.RestoreSpec),
+    # from --model to --address; those not given are None and keep the spec's defaults.
     from restorer.launch import run_spec
 
     if manifest and len(uris) != 1 or not manifest and len(uris) < 2:
@@ -69,13 +69,8 @@ def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, pre
         input_uri, picked = specs.input_from_files(list(uris[:-1]))
         include = include + picked
     spec = specs.spec_from_flags(
-        specs.RestoreSpec, input=input_uri, output=output_uri, model=model, tile=tile,
-        overlap=overlap, format=fmt, jpeg_quality=jpeg_quality, precision=precision,
-        strength=strength, limit=limit, include=list(include) or None,
-        exclude=list(exclude) or None, overwrite=overwrite, retry_failed=retry_failed,
-        max_pixels=max_pixels, batch_size=batch_size, num_cpus=num_cpus,
-        object_store_mb=object_store_mb, workers=workers, gpus_per_worker=gpus_per_worker,
-        address=address)
+        specs.RestoreSpec, input=input_uri, output=output_uri, include=list(include) or None,
+        exclude=list(exclude) or None, **fields)
     if manifest:
         spec = specs.replace_field(spec, "input", "layout", "manifest")
     if layout:
@@ -83,7 +78,7 @@ def restore(uris, manifest, layout, model, tile, overlap, fmt, jpeg_quality, pre
     if dry_run:
         from restorer.plan import plan_job
 
-        plan = plan_job(spec, workers or 1)
+        plan = plan_job(spec, fields["workers"] or 1)
         if as_json:
             click.echo(json.dumps(plan, indent=2))
             return
