@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from restorer import storage
+from restorer.audit import AUDIT_SIDE, noise_sigma, p99
 from restorer.errors import ModelError, is_device_fatal
 from restorer.records import RESTORED_SCHEMA, fail, pixels_of, to_rows, to_table
 
@@ -31,30 +32,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # into units per hash partition (version 1 cut its sorted whole listing), and runs keep digests
-AUDIT_SIDE = 128  # px: the actor's audit statistics look at a central crop (noise, residual
-# structure: restorer.audit was calibrated on 128 px crops) or a strided view of this side
-
-
-def noise_sigma(plane: torch.Tensor) -> torch.Tensor:
-    """Std of white Gaussian noise in ``plane`` (``...HW``: one value per plane), by Donoho's
-    robust estimator: the median absolute finest-scale diagonal Haar coefficient over 0.6745
-    (``skimage``'s ``estimate_sigma`` does the same with a db2 wavelet, on the CPU). Image
-    edges inflate it a little; a plane under 8 pixels on a side gives 0."""
-    height, width = (plane.shape[-2] // 2) * 2, (plane.shape[-1] // 2) * 2
-    if min(height, width) < 8:
-        return plane.new_zeros(plane.shape[:-2])
-    x = plane[..., :height, :width].float()
-    diagonal = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2]
-                + x[..., 1::2, 1::2]) / 2
-    return diagonal.abs().flatten(-2).median(-1).values / 0.6745
-
-
-def p99(values: torch.Tensor) -> torch.Tensor:
-    """The 99th percentile of a 1-D tensor, nearest rank: one selection (``kthvalue``), not
-    ``torch.quantile``'s full sort (a third of the actor's time per image with a small net)."""
-    return values.kthvalue(max(1, math.ceil(0.99 * values.numel()))).values
-
-
 def tile_settings(net: torch.nn.Module, tile: int, overlap: int) -> tuple[int, int]:
     """(tile, overlap) that the actor uses for ``net`` given the configured ones.
 
@@ -67,7 +44,7 @@ def tile_settings(net: torch.nn.Module, tile: int, overlap: int) -> tuple[int, i
     receptive_field = net.receptive_field
     halo = receptive_field // 2
     overlap = max(overlap, 2 * halo + 1) if overlap else 8 * math.ceil((receptive_field + 1) / 8)
-    return effective_tile(tile, overlap, getattr(net, "alignment", 1)), overlap
+    return effective_tile(tile, overlap, net.alignment), overlap
 
 
 def resolve_precision(precision: str, on_gpu: bool) -> str:
@@ -131,9 +108,9 @@ class RestoreActor:
         self.model_sha256 = loaded.sha256
         self.net = loaded.net.to(self.device).eval()
         self.channels = self.net.channels
-        self.scale = getattr(self.net, "scale", 1)
+        self.scale = self.net.scale
         self.halo = self.net.receptive_field // 2
-        self.alignment = getattr(self.net, "alignment", 1)
+        self.alignment = self.net.alignment
         self.tile, self.overlap = tile_settings(self.net, tile, overlap)
         self.flat_fill = flat.wanted(flat_fill, loaded.provenance, self.scale)
         if self.tile != tile:

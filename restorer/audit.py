@@ -56,18 +56,66 @@ changed an image by a fraction of a level can still score high, so read it with 
 Input and output are float NCHW tensors of one shape (values in any one scale, e.g. ``[0, 1]``);
 the channels are averaged first. Everything stays on the tensors' device, batched, with no
 host synchronisation. Images under ``MIN_SIDE`` pixels on a side score 0.
+
+The module also holds the restore job's one noise estimator (:func:`noise_sigma`, the ledger's
+``noise_in``/``noise_out``; :func:`input_noise` gives the same figure for a decoded image, as the
+report shows it) and the actor's 99th percentile (:func:`p99`).
+
+torch is imported inside the functions, not at module import: restorer.pipeline imports this
+module, and its read/decode and encode/write Ray tasks must not pay for loading torch.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from restorer.pixels import to_float
+
+if TYPE_CHECKING:
+    import torch
 
 WINDOW = 9  # side of the local mean of gradient energies in energy_colocation ...
 STRIDE = 3  # ... taken every STRIDE pixels (windows overlap; 1/9 of the work of stride 1)
 MAX_LAG = 2  # whiteness_defect uses lags with |dy|, |dx| <= MAX_LAG (12 lags for 2)
 MIN_SIDE = 8  # images smaller than this on a side score 0: too few pixels for the statistics
 EPS = 1e-30  # guards divisions by a zero energy (an unchanged or a flat image)
+AUDIT_SIDE = 128  # px: the actor measures noise and residual structure on the central crop
+# of this side (the score was calibrated on 128 px crops), the change on a strided view of it
+
+
+def noise_sigma(plane: torch.Tensor) -> torch.Tensor:
+    """Std of white Gaussian noise in ``plane`` (``...HW``: one value per plane), by Donoho's
+    robust estimator: the median absolute finest-scale diagonal Haar coefficient over 0.6745
+    (``skimage``'s ``estimate_sigma`` does the same with a db2 wavelet, on the CPU). Image
+    edges inflate it a little; a plane under 8 pixels on a side gives 0."""
+    height, width = (plane.shape[-2] // 2) * 2, (plane.shape[-1] // 2) * 2
+    if min(height, width) < 8:
+        return plane.new_zeros(plane.shape[:-2])
+    x = plane[..., :height, :width].float()
+    diagonal = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2]
+                + x[..., 1::2, 1::2]) / 2
+    return diagonal.abs().flatten(-2).median(-1).values / 0.6745
+
+
+def input_noise(pixels: np.ndarray) -> float:
+    """The restore actor's ``noise_in`` for an HWC uint8/uint16 image: :func:`noise_sigma` of
+    the central <= ``AUDIT_SIDE`` px crop of its first plane, in 8-bit levels (0 for an image
+    under 8 pixels on a side)."""
+    import torch
+
+    height, width = pixels.shape[:2]
+    top, left = max(0, (height - AUDIT_SIDE) // 2), max(0, (width - AUDIT_SIDE) // 2)
+    crop = to_float(pixels[top:top + AUDIT_SIDE, left:left + AUDIT_SIDE, 0])
+    return float(noise_sigma(torch.from_numpy(crop)) * 255.0)
+
+
+def p99(values: torch.Tensor) -> torch.Tensor:
+    """The 99th percentile of a 1-D tensor, nearest rank: one selection (``kthvalue``), not
+    ``torch.quantile``'s full sort (a third of the actor's time per image with a small net)."""
+    return values.kthvalue(max(1, math.ceil(0.99 * values.numel()))).values
 
 
 def residual_structure(source: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
@@ -78,6 +126,8 @@ def residual_structure(source: torch.Tensor, output: torch.Tensor) -> torch.Tens
     on their device. 0 for images under ``MIN_SIDE`` pixels on a side and for an unchanged
     image (zero residual).
     """
+    import torch
+
     if source.shape != output.shape or source.dim() != 4:
         raise ValueError(f"need two (N, C, H, W) tensors of one shape, got {tuple(source.shape)} "
                          f"and {tuple(output.shape)}")
@@ -112,6 +162,9 @@ def energy_colocation(residual: torch.Tensor, output: torch.Tensor, window: int 
     """Pearson correlation, over windows, of the ``window`` x ``window`` local means (every
     ``stride`` pixels) of the squared gradients of (N, 1, H, W) ``residual`` and ``output``;
     (N,) in ``[-1, 1]``, 0 where either is constant."""
+    import torch
+    import torch.nn.functional as F
+
     both = torch.cat([residual, output], 1)
     gx = F.pad(both[..., :, 1:] - both[..., :, :-1], (0, 1, 0, 0))
     gy = F.pad(both[..., 1:, :] - both[..., :-1, :], (0, 0, 0, 1))

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from restorer import codec
+from restorer.errors import JobError, SpecError
 from restorer.models import get_model
 from restorer.samples import noisy, scene
 
@@ -111,7 +112,7 @@ def run_bench(count: int = 128, size: int = 256, model: str | None = None, batch
         arrays = [codec.decode(p.read_bytes()).pixels for p in paths]
         shapes = {a.shape for a in arrays}
         if len(shapes) != 1:
-            raise ValueError(f"bench needs images of one shape, found {sorted(shapes)}")
+            raise SpecError(f"bench needs images of one shape, found {sorted(shapes)}")
         if arrays[0].shape[-1] != net.channels:
             arrays = [a[..., :1] if net.channels == 1 else np.repeat(a, 3, -1) for a in arrays]
         megapixels = arrays[0].shape[0] * arrays[0].shape[1] / 1e6
@@ -128,7 +129,7 @@ def run_bench(count: int = 128, size: int = 256, model: str | None = None, batch
                           tile_batch=tile_batch, format="png", num_cpus=num_cpus)
     restorer_ips = summary["steady_images_per_second"]
     if not restorer_ips:
-        raise ValueError(f"{len(paths)} images gave no steady state (all arrived in one batch); "
+        raise JobError(f"{len(paths)} images gave no steady state (all arrived in one batch); "
                          "bench with more images")
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, "

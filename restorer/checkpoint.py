@@ -26,7 +26,7 @@ from torch import nn
 
 from restorer import storage
 from restorer.errors import ModelError
-from restorer.nets import build_net, net_spec
+from restorer.nets import build_net, canonical_spec, net_spec
 
 MODEL_FORMAT = "restorer.model"
 MODEL_FORMAT_VERSION = "1"
@@ -103,7 +103,7 @@ def load_model_bytes(data: bytes, source: str) -> LoadedModel:
     if metadata.get("format_version") != MODEL_FORMAT_VERSION:
         raise ModelError(f"{source} has model format version {metadata.get('format_version')}; "
                          f"this restorer reads version {MODEL_FORMAT_VERSION}")
-    spec = json.loads(metadata["net"])
+    spec = canonical_spec(json.loads(metadata["net"]))  # a file keeps the names it was saved with
     net = build_net(spec)
     try:
         tensors = load_tensors(data)

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from restorer.errors import ImageError
+from restorer.pixels import to_8bit as to_uint8  # uint16 -> uint8 (restorer.pixels)
 
 ORIENTATION_TAG = 0x0112
 
@@ -373,12 +374,6 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
     pixels, alpha = _split_alpha(array)
     return Decoded(np.ascontiguousarray(pixels), None if alpha is None else
                    np.ascontiguousarray(alpha), source_format, source_mode, icc, exif_bytes, note)
-
-
-def to_uint8(array: np.ndarray) -> np.ndarray:
-    if array.dtype == np.uint8:
-        return array
-    return np.round(array.astype(np.float32) / 257.0).astype(np.uint8)
 
 
 def _write_png16(pixels: np.ndarray, alpha: np.ndarray | None, level: int,

@@ -21,18 +21,14 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
+from restorer.pixels import is_gray  # the gray/colour rule, kept importable from here
+
 DEGRADATIONS = ("noise", "jpeg", "blur", "downscale")
 
 
 def _check_image(img: np.ndarray, name: str = "img") -> None:
     if img.ndim not in (2, 3):
         raise ValueError(f"{name} must be HW or HWC, got shape {img.shape}")
-
-
-def is_gray(img: np.ndarray) -> bool:
-    """Whether ``img`` (HW or HWC) is gray: one plane, or planes that are all equal (a gray
-    file read as RGB)."""
-    return img.ndim == 2 or img.shape[2] == 1 or bool((img == img[..., :1]).all())
 
 
 def add_gaussian_noise(img: np.ndarray, sigma_255: float, rng: np.random.Generator) -> np.ndarray:

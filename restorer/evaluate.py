@@ -65,6 +65,7 @@ from torch import nn
 from restorer import degrade, flat, metrics
 from restorer.checkpoint import LoadedModel
 from restorer.models import get_model
+from restorer.pixels import float_to_uint8 as to_uint8  # float [0, 1] -> uint8 (restorer.pixels)
 from restorer.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,6 @@ def _read_test_image(path: Path, channels: int, task: str) -> np.ndarray:
 def image_seed(name: str) -> int:
     """The noise seed of the test image called ``name`` (a file name): its CRC-32."""
     return zlib.crc32(name.encode("utf-8"))
-
-
-def to_uint8(img: np.ndarray) -> np.ndarray:
-    """Float ``[0, 1]`` (any range accepted) -> uint8: clamp to ``[0, 1]``, x255, round."""
-    return np.round(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 def run_net(net: nn.Module, img: np.ndarray) -> np.ndarray:

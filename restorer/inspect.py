@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from restorer import digest, storage
-from restorer.errors import JobError
+from restorer.errors import JobError, SpecError
 from restorer.report import (
     DEFAULT_OPTIONS,
     MIN_RECORDS,
@@ -43,7 +43,7 @@ def inspect_output(output: str, top: int = 10,
     shown are read, unless ``top`` is more than the digests keep (``restorer.digest.TOP``).
     """
     if sort not in SORT_COLUMNS:
-        raise ValueError(f"sort = {sort!r}; choose one of {', '.join(SORT_COLUMNS)}")
+        raise SpecError(f"sort = {sort!r}; choose one of {', '.join(SORT_COLUMNS)}")
     if not storage.exists(meta_uri(output, "job.json"), options):
         raise JobError(f"{output} holds no restorer job (no _restorer/job.json)")
     summary_uri = meta_uri(output, "summary.json")

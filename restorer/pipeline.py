@@ -186,7 +186,7 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
     # Since fingerprint version 2, images are padded by reflection at their bottom/right edges
     # (version 1 replicated edge pixels): part of how outputs are made.
     fingerprint = {**spec.fingerprint(model_sha256), "edge_padding": "reflect"}
-    if flat.wanted(spec.model.flat_fill, provenance, getattr(net, "scale", 1)):
+    if flat.wanted(spec.model.flat_fill, provenance, net.scale):
         # Flat regions filled with the image's noise (restorer.flat): part of how outputs are
         # made; absent when off, so that jobs of other models keep their fingerprints.
         fingerprint["flat_fill"] = f"noise-{flat.FLAT_WINDOW}"

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from restorer import storage
-from restorer.errors import StorageError
+from restorer.errors import SpecError, StorageError
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def pack(source: str, target: str, rows_per_shard: int = 1000,
     shards.
     """
     if rows_per_shard < 1:
-        raise ValueError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
+        raise SpecError(f"rows_per_shard must be >= 1, got {rows_per_shard}")
     report = ShardReport()
     keys: list[str] = []
     blobs: list[bytes] = []

@@ -93,7 +93,8 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, clean: torch.Te
     """
     if loss not in LOSSES:
         raise ValueError(f"Unknown loss {loss!r}; choose from {list(LOSSES)}")
-    scale = getattr(net, "scale", 1)
+    # DDP (Ray Train with several workers) wraps the net; the interface is the wrapped net's
+    scale = (net.module if isinstance(net, nn.parallel.DistributedDataParallel) else net).scale
     expected = (*degraded.shape[:2], degraded.shape[2] * scale, degraded.shape[3] * scale)
     if tuple(clean.shape) != expected:
         raise ValueError(f"clean batch {tuple(clean.shape)} does not match the degraded batch "

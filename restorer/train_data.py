@@ -95,7 +95,7 @@ def validate_net(net: torch.nn.Module, images: list[np.ndarray], spec: Degradati
             image = image[top:top + crop, left:left + crop]
         rng = np.random.default_rng([seed, index])
         kind = "noise" if spec.kind in ("noise", "blind") else spec.kind
-        scale = getattr(net, "scale", 1)
+        scale = net.scale
         if kind == "sr":
             image = image[: image.shape[0] - image.shape[0] % scale,
                           : image.shape[1] - image.shape[1] % scale]
@@ -131,7 +131,7 @@ def validation_samples(spec: TrainSpec, model: bytes, count: int = 3,
     images, keys = load_clean_images(spec.data.val_uri, net.channels, spec.storage.options(),
                                      limit=count)
     samples = []
-    scale = getattr(net, "scale", 1)
+    scale = net.scale
     for index, (image, key) in enumerate(zip(images, keys)):
         top, left = max(0, (image.shape[0] - crop) // 2), max(0, (image.shape[1] - crop) // 2)
         clean = image[top:top + crop, left:left + crop]

@@ -271,7 +271,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if rank == 0 and spec.data.val_uri:
         val_images, _ = load_clean_images(spec.data.val_uri, channels, options,
                                           limit=spec.data.val_images)
-    scale = getattr(net, "scale", 1)
+    scale = net.scale
     precision = precision_for(device, spec.optim.precision)
     if precision.channels_last:
         net = net.to(device, memory_format=torch.channels_last)

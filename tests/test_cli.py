@@ -37,6 +37,31 @@ def test_pickle_model_is_refused(tmp_path):
     assert result.exit_code == 1 and "never unpickles" in result.output
 
 
+def test_invalid_values_from_the_library_exit_2_with_the_value(tmp_path):
+    """The library raises SpecError (not a bare ValueError) for a bad value; the CLI maps it
+    to exit 2 with the message, no traceback."""
+    (tmp_path / "in").mkdir()
+    Image.new("L", (8, 8)).save(tmp_path / "in" / "a.png")
+    result = CliRunner().invoke(main, ["shard", "pack", str(tmp_path / "in"),
+                                       str(tmp_path / "shards"), "--rows-per-shard", "0"])
+    assert result.exit_code == 2, result.output
+    assert "rows_per_shard must be >= 1, got 0" in result.output
+
+
+def test_json_is_one_shared_option():
+    """`--json` is one shared option: the same flag and help on every command that has it."""
+    helps = {}
+    for command in ("restore", "run", "train", "eval", "models", "inspect", "bench"):
+        result = CliRunner().invoke(main, [command, "--help"])
+        assert result.exit_code == 0, result.output
+        lines = [line.split(None, 1) for line in result.output.splitlines()
+                 if line.strip().startswith("--json")]
+        helps[command] = " ".join((parts + [""])[1] for parts in lines)
+    assert len(set(helps.values())) == 1 and "JSON" in helps["models"], helps
+    result = CliRunner().invoke(main, ["models", "--json"])
+    assert result.exit_code == 0 and isinstance(json.loads(result.output), list)
+
+
 def test_restore_and_run_share_one_spec(ray_session, mixed_folder, tmp_path, tiny_model):
     source, _ = mixed_folder
     runner = CliRunner()

@@ -1,13 +1,19 @@
+import hashlib
+import json
+
 import pytest
 import torch
+from safetensors.torch import save as save_tensors
 
+from restorer.checkpoint import MODEL_FORMAT, MODEL_FORMAT_VERSION, load_model, load_model_bytes
 from restorer.errors import ModelError
-from restorer.nets import NETS, build_net, net_spec
+from restorer.models import zoo
+from restorer.nets import ALIASES, NETS, RestorationNet, build_net, net_spec
 
 SMALL = {
     "dncnn": {"num_features": 8, "num_layers": 5},
     "srnet": {"num_features": 8, "num_blocks": 2},
-    "unet": {"features": (8, 16, 32), "blocks": 1},
+    "unet": {"num_features": (8, 16, 32), "num_blocks": 1},
 }
 
 
@@ -21,7 +27,7 @@ def test_every_net_forward_backward_finite(arch, channels):
     net = build_net({"arch": arch, "channels": channels, **SMALL[arch]})
     x = torch.rand(2, channels, 37, 29, requires_grad=True)
     y = net(x)
-    scale = getattr(net, "scale", 1)
+    scale = net.scale
     assert y.shape == (2, channels, 37 * scale, 29 * scale)
     y.mean().backward()
     assert torch.isfinite(y).all()
@@ -64,3 +70,65 @@ def test_unknown_arch_and_keys_are_named():
         build_net({"arch": "nope"})
     with pytest.raises(ModelError, match=r"Unknown keys \['depth'\]"):
         build_net({"arch": "dncnn", "depth": 3})
+
+
+@pytest.mark.parametrize("arch", sorted(NETS))
+def test_every_net_declares_the_interface(arch):
+    """channels, scale, alignment and receptive_field are declared, as ints, by every net."""
+    net = build_net({"arch": arch, "channels": 3, **SMALL[arch]})
+    assert isinstance(net, RestorationNet)
+    for name in ("channels", "scale", "alignment", "receptive_field"):
+        assert type(getattr(net, name)) is int and getattr(net, name) >= 1, name
+    assert net.channels == 3
+    assert net.alignment == (4 if arch == "unet" else 1)  # 2 ** (levels - 1) for a U-Net
+    assert net.scale == (2 if arch == "srnet" else 1)
+
+
+def test_former_config_names_build_the_same_net():
+    """``features``/``blocks`` (the U-Net's first names) are aliases of ``num_features``/
+    ``num_blocks``; giving both names for one field is an error."""
+    assert ALIASES == {"features": "num_features", "blocks": "num_blocks"}
+    torch.manual_seed(0)
+    old = build_net({"arch": "unet", "channels": 1, "features": [8, 16], "blocks": 1}).eval()
+    new = build_net({"arch": "unet", "channels": 1, "num_features": [8, 16], "num_blocks": 1})
+    new.load_state_dict(old.state_dict())
+    x = torch.rand(1, 1, 20, 24)
+    with torch.no_grad():
+        assert torch.equal(old(x), new.eval()(x))
+    assert net_spec(old) == net_spec(new) and "num_features" in net_spec(old)
+    with pytest.raises(ModelError, match="gives both 'features' and 'num_features'"):
+        build_net({"arch": "unet", "features": [8, 16], "num_features": [8, 16]})
+
+
+def test_a_model_file_with_the_former_names_loads_unchanged(tmp_path):
+    """A user's file written before the rename: same bytes, same sha256, same outputs."""
+    torch.manual_seed(1)
+    net = build_net({"arch": "unet", "channels": 1, "num_features": [4, 8], "num_blocks": 1})
+    old_spec = {"arch": "unet", "blocks": 1, "channels": 1, "features": [4, 8], "residual": True}
+    data = save_tensors({k: v.contiguous() for k, v in net.state_dict().items()},
+                        metadata={"format": MODEL_FORMAT, "format_version": MODEL_FORMAT_VERSION,
+                                  "net": json.dumps(old_spec, sort_keys=True),
+                                  "provenance": "{}"})
+    path = tmp_path / "old.safetensors"
+    path.write_bytes(data)
+    loaded = load_model(str(path))
+    assert path.read_bytes() == data
+    assert loaded.sha256 == hashlib.sha256(data).hexdigest()
+    assert loaded.spec == {"arch": "unet", "channels": 1, "num_features": [4, 8],
+                           "num_blocks": 1, "residual": True}
+    x = torch.rand(1, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded.net(x), net.eval()(x))
+
+
+@pytest.mark.parametrize("name", sorted(zoo()))
+def test_every_zoo_file_loads_unchanged(name):
+    """The bundled files are not rewritten: each loads as it is, under the sha256 its card
+    names, whichever config names its header holds (the U-Nets keep the former ones)."""
+    entry = zoo()[name]
+    data = entry.path.read_bytes()
+    loaded = load_model_bytes(data, str(entry.path))
+    assert loaded.sha256 == hashlib.sha256(data).hexdigest()
+    assert loaded.sha256 in entry.card.read_text()
+    assert isinstance(loaded.net, RestorationNet)
+    assert build_net(loaded.spec).state_dict().keys() == loaded.net.state_dict().keys()

@@ -13,7 +13,7 @@ from restorer import degrade, recipes, synth
 from restorer.checkpoint import load_model
 from restorer.evaluate import to_uint8
 from restorer.models import get_model
-from restorer.nets import build_net, net_spec
+from restorer.nets import build_net, canonical_spec, net_spec
 from restorer.samples import scene
 
 
@@ -146,7 +146,7 @@ def test_train_recipe_saves_a_validated_model_and_continues(data, tiny, tmp_path
                                  val_seconds=1.0)
     assert first["steps"] >= 1 and first["history"][-1]["validation"][0]["set"] == "val"
     model = load_model(str(out / "tiny.safetensors"))
-    assert model.spec == {**tiny.net, "features": [4, 8], "residual": True}
+    assert model.spec == canonical_spec({**tiny.net, "features": [4, 8], "residual": True})
     assert model.provenance["recipe"] == "tiny"
     second = recipes.train_recipe("tiny", data, tmp_path / "out2", minutes=0.02, device="cpu",
                                   init=str(out / "tiny.safetensors"), lr=1e-4, workers=1)

@@ -30,6 +30,7 @@ from restorer.audit import residual_structure
 from restorer.inspect import inspect_output
 from restorer.pipeline import ERROR_COLUMNS, RECORD_SCHEMA
 from restorer.report import (
+    DEFAULT_OPTIONS,
     estimate_noise,
     flag_outliers,
     ledger_records,
@@ -193,6 +194,34 @@ def test_estimate_noise_finds_the_added_noise():
     flat = np.full((256, 256), 128.0)
     assert estimate_noise(flat) == pytest.approx(0.0)
     assert estimate_noise(flat + rng.normal(0, 10, flat.shape)) == pytest.approx(10, rel=0.05)
+
+
+@pytest.mark.parametrize("dtype, shape", [(np.uint8, (300, 280, 3)), (np.uint16, (40, 52, 1))])
+def test_report_noise_is_the_actors_noise_in(tmp_path, dtype, shape):
+    """One noise estimator: the input noise the report shows for an image is the ledger's
+    ``noise_in``, as the restore actor measured it (central crop, first plane, 8-bit levels)."""
+    from restorer import codec
+    from restorer.checkpoint import save_model
+    from restorer.nets import build_net
+    from restorer.pipeline import RestoreActor
+    from restorer.report.crops import crops
+
+    torch.manual_seed(0)
+    model = tmp_path / "net.safetensors"
+    save_model(str(model), build_net({"arch": "dncnn", "channels": 1, "num_features": 8,
+                                      "num_layers": 3}).eval())
+    peak = np.iinfo(dtype).max
+    rng = np.random.default_rng(5)
+    ramp = np.linspace(0.2, 0.8, shape[1])[None, :, None] * np.ones(shape)
+    image = np.clip((ramp + rng.normal(0, 10 / 255, shape)) * peak, 0, peak).astype(dtype)
+    (restored,), (stats,) = RestoreActor(model=str(model), tile=0).restore_arrays([image])
+    extension = "png"  # 16-bit stays 16-bit in PNG
+    for name, pixels in (("in", image), ("out", restored)):
+        (tmp_path / f"{name}.{extension}").write_bytes(codec.encode(pixels, None, "png"))
+    record = {"key": "x", "uri": str(tmp_path / f"in.{extension}"), "out_key": f"out.{extension}"}
+    shown = crops(str(tmp_path), record, "files", DEFAULT_OPTIONS)["noise"]
+    assert stats["noise_in"] > 5  # the noise added (sigma 10 levels) is there to measure
+    assert shown == pytest.approx(stats["noise_in"], abs=1e-4)
 
 
 def test_report_has_sections_crops_and_escaped_keys(job_output):

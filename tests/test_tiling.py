@@ -78,7 +78,7 @@ def test_aligned_and_super_resolution_nets_tile_like_whole_images(other_net, sha
         whole = other_net(image[None])[0]
         tiled = run_tiled([image], other_net, tile=60, overlap=rf + 3, halo=rf // 2,
                           scale=other_net.scale, batch_size=3,
-                          alignment=getattr(other_net, "alignment", 1), balanced=balanced)[0]
+                          alignment=other_net.alignment, balanced=balanced)[0]
     assert tiled.shape == (1, shape[0] * other_net.scale, shape[1] * other_net.scale)
     _assert_same_up_to_rounding(whole, tiled)
 

@@ -197,3 +197,21 @@ def test_trainer_on_a_ddp_net_keeps_unwrapped_state(tmp_path):
         assert trainer.averaged() is trainer.ema.net
     finally:
         dist.destroy_process_group()
+
+
+def test_train_step_reads_the_scale_of_a_ddp_wrapped_net():
+    """Ray Train wraps the net in DistributedDataParallel with several workers; the step reads
+    the scale of the net inside (a wrapper has none: super-resolution training failed)."""
+    import torch.distributed as dist
+    from helpers import free_port
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                            world_size=1)
+    try:
+        net = torch.nn.parallel.DistributedDataParallel(
+            build_net({"arch": "srnet", "channels": 1, "num_features": 4, "num_blocks": 1}))
+        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+        loss = train.train_step(net, optimizer, torch.rand(2, 1, 32, 32), torch.rand(2, 1, 16, 16))
+        assert loss > 0
+    finally:
+        dist.destroy_process_group()

@@ -1,23 +1,28 @@
 """Restoration nets: ``nn.Module`` definitions only, one architecture per file.
 
 Every net takes float32 ``[0, 1]`` NCHW input and returns the restored image (never the
-residual), with these attributes that the tiler and the pipeline rely on:
+residual), and declares the interface that the tiler, the restore actor, training and
+evaluation rely on (:class:`RestorationNet`; every class in ``NETS`` provides all of it):
 
 - ``channels``: planes in and out (1 gray, 3 RGB);
 - ``scale``: output size / input size (1, or 2/4 for super-resolution);
+- ``alignment``: the net is translation-equivariant in steps of this many input pixels (1 for
+  a plain convolution stack, ``2 ** (levels - 1)`` for a U-Net), so tiles start on multiples
+  of it;
 - ``receptive_field``: width in input pixels of what one output pixel sees; tiles overlap by at
-  least this much so that tiled and whole-image outputs agree;
-- ``alignment`` (optional, default 1): the net is translation-equivariant in steps of this many
-  input pixels (``2 ** (levels - 1)`` for a U-Net), so tiles start on multiples of it.
+  least this much so that tiled and whole-image outputs agree.
 
 A net spec is a plain mapping ``{"arch": NAME, **config fields}``; it is stored inside every
-checkpoint, so a checkpoint rebuilds its own net.
+checkpoint, so a checkpoint rebuilds its own net. Config fields use torch's vocabulary
+(``num_features``, ``num_blocks``, ``num_layers``); the U-Net's first names, ``features`` and
+``blocks`` (``ALIASES``), stay accepted, so model files written with them load unchanged.
 """
 
 from collections.abc import Mapping
 from dataclasses import asdict, fields
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+import torch
 from torch import nn
 
 from restorer.errors import ModelError
@@ -25,15 +30,50 @@ from restorer.nets.dncnn import DnCNN
 from restorer.nets.srnet import SRNet
 from restorer.nets.unet import UNet
 
+
+@runtime_checkable
+class RestorationNet(Protocol):
+    """What restorer uses of a net besides ``nn.Module`` (see the module docstring)."""
+
+    channels: int  # planes in and out: 1 gray, 3 RGB
+    scale: int  # output side / input side
+    alignment: int  # tiles start on multiples of this many input pixels
+
+    @property
+    def receptive_field(self) -> int:
+        """Width in input pixels of what one output pixel sees."""
+        ...
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
 NETS: dict[str, type[nn.Module]] = {
     "dncnn": DnCNN,
     "srnet": SRNet,
     "unet": UNet,
 }
+# Former names of config fields -> their names now; files written with them still load.
+ALIASES = {"features": "num_features", "blocks": "num_blocks"}
+
+
+def canonical_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` with former field names (``ALIASES``) renamed to today's; giving a field under
+    both names is an error."""
+    renamed: dict[str, Any] = {}
+    for key, value in spec.items():
+        name = ALIASES.get(key, key)
+        if name != key and name in spec:
+            raise ModelError(f"The net spec {dict(spec)} gives both {key!r} and {name!r}; "
+                             f"give {name!r} only")
+        renamed[name] = value
+    return renamed
 
 
 def build_net(spec: Mapping[str, Any]) -> nn.Module:
-    """Build a net from ``{"arch": NAME, **config}``; unknown archs and keys are errors."""
+    """Build a net (an ``nn.Module`` that is a :class:`RestorationNet`) from
+    ``{"arch": NAME, **config}``; former field names are accepted (``ALIASES``), unknown archs
+    and keys are errors."""
+    spec = canonical_spec(spec)
     arch = spec.get("arch")
     if arch not in NETS:
         raise ModelError(f"Unknown net arch {arch!r}; known: {', '.join(sorted(NETS))}")
@@ -50,7 +90,7 @@ def build_net(spec: Mapping[str, Any]) -> nn.Module:
 
 
 def net_spec(net: nn.Module) -> dict[str, Any]:
-    """The spec that rebuilds ``net`` with :func:`build_net`."""
+    """The spec that rebuilds ``net`` with :func:`build_net` (today's field names)."""
     for arch, net_class in NETS.items():
         if type(net) is net_class:
             return {"arch": arch, **asdict(net.config)}

@@ -23,6 +23,7 @@ class DnCNNConfig:
 class DnCNN(nn.Module):
     config_class = DnCNNConfig
     scale = 1
+    alignment = 1
 
     def __init__(self, config: DnCNNConfig):
         super().__init__()

@@ -41,6 +41,7 @@ class _Block(nn.Module):
 
 class SRNet(nn.Module):
     config_class = SRNetConfig
+    alignment = 1
 
     def __init__(self, config: SRNetConfig):
         super().__init__()

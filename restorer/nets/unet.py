@@ -19,17 +19,17 @@ from restorer.tiling import pad_reflect
 @dataclass(frozen=True)
 class UNetConfig:
     channels: int = 1  # 1 for gray nets, 3 for color nets
-    features: tuple[int, ...] = (32, 64, 128, 256)  # width per level, full resolution first
-    blocks: int = 2  # 3x3 convolutions (each + ReLU) per level on each side
+    num_features: tuple[int, ...] = (32, 64, 128, 256)  # width per level, full resolution first
+    num_blocks: int = 2  # 3x3 convolutions (each + ReLU) per level on each side
     residual: bool = True  # return x - body(x); False returns body(x)
 
     def __post_init__(self):
-        object.__setattr__(self, "features", tuple(int(f) for f in self.features))
-        if len(self.features) < 2 or min(self.features) < 1:
+        object.__setattr__(self, "num_features", tuple(int(f) for f in self.num_features))
+        if len(self.num_features) < 2 or min(self.num_features) < 1:
             raise ValueError(f"U-Net needs at least two levels of positive width, got "
-                             f"features={self.features}")
-        if self.blocks < 1:
-            raise ValueError(f"U-Net needs blocks >= 1, got {self.blocks}")
+                             f"num_features={self.num_features}")
+        if self.num_blocks < 1:
+            raise ValueError(f"U-Net needs num_blocks >= 1, got {self.num_blocks}")
 
 
 def _stage(width_in: int, width: int, blocks: int) -> nn.Sequential:
@@ -48,15 +48,15 @@ class UNet(nn.Module):
         super().__init__()
         self.config = config
         self.channels = config.channels
-        widths = config.features
+        widths = config.num_features
         self.alignment = 2 ** (len(widths) - 1)
-        self.down = nn.ModuleList([_stage(config.channels, widths[0], config.blocks)])
-        self.down.extend(_stage(widths[i - 1], widths[i], config.blocks)
+        self.down = nn.ModuleList([_stage(config.channels, widths[0], config.num_blocks)])
+        self.down.extend(_stage(widths[i - 1], widths[i], config.num_blocks)
                          for i in range(1, len(widths)))
         self.pool = nn.MaxPool2d(2)
         self.up = nn.ModuleList(nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2)
                                 for i in range(len(widths) - 1))
-        self.merge = nn.ModuleList(_stage(2 * widths[i], widths[i], config.blocks)
+        self.merge = nn.ModuleList(_stage(2 * widths[i], widths[i], config.num_blocks)
                                    for i in range(len(widths) - 1))
         self.tail = nn.Conv2d(widths[0], config.channels, 3, padding=1)
 
@@ -69,7 +69,7 @@ class UNet(nn.Module):
         can add one pixel at its output stride (where the pooling grid falls). The window
         depends on where the pixel sits in the pooling grid; this is its largest width.
         """
-        levels, blocks = len(self.config.features), self.config.blocks
+        levels, blocks = len(self.config.num_features), self.config.num_blocks
         width = 1 + 2  # the tail convolution
         for level in range(levels - 1):
             stride = 2 ** level

@@ -28,7 +28,7 @@ class Autocast(torch.nn.Module):
     def __init__(self, net: torch.nn.Module, dtype: torch.dtype):
         super().__init__()
         self.net, self.dtype = net, dtype
-        self.channels, self.scale = net.channels, getattr(net, "scale", 1)
+        self.channels, self.scale = net.channels, net.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cuda", dtype=self.dtype):

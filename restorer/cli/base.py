@@ -1,0 +1,170 @@
+"""What every ``restorer`` command shares: exit codes, the error mapping, the shared options,
+the summary printer and the ``main`` group that the command modules register on.
+
+Exit codes: 0 done; 1 the job failed (``RestorerError``); 2 bad usage or spec; 3 the job
+finished but some images were quarantined (see ``OUTPUT/_restorer/errors.parquet``); 4 the job
+was stopped (SIGTERM) after draining, and a rerun resumes it; 5 the job is incomplete: some
+units still failed transiently (storage outage, device errors) after retries, or hold inputs
+that vanished, and were not committed; a plain rerun redoes exactly those.
+
+Options that several commands take are declared once below (``json_option``,
+``worker_options``, ``resource_options``, ``override_options``, ``num_cpus_option``,
+``dashboard_option``). Names: ``specs`` is :mod:`restorer.jobs` (the job spec dataclasses);
+``jobs_api`` is :mod:`restorer.submit` (the Ray Jobs API client), which the ``restorer
+submit`` command and the ``restorer jobs`` group drive.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from typing import Any
+
+import click
+
+from restorer.errors import JobStopped, RestorerError, SpecError
+
+EXIT_USAGE = 2
+EXIT_FAILED_IMAGES = 3
+EXIT_STOPPED = 4
+EXIT_INCOMPLETE = 5
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def errors_to_exit_codes(command):
+    """Map library errors to Click's: spec errors exit 2, other restorer errors exit 1."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except SpecError as e:  # bad spec, flag, model name, input or resources: exit 2
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(EXIT_USAGE)
+        except JobStopped as e:
+            click.echo(f"Error: {e}", err=True)
+            sys.exit(EXIT_STOPPED)
+        except RestorerError as e:
+            raise click.ClickException(str(e)) from e
+
+    return wrapper
+
+
+def _options(*decorators):
+    """One decorator applying ``decorators`` (options, or groups of them) in the order given,
+    which is the order ``--help`` lists them in."""
+
+    def decorate(command):
+        for decorator in reversed(decorators):
+            command = decorator(command)
+        return command
+
+    return decorate
+
+
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Print the result as JSON (for scripts).")
+num_cpus_option = click.option("--num-cpus", type=int, default=None,
+                               help="Embedded Ray: CPUs to use.")
+# The workers a job asks for: `restorer restore/run/train` and `restorer submit`.
+worker_options = _options(
+    click.option("--workers", type=int, default=None,
+                 help="Restore actors or train workers (default: sized from the cluster)."),
+    click.option("--gpus-per-worker", type=float, default=None,
+                 help="GPUs per worker; 0 = CPU, fractions allowed (default: 1 if the "
+                      "cluster has GPUs, else 0)."))
+# Every command that runs work on Ray from this process.
+resource_options = _options(
+    worker_options,
+    click.option("--address", default=None,
+                 help="Ray cluster address (default: an embedded local Ray)."))
+# Overrides of a spec file's fields: `restorer run` and `restorer submit`.
+override_options = _options(
+    click.option("--input", "input_uri", default=None, help="Override input.uri."),
+    click.option("--output", "output_uri", default=None, help="Override output.uri."),
+    click.option("--model", default=None, help="Override the model."),
+    click.option("--limit", type=int, default=None, help="Override input.limit."))
+# The cluster a `restorer submit` / `restorer jobs ...` command talks to.
+dashboard_option = click.option(
+    "--address", default=None,
+    help="Ray dashboard / Jobs API URL, e.g. http://127.0.0.1:8265 (default: $RAY_ADDRESS).")
+
+
+def rate(value: float | None) -> str:
+    return "no rate" if value is None else f"{value:.2f} images/s"
+
+
+def print_summary(summary: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    if summary.get("kind") == "train":
+        click.echo(json.dumps({k: v for k, v in summary.items() if k != "spec"}, indent=2))
+        return
+    if summary.get("status") == "empty":
+        click.echo(f"no images found under {summary.get('input') or 'the input'} "
+                   "(check the path, --include/--exclude and input.extensions)")
+        return
+    processed = summary["succeeded"] + summary["failed"]
+    line = (f"\nrestored {summary['succeeded']} of {summary['total']} images "
+            f"({summary['failed']} failed, {summary['skipped']} skipped as already done) "
+            f"in {summary['elapsed_seconds']:.1f} s")
+    if processed:
+        line += (f", {rate(summary['images_per_second'])} "
+                 f"({rate(summary['steady_images_per_second'])} after start-up)")
+    click.echo(line)
+    job = summary.get("job")
+    if job and summary["skipped"]:
+        click.echo(f"whole job so far: {job['succeeded']} restored, {job['failed']} failed, "
+                   f"of {job['records']} inputs recorded")
+    if summary["errors_by_class"]:
+        click.echo("errors: " + ", ".join(f"{k} x{v}" for k, v in
+                                          summary["errors_by_class"].items()))
+    flagged = summary.get("flagged") or []
+    if flagged:
+        click.echo(f"{len(flagged)} images changed far more than the rest; check first: "
+                   + ", ".join(f["key"] for f in flagged[:5]))
+    click.echo(f"model {summary['model']} (sha256 {summary['model_sha256'][:12]})")
+    if summary.get("report"):
+        click.echo(f"report: {summary['report']}")
+    click.echo(f"details: {summary.get('output', '').rstrip('/')}/_restorer/")
+
+
+def duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 3 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def finish(summary: dict[str, Any], as_json: bool) -> None:
+    print_summary(summary, as_json)
+    if summary.get("status") == "incomplete":
+        if not as_json:
+            click.echo(f"incomplete: {summary['incomplete_units']} units were not committed "
+                       f"({summary['transient_failures']} images still failing transiently, "
+                       f"{summary['missing_inputs']} inputs missing); rerun the same command "
+                       "to finish them", err=True)
+        sys.exit(EXIT_INCOMPLETE)
+    if summary.get("failed"):
+        sys.exit(EXIT_FAILED_IMAGES)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True,
+              help="Debug logging, and Ray's own console output unfiltered.")
+@click.version_option(package_name="restorer")
+def main(verbose: bool) -> None:
+    """Restore images with CNNs on Ray: locally, or on a cluster."""
+    setup_logging(verbose)
+    if not verbose:
+        from restorer.console import quiet_ray
+
+        quiet_ray()

@@ -1,0 +1,299 @@
+"""The tools around jobs: ``eval``, ``convert``, ``models``, ``inspect``, ``bench``, ``shard``
+and ``samples``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from restorer.cli.base import (
+    errors_to_exit_codes,
+    json_option,
+    main,
+    num_cpus_option,
+    print_summary,
+)
+from restorer.errors import SpecError
+
+
+@main.command("eval")
+@click.option("--model", default=None, help="Zoo name or model path (default model if omitted).")
+@click.option("--data", "data_dir", required=True, help="Folder of clean test images.")
+@click.option("--task", type=click.Choice(["denoise", "jpeg", "sr"]), default="denoise")
+@click.option("--sigma", type=float, default=25.0, help="denoise: noise std, 0-255 scale.")
+@click.option("--quality", type=int, default=None, help="jpeg: JPEG quality.")
+@click.option("--scale", type=int, default=None, help="sr: downscale factor.")
+@click.option("--baseline", type=click.Choice(["nlm", "bm3d"]), default=None,
+              help="Add a classical denoiser told the true sigma (denoise only) to the table: "
+                   "scikit-image non-local means, or BM3D/CBM3D (pip install "
+                   "'restorer[baseline]'; slow: seconds per image).")
+@click.option("--trim", default="0x0", show_default=True, metavar="ROWSxCOLUMNS",
+              help="Cut rows off the bottom and columns off the right of every image first, "
+                   "e.g. 1x3 makes Set12 255x253 and 511x509 (sides not multiples of 8).")
+@click.option("--edges", is_flag=True,
+              help="Also measure the outermost 16 px on all sides against the pixels at "
+                   "least 32 px from every side (band / interior PSNR).")
+@click.option("--frame", type=click.Choice(["black", "gray"]), default=None,
+              help="Place each image in a clean 48 px frame (black, or mid-gray 128), degrade "
+                   "inside only, and measure the 24 px next to the frame against the rest.")
+@click.option("--through", type=click.Choice(["net", "actor"]), default="net",
+              show_default=True,
+              help="net: the bare net on the whole unclipped image; actor: what `restorer "
+                   "restore` writes (the degraded image saved as 8-bit, the actor's tiles and "
+                   "precision).")
+@click.option("--tile", type=click.IntRange(min=0), default=256, show_default=True,
+              help="--through actor: tile size (0 = whole images), as `restorer restore`.")
+@click.option("--flat-fill", type=click.Choice(["auto", "on", "off"]), default="auto",
+              show_default=True,
+              help="Fill clean flat regions with the image's noise before the net, as `restorer "
+                   "restore` does (auto: for models trained to denoise).")
+@click.option("--sheet", type=click.Path(dir_okay=False), default=None,
+              help="Also write a PNG contact sheet (degraded | restored | clean, and zoomed "
+                   "crops) of the first images here.")
+@click.option("--sheet-rows", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Images on the contact sheet.")
+@json_option
+@errors_to_exit_codes
+def evaluate_command(model, data_dir, task, sigma, quality, scale, baseline, trim, edges, frame,
+                     through, tile, flat_fill, sheet, sheet_rows, as_json):
+    """Measure a model in the reference conventions (PSNR/SSIM on 8-bit, seeded noise)."""
+    from restorer.evaluate import evaluate
+
+    try:
+        trim_rows, trim_columns = (int(part) for part in trim.lower().split("x"))
+    except ValueError as e:
+        raise click.BadParameter(f"expected ROWSxCOLUMNS such as 1x3, got {trim!r}",
+                                 param_hint="--trim") from e
+    try:
+        result = evaluate(model, data_dir, task=task, sigma=sigma, quality=quality, scale=scale,
+                          baseline=baseline, sheet=sheet, sheet_rows=sheet_rows,
+                          trim=(trim_rows, trim_columns), edges=edges,
+                          frame=None if frame is None else {"black": 0, "gray": 128}[frame],
+                          through=through, tile=tile, flat_fill=flat_fill)
+    except ValueError as e:
+        raise SpecError(str(e)) from e
+    except OSError as e:  # an unreadable image, or a sheet that cannot be written
+        raise click.ClickException(str(e)) from e
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    columns = [("input", "input_psnr"), ("restored", "psnr"), ("ssim", "ssim"),
+               ("band", "band_psnr"), ("interior", "interior_psnr"),
+               ("baseline", "baseline_psnr"), ("bl band", "baseline_band_psnr"),
+               ("bl inter", "baseline_interior_psnr")]
+    columns = [(title, key) for title, key in columns if key in result]
+
+    def line(name, values):
+        return f"{name[:24]:24s}" + "".join(
+            f" {values[key]:9.4f}" if key == "ssim" else f" {values[key]:9.2f}"
+            for _, key in columns)
+
+    click.echo(f"{'image':24s}" + "".join(f" {title:>9s}" for title, _ in columns))
+    for row in result["rows"]:
+        click.echo(line(row["name"], row))
+    click.echo(line("mean", result))
+    if "band_gap_mean" in result:
+        where = "next to the frame" if frame else "along the sides"
+        click.echo(f"band {where}: {result['band_gap_mean']:.2f} dB below the interior on "
+                   f"average, {result['band_gap_max']:.2f} dB at most"
+                   + (f" (baseline: {result['baseline_band_gap_mean']:.2f} dB on average)"
+                      if "baseline_band_gap_mean" in result else ""))
+    if sheet:
+        click.echo(f"contact sheet: {result['sheet']}")
+
+
+@main.command()
+@click.argument("source")
+@click.argument("target")
+@click.option("--net", "arch", default=None,
+              help="Net architecture; default: infer a dncnn layout from the file.")
+@click.option("--channels", type=int, default=None)
+@click.option("--num-features", type=int, default=None)
+@click.option("--num-layers", type=int, default=None)
+@click.option("--batch-norm/--no-batch-norm", default=None)
+@click.option("--batch-norm-eps", type=float, default=None,
+              help="BatchNorm eps where the file does not record it (state dicts).")
+@click.option("--key-prefix", default="", help="Strip this prefix from the weight names.")
+@errors_to_exit_codes
+def convert(source, target, arch, channels, num_features, num_layers, batch_norm, batch_norm_eps,
+            key_prefix):
+    """Import published PyTorch weights (.pth) into a restorer model (safetensors).
+
+    Reads state dicts and whole pickled modules (torch.save of either format) without running
+    anything from the file; a pickle that would call code is refused. The dncnn layout
+    (depth, width, channels, BatchNorm, biases) is inferred from the file, so no shape flags
+    are needed; flags that are given must agree with it.
+    """
+    from restorer.convert import convert_weights
+
+    spec = {"arch": arch or "dncnn"}
+    for name, value in (("channels", channels), ("num_features", num_features),
+                        ("num_layers", num_layers), ("batch_norm", batch_norm)):
+        if value is not None:
+            spec[name] = value
+    sha = convert_weights(source, target, spec, key_prefix, batch_norm_eps)
+    click.echo(f"wrote {target} (sha256 {sha[:12]})")
+
+
+@main.command()
+@click.argument("paths", nargs=-1)
+@json_option
+@errors_to_exit_codes
+def models(paths, as_json):
+    """List the bundled models, or describe model files given by path."""
+    from restorer.models import DEFAULT_MODEL, describe, zoo
+
+    rows = []
+    if paths:
+        for path in paths:
+            rows.append({"name": path, **describe(path)})
+    else:
+        for name, entry in zoo().items():
+            rows.append({"name": name, "default": name == DEFAULT_MODEL, **describe(str(entry.path)),
+                         "card": str(entry.card) if entry.card else None})
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no bundled models found")
+    for row in rows:
+        net = row["net"]
+        metrics = row["provenance"].get("metrics", {})
+        mark = " (default)" if row.get("default") else ""
+        click.echo(f"{row['name']}{mark}: {net.get('arch')} channels={net.get('channels')} "
+                   f"{' '.join(f'{k}={v}' for k, v in net.items() if k not in ('arch', 'channels'))}"
+                   + (f"  metrics: {json.dumps(metrics)}" if metrics else ""))
+        imported = row["provenance"].get("imported")
+        if imported:
+            click.echo(f"  imported from {imported['source']} (sha256 {imported['sha256'][:12]}, "
+                       f"{imported['content']}): {imported['layout']}")
+        if row.get("card"):
+            click.echo(f"  card: {row['card']}")
+
+
+@main.command()
+@click.argument("output_uri", metavar="OUTPUT")
+@json_option
+@click.option("--top", type=int, default=10, help="How many top-ranked images to list.")
+@click.option("--sort", type=click.Choice(["change_mean", "change_p99", "residual_structure"]),
+              default="change_mean", show_default=True,
+              help="Rank images by this ledger column (residual_structure: most detail lost).")
+@click.option("--report", "rebuild_report", is_flag=True,
+              help="(Re)write OUTPUT/_restorer/report.html from the ledger first (a stopped "
+                   "job skips it to exit within its grace period).")
+@errors_to_exit_codes
+def inspect(output_uri, as_json, top, sort, rebuild_report):
+    """Summarise a restore job's OUTPUT: summary, errors, flagged and top-ranked images."""
+    from restorer.inspect import inspect_output
+
+    if rebuild_report:
+        from restorer.report import write_report
+
+        write_report(output_uri)
+    report = inspect_output(output_uri, top, sort=sort)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    summary = report["summary"]
+    if summary:
+        print_summary(summary, False)
+    click.echo(f"\nrecords: {report['records']} ({report['failed']} failed)")
+    click.echo("errors:")
+    for row in report["errors"]:
+        click.echo(f"  {row['key']}: [{row['stage']}] {row['error_class']}: {row['message']}")
+    if not report["errors"]:
+        click.echo("  none")
+
+    def structure(row):
+        value = row.get("residual_structure")
+        return "" if value is None else f", residual structure {value:.3f}"
+
+    click.echo("flagged (changed, or lost structure, far more than the job's typical image):")
+    for row in report["flagged"]:
+        click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}"
+                   f"{structure(row)} ({row['reason']})")
+    if not report["flagged"]:
+        click.echo("  none")
+    click.echo(f"top {len(report['most_changed'])} by {report['sort']} (change: |output - "
+               "input|, 8-bit levels; residual structure: 0 noise-like .. 1 image structure):")
+    for row in report["most_changed"]:
+        click.echo(f"  {row['key']}: mean {row['change_mean']:.2f}, p99 {row['change_p99']:.2f}"
+                   f"{structure(row)}")
+    if not report["most_changed"]:
+        click.echo("  none")
+    if report.get("report"):
+        click.echo(f"report page: {report['report']}")
+
+
+@main.command()
+@click.option("--images", type=int, default=128, show_default=True)
+@click.option("--size", type=int, default=256, show_default=True)
+@click.option("--model", default=None)
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--data", default=None, help="Use these images (one shape) instead of synthetic.")
+@num_cpus_option
+@json_option
+@errors_to_exit_codes
+def bench(images, size, model, batch_size, data, num_cpus, as_json):
+    """Measure forward-only ceiling, a naive loop and a restorer job side by side."""
+    from restorer.bench import CALIBRATION, run_bench
+
+    result = run_bench(images, size, model, batch_size, data, num_cpus or 0)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['images']} images {result['image_shape']} on {result['machine']}, "
+               f"model {result['model']}, batch {result['batch_size']}")
+    for name in ("ceiling", "naive", "restorer"):
+        click.echo(f"  {name:9s} {result[name + '_images_per_second']:9.2f} images/s")
+    click.echo(f"  restorer start-up {result['restorer_startup_seconds']:.1f} s (excluded above)")
+    click.echo(f"efficiency = restorer / ceiling = {result['efficiency']:.3f}")
+    click.echo(f"speedup    = restorer / naive   = {result['speedup']:.3f}")
+    click.echo("naive loop, ms per image: " + ", ".join(
+        f"{k} {v:.1f}" for k, v in result["naive_stages_ms_per_image"].items()))
+    click.echo(f"calibration saved to {CALIBRATION}")
+
+
+@main.group()
+def shard():
+    """Pack image files into Parquet shards, or unpack shards into files."""
+
+
+@shard.command("pack")
+@click.argument("source")
+@click.argument("target")
+@click.option("--rows-per-shard", type=int, default=1000, show_default=True)
+@errors_to_exit_codes
+def shard_pack(source, target, rows_per_shard):
+    """Pack the images under SOURCE into Parquet shards under TARGET."""
+    from restorer.shards import pack
+
+    report = pack(source, target, rows_per_shard)
+    click.echo(f"packed {report.files} images ({report.bytes} bytes) into {report.shards} shards")
+
+
+@shard.command("unpack")
+@click.argument("source")
+@click.argument("target")
+@errors_to_exit_codes
+def shard_unpack(source, target):
+    """Write the images in the Parquet shards under SOURCE to files under TARGET."""
+    from restorer.shards import unpack
+
+    report = unpack(source, target)
+    click.echo(f"unpacked {report.files} images from {report.shards} shards "
+               f"({report.skipped} rows skipped: failed or unsafe keys)")
+
+
+@main.command()
+@click.argument("folder")
+@click.option("--sigma", type=float, default=25.0, help="Noise level on the 0-255 scale.")
+@click.option("--clean", "clean_folder", default=None, help="Also write the clean originals here.")
+@errors_to_exit_codes
+def samples(folder, sigma, clean_folder):
+    """Write a few noisy synthetic sample images (gray, RGB, RGBA, 16-bit) into FOLDER."""
+    from restorer.samples import write_samples
+
+    keys = write_samples(folder, sigma, clean_folder)
+    click.echo(f"wrote {len(keys)} sample images to {folder}")
