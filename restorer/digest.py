@@ -32,10 +32,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from restorer import storage
 from restorer.errors import JobError
+from restorer.ledger import ledger_units, meta_uri, unit_records  # noqa: F401 - as before
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +233,7 @@ def _sift_down(heap: list[dict[str, Any]], index: int, name: str) -> None:
 # --- the whole job ---------------------------------------------------------------------------
 
 def digest_uri(output: str, run: str) -> str:
-    return storage.join(output, f"_restorer/{DIGEST_DIR}/run-{run}.json")
+    return meta_uri(output, DIGEST_DIR, f"run-{run}.json")
 
 
 def write(output: str, digest: Digest, options: storage.StorageOptions) -> None:
@@ -243,7 +243,7 @@ def write(output: str, digest: Digest, options: storage.StorageOptions) -> None:
 
 def read_all(output: str, options: storage.StorageOptions) -> list[Digest]:
     """The digests of every run so far, oldest first (one GET per run)."""
-    folder = storage.join(output, f"_restorer/{DIGEST_DIR}")
+    folder = meta_uri(output, DIGEST_DIR)
     digests = []
     for name in storage.list_names(folder, options):
         if name.startswith("run-") and name.endswith(".json"):
@@ -255,24 +255,6 @@ def read_all(output: str, options: storage.StorageOptions) -> list[Digest]:
                                f"reads format {DIGEST_VERSION}); upgrade restorer to read "
                                f"{output}")
     return sorted(digests, key=lambda d: (d.started, d.run))
-
-
-def ledger_units(output: str, options: storage.StorageOptions) -> set[str]:
-    """Ids of the units the ledger holds (a listing: no file is read)."""
-    folder = storage.join(output, "_restorer/ledger")
-    return {n[len("unit-"):-len(".parquet")] for n in storage.list_names(folder, options)
-            if n.startswith("unit-") and n.endswith(".parquet")}
-
-
-def unit_records(output: str, unit: str, options: storage.StorageOptions,
-                 columns: Sequence[str] = RECORD_COLUMNS) -> list[dict[str, Any]]:
-    """The records of one ledger unit file (only ``columns`` present in it)."""
-    data = storage.read_bytes(storage.join(output, f"_restorer/ledger/unit-{unit}.parquet"),
-                              options)
-    parquet = pq.ParquetFile(pa.BufferReader(data))
-    present = set(parquet.schema_arrow.names)
-    return parquet.read(columns=[c for c in columns if c in present],
-                        use_threads=False).to_pylist()
 
 
 def job_digest(output: str, options: storage.StorageOptions,
@@ -294,7 +276,7 @@ def job_digest(output: str, options: storage.StorageOptions,
                  "one, or an output of an older restorer); reading them once", len(missing))
         recovered = Digest(run="recovered-" + uuid.uuid4().hex[:8], started=0.0)
         for unit in missing:
-            records = unit_records(output, unit, options)
+            records = unit_records(output, unit, options, RECORD_COLUMNS)
             for record in records:
                 recovered.add(record)
             recovered.units.append(unit)

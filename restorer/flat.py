@@ -13,11 +13,13 @@ adds Gaussian noise of the level measured outside them (per channel, Donoho's es
 diagonal Haar coefficients of the rest of the image; one noise plane for a gray image given as
 equal planes), from a fixed seed so that a rerun writes the same pixels. The noise is not
 clipped: clipped to ``[0, 1]`` a black frame's noise turns half-rectified and the nets read it
-as structure (measured: band gap 2.8 dB instead of -0.9 for ``denoise-gray`` on Set12). The net then sees one noisy image and denoises it evenly up to the frame;
-afterwards the flat regions less a ``FLAT_WINDOW // 2`` px rim along their borders inside the
-image are put back exactly as they were (the rim takes the net's output, so that steps at the
-borders of flat regions are treated as the net treats any edge). An image without noise (a clean photo, a screenshot) gets a fill
-of about zero, and an image without flat regions is not touched at all.
+as structure (measured: band gap 2.8 dB instead of -0.9 for ``denoise-gray`` on Set12). The
+net then sees one noisy image and denoises it evenly up to the frame; afterwards the flat
+regions less a ``FLAT_WINDOW // 2`` px rim along their borders inside the image are put back
+exactly as they were (the rim takes the net's output, so that steps at the borders of flat
+regions are treated as the net treats any edge). An image without noise (a clean photo, a
+screenshot) gets a fill of about zero, and an image without flat regions is not touched at
+all.
 
 The window is 9 px, one more than a JPEG block: the flat 8x8 blocks of a compressed image are
 not taken for clean regions (measured: ``restore-default`` on classic5 at quality 10, 5 px

@@ -55,13 +55,15 @@ from restorer.actor import (  # noqa: F401 - public names of restorer.pipeline (
     resolve_precision,
     tile_settings,
 )
-from restorer.digest import FLUSH_SECONDS, Digest, flag, job_digest
+from restorer.digest import FLUSH_SECONDS, RECORD_COLUMNS, Digest, flag, job_digest, unit_records
+from restorer.digest import write as write_digest
 from restorer.errors import (
     TRANSIENT,
     JobError,
     JobStopped,
     OutputConflictError,
     RestorerError,
+    StorageError,
     classify,
     retrying,
 )
@@ -73,14 +75,12 @@ from restorer.ledger import (  # noqa: F401 - META_DIR, commit_unit: public name
     MISSING_RUNS,
     commit_unit,
     committed_units,
-    earlier_records,
     forget_missing,
     meta_uri,
     missing_runs,
     note_missing,
     prepare_output,
     refuse_older_units,
-    write_run_digest,
     write_summary,
 )
 from restorer.progress import Progress
@@ -142,12 +142,12 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
         state = JobState(spec, model_uri, model_sha256, {})
         return dict(summarize(state, time.time() - state.started), status="empty")
 
-    if (not storage.exists(meta_uri(spec, "job.json"), options)  # a bad bucket fails here
+    if (not storage.exists(meta_uri(spec.output.uri, "job.json"), options)  # a bad bucket fails here
             and not spec.output.overwrite
             and [n for n in storage.list_names(spec.output.uri, options) if n != META_DIR]):
         raise OutputConflictError(f"Output {spec.output.uri} is not empty and holds no restorer "
                                   "job; choose an empty output or pass --overwrite")
-    lease = Lease(meta_uri(spec, "lease.json"), options, spec.limits.lease_stale_seconds)
+    lease = Lease(meta_uri(spec.output.uri, "lease.json"), options, spec.limits.lease_stale_seconds)
     with lease:  # one job per output, from before anything is written until the end
         return _run_leased(spec, model_uri, model_sha256, net, layout, config, tasks,
                            loaded.provenance)
@@ -222,7 +222,7 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         # the whole-job figures and the report page later.
         summary["status"] = "stopped"
         summary["report"] = None
-        write_run_digest(spec, state.digest)  # its counters are in hand: nothing is re-read
+        _write_run_digest(spec, state.digest)  # its counters are in hand: nothing is re-read
         write_summary(spec, summary, attempts=2)
     else:
         _audit(spec, summary, state.digest)
@@ -263,7 +263,7 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
                 committed = _close_unit(spec, state, record["unit"], unit, redone)
                 del open_units[record["unit"]]
                 if committed and (redone or time.time() - flushed > FLUSH_SECONDS):
-                    write_run_digest(spec, state.digest)
+                    _write_run_digest(spec, state.digest)
                     flushed = time.time()
         if processed:
             now = time.time()
@@ -345,7 +345,7 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
             state.failed += 1
             state.errors_by_class[record["error_class"]] = (
                 state.errors_by_class.get(record["error_class"], 0) + 1)
-    earlier = earlier_records(spec, unit) if had_errors else None
+    earlier = _earlier_records(spec, unit) if had_errors else None
     try:
         retrying(lambda: commit_unit(spec, unit, records, had_errors), RETRY_ATTEMPTS,
                  what=f"commit unit {unit}")
@@ -378,7 +378,7 @@ def _audit(spec: RestoreSpec, summary: dict[str, Any], run: Digest | None = None
 
     options = spec.storage.options()
     if run is not None:
-        write_run_digest(spec, run)
+        _write_run_digest(spec, run)
     job = job_digest(spec.output.uri, options)
     summary["job"] = {"records": job.records, "succeeded": job.succeeded, "failed": job.failed}
     summary["flagged"] = flag(job, OUTLIER_K, MIN_SPREAD, MIN_RECORDS, limit=20)[0]
@@ -442,3 +442,30 @@ def _refuse_input_as_output(spec: RestoreSpec) -> None:
     if same:
         raise OutputConflictError(f"Output {spec.output.uri} is the input; outputs would overwrite inputs. "
                        "Choose another output")
+
+
+def _write_run_digest(spec: RestoreSpec, run: Digest) -> None:
+    """Publish this run's digest (its committed units only). One that cannot be written is
+    logged: the units it covers are in the ledger, and :func:`restorer.digest.job_digest` reads
+    them back once later."""
+    run.finished = time.time()
+    try:
+        retrying(lambda: write_digest(spec.output.uri, run, spec.storage.options()), 2,
+                 what=f"write digest of run {run.run}")
+    except Exception as e:
+        if classify(e) != TRANSIENT:
+            raise
+        log.warning("could not write this run's digest (%s: %s); the next report reads its "
+                    "units from the ledger", type(e).__name__, e)
+
+
+def _earlier_records(spec: RestoreSpec, unit: str) -> list[dict[str, Any]] | None:
+    """The ledger records of ``unit`` before it is redone (None: it has no ledger entry, so no
+    digest counted it)."""
+    try:
+        records, _ = retrying(lambda: unit_records(spec.output.uri, unit,
+                                                   spec.storage.options(), RECORD_COLUMNS),
+                              what=f"read unit {unit}")
+    except StorageError:
+        return None
+    return records

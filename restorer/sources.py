@@ -185,7 +185,7 @@ def _folder_tasks(uri: str, folders: Iterable[str]) -> list[ListingTask]:
 
 def _folder_listed(name: str, config: SourceConfig) -> bool:
     """Whether a folder directly under the input is listed (not ours, not the output)."""
-    return name != "_restorer" and config.skip_prefix != name + "/"
+    return name != storage.META_DIR and config.skip_prefix != name + "/"
 
 
 def flat_partitions(files: int, partition_keys: int = FLAT_PARTITION_KEYS) -> int:

@@ -36,6 +36,7 @@ S3_MAX_ATTEMPTS = 5  # botocore tries per S3 request (first + retries); s3fs rep
 IMAGE_EXTENSIONS = (
     ".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif",
 )
+META_DIR = "_restorer"  # a job's records under its output (restorer.ledger); listings skip it
 
 
 @dataclass(frozen=True)
@@ -329,7 +330,7 @@ def walk_files(
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
-    skip_dirs: Sequence[str] = ("_restorer",),
+    skip_dirs: Sequence[str] = (META_DIR,),
     options: StorageOptions = StorageOptions(),
     recursive: bool = True,
 ) -> Iterator[list[Entry]]:

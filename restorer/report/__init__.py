@@ -42,6 +42,16 @@ from restorer.digest import (
 )
 from restorer.digest import flag as flag_from_digest
 from restorer.errors import JobError, SpecError
+from restorer.ledger import (
+    DEFAULT_OPTIONS,
+    META_DIR,
+    READ_AHEAD,
+    ledger_records,
+    meta_uri,
+    read_json,
+    table_batches,
+    unit_commit_times,
+)
 from restorer.report import charts, render
 from restorer.report.crops import (
     CROP,
@@ -54,25 +64,17 @@ from restorer.report.crops import (
 )
 from restorer.report.stats import (
     CARRIED,
-    DEFAULT_OPTIONS,
-    META_DIR,
     MIN_RECORDS,
     MIN_SPREAD,
     OUTLIER_COLUMNS,
     OUTLIER_K,
-    READ_AHEAD,
     REPORT_NAME,
     RESERVOIR,
     Reservoir,
     _robust,  # noqa: F401 - restorer.digest's docstring and tests compare against it
     flag_outliers,
-    ledger_records,
-    meta_uri,
-    read_json,
     report_uri,
     scan_outliers,
-    table_batches,
-    unit_commit_times,
 )
 
 __all__ = [

@@ -16,27 +16,20 @@ images. Nothing here renders: :mod:`restorer.report.render` turns these figures 
 from __future__ import annotations
 
 import heapq
-import json
 import logging
 import math
 import random
-from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from restorer import storage
 from restorer.digest import MIN_SPREAD_STRUCTURE, MIN_STRUCTURE_CHANGE, outlier_reasons
 from restorer.errors import SpecError
+from restorer.ledger import meta_uri
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OPTIONS = storage.StorageOptions()  # local paths, or S3 from the AWS environment
-META_DIR = "_restorer"
 REPORT_NAME = "report.html"
 
 # An image is flagged when its change is above median + OUTLIER_K * spread of the job, where
@@ -55,62 +48,13 @@ OUTLIER_COLUMNS = ("change_mean", "change_p99", "residual_structure")
 MIN_RECORDS = 3  # below this many successful images there is no "typical" change to compare to
 RESERVOIR = 20_000  # values kept to estimate medians (exact below this many images)
 CARRIED = ("unit", "uri", "out_key")  # record fields a flagged entry keeps when present
-READ_AHEAD = 8  # Parquet files of a folder read ahead while one is consumed (S3 latency)
 
 
 # --- reading the ledger ----------------------------------------------------------------------
 
-def meta_uri(output: str, *parts: str) -> str:
-    """The URI of ``parts`` under ``OUTPUT/_restorer/``."""
-    return storage.join(output, "/".join((META_DIR, *parts)))
-
-
 def report_uri(output: str) -> str:
     """Where :func:`write_report` writes the page: ``OUTPUT/_restorer/report.html``."""
     return meta_uri(output, REPORT_NAME)
-
-
-def table_batches(uri: str, columns: Sequence[str],
-                  options: storage.StorageOptions = DEFAULT_OPTIONS
-                  ) -> Iterator[pa.RecordBatch]:
-    """Arrow batches of ``columns`` of the Parquet folder at ``uri`` (none if it is empty).
-
-    The files (a ledger holds one per work unit) are read one at a time, in name order, with
-    up to ``READ_AHEAD`` of them fetched ahead in threads, so memory stays flat however many
-    files the folder holds. (A ``pyarrow.dataset`` scan holds on to about 80 KB per file it has
-    read until the dataset is dropped, presumably each fragment's parsed metadata: 115 MiB for
-    the 1,477 unit files of a 20,000-image job.) Hidden and temporary files
-    (``.unit-x.parquet.tmp-...``, written by a running job) are skipped.
-    Columns missing from a file (an older ledger) are left out of its batches.
-    """
-    names = [n for n in storage.list_names(uri, options)
-             if n.endswith(".parquet") and not n.startswith((".", "_"))]
-
-    def read(name: str) -> pa.Table:
-        data = storage.read_bytes(storage.join(uri, name), options)
-        parquet = pq.ParquetFile(pa.BufferReader(data))
-        present = set(parquet.schema_arrow.names)
-        return parquet.read(columns=[c for c in columns if c in present], use_threads=False)
-
-    pool = ThreadPoolExecutor(max_workers=READ_AHEAD, thread_name_prefix="parquet-read")
-    pending: deque[Future[pa.Table]] = deque()
-    try:
-        for name in names:
-            pending.append(pool.submit(read, name))
-            if len(pending) > READ_AHEAD:
-                yield from pending.popleft().result().to_batches()
-        while pending:
-            yield from pending.popleft().result().to_batches()
-    finally:  # also when the caller stops early: drop the reads not started yet
-        pool.shutdown(cancel_futures=True)
-
-
-def ledger_records(output: str, columns: Sequence[str],
-                   options: storage.StorageOptions = DEFAULT_OPTIONS
-                   ) -> Iterator[dict[str, Any]]:
-    """The job's ledger records (one dict per input, only ``columns``), streamed in batches."""
-    for batch in table_batches(meta_uri(output, "ledger"), columns, options):
-        yield from batch.to_pylist()
 
 
 # --- outliers --------------------------------------------------------------------------------
@@ -239,31 +183,3 @@ def flag_outliers(records: Iterable[dict[str, Any]], k: float = OUTLIER_K,
     ``limit`` entries are returned; a warning is logged when more images may be above a cutoff.
     """
     return scan_outliers(records, k, min_spread, threshold, limit)[0]
-
-
-# --- timings ---------------------------------------------------------------------------------
-
-def unit_commit_times(output: str, options: storage.StorageOptions) -> dict[str, float]:
-    """unit id -> modification time (epoch seconds) of its ledger file: when it committed."""
-    fs, path = storage.filesystem(meta_uri(output, "ledger"), options)
-    try:
-        entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return {}
-    times = {}
-    for entry in entries:
-        name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-        if not (name.startswith("unit-") and name.endswith(".parquet")):
-            continue
-        when = entry.get("mtime") or entry.get("LastModified")
-        if hasattr(when, "timestamp"):
-            when = when.timestamp()
-        if when is not None:
-            times[name[len("unit-"):-len(".parquet")]] = float(when)
-    return times
-
-
-def read_json(uri: str, options: storage.StorageOptions) -> dict[str, Any]:
-    if not storage.exists(uri, options):
-        return {}
-    return json.loads(storage.read_bytes(uri, options))
