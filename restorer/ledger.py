@@ -26,7 +26,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from restorer import storage
-from restorer.storage import META_DIR
 from restorer.errors import (
     JobError,
     OutputConflictError,
@@ -35,6 +34,7 @@ from restorer.errors import (
 from restorer.jobs import RestoreSpec, digest, spec_to_dict
 from restorer.records import ERROR_COLUMNS, RECORD_SCHEMA
 from restorer.sources import ListingTask, SourceConfig, units_changed
+from restorer.storage import META_DIR
 
 log = logging.getLogger(__name__)
 
