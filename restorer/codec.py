@@ -22,6 +22,10 @@ Decoding rules (each decision is applied to every image the same way):
 - Images above ``max_pixels`` are refused before their pixels are decoded (decompression bombs);
   a TIFF is measured from its header, whatever its layout (planar, tiled), and its samples
   count too (at most 4 per allowed pixel).
+
+Size: every decoding and encoding rule for the formats we accept (modes, bit depths,
+orientation, ICC/EXIF, limits) is one concern, kept in one place so the rules can be read
+against each other.
 """
 
 from __future__ import annotations

@@ -44,6 +44,9 @@ Options that look at what the whole-image means hide:
 
 :func:`contact_sheet` draws degraded / restored / clean side by side, with zoomed crops, for
 a look at what the numbers mean (``restorer eval --sheet OUT.png``).
+
+Size: the measuring protocol, its variants (trim, edges, frame, through the actor, baselines)
+and the contact sheet share the per-image loop.
 """
 
 from __future__ import annotations

@@ -31,6 +31,9 @@ The pieces live beside it: :mod:`restorer.records` (the rows and their schemas),
 :mod:`restorer.graph` (the Ray Data graph), :mod:`restorer.ledger` (everything under
 ``_restorer/``) and :mod:`restorer.summary` (the run's counters). The names users import from
 here (``RestoreActor``, ``restore``, ``run_restore``, the schemas) stay importable from here.
+
+Size: the driver reads as one story; its helpers (signals, the result pump, unit closing) exist
+only for it.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ restarts, with its warm-up, at ``--lr``). Every ``--val-seconds`` and at the end
 
 On a CPU the same command works (slowly); ``restorer train`` is the Ray Train path for
 clusters.
+
+Size: one recipe table and the loop that runs it, with the card it writes; the training maths
+is :mod:`restorer.train`, the prose :mod:`restorer.zoo` templates.
 """
 
 from __future__ import annotations

@@ -44,6 +44,9 @@ A *work unit* is up to 64 consecutive rows of one listing task (folder, flat par
 stream, row group or text file); its id depends only on its keys, so a rerun over the same input makes the same units.
 Units that the output's ledger already holds are not expanded again: they come through as one
 ``skipped`` marker row, so the driver can count them without the job holding every key.
+
+Size: the three input layouts share the unit rules (stable ids, collisions, skipped units);
+apart they would repeat them.
 """
 
 from __future__ import annotations

@@ -10,6 +10,9 @@ PUT (``If-None-Match: *``) on S3.
 
 Credentials come from the standard AWS environment (``AWS_ACCESS_KEY_ID``, profiles,
 ``AWS_ENDPOINT_URL``) or from :class:`StorageOptions`; neither is ever logged.
+
+Size: the one storage layer (local and S3: listing, paging, atomic and create-only writes,
+error translation); splitting local from S3 would duplicate every operation's contract.
 """
 
 from __future__ import annotations

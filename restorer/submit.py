@@ -20,6 +20,9 @@ Token authentication: the token is read from ``RAY_AUTH_TOKEN``, else the file n
 ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token`` (Ray's own order), and sent as the bearer
 token in the ``Authorization`` header that Ray 2.60's dashboard checks; so submitting works
 whatever ``RAY_AUTH_MODE`` this process has. The token is never logged or put in messages.
+
+Size: the Jobs API client, its authentication and the follow loop: one conversation with the
+cluster.
 """
 
 from __future__ import annotations
