@@ -86,10 +86,8 @@ def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: st
                 f"{spec.output.uri} holds a job with different settings ({details}); use the "
                 "same settings (or --model the old model file) to resume, another output, or "
                 "--overwrite to redo everything")
-    elif ([n for n in storage.list_names(spec.output.uri, options) if n != META_DIR]
-          and not spec.output.overwrite):
-        raise OutputConflictError(f"Output {spec.output.uri} is not empty and holds no restorer "
-                                  "job; choose an empty output or pass --overwrite")
+    else:
+        refuse_foreign_output(spec)
     if spec.output.overwrite:
         storage.delete(meta_uri(spec.output.uri, "ledger"), options, recursive=True)
         storage.delete(meta_uri(spec.output.uri, "errors.parquet"), options, recursive=True)
@@ -100,6 +98,16 @@ def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: st
               "spec": spec_to_dict(spec), "created": time.time()}
     storage.write_bytes(job_uri, json.dumps(record, indent=2).encode(), options)
     return resumed
+
+
+def refuse_foreign_output(spec: RestoreSpec) -> None:
+    """Refuse an output that holds files but no restorer job (unless ``--overwrite``)."""
+    if spec.output.overwrite or storage.exists(meta_uri(spec.output.uri, "job.json"),
+                                               spec.storage.options()):
+        return
+    if [n for n in storage.list_names(spec.output.uri, spec.storage.options()) if n != META_DIR]:
+        raise OutputConflictError(f"Output {spec.output.uri} is not empty and holds no restorer "
+                                  "job; choose an empty output or pass --overwrite")
 
 
 def committed_units(spec: RestoreSpec) -> tuple[set[str], set[str]]:
@@ -145,8 +153,8 @@ def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
     elif had_errors:
         storage.delete(error_uri, options)
     ledger = pa.Table.from_pylist([dict(r, encoded=b"") for r in records], schema=RECORD_SCHEMA)
-    storage.write_bytes(meta_uri(spec.output.uri, "ledger", f"unit-{unit}.parquet"), parquet_bytes(ledger),
-                        options, create=not had_errors)
+    storage.write_bytes(meta_uri(spec.output.uri, "ledger", f"unit-{unit}.parquet"),
+                        parquet_bytes(ledger), options, create=not had_errors)
 
 
 def refuse_older_units(spec: RestoreSpec, tasks: list[ListingTask],

@@ -83,6 +83,7 @@ from restorer.ledger import (  # noqa: F401 - META_DIR, commit_unit: public name
     missing_runs,
     note_missing,
     prepare_output,
+    refuse_foreign_output,
     refuse_older_units,
     write_summary,
 )
@@ -145,11 +146,7 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
         state = JobState(spec, model_uri, model_sha256, {})
         return dict(summarize(state, time.time() - state.started), status="empty")
 
-    if (not storage.exists(meta_uri(spec.output.uri, "job.json"), options)  # a bad bucket fails here
-            and not spec.output.overwrite
-            and [n for n in storage.list_names(spec.output.uri, options) if n != META_DIR]):
-        raise OutputConflictError(f"Output {spec.output.uri} is not empty and holds no restorer "
-                                  "job; choose an empty output or pass --overwrite")
+    refuse_foreign_output(spec)  # before Ray starts (a bad bucket fails here too)
     lease = Lease(meta_uri(spec.output.uri, "lease.json"), options, spec.limits.lease_stale_seconds)
     with lease:  # one job per output, from before anything is written until the end
         return _run_leased(spec, model_uri, model_sha256, net, layout, config, tasks,
@@ -443,8 +440,8 @@ def _refuse_input_as_output(spec: RestoreSpec) -> None:
         same = (os.path.realpath(storage.local_path(spec.input.uri))
                 == os.path.realpath(storage.local_path(spec.output.uri)))
     if same:
-        raise OutputConflictError(f"Output {spec.output.uri} is the input; outputs would overwrite inputs. "
-                       "Choose another output")
+        raise OutputConflictError(f"Output {spec.output.uri} is the input; outputs would "
+                                  "overwrite inputs. Choose another output")
 
 
 def _write_run_digest(spec: RestoreSpec, run: Digest) -> None:
