@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 import fsspec
 
@@ -219,15 +220,24 @@ def _warn_no_create(uri: str, why: str) -> None:
 
 
 def exists(uri: str, options: StorageOptions = StorageOptions()) -> bool:
+    """Whether ``uri`` is an existing file, folder or S3 object (or prefix)."""
     if not is_remote(uri):
         return os.path.exists(local_path(uri))
+    return _ask(uri, options, lambda fs, path: fs.exists(path))
+
+
+def _ask(uri: str, options: StorageOptions, question) -> Any:
+    """``question(fs, path)`` about a remote ``uri``, its failures as :class:`StorageError`
+    naming the URI and where credentials come from."""
     fs, path = filesystem(uri, options)
     try:
-        return fs.exists(path)
+        return question(fs, path)
     except PermissionError as e:
-        raise StorageError(f"No permission to read {uri}; check your AWS credentials" + CREDENTIALS_HINT) from e
+        raise StorageError(f"No permission to read {uri}; check your AWS credentials"
+                           + CREDENTIALS_HINT) from e
     except OSError as e:
-        raise StorageError(f"Cannot reach {uri}: {e}; check the endpoint and credentials" + CREDENTIALS_HINT) from e
+        raise StorageError(f"Cannot reach {uri}: {e}; check the bucket name, endpoint and "
+                           "credentials" + CREDENTIALS_HINT) from e
 
 
 def list_names(uri: str, options: StorageOptions = StorageOptions()) -> list[str]:
@@ -401,15 +411,7 @@ def is_file(uri: str, options: StorageOptions = StorageOptions()) -> bool:
     """Whether ``uri`` is an existing file (or S3 object)."""
     if not is_remote(uri):
         return os.path.isfile(local_path(uri))
-    fs, path = filesystem(uri, options)
-    try:
-        return fs.isfile(path)
-    except PermissionError as e:
-        raise StorageError(f"No permission to read {uri}; check your AWS credentials"
-                           + CREDENTIALS_HINT) from e
-    except OSError as e:
-        raise StorageError(f"Cannot reach {uri}: {e}; check the bucket name, endpoint and "
-                           "credentials" + CREDENTIALS_HINT) from e
+    return _ask(uri, options, lambda fs, path: fs.isfile(path))
 
 
 def has_local_file(root: str, extensions: Sequence[str], skip_dirs: Sequence[str] = ()) -> bool:
