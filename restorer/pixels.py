@@ -15,6 +15,9 @@
 
 - The gray/colour rule (:func:`is_gray`): an image is gray when it has one plane, or planes
   that are all equal (a gray file saved as RGB); gray images stay gray through every stage.
+  Where a gray net is trained or measured on a colour file, the file becomes its luma
+  (:func:`to_planes`: ITU-R 601, Pillow's ``"L"``, the reference convention of the gray
+  denoising papers); a gray image shown to a colour net is three equal planes.
 """
 
 from __future__ import annotations
@@ -56,4 +59,21 @@ def is_gray(image: np.ndarray) -> bool:
     return image.ndim == 2 or image.shape[2] == 1 or bool((image == image[..., :1]).all())
 
 
-__all__ = ["PEAKS", "float_to_uint8", "is_gray", "peak", "to_8bit", "to_float"]
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601 weights of R, G, B (Pillow's "L")
+
+
+def to_planes(image: np.ndarray, channels: int) -> np.ndarray:
+    """A float HWC (or HW) image with ``channels`` planes: HW for 1 (a colour image's
+    :data:`LUMA`), HWx3 for 3 (a gray image as three equal planes)."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    planes = image if image.ndim == 3 else image[..., None]
+    if channels == 1:
+        if planes.shape[-1] == 1 or is_gray(planes):
+            return planes[..., 0]
+        return (planes[..., :3] @ np.asarray(LUMA, dtype=np.float32)).astype(planes.dtype)
+    return np.repeat(planes, 3, -1) if planes.shape[-1] == 1 else planes
+
+
+__all__ = ["LUMA", "PEAKS", "float_to_uint8", "is_gray", "peak", "to_8bit", "to_float",
+           "to_planes"]

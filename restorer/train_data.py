@@ -17,24 +17,21 @@ import torch
 from restorer import degrade, storage
 from restorer.errors import JobError
 from restorer.jobs import Degradation, TrainSpec
+from restorer.pixels import to_float, to_planes
 
 # --- data ------------------------------------------------------------------------------------
 
 def load_clean_images(uri: str, channels: int, options: storage.StorageOptions,
                       limit: int = 0, min_side: int = 0) -> tuple[list[np.ndarray], list[str]]:
-    """Clean images under ``uri`` as float32 HW (gray) or HWC (RGB) in ``[0, 1]``."""
+    """Clean images under ``uri`` as float32 HW (gray: a colour file's luma) or HWC (RGB: a
+    gray file as three equal planes) in ``[0, 1]`` (:func:`restorer.pixels.to_planes`)."""
     from restorer.codec import decode
 
     images, keys = [], []
     for entries in storage.walk_files(uri, options=options):
         for entry in entries:
             pixels = decode(storage.read_bytes(entry.uri, options), name=entry.key).pixels
-            peak = 65535.0 if pixels.dtype == np.uint16 else 255.0
-            image = pixels.astype(np.float32) / peak
-            if channels == 1:
-                image = image.mean(-1) if image.shape[-1] == 3 else image[..., 0]
-            elif image.shape[-1] == 1:
-                image = np.repeat(image, 3, -1)
+            image = to_planes(to_float(pixels), channels)
             if min(image.shape[:2]) >= min_side:
                 images.append(image)
                 keys.append(entry.key)

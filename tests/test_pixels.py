@@ -44,3 +44,22 @@ def test_one_definition_under_the_former_names():
     assert codec.to_uint8 is pixels.to_8bit
     assert evaluate.to_uint8 is pixels.float_to_uint8
     assert degrade.is_gray is pixels.is_gray
+
+
+def test_planes_for_a_net_use_pillows_luma_and_equal_planes(rng):
+    """A colour file shown to a gray net is its luma, as Pillow's "L" (how evaluation reads
+    test images), in training too; a gray image shown to a colour net is three equal planes."""
+    from PIL import Image
+
+    rgb = rng.integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    luma = pixels.to_planes(pixels.to_float(rgb), 1)
+    pillow = np.asarray(Image.fromarray(rgb).convert("L"), dtype=np.float32) / 255
+    assert luma.shape == (9, 11) and np.abs(luma - pillow).max() <= 1 / 255
+    assert not np.allclose(luma, pixels.to_float(rgb).mean(-1), atol=1 / 255)  # not the mean
+    gray = pixels.to_float(rgb[..., :1])
+    assert np.array_equal(pixels.to_planes(gray, 1), gray[..., 0])
+    three = pixels.to_planes(gray, 3)
+    assert three.shape == (9, 11, 3) and pixels.is_gray(three)
+    assert np.array_equal(pixels.to_planes(pixels.to_float(rgb), 3), pixels.to_float(rgb))
+    with pytest.raises(ValueError, match="channels"):
+        pixels.to_planes(gray, 2)
