@@ -70,7 +70,12 @@ from restorer.errors import (
     classify,
     retrying,
 )
-from restorer.graph import build_pipeline, output_inside_input, source_config  # noqa: F401
+from restorer.graph import (  # noqa: F401 - listing_dataset, source_config: as before
+    build_pipeline,
+    listing_dataset,
+    output_inside_input,
+    source_config,
+)
 from restorer.jobs import RestoreSpec, replace_field, spec_from_flags
 from restorer.lease import Lease
 from restorer.ledger import (  # noqa: F401 - META_DIR, commit_unit: public names as before

@@ -247,3 +247,49 @@ def test_an_older_ledger_of_a_big_s3_prefix_is_refused(s3_server, bucket, tmp_pa
     with pytest.raises(JobError, match="ledger format 2: its units of a flat S3 prefix"):
         _refuse_older_units(spec, tasks, big)
     _refuse_older_units(spec, tasks, small)
+
+
+def test_s3_rows_leave_the_listing_task_while_it_still_lists(ray_session, s3_server, bucket,
+                                                             monkeypatch):
+    """In Ray: the listing stage hands the first rows of a flat S3 prefix on while its listing
+    task is held at a later page (the moto server runs in this process: its page requests wait
+    on a gate here), so rows flow before the prefix is listed."""
+    import threading
+
+    from moto.s3.models import S3Backend
+
+    from restorer.pipeline import listing_dataset
+
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    _put(client, bucket, NAMES)
+    uri = f"s3://{bucket}/raw"
+    config = _config(uri, page_size=9, partition_keys=40)
+    tasks = listing_tasks(uri, config)
+    gate, pages, held = threading.Event(), [], threading.Event()
+    real = S3Backend.list_objects_v2
+
+    def list_objects_v2(self, *args, **kwargs):
+        pages.append(1)
+        if len(pages) > 12:  # the stream's 13th page (of 34) waits until the test has rows
+            held.set()
+            gate.wait(90)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(S3Backend, "list_objects_v2", list_objects_v2)
+    first: list = []
+    got_rows = threading.Event()
+
+    def consume():
+        for row in listing_dataset(tasks, config, frozenset()).iter_rows():
+            first.append(row["key"])
+            got_rows.set()
+
+    consumer = threading.Thread(target=consume, daemon=True)
+    consumer.start()
+    try:
+        assert got_rows.wait(60), "no row came while the listing task was held"
+        assert held.is_set() and len(pages) == 13  # ... at its 13th page: mid-listing
+    finally:
+        gate.set()
+    consumer.join(120)
+    assert sorted(first) == sorted(NAMES)

@@ -19,7 +19,6 @@ Run:  python tests/benchmarks/bench_listing.py [--counts 100000 1000000]
 """
 
 import argparse
-import dataclasses
 import logging
 import os
 import shutil
@@ -38,8 +37,7 @@ import ray
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import PeakMemory, _rss_bytes
 
-from restorer.graph import expand_task as _expand_task
-from restorer.graph import source_config
+from restorer.graph import listing_dataset, source_config
 from restorer.jobs import RestoreSpec, spec_from_flags
 from restorer.sources import listing_tasks
 
@@ -115,10 +113,7 @@ def _measure(what: str, uri: str, out: str, layout: str) -> None:
         config = source_config(spec, layout)
         tasks = listing_tasks(spec.input.uri, config)
         planned = time.time() - started
-        ds = ray.data.from_items([dataclasses.asdict(t) for t in tasks],
-                                 override_num_blocks=len(tasks))
-        ds = ds.flat_map(_expand_task, fn_kwargs={"config": config, "done": frozenset()},
-                         num_cpus=0.25).repartition(target_num_rows_per_block=32)  # as run
+        ds = listing_dataset(tasks, config, frozenset())  # the pipeline's listing stage
         rows = 0
         for batch in ds.iter_batches(batch_size=None):
             if not rows:
@@ -150,10 +145,7 @@ def _manifests(counts: list[int], scratch: str) -> None:
             planned = time.time() - started
             # The listing stage exactly as the restore pipeline builds it: the time until
             # its first rows exist is when the first read tasks can be dispatched.
-            ds = ray.data.from_items([dataclasses.asdict(t) for t in tasks],
-                                     override_num_blocks=len(tasks))
-            ds = ds.flat_map(_expand_task, fn_kwargs={"config": config, "done": frozenset()},
-                             num_cpus=0.25)
+            ds = listing_dataset(tasks, config, frozenset())
             first = next(iter(ds.iter_batches(batch_size=None)))
             to_first = time.time() - started
         print(f"{count:8d} manifest entries: {len(tasks)} listing tasks planned in "
