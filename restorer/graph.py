@@ -125,8 +125,8 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
 
 def expand_task(row: dict[str, Any], config: SourceConfig,
                  done: frozenset[str]) -> Iterator[dict[str, Any]]:
-    """Ray Data flat_map: the rows of one listing task, unit by unit (a generator, so the
-    task's rows flow on in blocks as they are made)."""
+    """The rows of one listing task, unit by unit (a generator: :func:`expand_tasks` hands
+    them on in small tables as they are made)."""
     task = ListingTask(**{f.name: row[f.name] for f in dataclasses.fields(ListingTask)})
     delays = backoff_delays(RETRY_ATTEMPTS)
     yielded = 0  # units handed on; a retried listing skips them (units come in a stable order)
