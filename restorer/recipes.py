@@ -319,6 +319,19 @@ CARD_EVALS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
         *(("classic5", {"task": "jpeg", "quality": q}) for q in (10, 20, 40))),
 }
 
+# Edges and frames, on every denoising/JPEG card: odd-size crops made at run time (``--trim
+# 1x3``: Set12 255x253 / 511x509), the outermost 16 px against the interior (``--edges``, with
+# BM3D for the denoisers) and the photo inside a clean 48 px frame, black and mid-gray.
+UNIFORMITY_EVALS: dict[str, tuple[str, dict[str, Any]]] = {
+    "denoise-gray": ("set12", {"task": "denoise", "sigma": 25}),
+    "denoise-color": ("set5", {"task": "denoise", "sigma": 25}),
+    "restore-default": ("set12", {"task": "denoise", "sigma": 25}),
+    "jpeg": ("classic5", {"task": "jpeg", "quality": 10}),
+}
+UNIFORMITY_VARIANTS = (("edges", {"edges": True}), ("black frame", {"frame": 0}),
+                       ("gray frame", {"frame": 128}))
+ODD_TRIM = (1, 3)
+
 CARDS = importlib.resources.files("restorer") / "zoo" / "cards"  # card.md and text.toml
 CARD_PROSE = tomllib.loads((CARDS / "text.toml").read_text(encoding="utf-8"))
 # (what it is, published figures and limits) by model, from zoo/cards/text.toml
@@ -341,9 +354,52 @@ def measure_card_table(name: str, model: Any, data: Path) -> list[dict[str, Any]
     return rows
 
 
+def measure_uniformity_table(name: str, model: Any, data: Path) -> list[dict[str, Any]]:
+    """The card's edge and frame measures of ``model`` (see ``UNIFORMITY_EVALS``), as rows;
+    none for models without them (super-resolution)."""
+    if name not in UNIFORMITY_EVALS:
+        return []
+    folder, kwargs = UNIFORMITY_EVALS[name]
+    rows = []
+    for variant, extra in UNIFORMITY_VARIANTS:
+        baseline = "bm3d" if kwargs["task"] == "denoise" and "edges" in extra else None
+        result = evaluate(model, data / folder, trim=ODD_TRIM, baseline=baseline,
+                          **kwargs, **extra)
+        level = {"denoise": "sigma {sigma}", "jpeg": "quality {quality}"}[kwargs["task"]]
+        flags = " ".join([f"--trim {ODD_TRIM[0]}x{ODD_TRIM[1]}"]
+                         + [f"--{k} {v}" for k, v in kwargs.items()]
+                         + (["--edges"] if "edges" in extra else
+                            [f"--frame {'black' if extra['frame'] == 0 else 'gray'}"])
+                         + ([f"--baseline {baseline}"] if baseline else []))
+        rows.append({"setting": f"{folder} {ODD_TRIM[0]}x{ODD_TRIM[1]}, "
+                                f"{level.format(**kwargs)}, {variant}",
+                     **{k: result.get(k) for k in (
+                         "psnr", "band_psnr", "interior_psnr", "band_gap_mean", "band_gap_max",
+                         "baseline_psnr", "baseline_band_psnr", "baseline_interior_psnr")},
+                     "command": f"restorer eval --model {name} --data DATA/{folder} {flags}"})
+    return rows
+
+
+def _uniformity_section(rows: list[dict[str, Any]]) -> str:
+    """The card's "Edges and frames" section (``[card] uniformity`` of ``text.toml``)."""
+    if not rows:
+        return ""
+    lines = ["| set, setting | PSNR | band / interior | gap mean / worst | BM3D PSNR | "
+             "BM3D band / interior |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        bm3d = ((f"{r['baseline_psnr']:.2f} | {r['baseline_band_psnr']:.2f} / "
+                 f"{r['baseline_interior_psnr']:.2f}") if r["baseline_psnr"] is not None
+                else " |")
+        lines.append(f"| {r['setting']} | {r['psnr']:.2f} | {r['band_psnr']:.2f} / "
+                     f"{r['interior_psnr']:.2f} | {r['band_gap_mean']:.2f} / "
+                     f"{r['band_gap_max']:.2f} | {bm3d} |")
+    return CARD_PROSE["card"]["uniformity"].format(
+        table="\n".join(lines), commands="\n".join(r["command"] for r in rows))
+
+
 def _card(name: str, path: Path, sha256: str, provenance: dict[str, Any],
-          stages: list[dict[str, Any]], table: list[dict[str, Any]], net: torch.nn.Module
-          ) -> str:
+          stages: list[dict[str, Any]], table: list[dict[str, Any]], net: torch.nn.Module,
+          uniformity: list[dict[str, Any]] | None = None) -> str:
     """The card's Markdown: ``zoo/cards/card.md`` filled in with the prose of ``text.toml``."""
     what, notes = CARD_TEXT[name]
     recipe = RECIPES[name]
@@ -377,7 +433,8 @@ def _card(name: str, path: Path, sha256: str, provenance: dict[str, Any],
         steps=sum(s["steps"] for s in stages),
         minutes=sum(s["wall_seconds"] for s in stages) / 60, hardware=stages[-1]["hardware"],
         stages="\n".join(lines), nlm_note=prose["nlm_note"] if baseline else "",
-        table="\n".join(rows), commands="\n".join(r["command"] for r in table))
+        table="\n".join(rows), commands="\n".join(r["command"] for r in table),
+        uniformity=_uniformity_section(uniformity or []))
 
 
 def _setting(validation: dict[str, Any]) -> str:
@@ -414,7 +471,8 @@ def ship(name: str, stages: Sequence[str | Path], data: str | Path,
     sha256 = save_model(str(path), final.net, provenance, dtype=torch.float16)
     shipped = load_model(str(path))
     table = measure_card_table(name, shipped, Path(data))
-    card = _card(name, path, sha256, provenance, summaries, table, shipped.net)
+    uniformity = measure_uniformity_table(name, shipped, Path(data))
+    card = _card(name, path, sha256, provenance, summaries, table, shipped.net, uniformity)
     path.with_suffix(".md").write_text(card)
     return path
 

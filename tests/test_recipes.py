@@ -208,3 +208,30 @@ def test_card_templates_are_package_data_and_fill_every_field():
                                 train=(), task=task, validation=(), qualities=(10, 40))
         learnt = recipes._learnt(recipe)
         assert learnt and "{" not in learnt, task
+
+
+def test_denoising_and_jpeg_cards_carry_edges_and_frames(tmp_path, monkeypatch):
+    """ship() measures the edge and frame uniformity of every denoising/JPEG model on odd-size
+    crops (issue: quality on real photos) and the card shows it with its commands."""
+    (tmp_path / "odd").mkdir()
+    for i in range(2):
+        image = to_uint8(scene(80, 84, 1, i))[..., 0]
+        Image.fromarray(image).save(tmp_path / "odd" / f"{i}.png")
+    monkeypatch.setitem(recipes.UNIFORMITY_EVALS, "tiny", ("odd", {"task": "denoise",
+                                                                    "sigma": 25}))
+    torch.manual_seed(0)
+    net = build_net({"arch": "dncnn", "channels": 1, "num_features": 4, "num_layers": 3}).eval()
+    rows = recipes.measure_uniformity_table("tiny", net, tmp_path)
+    assert [r["setting"] for r in rows] == ["odd 1x3, sigma 25, edges",
+                                            "odd 1x3, sigma 25, black frame",
+                                            "odd 1x3, sigma 25, gray frame"]
+    for row in rows:
+        assert row["interior_psnr"] - row["band_psnr"] == pytest.approx(row["band_gap_mean"],
+                                                                        abs=1e-6)
+    assert rows[0]["baseline_psnr"] is not None and rows[1]["baseline_psnr"] is None
+    section = recipes._uniformity_section(rows)
+    assert "## Edges and frames" in section and section.count("| odd 1x3, sigma 25, ") == 3
+    assert ("restorer eval --model tiny --data DATA/odd --trim 1x3 --task denoise --sigma 25 "
+            "--edges --baseline bm3d") in section
+    assert "--trim 1x3 --task denoise --sigma 25 --frame gray" in section
+    assert recipes.measure_uniformity_table("sr-x2", net, tmp_path) == []  # SR: none
