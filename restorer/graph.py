@@ -29,38 +29,6 @@ from restorer.stages import encode_and_write, read_and_decode
 
 log = logging.getLogger(__name__)
 
-def expand_tasks(batch: pa.Table, config: SourceConfig,
-                 done: frozenset[str]) -> Iterator[pa.Table]:
-    """Ray Data map_batches: the rows of each listing task in ``batch``, in tables of up to 32
-    rows as they are made (fused with the repartition after it, these leave the task at once)."""
-    for row in batch.to_pylist():
-        rows: list[dict[str, Any]] = []
-        for listed in expand_task(row, config, done):
-            rows.append(listed)
-            if len(rows) >= 32:
-                yield pa.Table.from_pylist(rows)
-                rows = []
-        if rows:
-            yield pa.Table.from_pylist(rows)
-
-
-def listing_dataset(tasks: list[ListingTask], config: SourceConfig, done: frozenset[str]) -> Any:
-    """The listing stage: one Ray task per listing task, its rows flowing on as they are made."""
-    import ray.data
-
-    ds = ray.data.from_items([dataclasses.asdict(task) for task in tasks],
-                             override_num_blocks=max(1, len(tasks)))
-    ds = ds.map_batches(expand_tasks, batch_size=1, batch_format="pyarrow",
-                        fn_kwargs={"config": config, "done": done}, num_cpus=0.25)
-    if config.layout == "files":
-        # A folder is listed by one task, whatever its size: cut its rows into blocks so that
-        # many decode tasks share them. Manifests and shards are listed in chunks.
-        # Ray Data fuses map_batches (not flat_map) with this repartition: its blocks of 32
-        # rows leave the listing task as they are made, instead of at its end (a flat_map's
-        # output waits for 128 MiB of rows: a flat S3 prefix would be listed whole first).
-        ds = ds.repartition(target_num_rows_per_block=32)
-    return ds
-
 
 def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
                    done: frozenset[str], resumed: bool = False, model_sha256: str = "") -> Any:
@@ -121,6 +89,39 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
         fn_kwargs={"output_uri": spec.output.uri, "options": encode_options,
                    "storage_options": options, "layout": spec.output.layout,
                    "resumed": resumed})
+
+
+def listing_dataset(tasks: list[ListingTask], config: SourceConfig, done: frozenset[str]) -> Any:
+    """The listing stage: one Ray task per listing task, its rows flowing on as they are made."""
+    import ray.data
+
+    ds = ray.data.from_items([dataclasses.asdict(task) for task in tasks],
+                             override_num_blocks=max(1, len(tasks)))
+    ds = ds.map_batches(expand_tasks, batch_size=1, batch_format="pyarrow",
+                        fn_kwargs={"config": config, "done": done}, num_cpus=0.25)
+    if config.layout == "files":
+        # A folder is listed by one task, whatever its size: cut its rows into blocks so that
+        # many decode tasks share them. Manifests and shards are listed in chunks.
+        # Ray Data fuses map_batches (not flat_map) with this repartition: its blocks of 32
+        # rows leave the listing task as they are made, instead of at its end (a flat_map's
+        # output waits for 128 MiB of rows: a flat S3 prefix would be listed whole first).
+        ds = ds.repartition(target_num_rows_per_block=32)
+    return ds
+
+
+def expand_tasks(batch: pa.Table, config: SourceConfig,
+                 done: frozenset[str]) -> Iterator[pa.Table]:
+    """Ray Data map_batches: the rows of each listing task in ``batch``, in tables of up to 32
+    rows as they are made (fused with the repartition after it, these leave the task at once)."""
+    for row in batch.to_pylist():
+        rows: list[dict[str, Any]] = []
+        for listed in expand_task(row, config, done):
+            rows.append(listed)
+            if len(rows) >= 32:
+                yield pa.Table.from_pylist(rows)
+                rows = []
+        if rows:
+            yield pa.Table.from_pylist(rows)
 
 
 def expand_task(row: dict[str, Any], config: SourceConfig,
