@@ -176,10 +176,17 @@ def test_s3_flat_prefix_yields_its_first_unit_after_its_first_pages(s3_server, b
             yield page
 
     monkeypatch.setattr(storage, "scan_folder", scan)
+    from moto.s3.models import S3Backend
+
+    requests = []  # every list request the server answers (the moto server is in this process)
+    real_list = S3Backend.list_objects_v2
+    monkeypatch.setattr(S3Backend, "list_objects_v2",
+                        lambda *a, **k: requests.append(1) or real_list(*a, **k))
     uri = f"s3://{bucket}/raw"
     config = _config(uri, page_size=9, partition_keys=40)
     tasks = listing_tasks(uri, config)
     assert len(fetched) == 2  # the driver: two pages, not the whole prefix
+    assert len(requests) == 3  # ... and one for "is it a prefix": no pass over it anywhere
     units = expand(tasks[0], config)
     first = next(units)
     # the stream has fetched the pages that hold its first unit's keys, and no more
