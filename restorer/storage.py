@@ -443,8 +443,13 @@ def is_dir(uri: str, options: StorageOptions = StorageOptions()) -> bool:
     if not is_remote(uri):
         return os.path.isdir(local_path(uri))
     fs, path = filesystem(uri, options)
-    try:
-        return fs.isdir(path.rstrip("/"))
+    bucket, _, prefix = path.strip("/").partition("/")
+    request = {"Bucket": bucket, "MaxKeys": 1, **({"Prefix": prefix + "/"} if prefix else {})}
+    try:  # one request for one key (s3fs's isdir lists, and caches, the whole prefix)
+        answer = fs.call_s3("list_objects_v2", **request)
+        return not prefix or bool(answer.get("Contents") or answer.get("CommonPrefixes"))
+    except FileNotFoundError:
+        return False
     except PermissionError as e:
         raise StorageError(f"No permission to list {uri}; check your AWS credentials" + CREDENTIALS_HINT) from e
     except OSError as e:

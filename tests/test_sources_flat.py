@@ -176,10 +176,21 @@ def test_s3_flat_prefix_yields_its_first_unit_after_its_first_pages(s3_server, b
             yield page
 
     monkeypatch.setattr(storage, "scan_folder", scan)
+    from moto.s3.models import S3Backend
+
+    requests = []  # max_keys of every list request the (in-process) moto server answers
+    real_list = S3Backend.list_objects_v2
+
+    def list_objects_v2(self, *args, **kwargs):
+        requests.append(kwargs["max_keys"] if "max_keys" in kwargs else args[5])
+        return real_list(self, *args, **kwargs)
+
+    monkeypatch.setattr(S3Backend, "list_objects_v2", list_objects_v2)
     uri = f"s3://{bucket}/raw"
     config = _config(uri, page_size=9, partition_keys=40)
     tasks = listing_tasks(uri, config)
     assert len(fetched) == 2  # the driver: two pages, not the whole prefix
+    assert requests == [1, 9, 9]  # ... and one key for "is it a prefix": no pass over it
     units = expand(tasks[0], config)
     first = next(units)
     # the stream has fetched the pages that hold its first unit's keys, and no more
