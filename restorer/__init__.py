@@ -17,7 +17,8 @@ if "ray" not in sys.modules:
 __version__ = "0.1.0"
 
 # The public API: ``restorer.restore("photos/", "restored/", model="denoise-gray")``; the
-# pipeline itself (and the actor class) live in ``restorer.pipeline``.
+# driver lives in ``restorer.pipeline``, the actor class in ``restorer.actor`` (also importable
+# from ``restorer.pipeline``).
 # Imported on first use, so that the Ray-free parts (nets, training steps, checkpoints) import
 # where Ray is not installed (a bare GPU box that runs ``python -m restorer.recipes``).
 
