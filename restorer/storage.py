@@ -226,14 +226,14 @@ def exists(uri: str, options: StorageOptions = StorageOptions()) -> bool:
     return _ask(uri, options, lambda fs, path: fs.exists(path))
 
 
-def _ask(uri: str, options: StorageOptions, question) -> Any:
+def _ask(uri: str, options: StorageOptions, question, verb: str = "read") -> Any:
     """``question(fs, path)`` about a remote ``uri``, its failures as :class:`StorageError`
-    naming the URI and where credentials come from."""
+    naming the URI, what was refused (``verb``) and where credentials come from."""
     fs, path = filesystem(uri, options)
     try:
         return question(fs, path)
     except PermissionError as e:
-        raise StorageError(f"No permission to read {uri}; check your AWS credentials"
+        raise StorageError(f"No permission to {verb} {uri}; check your AWS credentials"
                            + CREDENTIALS_HINT) from e
     except OSError as e:
         raise StorageError(f"Cannot reach {uri}: {e}; check the bucket name, endpoint and "
@@ -442,19 +442,16 @@ def is_dir(uri: str, options: StorageOptions = StorageOptions()) -> bool:
     """
     if not is_remote(uri):
         return os.path.isdir(local_path(uri))
-    fs, path = filesystem(uri, options)
-    bucket, _, prefix = path.strip("/").partition("/")
-    request = {"Bucket": bucket, "MaxKeys": 1, **({"Prefix": prefix + "/"} if prefix else {})}
-    try:  # one request for one key (s3fs's isdir lists, and caches, the whole prefix)
-        answer = fs.call_s3("list_objects_v2", **request)
+    def one_key(fs, path: str) -> bool:  # one request (s3fs's isdir lists the whole prefix)
+        bucket, _, prefix = path.strip("/").partition("/")
+        request = {"Bucket": bucket, "MaxKeys": 1, **({"Prefix": prefix + "/"} if prefix else {})}
+        try:
+            answer = fs.call_s3("list_objects_v2", **request)
+        except FileNotFoundError:
+            return False
         return not prefix or bool(answer.get("Contents") or answer.get("CommonPrefixes"))
-    except FileNotFoundError:
-        return False
-    except PermissionError as e:
-        raise StorageError(f"No permission to list {uri}; check your AWS credentials" + CREDENTIALS_HINT) from e
-    except OSError as e:
-        raise StorageError(f"Cannot reach {uri}: {e}; check the bucket name, endpoint and "
-                           "credentials" + CREDENTIALS_HINT) from e
+
+    return _ask(uri, options, one_key, "list")
 
 
 def list_dirs(uri: str, options: StorageOptions = StorageOptions()) -> list[str]:
