@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# into units per hash partition (version 1 cut its sorted whole listing), and runs keep digests
+
 def tile_settings(net: torch.nn.Module, tile: int, overlap: int) -> tuple[int, int]:
     """(tile, overlap) that the actor uses for ``net`` given the configured ones.
 

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 LEDGER_FORMAT_VERSION = 3  # 2: a flat folder of more than FLAT_PARTITION_KEYS files is cut
 # into units per hash partition (version 1 cut its sorted whole listing), and runs keep digests;
 # 3: a flat S3 prefix is cut in key order, as it streams (sources.units_changed)
-# structure: restorer.audit was calibrated on 128 px crops) or a strided view of this side
 FINGERPRINT_VERSION = 2  # 2: tile, overlap and precision resolved (as the actors run them)
 READ_AHEAD = 8  # Parquet files of a folder read ahead while one is consumed (S3 latency)
 DEFAULT_OPTIONS = storage.StorageOptions()  # local paths, or S3 from the AWS environment

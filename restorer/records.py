@@ -51,9 +51,10 @@ RESTORED_SCHEMA = pa.schema(RESTORED_FIELDS)
 RECORD_SCHEMA = pa.schema(RECORD_FIELDS)
 ERROR_COLUMNS = ["key", "unit", "stage", "error_class", "message"]
 PIXEL_COLUMNS = ("pixels", "alpha")  # large: carried between stages without Python bytes
+
 # A row's status after a failure, by its class (restorer.errors.classify): "failed" rows are
 # quarantined (committed with their unit); "transient" and "missing" rows keep their unit open
-# for the next run (see _close_unit).
+# for the next run (see restorer.pipeline._close_unit).
 FAILED_STATUS = {PERMANENT: "failed", TRANSIENT: "transient", MISSING: "missing"}
 RETRY_ATTEMPTS = 3  # tries per image and stage, on top of botocore's and s3fs's own retries;
 # once an image of a batch still fails transiently, the rest of that batch get one try each
