@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import time
+from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -216,7 +217,7 @@ class RestoreActor:
         restored = run_tiled(planes, self._forward, self.tile, self.overlap, self.halo,
                              self.scale, self.tile_batch, self.alignment,
                              balanced=self.device.type != "cuda")
-        results, changes, cursor = [], [], 0
+        results, pairs, cursor = [], [], 0
         for (index, count), source in zip(owners, tensors):
             parts = restored[cursor:cursor + count]
             cursor += count
@@ -230,42 +231,52 @@ class RestoreActor:
                     source[None], scale_factor=self.scale, mode="bicubic")[0]
                 out = base + self.strength * (out - base)
             out = out.clamp_(0, 1)
-            changes.append(self._change(source, out))
-            # Round and narrow on the device: 1/4 (8-bit) of the float bytes cross to the host.
+            pairs.append((source, out))
+            # Round and narrow on the device: 1/4 (8-bit) of the float bytes cross to the host,
+            # already in the HWC order the encoder reads (one contiguous copy).
             if arrays[index].dtype == np.uint16:
                 pixels = (out * 65535.0).round_().to(torch.int32)
             else:
                 pixels = (out * 255.0).round_().to(torch.uint8)
-            array = pixels.permute(1, 2, 0).to("cpu").numpy()
+            array = pixels.permute(1, 2, 0).contiguous().to("cpu").numpy()
             results.append(array.astype(arrays[index].dtype, copy=False))
         names = ("change_mean", "change_p99", "noise_in", "noise_out", "residual_structure")
-        values = torch.stack(changes).tolist() if changes else []  # one sync for the batch
+        values = self._changes(pairs).tolist() if pairs else []  # one sync for the batch
         return results, [dict(zip(names, row)) for row in values]
 
-    def _change(self, source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """What the model did, cheaply and on the device: |output - input| (mean, 99th
-        percentile) on a strided view of at most ``AUDIT_SIDE`` px a side, and the noise level
-        of input and output on the central ``AUDIT_SIDE`` px crop of the first plane
-        (:func:`noise_sigma`), all in 8-bit levels, and the structure of the residual on that
-        crop (0-1, :func:`restorer.audit.residual_structure`, calibrated on crops of that
-        size; a crop, not the strided view, which would alias the pixel-scale detail it looks
-        for); a tensor of those five values."""
+    def _changes(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """What the model did to each (input, output) image, cheaply and on the device, as an
+        (N, 5) tensor: |output - input| (mean, 99th percentile) on a strided view of at most
+        ``AUDIT_SIDE`` px a side, the noise level of input and output on the central
+        ``AUDIT_SIDE`` px crop of the first plane (:func:`noise_sigma`), all in 8-bit levels,
+        and the structure of the residual on that crop (0-1,
+        :func:`restorer.audit.residual_structure`, calibrated on crops of that size; a crop,
+        not the strided view, which would alias the pixel-scale detail it looks for). The
+        crops of one shape are measured together (one call for the batch, not per image)."""
         import torch
 
         from restorer.audit import residual_structure
 
-        if self.scale > 1:
-            out = torch.nn.functional.avg_pool2d(out[None], self.scale)[0]
-        step = max(1, math.ceil(max(source.shape[-2:]) / AUDIT_SIDE))
-        diff = (out[:, ::step, ::step] - source[:, ::step, ::step]).abs().flatten() * 255.0
-        height, width = source.shape[-2:]
-        y0, x0 = max(0, (height - AUDIT_SIDE) // 2), max(0, (width - AUDIT_SIDE) // 2)
-        crops = torch.stack([image[:, y0:y0 + AUDIT_SIDE, x0:x0 + AUDIT_SIDE]
-                             for image in (source, out)])
-        noise = noise_sigma(crops[:, 0]) * 255.0  # input's and output's, in one selection
-        structure = residual_structure(crops[:1], crops[1:])[0]
-        return torch.cat([torch.stack([diff.mean(), p99(diff)]), noise,
-                          structure[None]]).float()
+        diffs, crops = [], defaultdict(list)  # crop shape -> [(image index, input, output)]
+        for index, (source, out) in enumerate(pairs):
+            if self.scale > 1:
+                out = torch.nn.functional.avg_pool2d(out[None], self.scale)[0]
+            step = max(1, math.ceil(max(source.shape[-2:]) / AUDIT_SIDE))
+            diff = (out[:, ::step, ::step] - source[:, ::step, ::step]).abs().flatten() * 255.0
+            diffs.append(torch.stack([diff.mean(), p99(diff)]))
+            height, width = source.shape[-2:]
+            y0, x0 = max(0, (height - AUDIT_SIDE) // 2), max(0, (width - AUDIT_SIDE) // 2)
+            window = (slice(None), slice(y0, y0 + AUDIT_SIDE), slice(x0, x0 + AUDIT_SIDE))
+            crops[tuple(source[window].shape)].append((index, source[window], out[window]))
+        audit: list[torch.Tensor | None] = [None] * len(pairs)
+        for members in crops.values():
+            sources = torch.stack([m[1] for m in members])
+            outputs = torch.stack([m[2] for m in members])
+            noise = noise_sigma(torch.cat([sources[:, 0], outputs[:, 0]])) * 255.0
+            structure = residual_structure(sources, outputs)
+            for j, (index, _, _) in enumerate(members):
+                audit[index] = torch.stack([noise[j], noise[len(members) + j], structure[j]])
+        return torch.stack([torch.cat([d, a]) for d, a in zip(diffs, audit)]).float()
 
     def __call__(self, batch):
         if isinstance(batch, dict):  # a user's pipeline: numpy batches with an "image" column

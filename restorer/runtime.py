@@ -135,12 +135,23 @@ def macs_per_pixel(net: Any) -> int:
                if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d))
 
 
-def cpu_threads_for(net: Any, plan: WorkerPlan, configured: int) -> WorkerPlan:
-    """The plan with one torch thread per CPU actor when the net is cheap and threads were not
-    configured: below ``CHEAP_NET_MACS`` per pixel a second thread costs more in hand-offs than
-    it saves (measured in-process on a 2-core machine, a 2-layer, 4-feature DnCNN: 7.8 ms of
-    CPU per image on one thread, 12.2 on two), and the decode and encode tasks need that CPU."""
-    if plan.gpus_per_worker or configured or macs_per_pixel(net) >= CHEAP_NET_MACS:
+def plan_for_net(net: Any, plan: WorkerPlan, node_cpus: float, nodes: int,
+                 workers: int = 0, cpus_per_worker: float = 0.0, threads: int = 0
+                 ) -> WorkerPlan:
+    """The CPU plan for a cheap net (under ``CHEAP_NET_MACS`` per pixel): torch threads cost
+    it more in hand-offs than they save (measured in-process on a 2-core machine, a 2-layer,
+    4-feature DnCNN: 7.8 ms of CPU per image on one thread, 12.2 on two), and one actor's
+    Python work per image (tiles, audit, Arrow), not the net, bounds it. So: one thread per
+    actor and several actors per node, together asking for the half of the node that the
+    default plan gives one actor (2 CPUs: 2 actors of 0.5; 16 CPUs: 8 of 1). What was
+    configured (``workers``, ``cpus_per_worker``, ``threads``) is kept; GPU plans and costly
+    nets are left as they are."""
+    if plan.gpus_per_worker or macs_per_pixel(net) >= CHEAP_NET_MACS:
         return plan
-    return dataclasses.replace(plan, threads_per_worker=1)
+    plan = dataclasses.replace(plan, threads_per_worker=threads or 1)
+    if workers or cpus_per_worker or node_cpus < 2:
+        return plan
+    per_node = max(2, int(node_cpus // 2))
+    return dataclasses.replace(plan, workers=per_node * nodes,
+                               cpus_per_worker=(node_cpus // 2) / per_node)
 

@@ -36,17 +36,21 @@ def test_explicit_gpu_workers_wait_for_an_autoscaling_cluster():
     assert (plan.workers, plan.gpus_per_worker) == (4, 1.0)
 
 
-def test_cheap_nets_get_one_cpu_thread_unless_threads_are_configured():
+def test_cheap_nets_get_single_thread_actors_unless_configured():
     from restorer.nets import build_net
-    from restorer.runtime import WorkerPlan, cpu_threads_for, macs_per_pixel
+    from restorer.runtime import WorkerPlan, macs_per_pixel, plan_for_net
 
     cheap = build_net({"arch": "dncnn", "channels": 3, "num_layers": 2, "num_features": 4})
     costly = build_net({"arch": "dncnn", "channels": 3, "num_layers": 6, "num_features": 32})
     assert macs_per_pixel(cheap) == 2 * 3 * 4 * 9
     assert macs_per_pixel(costly) == 2 * 3 * 32 * 9 + 4 * 32 * 32 * 9
-    cpu = WorkerPlan(1, 1.0, 0.0, 2)
-    assert cpu_threads_for(cheap, cpu, 0).threads_per_worker == 1
-    assert cpu_threads_for(costly, cpu, 0).threads_per_worker == 2
-    assert cpu_threads_for(cheap, cpu, 2).threads_per_worker == 2  # configured: kept
+    two = plan_workers(0, 0.0, 0.0, 0, 2.0, 0.0, 2.0, 1)  # a 2-CPU node: 1 actor of 1 CPU
+    assert plan_for_net(cheap, two, 2.0, 1) == WorkerPlan(2, 0.5, 0.0, 1)
+    assert plan_for_net(costly, two, 2.0, 1) == two
+    sixteen = plan_workers(0, 0.0, 0.0, 0, 32.0, 0.0, 16.0, 2)  # 2 nodes of 16
+    assert plan_for_net(cheap, sixteen, 16.0, 2) == WorkerPlan(16, 1.0, 0.0, 1)
+    configured = plan_for_net(cheap, WorkerPlan(3, 1.0, 0.0, 2), 16.0, 2, workers=3,
+                              threads=2)
+    assert configured == WorkerPlan(3, 1.0, 0.0, 2)  # configured: kept
     gpu = WorkerPlan(1, 1.0, 1.0, 2)
-    assert cpu_threads_for(cheap, gpu, 0).threads_per_worker == 2
+    assert plan_for_net(cheap, gpu, 16.0, 1) == gpu
