@@ -17,7 +17,7 @@ import torch
 from restorer import degrade, storage
 from restorer.errors import JobError
 from restorer.jobs import Degradation, TrainSpec
-from restorer.pixels import to_float, to_planes
+from restorer.pixels import float_to_uint8, to_float, to_planes
 
 # --- data ------------------------------------------------------------------------------------
 
@@ -64,11 +64,6 @@ def degrade_batch(clean: np.ndarray, spec: Degradation, rng: np.random.Generator
     return np.stack(out).astype(np.float32)
 
 
-def _to_uint8(array) -> np.ndarray:
-    """Float ``[0, 1]`` -> uint8 as the reference code does: clamp, x255, round."""
-    return np.round(np.clip(np.asarray(array), 0, 1) * 255).astype(np.uint8)
-
-
 def to_nchw(batch: np.ndarray) -> torch.Tensor:
     """N HW[C] float32 images -> an NCHW tensor (sharing memory where it can)."""
     tensor = torch.from_numpy(np.ascontiguousarray(batch))
@@ -107,11 +102,11 @@ def validate_net(net: torch.nn.Module, images: list[np.ndarray], spec: Degradati
         with torch.no_grad():
             restored = net(to_nchw(degraded[None]))[0]
         restored = restored[0] if image.ndim == 2 else restored.permute(1, 2, 0)
-        clean8 = _to_uint8(image)
-        psnrs.append(metrics.psnr(_to_uint8(restored.numpy()), clean8))
-        ssims.append(metrics.ssim(_to_uint8(restored.numpy()), clean8))
+        clean8 = float_to_uint8(image)
+        psnrs.append(metrics.psnr(float_to_uint8(restored.numpy()), clean8))
+        ssims.append(metrics.ssim(float_to_uint8(restored.numpy()), clean8))
         shown = degrade.bicubic_resize(degraded, float(scale)) if kind == "sr" else degraded
-        inputs.append(metrics.psnr(_to_uint8(shown), clean8))
+        inputs.append(metrics.psnr(float_to_uint8(shown), clean8))
     return {"val_psnr": float(np.mean(psnrs)), "val_ssim": float(np.mean(ssims)),
             "val_input_psnr": float(np.mean(inputs))}
 
@@ -147,7 +142,7 @@ def validation_samples(spec: TrainSpec, model: bytes, count: int = 3,
         restored = restored[0].numpy() if clean.ndim == 2 else restored.permute(1, 2, 0).numpy()
 
         def hwc(array):
-            array = _to_uint8(array)
+            array = float_to_uint8(array)
             return array[..., None] if array.ndim == 2 else array
 
         samples.append({"name": key, "degraded": hwc(degraded), "restored": hwc(restored),
