@@ -239,6 +239,9 @@ def test_summary_resolves_the_default_model_and_its_settings(ray_session, tmp_pa
     assert summary["input_bytes"] == sum(p.stat().st_size for p in (tmp_path / "in").iterdir())
     job = json.loads((tmp_path / "o" / "_restorer" / "job.json").read_text())
     assert job["fingerprint_version"] == 2 and job["fingerprint"] == summary["fingerprint"]
+    # a blind denoiser: its actors fill clean flat regions (restorer.flat), part of the outputs
+    assert summary["fingerprint"]["flat_fill"] == "noise-9"
+    assert summary["spec"]["model"]["flat_fill"] == "auto"
 
 
 @pytest.mark.slow
