@@ -173,16 +173,20 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
                 layout: str, config: SourceConfig, tasks: list[ListingTask],
                 provenance: dict[str, Any]) -> dict[str, Any]:
     from restorer import flat
-    from restorer.runtime import cluster_shape, ensure_ray, plan_for_net, plan_workers
+    from restorer.runtime import (
+        CHEAP_NET_MACS,
+        cluster_shape,
+        ensure_ray,
+        macs_per_pixel,
+        plan_workers,
+    )
 
     embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
                           spec.resources.object_store_mb)
-    shape = cluster_shape()
     plan = plan_workers(spec.resources.workers, spec.resources.gpus_per_worker,
                         spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
-                        *shape, can_autoscale=not embedded)
-    plan = plan_for_net(net, plan, shape[2], shape[3], spec.resources.workers,
-                        spec.resources.cpus_per_worker, spec.resources.threads_per_worker)
+                        *cluster_shape(), can_autoscale=not embedded,
+                        cheap_net=macs_per_pixel(net) < CHEAP_NET_MACS)
     log.info("worker plan: %s", plan)
     legacy_fingerprint = spec.fingerprint(model_sha256)  # outputs of restorer before 0.2
     tile, overlap = tile_settings(net, spec.model.tile, spec.model.overlap)

@@ -8,7 +8,6 @@ the variable already.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
@@ -73,13 +72,21 @@ def cluster_shape() -> tuple[float, float, float, int]:
 def plan_workers(workers: int, gpus_per_worker: float, cpus_per_worker: float,
                  threads_per_worker: int, total_cpus: float, total_gpus: float,
                  node_cpus: float, nodes: int, reserve_cpus: float = 1.0,
-                 can_autoscale: bool = True) -> WorkerPlan:
+                 can_autoscale: bool = True, cheap_net: bool = False) -> WorkerPlan:
     """Size the worker pool from the cluster, refusing plans that cannot be scheduled.
 
     A plan that takes every CPU would starve the decode/encode tasks and hang the pipeline
     forever, so ``reserve_cpus`` always stay free. CPU workers ask for half a node's CPUs but
     run ``threads_per_worker`` torch threads (default: all the node's cores), because decode and
     encode tasks only use their share in bursts.
+
+    A ``cheap_net`` (under :data:`CHEAP_NET_MACS` per pixel, see :func:`macs_per_pixel`) on
+    CPUs is different: torch threads cost it more in hand-offs than they save (measured
+    in-process on a 2-core machine, a 2-layer, 4-feature DnCNN: 7.8 ms of CPU per image on one
+    thread, 12.2 on two), and one actor's Python work per image (tiles, audit, Arrow), not the
+    net, bounds it. So it gets one thread per actor and, unless ``workers`` or
+    ``cpus_per_worker`` are given, several actors per node in the same half of the node (2
+    CPUs: 2 actors of 0.5; 16 CPUs: 8 of 1).
     """
     if gpus_per_worker == -1.0:
         gpus_per_worker = 1.0 if total_gpus >= 1 else 0.0
@@ -107,10 +114,13 @@ def plan_workers(workers: int, gpus_per_worker: float, cpus_per_worker: float,
             raise SpecError(f"{workers} workers x {gpus_per_worker:g} GPUs need more than the "
                             f"cluster's {total_gpus:g} GPUs; lower --workers")
     else:
+        if cheap_net and not workers and not cpus_per_worker and node_cpus >= 2:
+            per_node = max(2, int(node_cpus // 2))
+            workers, cpus_per_worker = per_node * nodes, (node_cpus // 2) / per_node
         cpus_per_worker = cpus_per_worker or max(0.5, math.floor(node_cpus / 2))
         workers = workers or max(1, nodes if total_cpus - nodes * cpus_per_worker >= reserve_cpus
                                  else 1)
-        threads_per_worker = threads_per_worker or max(1, int(node_cpus))
+        threads_per_worker = threads_per_worker or (1 if cheap_net else max(1, int(node_cpus)))
     if workers * cpus_per_worker > total_cpus - reserve_cpus + 1e-9:
         if reserve_cpus > 0:
             why = (f"leave fewer than {reserve_cpus:g} of the cluster's {total_cpus:g} CPUs "
@@ -122,7 +132,7 @@ def plan_workers(workers: int, gpus_per_worker: float, cpus_per_worker: float,
     return WorkerPlan(workers, cpus_per_worker, gpus_per_worker, threads_per_worker)
 
 
-CHEAP_NET_MACS = 10_000  # multiply-adds per pixel below which a CPU actor runs one thread
+CHEAP_NET_MACS = 10_000  # multiply-adds per pixel under which a net is cheap (plan_workers)
 
 
 def macs_per_pixel(net: Any) -> int:
@@ -134,24 +144,4 @@ def macs_per_pixel(net: Any) -> int:
                // m.groups for m in net.modules()
                if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d))
 
-
-def plan_for_net(net: Any, plan: WorkerPlan, node_cpus: float, nodes: int,
-                 workers: int = 0, cpus_per_worker: float = 0.0, threads: int = 0
-                 ) -> WorkerPlan:
-    """The CPU plan for a cheap net (under ``CHEAP_NET_MACS`` per pixel): torch threads cost
-    it more in hand-offs than they save (measured in-process on a 2-core machine, a 2-layer,
-    4-feature DnCNN: 7.8 ms of CPU per image on one thread, 12.2 on two), and one actor's
-    Python work per image (tiles, audit, Arrow), not the net, bounds it. So: one thread per
-    actor and several actors per node, together asking for the half of the node that the
-    default plan gives one actor (2 CPUs: 2 actors of 0.5; 16 CPUs: 8 of 1). What was
-    configured (``workers``, ``cpus_per_worker``, ``threads``) is kept; GPU plans and costly
-    nets are left as they are."""
-    if plan.gpus_per_worker or macs_per_pixel(net) >= CHEAP_NET_MACS:
-        return plan
-    plan = dataclasses.replace(plan, threads_per_worker=threads or 1)
-    if workers or cpus_per_worker or node_cpus < 2:
-        return plan
-    per_node = max(2, int(node_cpus // 2))
-    return dataclasses.replace(plan, workers=per_node * nodes,
-                               cpus_per_worker=(node_cpus // 2) / per_node)
 

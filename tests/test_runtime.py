@@ -38,19 +38,21 @@ def test_explicit_gpu_workers_wait_for_an_autoscaling_cluster():
 
 def test_cheap_nets_get_single_thread_actors_unless_configured():
     from restorer.nets import build_net
-    from restorer.runtime import WorkerPlan, macs_per_pixel, plan_for_net
+    from restorer.runtime import CHEAP_NET_MACS, WorkerPlan, macs_per_pixel
 
     cheap = build_net({"arch": "dncnn", "channels": 3, "num_layers": 2, "num_features": 4})
     costly = build_net({"arch": "dncnn", "channels": 3, "num_layers": 6, "num_features": 32})
     assert macs_per_pixel(cheap) == 2 * 3 * 4 * 9
     assert macs_per_pixel(costly) == 2 * 3 * 32 * 9 + 4 * 32 * 32 * 9
+    assert macs_per_pixel(cheap) < CHEAP_NET_MACS <= macs_per_pixel(costly)
     two = plan_workers(0, 0.0, 0.0, 0, 2.0, 0.0, 2.0, 1)  # a 2-CPU node: 1 actor of 1 CPU
-    assert plan_for_net(cheap, two, 2.0, 1) == WorkerPlan(2, 0.5, 0.0, 1)
-    assert plan_for_net(costly, two, 2.0, 1) == two
-    sixteen = plan_workers(0, 0.0, 0.0, 0, 32.0, 0.0, 16.0, 2)  # 2 nodes of 16
-    assert plan_for_net(cheap, sixteen, 16.0, 2) == WorkerPlan(16, 1.0, 0.0, 1)
-    configured = plan_for_net(cheap, WorkerPlan(3, 1.0, 0.0, 2), 16.0, 2, workers=3,
-                              threads=2)
+    assert two == WorkerPlan(1, 1.0, 0.0, 2)
+    assert plan_workers(0, 0.0, 0.0, 0, 2.0, 0.0, 2.0, 1, cheap_net=True) == WorkerPlan(
+        2, 0.5, 0.0, 1)
+    sixteen = (0, 0.0, 0.0, 0, 32.0, 0.0, 16.0, 2)  # 2 nodes of 16
+    assert plan_workers(*sixteen, cheap_net=True) == WorkerPlan(16, 1.0, 0.0, 1)
+    configured = plan_workers(3, 0.0, 1.0, 2, 32.0, 0.0, 16.0, 2, cheap_net=True)
     assert configured == WorkerPlan(3, 1.0, 0.0, 2)  # configured: kept
-    gpu = WorkerPlan(1, 1.0, 1.0, 2)
-    assert plan_for_net(cheap, gpu, 16.0, 1) == gpu
+    assert plan_workers(3, 0.0, 1.0, 0, 32.0, 0.0, 16.0, 2, cheap_net=True).threads_per_worker == 1
+    gpu = plan_workers(0, 1.0, 0.0, 0, 16.0, 1.0, 16.0, 1, cheap_net=True)
+    assert gpu == plan_workers(0, 1.0, 0.0, 0, 16.0, 1.0, 16.0, 1)  # GPU plans: untouched
