@@ -29,6 +29,8 @@ from restorer.stages import encode_and_write, read_and_decode
 
 log = logging.getLogger(__name__)
 
+BLOCK_BYTES = 1 << 20  # Ray Data's target_max_block_size for a job's graph (see listing_dataset)
+
 
 def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
                    done: frozenset[str], resumed: bool = False, model_sha256: str = "") -> Any:
@@ -97,16 +99,18 @@ def listing_dataset(tasks: list[ListingTask], config: SourceConfig, done: frozen
 
     ds = ray.data.from_items([dataclasses.asdict(task) for task in tasks],
                              override_num_blocks=max(1, len(tasks)))
+    # A map task's output leaves it when a block is full (Ray's default: 128 MiB, some 400k
+    # listing rows) or at the task's end: a flat prefix of a million keys, listed by one task,
+    # would reach the decoders only once listed. Blocks of 1 MiB (some 3,000 rows) make its rows
+    # flow from the first pages on. The context is this job's own copy (from_items takes one)
+    # and governs the whole graph built on it: decoded images of over 1 MiB leave the decode
+    # tasks one per block, which the actors batch again (bench_pipeline_overhead measures it).
+    ds.context.target_max_block_size = BLOCK_BYTES
     ds = ds.map_batches(expand_tasks, batch_size=1, batch_format="pyarrow",
                         fn_kwargs={"config": config, "done": done}, num_cpus=0.25)
     if config.layout == "files":
-        # A folder is listed by one task, whatever its size: cut its rows into blocks so that
-        # many decode tasks share them. Manifests and shards are listed in chunks.
-        # Ray Data 2.60 would fuse this map_batches with the repartition (blocks of 32 rows
-        # leaving the listing task as they are made) only if their remote args matched; the
-        # repartition asks for 1 CPU and a listing task must not (it would starve the decode
-        # tasks of a small node while it lists), so a listing task's rows leave at its end.
-        # Open: see tests/test_sources_flat.py's xfail.
+        # A folder is listed by one task, whatever its size: cut its blocks into 32 rows so
+        # that many decode tasks share them. Manifests and shards are listed in chunks.
         ds = ds.repartition(target_num_rows_per_block=32)
     return ds
 

@@ -260,20 +260,23 @@ def test_an_older_ledger_of_a_big_s3_prefix_is_refused(s3_server, bucket, tmp_pa
     _refuse_older_units(spec, tasks, small)
 
 
-@pytest.mark.xfail(strict=False, reason="not yet true: Ray Data 2.60 fuses map_batches with the "
-                   "repartition only when their ray_remote_args match (num_cpus 0.25 vs the "
-                   "repartition's 1: operator_fusion.are_remote_args_compatible), so the listing "
-                   "task's rows leave at its end; it passed once (11:45), failed at 12:36")
 def test_s3_rows_leave_the_listing_task_while_it_still_lists(ray_session, s3_server, bucket,
                                                              monkeypatch):
     """In Ray: the listing stage hands the first rows of a flat S3 prefix on while its listing
     task is held at a later page (the moto server runs in this process: its page requests wait
-    on a gate here), so rows flow before the prefix is listed."""
+    on a gate here), so rows flow before the prefix is listed. Blocks of 4 KiB (some 30 rows of
+    these short keys) stand for the job's 1 MiB (some 4,000 rows of keys this short), so that
+    a few hundred keys show it: with Ray's default 128 MiB no row leaves before the end. (Ray
+    hands a task's blocks on some three blocks behind the task: held at its 13th page, none
+    had come; hence the 25th.)"""
     import threading
 
     from moto.s3.models import S3Backend
 
+    from restorer import graph
     from restorer.pipeline import listing_dataset
+
+    monkeypatch.setattr(graph, "BLOCK_BYTES", 4096)
 
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     _put(client, bucket, NAMES)
@@ -285,7 +288,7 @@ def test_s3_rows_leave_the_listing_task_while_it_still_lists(ray_session, s3_ser
 
     def list_objects_v2(self, *args, **kwargs):
         pages.append(1)
-        if len(pages) > 12:  # the stream's 13th page (of 34) waits until the test has rows
+        if len(pages) > 24:  # the stream's 25th page (of 34) waits until the test has rows
             held.set()
             gate.wait(90)
         return real(self, *args, **kwargs)
@@ -303,7 +306,8 @@ def test_s3_rows_leave_the_listing_task_while_it_still_lists(ray_session, s3_ser
     consumer.start()
     try:
         assert got_rows.wait(60), "no row came while the listing task was held"
-        assert held.is_set() and len(pages) == 13  # ... at its 13th page: mid-listing
+        assert held.is_set() and len(pages) == 25  # ... at its 25th page: mid-listing
+        assert len(first) <= 25 * 9
     finally:
         gate.set()
     consumer.join(120)
