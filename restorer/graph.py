@@ -30,6 +30,7 @@ from restorer.stages import encode_and_write, read_and_decode
 log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 1 << 20  # Ray Data's target_max_block_size for a job's graph (see listing_dataset)
+LISTING_CPUS = 0.25  # a listing task mostly waits on storage
 
 
 def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
@@ -101,18 +102,44 @@ def listing_dataset(tasks: list[ListingTask], config: SourceConfig, done: frozen
                              override_num_blocks=max(1, len(tasks)))
     # A map task's output leaves it when a block is full (Ray's default: 128 MiB, some 400k
     # listing rows) or at the task's end: a flat prefix of a million keys, listed by one task,
-    # would reach the decoders only once listed. Blocks of 1 MiB (some 3,000 rows) make its rows
+    # would reach the decoders only once listed. Blocks of 1 MiB (thousands of rows) make its rows
     # flow from the first pages on. The context is this job's own copy (from_items takes one)
     # and governs the whole graph built on it: decoded images of over 1 MiB leave the decode
     # tasks one per block, which the actors batch again (bench_pipeline_overhead measures it).
     ds.context.target_max_block_size = BLOCK_BYTES
     ds = ds.map_batches(expand_tasks, batch_size=1, batch_format="pyarrow",
-                        fn_kwargs={"config": config, "done": done}, num_cpus=0.25)
+                        fn_kwargs={"config": config, "done": done}, num_cpus=LISTING_CPUS)
     if config.layout == "files":
         # A folder is listed by one task, whatever its size: cut its blocks into 32 rows so
         # that many decode tasks share them. Manifests and shards are listed in chunks.
-        ds = ds.repartition(target_num_rows_per_block=32)
+        ds = _rows_in_blocks_of(ds, 32)
     return ds
+
+
+def _rows_in_blocks_of(ds: Any, rows: int) -> Any:
+    """``ds.repartition(target_num_rows_per_block=rows)``, run inside the listing tasks.
+
+    Ray Data 2.60 fuses a map_batches with the streaming repartition after it only when both
+    ask the same resources (``operator_fusion.are_remote_args_compatible``), and the public
+    ``repartition`` asks 1 CPU: unfused, every block of listing rows waits for a 1-CPU task of
+    its own, which a small node's decode tasks and actors hold (the listing stalls behind
+    them). Given the listing's ``LISTING_CPUS`` the two fuse and rows leave the listing task
+    in blocks of ``rows``. Built from Ray Data's logical operator, as ``repartition`` builds it;
+    a Ray without it gets the public call.
+    """
+    try:
+        from ray.data._internal.logical.interfaces import LogicalPlan
+        from ray.data._internal.logical.operators import StreamingRepartition
+        from ray.data.dataset import Dataset
+
+        op = StreamingRepartition(target_num_rows_per_block=rows,
+                                  input_dependencies=[ds._logical_plan.dag],
+                                  ray_remote_args={"num_cpus": LISTING_CPUS})
+    except (ImportError, TypeError, AttributeError) as e:
+        log.warning("Ray Data has no StreamingRepartition as 2.60 had (%s): listing rows are "
+                    "cut into blocks by 1-CPU tasks", e)
+        return ds.repartition(target_num_rows_per_block=rows)
+    return Dataset._from_parent(ds, LogicalPlan(op, ds.context))
 
 
 def expand_tasks(batch: pa.Table, config: SourceConfig,

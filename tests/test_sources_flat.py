@@ -305,10 +305,14 @@ def test_s3_rows_leave_the_listing_task_while_it_still_lists(ray_session, s3_ser
     consumer = threading.Thread(target=consume, daemon=True)
     consumer.start()
     try:
+        assert held.wait(60), "the listing never reached its 25th page"
         assert got_rows.wait(60), "no row came while the listing task was held"
-        assert held.is_set() and len(pages) == 25  # ... at its 25th page: mid-listing
-        assert len(first) <= 25 * 9
+        assert len(pages) == 25 and len(first) <= 25 * 9  # ... at its 25th page: mid-listing
     finally:
         gate.set()
     consumer.join(120)
     assert sorted(first) == sorted(NAMES)
+    # the 32-row cut runs in the listing task (fused: same resources), not in 1-CPU tasks
+    dag = listing_dataset(tasks, config, frozenset())._logical_plan.dag
+    assert dag.target_num_rows_per_block == 32
+    assert dag.ray_remote_args == {"num_cpus": graph.LISTING_CPUS}
