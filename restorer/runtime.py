@@ -137,10 +137,11 @@ CHEAP_NET_MACS = 10_000  # multiply-adds per pixel under which a net is cheap (p
 
 def macs_per_pixel(net: Any) -> int:
     """Multiply-adds per input pixel of ``net``'s convolutions, counted at full resolution (an
-    upper bound for nets that pool: a U-Net's deeper levels run on fewer pixels)."""
+    upper bound for nets that pool: a U-Net's deeper levels run on fewer pixels), times the
+    times a net runs its layers per pixel (``runs_per_pixel``: an opponent net's trunk, 3)."""
     import torch
 
-    return sum(m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+    return getattr(net, "runs_per_pixel", 1) * sum(m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
                // m.groups for m in net.modules()
                if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d))
 

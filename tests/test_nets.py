@@ -1,4 +1,5 @@
 import hashlib
+import itertools
 import json
 
 import pytest
@@ -14,17 +15,30 @@ SMALL = {
     "dncnn": {"num_features": 8, "num_layers": 5},
     "srnet": {"num_features": 8, "num_blocks": 2},
     "unet": {"num_features": (8, 16, 32), "num_blocks": 1},
+    "opponent": {"trunk": {"arch": "unet", "channels": 1, "num_features": (8, 16, 32),
+                           "num_blocks": 1}},
 }
+RGB_ONLY = {"opponent"}  # nets made for RGB: no channels in their spec
+
+
+def _small(arch, channels):
+    if arch in RGB_ONLY:
+        assert channels == 3
+        return {"arch": arch, **SMALL[arch]}
+    return {"arch": arch, "channels": channels, **SMALL[arch]}
+
+
+ARCH_CHANNELS = [(arch, channels) for arch in sorted(NETS) for channels in (1, 3)
+                 if channels == 3 or arch not in RGB_ONLY]
 
 
 def test_every_net_has_a_small_config():
     assert set(SMALL) == set(NETS)
 
 
-@pytest.mark.parametrize("arch", sorted(NETS))
-@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("arch,channels", ARCH_CHANNELS)
 def test_every_net_forward_backward_finite(arch, channels):
-    net = build_net({"arch": arch, "channels": channels, **SMALL[arch]})
+    net = build_net(_small(arch, channels))
     x = torch.rand(2, channels, 37, 29, requires_grad=True)
     y = net(x)
     scale = net.scale
@@ -44,15 +58,16 @@ def test_receptive_field_is_what_the_net_sees(arch):
     so for them the bound is checked at several positions, and must be nearly reached at one.
     """
     torch.manual_seed(0)
-    net = build_net({"arch": arch, "channels": 1, **SMALL[arch]}).eval()
+    channels = 3 if arch in RGB_ONLY else 1
+    net = build_net(_small(arch, channels)).eval()
     scale, half = net.scale, net.receptive_field // 2
-    x = torch.rand(1, 1, 96, 96)
+    x = torch.rand(1, channels, 96, 96)
     reach = 0
     for y0, x0 in [(48, 48), (45, 50), (51, 43), (40, 57)] if arch != "dncnn" else [(48, 48)]:
         bumped = x.clone()
         bumped[0, 0, y0, x0] += 0.5
         with torch.no_grad():
-            diff = (net(bumped) - net(x)).abs()[0, 0] > 0
+            diff = ((net(bumped) - net(x)).abs()[0] > 0).any(0)
         rows = diff.any(1).nonzero().flatten()
         cols = diff.any(0).nonzero().flatten()
         # output pixel i covers input positions [i / scale, (i + 1) / scale)
@@ -75,12 +90,13 @@ def test_unknown_arch_and_keys_are_named():
 @pytest.mark.parametrize("arch", sorted(NETS))
 def test_every_net_declares_the_interface(arch):
     """channels, scale, alignment and receptive_field are declared, as ints, by every net."""
-    net = build_net({"arch": arch, "channels": 3, **SMALL[arch]})
+    net = build_net(_small(arch, 3))
     assert isinstance(net, RestorationNet)
     for name in ("channels", "scale", "alignment", "receptive_field"):
         assert type(getattr(net, name)) is int and getattr(net, name) >= 1, name
     assert net.channels == 3
-    assert net.alignment == (4 if arch == "unet" else 1)  # 2 ** (levels - 1) for a U-Net
+    # 2 ** (levels - 1) for a U-Net (the opponent net's trunk here)
+    assert net.alignment == (4 if arch in ("unet", "opponent") else 1)
     assert net.scale == (2 if arch == "srnet" else 1)
 
 
@@ -132,3 +148,60 @@ def test_every_zoo_file_loads_unchanged(name):
     assert loaded.sha256 in entry.card.read_text()
     assert isinstance(loaded.net, RestorationNet)
     assert build_net(loaded.spec).state_dict().keys() == loaded.net.state_dict().keys()
+
+
+def test_opponent_planes_are_decorrelated_and_the_transform_is_exact():
+    """White RGB noise stays white and independent across the opponent planes (what lets a
+    gray denoiser restore each), and with an identity trunk the net returns its input."""
+    from restorer.nets.opponent import CENTRE, OPPONENT
+
+    matrix = torch.tensor(OPPONENT, dtype=torch.float64)
+    gram = matrix @ matrix.T
+    assert torch.allclose(gram, torch.diag(torch.diag(gram)))  # orthogonal rows
+    assert torch.allclose(torch.diag(gram).sqrt(),
+                          torch.tensor([3 ** -0.5, 2 ** -0.5, 6 ** 0.5 / 4], dtype=torch.float64))
+    # every plane of a [0, 1] image lies in [0, 1]
+    corners = torch.tensor(list(itertools.product((0.0, 1.0), repeat=3)), dtype=torch.float64)
+    planes = corners @ matrix.T + torch.tensor(CENTRE, dtype=torch.float64)
+    assert planes.min() >= 0 and planes.max() <= 1
+    net = build_net(_small("opponent", 3)).eval()
+    torch.nn.init.zeros_(net.trunk.tail.weight)  # x - body(x) with body(x) = 0: identity
+    torch.nn.init.zeros_(net.trunk.tail.bias)
+    x = torch.rand(2, 3, 19, 23)
+    with torch.no_grad():
+        assert torch.allclose(net(x), x, atol=1e-6)
+
+
+def test_opponent_net_restores_each_plane_with_its_trunk():
+    """The planes go through the trunk as gray images: the net equals transforming, running
+    the trunk on each plane alone, and transforming back."""
+    from restorer.nets.opponent import CENTRE, OPPONENT
+
+    torch.manual_seed(2)
+    net = build_net(_small("opponent", 3)).eval()
+    x = torch.rand(1, 3, 21, 30)
+    matrix = torch.tensor(OPPONENT)
+    centre = torch.tensor(CENTRE).view(3, 1, 1)
+    planes = torch.einsum("ij,jhw->ihw", matrix, x[0]) + centre
+    with torch.no_grad():
+        alone = torch.cat([net.trunk(planes[i][None, None])[0] for i in range(3)])
+        expected = torch.einsum("ij,jhw->ihw", torch.linalg.inv(matrix), alone - centre)
+        assert torch.allclose(net(x)[0], expected, atol=1e-5)
+
+
+def test_opponent_trunk_must_be_one_plane_at_scale_one():
+    with pytest.raises(ValueError, match="trunk must restore one plane"):
+        build_net({"arch": "opponent", "trunk": {"arch": "unet", "channels": 3}})
+    with pytest.raises(ValueError, match="trunk must restore one plane"):
+        build_net({"arch": "opponent", "trunk": {"arch": "srnet", "channels": 1, "scale": 2}})
+
+
+def test_the_colour_denoiser_is_the_gray_one_on_opponent_planes():
+    """denoise-color ships denoise-gray's weights as its trunk (its provenance names them)."""
+    from restorer.models import get_model
+
+    color, gray = get_model("denoise-color"), get_model("denoise-gray")
+    assert color.spec["arch"] == "opponent" and color.net.channels == 3
+    assert color.provenance["trunk"] == {"recipe": "denoise-gray", "sha256": gray.sha256}
+    for name, tensor in gray.net.state_dict().items():
+        assert torch.equal(color.net.trunk.state_dict()[name], tensor), name

@@ -172,6 +172,39 @@ def test_ship_writes_float16_weights_and_a_measured_card(data, tiny, tmp_path):
         recipes.ship("denoise-gray", [stage / "tiny.safetensors"], data, zoo_dir=zoo)
 
 
+@pytest.mark.slow  # trains for a few seconds of wall-clock time
+def test_a_trunk_recipe_ships_the_trained_gray_net_on_opponent_planes(data, tiny, tmp_path,
+                                                                      monkeypatch):
+    """A recipe with ``trunk_of`` (denoise-color) is not trained: ship() puts the other
+    recipe's trained gray net into an opponent net, names it in the provenance and the card."""
+    color = recipes.Recipe(
+        net={"arch": "opponent", "trunk": dict(tiny.net)}, train=("train",), task="denoise",
+        trunk_of="tiny", validation=(recipes.Validation("val", "denoise", sigma=25),))
+    monkeypatch.setitem(recipes.RECIPES, "tiny-color", color)
+    monkeypatch.setitem(recipes.CARD_EVALS, "tiny-color", (("val", {"task": "denoise",
+                                                                    "sigma": 25}),))
+    monkeypatch.setitem(recipes.CARD_TEXT, "tiny-color", ("A tiny colour model.", "No notes."))
+    with pytest.raises(ValueError, match="tiny-color is not trained itself"):
+        recipes.train_recipe("tiny-color", data, tmp_path / "no", minutes=0.01, device="cpu")
+    stage = tmp_path / "stage"
+    recipes.train_recipe("tiny", data, stage, minutes=0.02, device="cpu", workers=1)
+    trunk = load_model(str(stage / "tiny.safetensors"))
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    path = recipes.ship("tiny-color", [stage / "tiny.safetensors"], data, zoo_dir=zoo)
+    shipped = load_model(str(path))
+    assert shipped.spec["arch"] == "opponent" and shipped.net.channels == 3
+    assert shipped.provenance["recipe"] == "tiny-color"
+    assert shipped.provenance["trunk"] == {"recipe": "tiny", "sha256": trunk.sha256}
+    for name, tensor in trunk.net.state_dict().items():  # float16 on the shelf
+        assert torch.equal(shipped.net.trunk.state_dict()[name], tensor.half().float()), name
+    card = path.with_suffix(".md").read_text()
+    assert shipped.sha256 in card and "(tiny's training: its card has the validations)" in card
+    assert "| val | sigma 25 | 2 |" in card
+    with pytest.raises(ValueError, match="recipe 'tiny'"):
+        recipes.ship("tiny-color", [path], data, zoo_dir=zoo)
+
+
 @pytest.mark.parametrize("name", list(recipes.RECIPES))
 def test_every_zoo_recipe_builds_its_net_and_has_a_card_entry(name):
     recipe = recipes.RECIPES[name]

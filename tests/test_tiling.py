@@ -83,6 +83,22 @@ def test_aligned_and_super_resolution_nets_tile_like_whole_images(other_net, sha
     _assert_same_up_to_rounding(whole, tiled)
 
 
+@pytest.mark.parametrize("balanced", [False, True])
+@pytest.mark.parametrize("shape", [(61, 133), (7, 9), (1, 1), (129, 2)])
+def test_opponent_net_tiles_like_whole_images(shape, balanced):
+    """The colour transform is per pixel: an opponent net tiles as its trunk does."""
+    torch.manual_seed(3)
+    net = build_net({"arch": "opponent", "trunk": {"arch": "unet", "channels": 1,
+                                                   "features": (8, 16, 32), "blocks": 1}}).eval()
+    image = torch.rand(3, *shape)
+    rf = net.receptive_field
+    with torch.no_grad():
+        whole = net(image[None])[0]
+        tiled = run_tiled([image], net, tile=60, overlap=rf + 3, halo=rf // 2, scale=1,
+                          batch_size=3, alignment=net.alignment, balanced=balanced)[0]
+    _assert_same_up_to_rounding(whole, tiled)
+
+
 @pytest.mark.parametrize("length,tile,overlap,alignment", [
     (384, 256, 8, 1), (640, 256, 8, 1), (1001, 256, 40, 1), (257, 256, 40, 1),
     (1000, 448, 112, 8), (480, 448, 112, 8), (200, 256, 8, 1), (96, 32, 13, 16)])
