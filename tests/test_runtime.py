@@ -45,6 +45,9 @@ def test_cheap_nets_get_single_thread_actors_unless_configured():
     assert macs_per_pixel(cheap) == 2 * 3 * 4 * 9
     assert macs_per_pixel(costly) == 2 * 3 * 32 * 9 + 4 * 32 * 32 * 9
     assert macs_per_pixel(cheap) < CHEAP_NET_MACS <= macs_per_pixel(costly)
+    spec = {"arch": "unet", "channels": 1, "num_features": [4, 8], "num_blocks": 1}
+    colour = build_net({"arch": "opponent", "trunk": spec})  # its trunk runs on three planes
+    assert macs_per_pixel(colour) == 3 * macs_per_pixel(build_net(spec))
     two = plan_workers(0, 0.0, 0.0, 0, 2.0, 0.0, 2.0, 1)  # a 2-CPU node: 1 actor of 1 CPU
     assert two == WorkerPlan(1, 1.0, 0.0, 2)
     assert plan_workers(0, 0.0, 0.0, 0, 2.0, 0.0, 2.0, 1, cheap_net=True) == WorkerPlan(
