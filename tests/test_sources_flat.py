@@ -265,7 +265,7 @@ def test_s3_rows_leave_the_listing_task_while_it_still_lists(ray_session, s3_ser
     """In Ray: the listing stage hands the first rows of a flat S3 prefix on while its listing
     task is held at a later page (the moto server runs in this process: its page requests wait
     on a gate here), so rows flow before the prefix is listed. Blocks of 4 KiB (some 30 rows of
-    these short keys) stand for the job's 1 MiB (some 4,000 rows of keys this short), so that
+    these short keys) stand for the job's 8 MiB (some 60,000 rows of keys this short), so that
     a few hundred keys show it: with Ray's default 128 MiB no row leaves before the end. (Ray
     hands a task's blocks on some three blocks behind the task: held at its 13th page, none
     had come; hence the 25th.)"""
