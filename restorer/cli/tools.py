@@ -161,8 +161,8 @@ def models(paths, as_json):
         net = row["net"]
         metrics = row["provenance"].get("metrics", {})
         mark = " (default)" if row.get("default") else ""
-        click.echo(f"{row['name']}{mark}: {net.get('arch')} channels={net.get('channels')} "
-                   f"{' '.join(f'{k}={v}' for k, v in net.items() if k not in ('arch', 'channels'))}"
+        fields = " ".join(f"{k}={v}" for k, v in net.items() if k != "arch")
+        click.echo(f"{row['name']}{mark}: {net.get('arch')} {fields}"
                    + (f"  metrics: {json.dumps(metrics)}" if metrics else ""))
         imported = row["provenance"].get("imported")
         if imported:
