@@ -108,7 +108,7 @@ RECIPES: dict[str, Recipe] = {
                     Validation("set12", "denoise", sigma=50))),
     # Blind colour denoiser: denoise-gray's net run on the three opponent planes of an RGB
     # image (luma and two colour differences, noise independent across them). It beat a
-    # U-Net trained on the 32 colour images we have (mcmaster, set14) by 0.4-0.6 dB on Set5,
+    # U-Net trained on the 32 colour images we have (mcmaster, set14) by 0.5-0.6 dB on Set5,
     # and CBM3D; validated on Set5 (and mcmaster, which its trunk never saw).
     "denoise-color": Recipe(
         net={"arch": "opponent", "trunk": {"arch": "unet", "channels": 1,
@@ -413,20 +413,20 @@ def _card(name: str, path: Path, sha256: str, provenance: dict[str, Any],
     what, notes = CARD_TEXT[name]
     recipe = RECIPES[name]
     prose = CARD_PROSE["card"]
-    lines = []
     if recipe.trunk_of:  # the trunk's stages, as its own shipped file lists them
         stages = provenance["stages"]
         lines = [prose["trunk_stage"].format(
             index=index, command=stage["command"], steps=stage["steps"],
             seconds=stage["wall_seconds"], trunk=recipe.trunk_of)
             for index, stage in enumerate(stages, 1)]
-    for index, stage in enumerate([] if recipe.trunk_of else stages, 1):
-        last = stage["history"][-1]["validation"]
-        lines.append(prose["stage"].format(
+    else:
+        lines = [prose["stage"].format(
             index=index, command=stage["command"], steps=stage["steps"],
             batch=stage["config"]["batch"], seconds=stage["wall_seconds"],
             lr=stage["config"]["lr"], validation="; ".join(prose["stage_validation"].format(
-                set=v["set"], setting=_setting(v), psnr=v["psnr"]) for v in last)))
+                set=v["set"], setting=_setting(v), psnr=v["psnr"])
+                for v in stage["history"][-1]["validation"]))
+            for index, stage in enumerate(stages, 1)]
     baseline = any(r["baseline_psnr"] is not None for r in table)
     header = "| set | setting | images | input PSNR | **PSNR** | SSIM |"
     rule = "| --- | --- | --- | --- | --- | --- |"
