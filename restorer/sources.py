@@ -32,8 +32,11 @@ Three layouts, one row shape (``key``, ``uri`` or inline ``data``, ``unit``, ``u
     holds), and a key whose output an earlier key already claimed fails with
     ``OutputCollision`` naming that key. The first key in key order wins; key order is fixed,
     so every rerun decides the same way. (Locally all colliding names fail: a partition is
-    complete before any of its rows go.) Sub-folders whose names differ only in case
-    (``Raw/a.png``, ``raw/a.png``) are listed by separate folder tasks and not compared.
+    complete before any of its rows go.) Folders directly under the input whose names differ
+    only in case (``Raw/``, ``raw/``) are listed by one task, which compares all their rows
+    (it holds them at once: they are meant to be rare) and then cuts each folder's units as
+    a task of its own would; deeper down (``a/Raw/``, ``a/raw/``) they are not compared, nor
+    on S3 when the top level is longer than a page and the two names fall on different pages.
 - ``parquet``: shards of encoded images (``*.parquet`` under the prefix) with a key column and a
   bytes column; one task per row group.
 - ``manifest``: a Parquet file with a ``uri`` column (and optional ``key`` column) read one row
@@ -59,7 +62,7 @@ import sqlite3
 import tempfile
 import zlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -92,6 +95,9 @@ class ListingTask:
     partitions: int = 0  # ... out of this many (0: not a partitioned listing)
     stream: bool = False  # files, S3 (recursive=False): the prefix's files in key order
     folders: bool = False  # stream: also list the sub-folders it meets (the driver did not)
+    # files: folders beside uri whose names differ from its name only in case (``raw/`` beside
+    # ``Raw/``): their outputs could collide with this folder's, so this task lists them too
+    variants: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -182,8 +188,13 @@ def _stream_tasks(uri: str, config: SourceConfig) -> list[ListingTask]:
 
 
 def _folder_tasks(uri: str, folders: Iterable[str]) -> list[ListingTask]:
-    return [ListingTask("files", storage.join(uri, name), key_prefix=name + "/")
-            for name in sorted(folders)]
+    """One task per folder, except that folders whose names differ only in case (``Raw/``,
+    ``raw/``) share one: the task of the first name lists the others too (``variants``)."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(folders):
+        groups.setdefault(name.lower(), []).append(name)
+    return [ListingTask("files", storage.join(uri, names[0]), key_prefix=names[0] + "/",
+                        variants=tuple(names[1:])) for names in groups.values()]
 
 
 def _folder_listed(name: str, config: SourceConfig) -> bool:
@@ -445,6 +456,25 @@ def _stream(task: ListingTask, config: SourceConfig,
         claims.close()
 
 
+def _folder_rows(task: ListingTask, config: SourceConfig) -> Iterator[list[dict[str, Any]]]:
+    """The rows of a ``files`` task (not a stream), folder by folder (a flat partition: one
+    list), collisions not yet marked."""
+    walk = ([_flat_entries(task, config)] if task.partitions else
+            storage.walk_files(task.uri, config.extensions, (), (), options=config.options,
+                               recursive=task.recursive))
+    for entries in walk:
+        rows = []
+        for entry in entries:
+            key = task.key_prefix + entry.key
+            if task.name and entry.key != task.name:
+                continue
+            if config.skip_prefix and key.startswith(config.skip_prefix):
+                continue
+            if storage.matches(key, config.include, config.exclude):
+                rows.append(_row(key, entry.uri, config, entry.size))
+        yield rows
+
+
 def _slice(table, task: ListingTask):
     return table.slice(task.offset, task.length or None)
 
@@ -464,19 +494,17 @@ def expand(task: ListingTask, config: SourceConfig,
         yield from _stream(task, config, done)
         return
     if task.layout == "files":
-        walk = ([_flat_entries(task, config)] if task.partitions else
-                storage.walk_files(task.uri, config.extensions, (), (), options=options,
-                                   recursive=task.recursive))
-        for entries in walk:
-            rows = []
-            for entry in entries:
-                key = task.key_prefix + entry.key
-                if task.name and entry.key != task.name:
-                    continue
-                if config.skip_prefix and key.startswith(config.skip_prefix):
-                    continue
-                if storage.matches(key, config.include, config.exclude):
-                    rows.append(_row(key, entry.uri, config, entry.size))
+        if task.variants:  # Raw/ and raw/: all their rows compared, then cut as before
+            parent = task.uri[: len(task.uri) - len(task.key_prefix.rstrip("/"))]
+            folders = [task] + [replace(
+                task, uri=parent + name, key_prefix=name + "/", variants=())
+                for name in task.variants]
+            chunks = [rows for folder in folders for rows in _folder_rows(folder, config)]
+            _mark_collisions([row for rows in chunks for row in rows])
+            for rows in chunks:
+                yield from _units(rows, done)
+            return
+        for rows in _folder_rows(task, config):
             _mark_collisions(rows)
             yield from _units(rows, done)
         return

@@ -91,6 +91,30 @@ def test_collisions_are_caught_across_pages_and_partitions(tmp_path):
                       "b.PNG": "OutputCollision", "b.png": "OutputCollision"}
 
 
+def test_folders_differing_only_in_case_are_compared_and_keep_their_units(tmp_path):
+    """``Raw/a.png`` and ``raw/a.jpg`` would write one output (``raw/a.png`` ignoring case):
+    both fail, whichever folder they are in; the folders are listed by one task, and every
+    unit is the one a task of each folder would cut alone."""
+    for name in ("Raw/a.png", "Raw/x/p.png", "raw/a.jpg", "raw/b.png", "raw/X/p.png",
+                 "RAW/c.png", "other/a.png", "top.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    config = _config(str(tmp_path), page_size=100, partition_keys=40, format="png")
+    rows, tasks = _rows(str(tmp_path), config)
+    assert [(t.key_prefix, tuple(t.variants)) for t in tasks if t.key_prefix] == [
+        ("RAW/", ("Raw", "raw")), ("other/", ())]
+    failed = {k for _, k, status, _ in rows if status == "failed"}
+    assert failed == {"Raw/a.png", "raw/a.jpg", "Raw/x/p.png", "raw/X/p.png"}
+    assert sorted(k for _, k, _, _ in rows) == sorted(
+        ["Raw/a.png", "Raw/x/p.png", "raw/a.jpg", "raw/b.png", "raw/X/p.png", "RAW/c.png",
+         "other/a.png", "top.png"])  # each once
+    alone = [(r["unit"], r["key"]) for name in ("RAW", "Raw", "raw")
+             for unit in expand(sources.ListingTask("files", str(tmp_path / name),
+                                                    key_prefix=name + "/"), config)
+             for r in unit]
+    assert sorted(alone) == sorted((u, k) for u, k, _, _ in rows if k.lower().startswith("raw/"))
+
+
 def test_partitions_are_a_power_of_two_of_bounded_size():
     assert [sources.flat_partitions(n, 100) for n in (0, 1, 100, 101, 400, 401)] == \
         [1, 1, 1, 2, 4, 8]
@@ -208,6 +232,17 @@ def test_s3_prefix_of_one_page_lists_its_folders_in_their_own_tasks(s3_server, b
         ("raw", True, ""), ("b", False, "b/"), ("d", False, "d/")]
     client.delete_object(Bucket=bucket, Key="raw/a.png")  # no files: no stream task
     assert [t.stream for t in listing_tasks(uri, _config(uri, 100, 40))] == [False, False]
+
+
+def test_s3_folders_differing_only_in_case_share_a_task(s3_server, bucket):
+    client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
+    _put(client, bucket, ["Raw/a.png", "raw/a.png", "raw/b.png"])
+    uri = f"s3://{bucket}/raw"
+    config = _config(uri, page_size=100, partition_keys=40)
+    rows, tasks = _rows(uri, config)
+    assert [(t.uri, tuple(t.variants)) for t in tasks] == [(f"{uri}/Raw", ("raw",))]
+    assert {k: cls for _, k, _, cls in rows} == {
+        "Raw/a.png": "OutputCollision", "raw/a.png": "OutputCollision", "raw/b.png": ""}
 
 
 def test_an_older_ledger_is_refused_only_where_its_units_differ(tmp_path):
