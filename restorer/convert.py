@@ -43,6 +43,10 @@ from restorer.unpickle import (
 
 log = logging.getLogger(__name__)
 
+# The nets whose shape the command-line flags describe (an opponent net's trunk is a net spec
+# of its own: build it from a converted gray net instead).
+FLAG_NETS = tuple(sorted(arch for arch in NETS if arch != "opponent"))
+
 # Keys under which training scripts keep a state dict next to other things.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "params_ema", "params", "model", "net")
 
@@ -116,9 +120,9 @@ def convert_weights(source: str, target: str, spec: Mapping[str, Any] | None = N
                         f"{source} does not match net {spec}: the file holds a dncnn with "
                         f"{name}={inferred.get(name)!r}; drop the flag to take the file's layout")
             spec = inferred
-    elif spec.get("arch") not in NETS:
+    elif spec.get("arch") not in FLAG_NETS:
         raise ModelError(f"Unknown net arch {spec.get('arch')!r}; --net options: "
-                         f"{', '.join(sorted(NETS))}")
+                         f"{', '.join(FLAG_NETS)}")
     net = build_net(spec)
     spec = net_spec(net)  # every field, defaults included
     _load_by_order(net, found, source, spec)
@@ -279,7 +283,7 @@ def _not_dncnn(found: Found, source: str, reason: str) -> ModelError:
     return ModelError(
         f"{source} ({found.format}, {found.content}) is not a layout restorer can import "
         f"faithfully: {reason}. It holds:\n{found.describe()}\n"
-        f"--net options: {', '.join(sorted(NETS))} (only dncnn is inferred; other nets need "
+        f"--net options: {', '.join(FLAG_NETS)} (only dncnn is inferred; other nets need "
         "their shape flags and tensors that match exactly)"
     )
 

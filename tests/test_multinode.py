@@ -167,8 +167,10 @@ def test_restore_actors_spread_over_nodes(cluster_run, exclusive_ray):
     run = cluster_run["spread"]
     assert run["outputs"] == sorted(run["keys"])
     assert (run["succeeded"], run["failed"]) == (IMAGES, 0)
-    nodes = {a["node_id"] for a in run["actors"]}
-    assert len(run["actors"]) >= NODES
+    # actors that were placed (one the pool asked for and never placed has no node: seen once)
+    placed = [a for a in run["actors"] if a["node_id"]]
+    nodes = {a["node_id"] for a in placed}
+    assert len(placed) >= NODES
     assert len(nodes) > 1, run["actors"]
     assert nodes <= {cluster_run["head"], *cluster_run["workers"]}
 
