@@ -141,8 +141,9 @@ def macs_per_pixel(net: Any) -> int:
     times a net runs its layers per pixel (``runs_per_pixel``: an opponent net's trunk, 3)."""
     import torch
 
-    return getattr(net, "runs_per_pixel", 1) * sum(m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
-               // m.groups for m in net.modules()
-               if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d))
+    per_run = sum(m.in_channels * m.out_channels * m.kernel_size[0] * m.kernel_size[1]
+                  // m.groups for m in net.modules()
+                  if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d))
+    return getattr(net, "runs_per_pixel", 1) * per_run
 
 

@@ -497,7 +497,7 @@ def expand(task: ListingTask, config: SourceConfig,
         if task.variants:  # Raw/ and raw/: all their rows compared, then cut as before
             parent = task.uri[: len(task.uri) - len(task.key_prefix.rstrip("/"))]
             folders = [task] + [replace(
-                task, uri=parent + name, key_prefix=name + "/", variants=())
+                task, uri=storage.join(parent, name), key_prefix=name + "/", variants=())
                 for name in task.variants]
             chunks = [rows for folder in folders for rows in _folder_rows(folder, config)]
             _mark_collisions([row for rows in chunks for row in rows])

@@ -124,12 +124,3 @@ def test_sample_patches_shapes_reproducibility_and_augmentation(gray, rgb):
 def test_sample_patches_rejects_small_images(gray):
     with pytest.raises(ValueError, match="patch_size 64"):
         degrade.sample_patches([gray], 64, 1, np.random.default_rng(0))
-
-
-def test_is_gray_knows_gray_files_read_as_rgb():
-    plane = np.arange(12, dtype=np.uint8).reshape(3, 4)
-    assert degrade.is_gray(plane) and degrade.is_gray(plane[..., None])
-    assert degrade.is_gray(np.repeat(plane[..., None], 3, axis=2))
-    color = np.repeat(plane[..., None], 3, axis=2)
-    color[1, 2, 0] += 1
-    assert not degrade.is_gray(color)
