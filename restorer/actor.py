@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from restorer import storage
-from restorer.audit import AUDIT_SIDE, noise_sigma, p99
+from restorer.audit import AUDIT_SIDE, audit_crop, noise_sigma, p99
 from restorer.errors import ModelError, is_device_fatal
 from restorer.records import RESTORED_SCHEMA, fail, pixels_of, to_rows, to_table
 
@@ -264,8 +264,7 @@ class RestoreActor:
             step = max(1, math.ceil(max(source.shape[-2:]) / AUDIT_SIDE))
             diff = (out[:, ::step, ::step] - source[:, ::step, ::step]).abs().flatten() * 255.0
             diffs.append(torch.stack([diff.mean(), p99(diff)]))
-            height, width = source.shape[-2:]
-            y0, x0 = max(0, (height - AUDIT_SIDE) // 2), max(0, (width - AUDIT_SIDE) // 2)
+            y0, x0 = audit_crop(*source.shape[-2:])
             window = (slice(None), slice(y0, y0 + AUDIT_SIDE), slice(x0, x0 + AUDIT_SIDE))
             crops[tuple(source[window].shape)].append((index, source[window], out[window]))
         audit: list[torch.Tensor | None] = [None] * len(pairs)

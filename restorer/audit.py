@@ -100,14 +100,19 @@ def noise_sigma(plane: torch.Tensor) -> torch.Tensor:
     return diagonal.abs().flatten(-2).median(-1).values / 0.6745
 
 
+def audit_crop(height: int, width: int) -> tuple[int, int]:
+    """(top, left) of the central <= ``AUDIT_SIDE`` px crop of a ``height`` x ``width`` image:
+    where the actor measures noise and residual structure, and :func:`input_noise` too."""
+    return max(0, (height - AUDIT_SIDE) // 2), max(0, (width - AUDIT_SIDE) // 2)
+
+
 def input_noise(pixels: np.ndarray) -> float:
     """The restore actor's ``noise_in`` for an HWC uint8/uint16 image: :func:`noise_sigma` of
     the central <= ``AUDIT_SIDE`` px crop of its first plane, in 8-bit levels (0 for an image
     under 8 pixels on a side)."""
     import torch
 
-    height, width = pixels.shape[:2]
-    top, left = max(0, (height - AUDIT_SIDE) // 2), max(0, (width - AUDIT_SIDE) // 2)
+    top, left = audit_crop(*pixels.shape[:2])
     crop = to_float(pixels[top:top + AUDIT_SIDE, left:left + AUDIT_SIDE, 0])
     return float(noise_sigma(torch.from_numpy(crop)) * 255.0)
 
