@@ -55,6 +55,14 @@ def resolve_precision(precision: str, on_gpu: bool) -> str:
     return "bf16" if precision == "auto" else precision
 
 
+def check_strength(strength: float, noise_aware: bool, model: str) -> None:
+    """Refuse a ``strength`` the model cannot apply: above 1 needs a noise-aware model (one
+    whose noise map it scales); other models blend with the input, 0..1."""
+    if strength > 1.0 and not noise_aware:
+        raise ModelError(f"strength {strength:g} needs a noise-aware model (restore-default); "
+                         f"{model} blends its output with the input: use 0..1")
+
+
 class RestoreActor:
     """Holds one model on one device and restores batches of images.
 
@@ -121,6 +129,10 @@ class RestoreActor:
         self._tile_batches: dict[tuple[int, int], int] = {}
         self.tile_batch = tile_batch or self._auto_tile_batch
         self.strength = strength
+        self.noise_aware = hasattr(self.net, "strength")  # a noise-map net: strength scales it
+        check_strength(strength, self.noise_aware, loaded.source)
+        if self.noise_aware:
+            self.net.strength = strength
         self.channels_last = channels_last and self.device.type == "cuda"
         if self.channels_last:
             self.net = self.net.to(memory_format=torch.channels_last)
@@ -226,7 +238,7 @@ class RestoreActor:
                 out = out.mean(0, keepdim=True)
             if fills[index] is not None:
                 out = put_back(out, source, fills[index][1])
-            if self.strength < 1.0:
+            if self.strength < 1.0 and not self.noise_aware:
                 base = source if self.scale == 1 else torch.nn.functional.interpolate(
                     source[None], scale_factor=self.scale, mode="bicubic")[0]
                 out = base + self.strength * (out - base)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
@@ -24,6 +25,7 @@ from scipy import ndimage
 from restorer.pixels import is_gray  # the gray/colour rule, kept importable from here
 
 DEGRADATIONS = ("noise", "jpeg", "blur", "downscale")
+BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
 
 
 def _check_image(img: np.ndarray, name: str = "img") -> None:
@@ -186,6 +188,364 @@ def random_degradation(img: np.ndarray, rng: np.random.Generator,
     return up[: img.shape[0], : img.shape[1]]
 
 
+# --- Degradations as real photos have them ------------------------------------------------------
+# A camera records linear light on a Bayer mosaic with signal-dependent noise (shot noise, whose
+# variance grows with the signal, plus read noise), then demosaics (which correlates the noise of
+# neighbouring pixels), white-balances and colour-corrects (which correlates it across channels),
+# applies a tone curve (which reshapes it by brightness), clips and rounds to 8 bits and
+# JPEG-compresses; the web adds resizing and a second compression. The functions below are those
+# steps; :func:`practical_degradation` draws and chains them (after the practical degradation
+# models of BSRGAN, Real-ESRGAN and SCUNet, and the "unprocessing" of Brooks et al. 2019).
+
+# The 2x2 Bayer tile of each pattern: index of the colour (0 R, 1 G, 2 B) at (row % 2, col % 2).
+_BAYER = {"RGGB": ((0, 1), (1, 2)), "BGGR": ((2, 1), (1, 0)),
+          "GRBG": ((1, 0), (2, 1)), "GBRG": ((1, 2), (0, 1))}
+_BILINEAR_RB = np.array([[1, 2, 1], [2, 4, 2], [1, 2, 1]], np.float32) / 4.0
+_BILINEAR_G = np.array([[0, 1, 0], [1, 4, 1], [0, 1, 0]], np.float32) / 4.0
+
+
+def add_poisson_gaussian_noise(img: np.ndarray, shot: float, read: float,
+                               rng: np.random.Generator, shared: bool = False) -> np.ndarray:
+    """``img`` plus signal-dependent noise of variance ``shot * x + read`` at intensity ``x``.
+
+    The heteroscedastic Gaussian approximation of Poisson shot noise plus Gaussian read noise
+    (Foi et al. 2008), on the ``[0, 1]`` scale: ``shot`` in about ``[1e-4, 0.02]`` (variance per
+    unit of signal), ``read`` in about ``[0, 1e-3]`` (variance). ``img``: float HW or HWC in
+    ``[0, 1]`` (values outside count as clipped for the variance). ``shared``: one noise draw
+    for every channel (a gray image stored as equal planes). Returns float32, not clipped.
+    """
+    _check_image(img)
+    if not (shot >= 0 and read >= 0):
+        raise ValueError(f"shot and read variances must be >= 0, got {shot}, {read}")
+    img = img.astype(np.float32)
+    std = np.sqrt(shot * np.clip(img, 0.0, 1.0) + read)
+    shape = img.shape[:2] + (1,) if shared and img.ndim == 3 else img.shape
+    return img + std * rng.standard_normal(shape, dtype=np.float32)
+
+
+def add_correlated_gaussian_noise(img: np.ndarray, sigma_255: float, rng: np.random.Generator,
+                                  correlation: float) -> np.ndarray:
+    """``img`` (float HWC, 3 channels) plus Gaussian noise of std ``sigma_255 / 255`` per channel
+    whose channels are correlated by ``correlation`` in ``[0, 1)`` (0 = independent, near 1 =
+    nearly the same noise in every channel, as luminance noise). Not clipped."""
+    _check_image(img)
+    if img.ndim != 3 or not 0.0 <= correlation < 1.0:
+        raise ValueError(f"needs HWC and 0 <= correlation < 1, got {img.shape}, {correlation}")
+    channels = img.shape[2]
+    covariance = np.full((channels, channels), correlation) + (1 - correlation) * np.eye(channels)
+    factor = np.linalg.cholesky(covariance).astype(np.float32)
+    white = rng.standard_normal(img.shape, dtype=np.float32)
+    return img.astype(np.float32) + (white @ factor.T) * np.float32(sigma_255 / 255.0)
+
+
+def mosaic(img: np.ndarray, pattern: str = "RGGB") -> np.ndarray:
+    """The Bayer mosaic of an RGB image: float HWC -> HW, each pixel keeping the one colour its
+    site of ``pattern`` (``BAYER_PATTERNS``) records."""
+    if pattern not in _BAYER or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"mosaic takes HWx3 and a pattern of {BAYER_PATTERNS}, got "
+                         f"{img.shape}, {pattern!r}")
+    rows = np.arange(img.shape[0])[:, None] % 2
+    cols = np.arange(img.shape[1])[None, :] % 2
+    colour = np.array(_BAYER[pattern])[rows, cols]
+    return np.take_along_axis(img, colour[..., None], axis=2)[..., 0]
+
+
+def demosaic_bilinear(raw: np.ndarray, pattern: str = "RGGB") -> np.ndarray:
+    """Bilinear demosaicing of a Bayer mosaic (HW float) -> HWx3 float32.
+
+    Each colour is interpolated from its own sites by normalised convolution (3x3 kernels; the
+    recorded sites keep their values exactly). Like a camera's demosaicing it spreads each
+    site's noise over its neighbours: demosaiced noise is spatially correlated.
+    """
+    if pattern not in _BAYER or raw.ndim != 2:
+        raise ValueError(f"demosaic takes HW and a pattern of {BAYER_PATTERNS}, got "
+                         f"{raw.shape}, {pattern!r}")
+    rows = np.arange(raw.shape[0])[:, None] % 2
+    cols = np.arange(raw.shape[1])[None, :] % 2
+    colour = np.array(_BAYER[pattern])[rows, cols]
+    out = np.empty(raw.shape + (3,), np.float32)
+    for channel in range(3):
+        mask = (colour == channel).astype(np.float32)
+        kernel = _BILINEAR_G if channel == 1 else _BILINEAR_RB
+        total = ndimage.convolve(raw.astype(np.float32) * mask, kernel, mode="mirror")
+        weight = ndimage.convolve(mask, kernel, mode="mirror")
+        out[..., channel] = total / weight
+    return out
+
+
+def tone_curve(linear: np.ndarray, gamma: float, contrast: float) -> np.ndarray:
+    """A camera-like tone curve on ``[0, 1]``: ``x ** (1 / gamma)`` (``gamma`` in about
+    ``[1.8, 2.6]``) blended with the smoothstep S-curve by ``contrast`` in ``[0, 1]``. Values
+    are clipped to ``[0, 1]`` first (the sensor saturates). Monotone; float32 out."""
+    x = np.clip(linear, 0.0, 1.0).astype(np.float32) ** np.float32(1.0 / gamma)
+    return ((1 - contrast) * x + contrast * (3 * x * x - 2 * x * x * x)).astype(np.float32)
+
+
+def inverse_tone_curve(img: np.ndarray, gamma: float, contrast: float) -> np.ndarray:
+    """The inverse of :func:`tone_curve` (an 8-bit-accurate table inversion), ``[0, 1]`` in and
+    out."""
+    grid = np.linspace(0.0, 1.0, 4097, dtype=np.float32)
+    return np.interp(np.clip(img, 0, 1), tone_curve(grid, gamma, contrast), grid
+                     ).astype(np.float32)
+
+
+def random_colour_matrix(rng: np.random.Generator, strength: tuple[float, float] = (0.1, 0.45)
+                         ) -> np.ndarray:
+    """A 3x3 camera colour-correction matrix (camera RGB -> sRGB, linear): rows sum to 1,
+    diagonal ``1 + 2k`` and off-diagonal entries near ``-k`` with ``k`` drawn per row from
+    ``strength``. It saturates colours and so mixes (anti-correlates) the channels' noise."""
+    matrix = np.zeros((3, 3), np.float32)
+    for row in range(3):
+        k = rng.uniform(*strength)
+        share = rng.dirichlet((4.0, 4.0))
+        others = [c for c in range(3) if c != row]
+        matrix[row, row] = 1 + 2 * k
+        matrix[row, others] = -2 * k * share
+    return matrix
+
+
+def gaussian_kernel(sigma_x: float, sigma_y: float, theta: float) -> np.ndarray:
+    """A normalised 2-D Gaussian kernel with stds ``sigma_x``, ``sigma_y`` (pixels, > 0) along
+    axes rotated by ``theta`` radians; its side is ``2 * ceil(3 * max(sigma)) + 1``."""
+    if not (sigma_x > 0 and sigma_y > 0):
+        raise ValueError(f"blur stds must be > 0, got {sigma_x}, {sigma_y}")
+    radius = int(math.ceil(3 * max(sigma_x, sigma_y)))
+    axis = np.arange(-radius, radius + 1, dtype=np.float64)
+    cols, rows = np.meshgrid(axis, axis)
+    c, s = math.cos(theta), math.sin(theta)
+    u, v = c * cols + s * rows, -s * cols + c * rows
+    kernel = np.exp(-0.5 * ((u / sigma_x) ** 2 + (v / sigma_y) ** 2))
+    return (kernel / kernel.sum()).astype(np.float32)
+
+
+def anisotropic_blur(img: np.ndarray, sigma_x: float, sigma_y: float, theta: float
+                     ) -> np.ndarray:
+    """Blur the spatial axes of ``img`` (float HW or HWC) with :func:`gaussian_kernel`, the
+    border mirrored; channels independently. float32 out."""
+    _check_image(img)
+    kernel = gaussian_kernel(sigma_x, sigma_y, theta)
+    if img.ndim == 2:
+        return ndimage.convolve(img.astype(np.float32), kernel, mode="reflect")
+    return np.stack([ndimage.convolve(img[..., c].astype(np.float32), kernel, mode="reflect")
+                     for c in range(img.shape[2])], axis=2)
+
+
+RESAMPLERS = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+              "area": Image.Resampling.BOX}
+
+
+def resize_down_up(img: np.ndarray, factor: float, down: str, up: str) -> np.ndarray:
+    """Shrink ``img`` (float HW or HWC) by ``factor`` in ``(0, 1]`` with resampler ``down`` and
+    bring it back to its size with ``up`` (names of ``RESAMPLERS``): the softening of a photo
+    that was resized for the web and enlarged again. float32 out, not clipped."""
+    _check_image(img)
+    if not 0 < factor <= 1 or down not in RESAMPLERS or up not in RESAMPLERS:
+        raise ValueError(f"factor in (0, 1] and resamplers of {sorted(RESAMPLERS)}, got "
+                         f"{factor}, {down!r}, {up!r}")
+    height, width = img.shape[:2]
+    small = (max(1, round(width * factor)), max(1, round(height * factor)))
+    planes = img[..., None] if img.ndim == 2 else img
+    out = []
+    for c in range(planes.shape[2]):
+        plane = Image.fromarray(planes[..., c].astype(np.float32), mode="F")
+        plane = plane.resize(small, RESAMPLERS[down]).resize((width, height), RESAMPLERS[up])
+        out.append(np.asarray(plane, np.float32))
+    return out[0] if img.ndim == 2 else np.stack(out, axis=2)
+
+
+def to_8bit(img: np.ndarray) -> np.ndarray:
+    """Clip to ``[0, 1]`` and round to the 256 levels of an 8-bit file (float32 out)."""
+    return (np.round(np.clip(img, 0.0, 1.0) * 255.0) / 255.0).astype(np.float32)
+
+
+def jpeg_float(img: np.ndarray, quality: int) -> np.ndarray:
+    """:func:`jpeg_compress` of a float ``[0, 1]`` image (clipped, rounded to 8 bits first); a
+    colour image whose planes are equal is compressed as gray, as a gray file would be."""
+    as_uint8 = np.round(np.clip(img, 0, 1) * 255).astype(np.uint8)
+    if as_uint8.ndim == 3 and as_uint8.shape[2] == 3 and is_gray(as_uint8):
+        out = jpeg_compress(as_uint8[..., 0], quality)
+        return np.repeat(out[..., None], 3, axis=2).astype(np.float32) / 255.0
+    return jpeg_compress(as_uint8, quality).astype(np.float32) / 255.0
+
+
+def camera_noise(img: np.ndarray, rng: np.random.Generator, shot: float, read: float,
+                 pattern: str, gains: tuple[float, float], colour_matrix: np.ndarray,
+                 gamma: float, contrast: float, noise: bool = True) -> np.ndarray:
+    """An sRGB-like image (float HWx3 ``[0, 1]``) through a camera at high ISO: undo the tone
+    curve, the colour matrix and the white balance (``gains``: red, blue), sample the Bayer
+    mosaic, add shot/read noise (:func:`add_poisson_gaussian_noise` on the raw signal), then
+    demosaic, white-balance, colour-correct and tone-map again. ``noise=False`` runs the same
+    steps without the noise (the reference that makes the noise map). float32, clipped to
+    ``[0, 1]`` (the tone curve clips), not rounded.
+    """
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"camera_noise takes HWx3 images, got {img.shape}")
+    gain = np.array([gains[0], 1.0, gains[1]], np.float32)
+    linear = inverse_tone_curve(img, gamma, contrast)
+    camera = linear @ np.linalg.inv(colour_matrix).T.astype(np.float32) / gain
+    raw = np.clip(mosaic(camera, pattern), 0.0, 1.0)
+    if noise:
+        raw = add_poisson_gaussian_noise(raw, shot, read, rng)
+    rgb = demosaic_bilinear(raw, pattern) * gain
+    return tone_curve(rgb @ colour_matrix.T, gamma, contrast)
+
+
+def local_rms(residual: np.ndarray, window: int = 7) -> np.ndarray:
+    """Root mean square of ``residual`` (HW or HWC float) in a ``window`` x ``window`` box
+    around each pixel, per channel (mirrored border): a noise level map. float32 out."""
+    size = (window, window) + (1,) * (residual.ndim - 2)
+    mean_square = ndimage.uniform_filter(residual.astype(np.float32) ** 2, size, mode="reflect")
+    return np.sqrt(np.maximum(mean_square, 0.0))
+
+
+@dataclass(frozen=True)
+class PracticalConfig:
+    """Parameter ranges of :func:`practical_degradation` (all drawn per image).
+
+    Probabilities are per image; ranges are inclusive. Noise levels: ``camera_shot`` is the
+    raw shot-noise variance per unit signal, drawn log-uniformly, with the read-noise variance
+    tied to it as in Brooks et al. (log read = 2.18 log shot + 1.2 + N(0, 0.26)); ``srgb_shot``
+    / ``srgb_read`` the same for noise added directly to the 8-bit-like image; ``gaussian``
+    the white-noise std on the 0-255 scale.
+    """
+
+    blur: float = 0.35  # probability of a first-round blur
+    blur_sigma: tuple[float, float] = (0.3, 2.0)  # std in pixels, each axis
+    anisotropic: float = 0.5  # share of blurs with two stds and a rotation
+    resize: float = 0.3  # probability of a down-then-up resize
+    resize_factor: tuple[float, float] = (0.5, 0.95)
+    noise: float = 0.9  # probability of a first-round noise
+    camera: float = 0.55  # share of noises made by the camera pipeline (the rest in sRGB)
+    camera_shot: tuple[float, float] = (1e-4, 1.2e-2)
+    srgb_shot: tuple[float, float] = (1e-4, 1e-2)
+    srgb_read: tuple[float, float] = (0.0, 4e-4)
+    gaussian: tuple[float, float] = (1.0, 30.0)
+    shuffle: float = 0.3  # probability that blur, resize and noise run in a random order
+    jpeg: float = 0.7  # probability of a first JPEG
+    jpeg_quality: tuple[int, int] = (30, 95)
+    second_round: float = 0.25  # probability of a second round (web: resize, noise, JPEG)
+    second_noise: tuple[float, float] = (1.0, 8.0)  # its Gaussian noise std, 0-255 scale
+
+
+def _draw_noise(rng: np.random.Generator, config: PracticalConfig, gray: bool,
+                sigma_range: tuple[float, float]) -> dict:
+    seed = int(rng.integers(2 ** 31))
+    if not gray and rng.random() < config.camera:
+        shot = float(np.exp(rng.uniform(*np.log(config.camera_shot))))
+        read = float(np.exp(2.18 * np.log(shot) + 1.2 + rng.normal(0, 0.26)))
+        return {"op": "camera", "seed": seed, "shot": shot, "read": read,
+                "pattern": BAYER_PATTERNS[int(rng.integers(4))],
+                "gains": (float(rng.uniform(1.6, 2.4)), float(rng.uniform(1.4, 2.2))),
+                "colour_matrix": random_colour_matrix(rng),
+                "gamma": float(rng.uniform(1.8, 2.6)), "contrast": float(rng.uniform(0, 1))}
+    if rng.random() < 0.5:
+        shot = float(np.exp(rng.uniform(*np.log(config.srgb_shot))))
+        return {"op": "poisson_gaussian", "seed": seed, "shot": shot,
+                "read": float(rng.uniform(*config.srgb_read)),
+                "shared": bool(gray or rng.random() < 0.2)}
+    return {"op": "gaussian", "seed": seed, "sigma": float(rng.uniform(*sigma_range)),
+            "correlation": 0.0 if gray else float(rng.choice([0.0, rng.uniform(0, 0.9)])),
+            "shared": gray}
+
+
+def _draw_blur(rng: np.random.Generator, config: PracticalConfig) -> dict:
+    sigma_x = float(rng.uniform(*config.blur_sigma))
+    anisotropic = rng.random() < config.anisotropic
+    return {"op": "blur", "sigma_x": sigma_x,
+            "sigma_y": float(rng.uniform(*config.blur_sigma)) if anisotropic else sigma_x,
+            "theta": float(rng.uniform(0, math.pi)) if anisotropic else 0.0}
+
+
+def _draw_resize(rng: np.random.Generator, factor: tuple[float, float]) -> dict:
+    names = sorted(RESAMPLERS)
+    return {"op": "resize", "factor": float(rng.uniform(*factor)),
+            "down": names[int(rng.integers(3))], "up": names[int(rng.integers(3))]}
+
+
+def draw_practical_plan(rng: np.random.Generator, gray: bool,
+                        config: PracticalConfig = PracticalConfig()) -> list[dict]:
+    """The steps of one :func:`practical_degradation`, parameters drawn: a list of
+    ``{"op": NAME, ...}`` (ops: blur, resize, camera, poisson_gaussian, gaussian, jpeg). The
+    noises carry their own seed, so a plan applies the same way twice."""
+    first = []
+    if rng.random() < config.blur:
+        first.append(_draw_blur(rng, config))
+    if rng.random() < config.resize:
+        first.append(_draw_resize(rng, config.resize_factor))
+    if rng.random() < config.noise:
+        first.append(_draw_noise(rng, config, gray, config.gaussian))
+    if rng.random() < config.shuffle:
+        first = [first[i] for i in rng.permutation(len(first))]
+    plan = first
+    if rng.random() < config.jpeg:
+        plan.append({"op": "jpeg", "quality": int(rng.integers(config.jpeg_quality[0],
+                                                                config.jpeg_quality[1] + 1))})
+    if rng.random() < config.second_round:
+        if rng.random() < 0.5:
+            plan.append(_draw_resize(rng, (0.6, 0.95)))
+        if rng.random() < 0.3:
+            noise = _draw_noise(rng, config, gray, config.second_noise)
+            if noise["op"] == "camera":  # a second camera makes no sense: white noise instead
+                noise = {"op": "gaussian", "seed": noise["seed"], "shared": gray,
+                         "sigma": float(rng.uniform(*config.second_noise)), "correlation": 0.0}
+            plan.append(noise)
+        plan.append({"op": "jpeg", "quality": int(rng.integers(config.jpeg_quality[0],
+                                                                config.jpeg_quality[1] + 1))})
+    return plan
+
+
+def apply_practical_plan(img: np.ndarray, plan: Sequence[dict], noise: bool = True
+                         ) -> np.ndarray:
+    """Run ``plan`` (:func:`draw_practical_plan`) on ``img`` (float HWx3 ``[0, 1]``);
+    ``noise=False`` skips the noise draws (keeping the camera's processing). Returns the 8-bit
+    result as float32 ``[0, 1]`` (clipped and rounded at the end, and before each JPEG)."""
+    out = img.astype(np.float32)
+    for step in plan:
+        op = step["op"]
+        if op == "blur":
+            out = anisotropic_blur(out, step["sigma_x"], step["sigma_y"], step["theta"])
+        elif op == "resize":
+            out = resize_down_up(out, step["factor"], step["down"], step["up"])
+        elif op == "jpeg":
+            out = jpeg_float(out, step["quality"])
+        elif op == "camera":
+            out = camera_noise(out, np.random.default_rng(step["seed"]), step["shot"],
+                               step["read"], step["pattern"], step["gains"],
+                               step["colour_matrix"], step["gamma"], step["contrast"], noise)
+        elif noise and op == "poisson_gaussian":
+            out = add_poisson_gaussian_noise(out, step["shot"], step["read"],
+                                             np.random.default_rng(step["seed"]), step["shared"])
+        elif noise and op == "gaussian":
+            noise_rng = np.random.default_rng(step["seed"])
+            if step["shared"] or step["correlation"] == 0.0:
+                out = (add_poisson_gaussian_noise(out, 0.0, (step["sigma"] / 255) ** 2,
+                                                  noise_rng, step["shared"]))
+            else:
+                out = add_correlated_gaussian_noise(out, step["sigma"], noise_rng,
+                                                    step["correlation"])
+    return to_8bit(out)
+
+
+def practical_degradation(img: np.ndarray, rng: np.random.Generator,
+                          config: PracticalConfig = PracticalConfig(), window: int = 7
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """A degraded photo as cameras and the web make them, and its noise level map.
+
+    ``img``: clean float HWx3 in ``[0, 1]`` (a gray image as three equal planes gets gray
+    noise: one draw shared by the planes, no camera pipeline). One plan is drawn
+    (:func:`draw_practical_plan`) and run twice, with and without its noise; the noise map is
+    the local RMS (:func:`local_rms`, ``window`` px) of their difference: how much noise each
+    pixel carries after everything that followed it (demosaicing, tone curve, JPEG). Returns
+    ``(degraded, noise_map)``, float32 HWx3, the degraded image on the 8-bit grid.
+    """
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"practical_degradation takes HWx3 images, got {img.shape}")
+    plan = draw_practical_plan(rng, bool(is_gray(img)), config)
+    degraded = apply_practical_plan(img, plan, noise=True)
+    reference = apply_practical_plan(img, plan, noise=False)
+    return degraded, local_rms(degraded - reference, window)
+
+
 # The 8 symmetries of the square: (number of 90-degree rotations, flip left-right).
 _DIHEDRAL = [(k, flip) for k in range(4) for flip in (False, True)]
 
@@ -223,7 +583,27 @@ def sample_patches(images: Sequence[np.ndarray], patch_size: int, count: int,
 
 
 __all__ = [
+    "BAYER_PATTERNS",
     "DEGRADATIONS",
+    "PracticalConfig",
+    "RESAMPLERS",
+    "add_correlated_gaussian_noise",
+    "add_poisson_gaussian_noise",
+    "anisotropic_blur",
+    "apply_practical_plan",
+    "camera_noise",
+    "demosaic_bilinear",
+    "draw_practical_plan",
+    "gaussian_kernel",
+    "inverse_tone_curve",
+    "jpeg_float",
+    "local_rms",
+    "mosaic",
+    "practical_degradation",
+    "random_colour_matrix",
+    "resize_down_up",
+    "to_8bit",
+    "tone_curve",
     "add_gaussian_noise",
     "bicubic_downscale",
     "bicubic_resize",

@@ -74,7 +74,12 @@ from restorer.progress import Progress
 log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".bmp", ".tif", ".tiff", ".jpg", ".jpeg")
-TASKS = ("denoise", "jpeg", "sr")
+TASKS = ("denoise", "jpeg", "sr", "noise+jpeg", "poisson", "blur+noise")
+# Degradations as photos have them: always saved as 8-bit (clipped, rounded) before the model
+# sees them, and measured on RGB: Gaussian noise then JPEG, Poisson-Gaussian (signal-dependent)
+# noise, Gaussian blur then noise.
+PHOTO_TASKS = ("noise+jpeg", "poisson", "blur+noise")
+MEASURES = ("auto", "rgb", "y")
 BASELINES = ("nlm", "bm3d")
 THROUGH = ("net", "actor")
 EDGE_BAND = 16  # pixels: the band along the image's sides that `edges` measures
@@ -168,13 +173,37 @@ def _as_net(model: str | LoadedModel | nn.Module, flat_fill: str = "off") -> nn.
     return net
 
 
-def _measured(img: np.ndarray, task: str, scale: int | None) -> np.ndarray:
-    """The part of a uint8 image that the task's convention measures."""
-    if task in ("jpeg", "sr") and img.ndim == 3:
+def _measured(img: np.ndarray, task: str, scale: int | None, measure: str = "auto"
+              ) -> np.ndarray:
+    """The part of a uint8 image that the task's convention measures (``measure="auto"``: Y
+    for JPEG and SR on colour images, all planes otherwise), or the planes ``measure`` names
+    (``"rgb"``: all, ``"y"``: luma)."""
+    luma = task in ("jpeg", "sr") if measure == "auto" else measure == "y"
+    if luma and img.ndim == 3:
         img = metrics.rgb_to_y(img)
     if task == "sr":
         img = metrics.crop_border(img, scale)
     return img
+
+
+def photo_degradation(clean: np.ndarray, task: str, rng: np.random.Generator,
+                      sigma: float = 15.0, quality: int | None = 75, shot: float = 0.004,
+                      read: float = (2 / 255) ** 2, blur: float = 1.2) -> np.ndarray:
+    """A photo task's degraded image (float ``[0, 1]``, on the 8-bit grid) of ``clean`` (float
+    HW or HWC ``[0, 1]``): ``"noise+jpeg"``: white Gaussian noise of std ``sigma`` (0-255),
+    saved as 8-bit, then JPEG at ``quality``; ``"poisson"``: noise of variance ``shot * x +
+    read`` at intensity ``x`` (:func:`restorer.degrade.add_poisson_gaussian_noise`), 8-bit;
+    ``"blur+noise"``: Gaussian blur of std ``blur`` px, noise ``sigma``, 8-bit. A gray image's
+    planes share their noise."""
+    if task == "noise+jpeg":
+        noisy = degrade.to_8bit(degrade.add_gaussian_noise(clean, sigma, rng))
+        return degrade.jpeg_float(noisy, quality)
+    if task == "poisson":
+        return degrade.to_8bit(degrade.add_poisson_gaussian_noise(clean, shot, read, rng))
+    if task == "blur+noise":
+        return degrade.to_8bit(degrade.add_gaussian_noise(degrade.gaussian_blur(clean, blur),
+                                                          sigma, rng))
+    raise ValueError(f"Unknown photo task {task!r}; choose from {list(PHOTO_TASKS)}")
 
 
 def _nlm_baseline(noisy: np.ndarray, sigma_255: float) -> np.ndarray:
@@ -227,7 +256,7 @@ def _framed(img: np.ndarray, level: float) -> np.ndarray:
 
 
 def _actor_runner(model: str | LoadedModel | nn.Module | None, tile: int, precision: str,
-                  flat_fill: str = "auto"):
+                  flat_fill: str = "auto", strength: float = 1.0):
     """A function float HW/HWC -> uint8 restoring as ``restorer restore`` does (see the module
     docstring), through one in-process :class:`RestoreActor`."""
     from restorer.pipeline import RestoreActor
@@ -236,7 +265,7 @@ def _actor_runner(model: str | LoadedModel | nn.Module | None, tile: int, precis
         raise TypeError("through='actor' needs a model name or path (the actor loads it), "
                         "not a bare net")
     actor = RestoreActor(model=model.source if isinstance(model, LoadedModel) else model,
-                         tile=tile, precision=precision, flat_fill=flat_fill)
+                         tile=tile, precision=precision, flat_fill=flat_fill, strength=strength)
 
     def run(degraded: np.ndarray) -> np.ndarray:
         saved = to_uint8(degraded)
@@ -252,7 +281,9 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
              sheet: str | Path | None = None, sheet_rows: int = 4,
              trim: tuple[int, int] = (0, 0), edges: bool = False, frame: float | None = None,
              through: str = "net", tile: int = 256, precision: str = "auto",
-             flat_fill: str = "auto") -> dict[str, Any]:
+             flat_fill: str = "auto", shot: float = 0.004, read: float = (2 / 255) ** 2,
+             blur: float = 1.2, measure: str = "auto", strength: float = 1.0
+             ) -> dict[str, Any]:
     """Restore every image in ``data_dir`` after degrading it, and measure PSNR/SSIM.
 
     ``model``: a zoo name, a model path, a ``LoadedModel`` or a net (float32 NCHW ``[0, 1]`` in
@@ -268,6 +299,12 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
     the actor's ``tile`` and ``precision``): see the module docstring. ``flat_fill`` (``auto``,
     ``on``, ``off``): fill clean flat regions with the image's noise before the net, as
     ``restorer restore`` does (:mod:`restorer.flat`; ``auto``: for models trained to denoise).
+    Photo tasks (``PHOTO_TASKS``, see :func:`photo_degradation`): ``"noise+jpeg"`` (noise
+    ``sigma`` then JPEG ``quality``), ``"poisson"`` (variance ``shot * x + read`` on
+    ``[0, 1]``), ``"blur+noise"`` (Gaussian blur of std ``blur`` px then noise ``sigma``);
+    their input is the 8-bit image a camera or browser saves. ``measure``: ``"auto"`` (the
+    task's convention: Y for JPEG and SR on colour, all planes otherwise), ``"rgb"``, ``"y"``;
+    the result says which (``"measured_on"``). ``strength``: a noise-map net's strength.
 
     Returns ``{"task", "sigma"|"quality"|"scale", "count", "psnr", "ssim", "input_psnr",
     ["baseline_psnr"], "seconds", "rows", "through", "trim", ["frame"]}`` where ``rows`` holds
@@ -284,8 +321,12 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
         raise ValueError(f"task 'jpeg' needs quality in [1, 100], got {quality}")
     if task == "sr" and not (isinstance(scale, int) and scale >= 2):
         raise ValueError(f"task 'sr' needs an integer scale >= 2, got {scale!r}")
-    if task == "denoise" and not sigma >= 0:
+    if task in ("denoise", "noise+jpeg", "blur+noise") and not sigma >= 0:
         raise ValueError(f"sigma must be >= 0, got {sigma}")
+    if task == "noise+jpeg" and (quality is None or not 1 <= quality <= 100):
+        raise ValueError(f"task 'noise+jpeg' needs quality in [1, 100], got {quality}")
+    if measure not in MEASURES:
+        raise ValueError(f"Unknown measure {measure!r}; choose from {list(MEASURES)}")
     if baseline is not None and (baseline not in BASELINES or task != "denoise"):
         raise ValueError(f"Unknown baseline {baseline!r} for task {task!r}; "
                          f"denoising offers {list(BASELINES)}")
@@ -302,16 +343,21 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
     channels = getattr(net, "channels", 1)
     net_scale = getattr(net, "scale", 1)
     if through == "actor":
-        restore = _actor_runner(model, tile, precision, flat_fill)
+        restore = _actor_runner(model, tile, precision, flat_fill, strength)
     else:
+        if strength != 1.0:
+            _set_strength(net, strength)
+
         def restore(degraded: np.ndarray) -> np.ndarray:
             return to_uint8(_run_planes(net, degraded))
     started = time.perf_counter()
     rows, sheet_samples = [], []
     paths = list(image_files(data_dir))
     progress = Progress(f"eval {task}", len(paths))
+    colour = False  # any colour image measured
     for path in paths:
         clean8 = _read_test_image(path, channels, task)
+        colour = colour or clean8.ndim == 3
         height, width = clean8.shape[:2]
         if trim[0] >= height or trim[1] >= width:
             raise ValueError(f"trim {trim} leaves nothing of {path.name} ({height}x{width})")
@@ -323,6 +369,10 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
         if task == "denoise":
             degraded = degrade.add_gaussian_noise(clean, sigma, np.random.default_rng(
                 image_seed(path.name)))
+        elif task in PHOTO_TASKS:
+            degraded = photo_degradation(clean, task, np.random.default_rng(
+                image_seed(path.name)), sigma=sigma, quality=quality, shot=shot, read=read,
+                blur=blur)
         elif task == "jpeg":
             degraded = degrade.jpeg_compress(clean8, quality).astype(np.float32) / 255.0
         else:
@@ -335,6 +385,8 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
             degraded = _framed(degraded, round(frame) / 255.0)
         # What the model and the baseline are given: the unclipped float, or the saved uint8.
         given = degraded if through == "net" else to_uint8(degraded).astype(np.float32) / 255.0
+        if task in PHOTO_TASKS:  # a photo is saved before anyone restores it
+            degraded = given = to_uint8(degraded).astype(np.float32) / 255.0
         restored8 = restore(degraded)
         if restored8.shape != clean8.shape:
             raise ValueError(f"the net turned {path.name} of shape {clean8.shape} into "
@@ -352,11 +404,11 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
             inside = (slice(FRAME, FRAME + height), slice(FRAME, FRAME + width))
             clean8, restored8, degraded8 = clean8[inside], restored8[inside], degraded8[inside]
             baseline8 = None if baseline8 is None else baseline8[inside]
-        target = _measured(clean8, task, scale)
-        measured = _measured(restored8, task, scale)
+        target = _measured(clean8, task, scale, measure)
+        measured = _measured(restored8, task, scale, measure)
         row = {"name": path.name, "psnr": metrics.psnr(measured, target),
                "ssim": metrics.ssim(measured, target),
-               "input_psnr": metrics.psnr(_measured(degraded8, task, scale), target)}
+               "input_psnr": metrics.psnr(_measured(degraded8, task, scale, measure), target)}
         if baseline8 is not None:
             row["baseline_psnr"] = metrics.psnr(baseline8, clean8)
         if edges or frame is not None:
@@ -375,12 +427,18 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
             sheet_samples.append(SheetRow(path.name, degraded8, restored8, clean8,
                                           row["input_psnr"], row["psnr"]))
     result: dict[str, Any] = {"task": task}
-    if task == "denoise":
+    if task in ("denoise", "noise+jpeg", "blur+noise"):
         result["sigma"] = sigma
-    elif task == "jpeg":
+    if task in ("jpeg", "noise+jpeg"):
         result["quality"] = quality
-    else:
+    if task == "sr":
         result["scale"] = scale
+    if task == "poisson":
+        result.update(shot=shot, read=read)
+    if task == "blur+noise":
+        result["blur"] = blur
+    luma = task in ("jpeg", "sr") if measure == "auto" else measure == "y"
+    result["measured_on"] = "Y" if luma and colour else "RGB" if colour else "gray"
     progress.close()
     result["count"] = len(rows)
     for key in ("psnr", "ssim", "input_psnr", "baseline_psnr", "band_psnr", "interior_psnr",
@@ -403,6 +461,130 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
         Image.fromarray(contact_sheet(sheet_samples)).save(sheet, format="PNG")
         result["sheet"] = str(sheet)
     return result
+
+
+# --- real noisy / clean pairs ------------------------------------------------------------------
+
+# (noisy suffix, clean suffix) of the file stems of a pairs folder, tried in this order.
+PAIR_SUFFIXES = (("_real", "_mean"), ("_noisy", "_gt"), ("_noisy", "_clean"))
+
+
+def pair_files(folder: str | Path) -> list[tuple[str, Path, Path]]:
+    """``(name, noisy, clean)`` of every pair in ``folder``, sorted by name.
+
+    A pair is two images whose stems end in ``_real`` / ``_mean`` (CC15, PolyU), ``_noisy`` /
+    ``_gt`` or ``_noisy`` / ``_clean`` with the same beginning, or files of the same stem in
+    the sub-folders ``noisy/`` and ``clean/``. A noisy file without its clean one is an error
+    naming it.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"pairs folder {str(folder)!r} does not exist or is not a folder")
+    if (folder / "noisy").is_dir() and (folder / "clean").is_dir():
+        clean = {p.stem: p for p in image_files(folder / "clean")}
+        pairs = []
+        for noisy in image_files(folder / "noisy"):
+            if noisy.stem not in clean:
+                raise ValueError(f"{noisy} has no clean image of the same name in "
+                                 f"{folder / 'clean'}")
+            pairs.append((noisy.stem, noisy, clean[noisy.stem]))
+        return pairs
+    files = {p.stem: p for p in image_files(folder)}
+    for noisy_suffix, clean_suffix in PAIR_SUFFIXES:
+        noisy = sorted(stem for stem in files if stem.endswith(noisy_suffix))
+        if not noisy:
+            continue
+        pairs = []
+        for stem in noisy:
+            name = stem[: -len(noisy_suffix)]
+            if name + clean_suffix not in files:
+                raise ValueError(f"{files[stem]} has no clean image {name}{clean_suffix}.* "
+                                 f"beside it")
+            pairs.append((name, files[stem], files[name + clean_suffix]))
+        return pairs
+    raise ValueError(f"no noisy/clean pairs in {str(folder)!r}: name them NAME_real / "
+                     f"NAME_mean, NAME_noisy / NAME_gt, or put them in noisy/ and clean/")
+
+
+def estimated_sigma(noisy8: np.ndarray) -> float:
+    """The noise std (0-255 scale) of a uint8 image by Donoho's estimator
+    (:func:`restorer.audit.noise_sigma`), averaged over its planes: the sigma a classical
+    denoiser is told when no true sigma exists."""
+    from restorer.audit import noise_sigma
+
+    planes = noisy8[None] if noisy8.ndim == 2 else np.moveaxis(noisy8, 2, 0)
+    sigmas = noise_sigma(torch.from_numpy(planes.astype(np.float32) / 255.0))
+    return float(sigmas.mean() * 255.0)
+
+
+def evaluate_pairs(model: str | LoadedModel | nn.Module | None, folder: str | Path,
+                   through: str = "actor", baseline: str | None = None, tile: int = 256,
+                   precision: str = "auto", flat_fill: str = "auto", strength: float = 1.0
+                   ) -> dict[str, Any]:
+    """Restore the noisy image of every pair in ``folder`` (:func:`pair_files`) and measure
+    PSNR and SSIM against its clean image, on RGB (or gray), as the files are stored.
+
+    The noisy file is given as it is (8-bit, clipped: what a camera wrote). ``through="actor"``
+    restores it as ``restorer restore`` does (:class:`restorer.pipeline.RestoreActor`: tiles,
+    precision, ``strength``; 8-bit out); ``"net"`` runs the bare net on the whole image.
+    ``baseline="bm3d"`` adds CBM3D (BM3D for gray) told the sigma estimated from the noisy image
+    (:func:`estimated_sigma`), ``"nlm"`` non-local means the same way. Returns ``{"task":
+    "pairs", "count", "psnr", "ssim", "input_psnr", ["baseline_psnr"], "worse": names of images
+    whose output scores below their input, "seconds", "through", "channels": "RGB", "rows"}``.
+    """
+    if through not in THROUGH:
+        raise ValueError(f"Unknown through {through!r}; choose from {list(THROUGH)}")
+    if baseline is not None and baseline not in BASELINES:
+        raise ValueError(f"Unknown baseline {baseline!r}; choose from {list(BASELINES)}")
+    pairs = pair_files(folder)
+    if through == "actor":
+        run = _actor_runner(model, tile, precision, flat_fill, strength)
+    else:
+        net = _as_net(model, flat_fill)
+        if strength != 1.0:
+            _set_strength(net, strength)
+
+        def run(noisy: np.ndarray) -> np.ndarray:
+            return to_uint8(_run_planes(net, noisy))
+    started = time.perf_counter()
+    rows = []
+    progress = Progress("eval pairs", len(pairs))
+    for name, noisy_path, clean_path in pairs:
+        noisy8, clean8 = read_image(noisy_path, 3), read_image(clean_path, 3)
+        if noisy8.shape != clean8.shape:
+            raise ValueError(f"{noisy_path.name} is {noisy8.shape[:2]} but {clean_path.name} is "
+                             f"{clean8.shape[:2]}; pairs must be the same size")
+        if degrade.is_gray(noisy8) and degrade.is_gray(clean8):
+            noisy8, clean8 = noisy8[..., 0], clean8[..., 0]
+        restored8 = run(noisy8.astype(np.float32) / 255.0)
+        row = {"name": name, "psnr": metrics.psnr(restored8, clean8),
+               "ssim": metrics.ssim(restored8, clean8),
+               "input_psnr": metrics.psnr(noisy8, clean8)}
+        if baseline is not None:
+            sigma = estimated_sigma(noisy8)
+            given = noisy8.astype(np.float32) / 255.0
+            denoised = (_bm3d_baseline if baseline == "bm3d" else _nlm_baseline)(given, sigma)
+            row["baseline_psnr"] = metrics.psnr(to_uint8(denoised), clean8)
+            row["baseline_sigma"] = sigma
+        rows.append(row)
+        progress.update(1, psnr=f"{np.mean([r['psnr'] for r in rows]):.2f}")
+    progress.close()
+    result: dict[str, Any] = {"task": "pairs", "count": len(rows)}
+    for key in ("psnr", "ssim", "input_psnr", "baseline_psnr"):
+        if key in rows[0]:
+            result[key] = float(np.mean([row[key] for row in rows]))
+    result["worse"] = [row["name"] for row in rows if row["psnr"] < row["input_psnr"]]
+    result["seconds"] = time.perf_counter() - started
+    result.update(through=through, channels="RGB", strength=strength, rows=rows)
+    return result
+
+
+def _set_strength(net: nn.Module, strength: float) -> None:
+    """Set a noise-map net's ``strength`` (inside a flat-fill wrapper too)."""
+    inner = getattr(net, "net", net)
+    if not hasattr(inner, "strength"):
+        raise ValueError("strength other than 1 needs a noise-aware model (a noise-map net)")
+    inner.strength = strength
 
 
 # --- contact sheet ---------------------------------------------------------------------------
@@ -508,5 +690,6 @@ def contact_sheet(rows: Sequence[SheetRow]) -> np.ndarray:
     return np.asarray(sheet)
 
 
-__all__ = ["IMAGE_SUFFIXES", "TASKS", "SheetRow", "band_psnrs", "contact_sheet", "evaluate",
-           "image_files", "image_seed", "read_image", "run_net", "to_uint8"]
+__all__ = ["IMAGE_SUFFIXES", "MEASURES", "PAIR_SUFFIXES", "PHOTO_TASKS", "TASKS", "SheetRow", "band_psnrs", "contact_sheet",
+           "estimated_sigma", "evaluate", "evaluate_pairs", "image_files", "image_seed",
+           "pair_files", "photo_degradation", "read_image", "run_net", "to_uint8"]

@@ -27,6 +27,8 @@ from restorer.errors import NotFoundError, SpecError
 from restorer.storage import IMAGE_EXTENSIONS, StorageOptions
 
 
+MAX_STRENGTH = 3.0  # model.strength: above 1 only for noise-aware (noise-map) models
+
 @dataclass(frozen=True)
 class InputSpec:
     uri: str = ""  # folder, file:// or s3:// prefix, or a manifest file
@@ -62,7 +64,10 @@ class ModelSpec:
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile the net in each actor (CUDA; slower start-up)
-    strength: float = 1.0  # 0..1 blend of restored output with the input
+    # A noise-aware model (restore-default) scales its noise map by it: 0 keeps the grain
+    # (compression artifacts still go), 1 removes the noise it measures, up to 3 cleans harder.
+    # Other models blend their output with the input: 0..1.
+    strength: float = 1.0
     # Blind denoisers: fill clean flat regions (frames, clipped areas) with the image's own
     # noise first, so that the photo beside them is denoised too (restorer.flat); auto = for
     # models trained to denoise | on | off
@@ -133,8 +138,9 @@ class RestoreSpec:
                             "or fp16")
         if self.model.flat_fill not in ("auto", "on", "off"):
             raise SpecError(f"model.flat_fill = {self.model.flat_fill!r}; use auto, on or off")
-        if not 0.0 <= self.model.strength <= 1.0:
-            raise SpecError(f"model.strength = {self.model.strength}; use 0..1")
+        if not 0.0 <= self.model.strength <= MAX_STRENGTH:
+            raise SpecError(f"model.strength = {self.model.strength}; use 0..{MAX_STRENGTH:g} "
+                            "(above 1 only with a noise-aware model such as restore-default)")
         if self.model.tile < 0 or self.model.overlap < 0:
             raise SpecError("model.tile and model.overlap must be >= 0")
         if 0 < self.model.tile < 32:

@@ -54,6 +54,7 @@ from restorer import storage
 from restorer.actor import (  # noqa: F401 - public names of restorer.pipeline (README)
     AUDIT_SIDE,
     RestoreActor,
+    check_strength,
     noise_sigma,
     resolve_precision,
     tile_settings,
@@ -135,6 +136,7 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
     model_sha256 = hashlib.sha256(storage.read_bytes(model_uri, options)).hexdigest()
     loaded = get_model(model_uri, options)  # fail here, before any work, if it is unusable
     net = loaded.net
+    check_strength(spec.model.strength, hasattr(net, "strength"), spec.model.name)
     _refuse_input_as_output(spec)
     layout = detect_layout(spec.input.uri, spec.input.layout, options)
     config = source_config(spec, layout)

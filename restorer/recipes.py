@@ -45,24 +45,31 @@ import torch
 
 from restorer import degrade, synth
 from restorer.checkpoint import count_parameters, load_model, save_model
-from restorer.evaluate import evaluate, image_files, read_image
+from restorer.evaluate import evaluate, evaluate_pairs, image_files, read_image
 from restorer.nets import build_net
+from restorer.nets.noisemap import from_unet
 from restorer.train import EMA, Schedule, Trainer, precision_for
 
 log = logging.getLogger(__name__)
 
-TASKS = ("denoise", "jpeg", "sr", "mixture")
+TASKS = ("denoise", "jpeg", "sr", "mixture", "practical")
+LOG_EVERY = 50  # steps between progress lines (and snapshots to fall back on)
 
 
 @dataclass(frozen=True)
 class Validation:
     folder: str  # a folder of shared/data
-    task: str  # restorer.evaluate task: denoise, jpeg, sr
+    task: str  # restorer.evaluate task: denoise, jpeg, sr; or pairs (evaluate_pairs)
     sigma: float = 25.0
     quality: int | None = None
     scale: int | None = None
 
     def run(self, net: torch.nn.Module, data: Path) -> dict[str, Any]:
+        if self.task == "pairs":  # real noisy / clean pairs (cc15): the 8-bit files as given
+            result = evaluate_pairs(net, data / self.folder, through="net")
+            return {"set": self.folder, "task": "pairs", "psnr": round(result["psnr"], 3),
+                    "ssim": round(result["ssim"], 4),
+                    "input_psnr": round(result["input_psnr"], 3)}
         result = evaluate(net, data / self.folder, task=self.task, sigma=self.sigma,
                           quality=self.quality, scale=self.scale)
         return {"set": self.folder, "task": self.task, **{k: result[k] for k in (
@@ -75,7 +82,7 @@ class Validation:
 class Recipe:
     net: dict[str, Any]
     train: tuple[str, ...]  # folders of shared/data with the clean training images
-    task: str  # denoise | jpeg | sr | mixture
+    task: str  # denoise | jpeg | sr | mixture | practical (a noise-map net, CPU-made pairs)
     validation: tuple[Validation, ...]
     sigma_range: tuple[float, float] = (0.0, 55.0)  # blind noise std, 0-255 scale
     qualities: tuple[int, ...] = ()  # JPEG qualities banked (drawn uniformly)
@@ -89,6 +96,8 @@ class Recipe:
     permute_channels: bool = False  # shuffle colour planes per crop
     rescales: tuple[float, ...] = ()  # extra bicubic-shrunk copies of each training image
     mixture: synth.Mixture = field(default_factory=synth.Mixture)
+    practical: synth.PracticalMixture = field(default_factory=synth.PracticalMixture)
+    estimator_lr_scale: float = 3.0  # a noise-map net's estimator learns at this multiple
     # Not trained itself: an opponent net (restorer.nets.opponent) whose trunk is the shipped
     # net of this recipe; ``--ship`` takes that recipe's stage files.
     trunk_of: str | None = None
@@ -130,13 +139,19 @@ RECIPES: dict[str, Recipe] = {
         net={"arch": "srnet", "channels": 1, "scale": 4, "num_features": 48, "num_blocks": 8},
         train=("train400", "mcmaster", "set14"), task="sr", patch=32,
         validation=(Validation("set5", "sr", scale=4),)),
-    # The default of `restorer restore`: one RGB net for gray (three equal planes, equal noise)
-    # and colour images, blind over clean / Gaussian noise 0-50 / JPEG quality 10-90.
+    # The default of `restorer restore`: one noise-aware RGB net for gray (three equal planes)
+    # and colour photos as cameras and the web make them (restorer.degrade's practical
+    # degradations: camera noise, blur, resizing, JPEG once or twice), plus clean crops, white
+    # Gaussian noise 0-50 and JPEG 10-90 alone. Continues the former blind U-Net (its weights
+    # are the trunk's; the noise map's are new). Validated on real camera pairs (cc15).
     "restore-default": Recipe(
-        net={"arch": "unet", "channels": 3, "features": [32, 64, 128, 256], "blocks": 2},
-        train=("train400", "mcmaster", "set14"), task="mixture", sigma_range=(0.0, 50.0),
-        qualities=tuple(range(10, 91, 5)), permute_channels=True,
-        validation=(Validation("set5", "denoise", sigma=25),
+        net={"arch": "noisemap", "channels": 3, "estimator_features": 24,
+             "estimator_layers": 4,
+             "trunk": {"arch": "unet", "channels": 3, "features": [32, 64, 128, 256],
+                       "blocks": 2, "guide_channels": 3}},
+        train=("urban100", "sunhays80", "train400"), task="practical", patch=64, batch=16,
+        lr=2e-4, warmup=100,
+        validation=(Validation("cc15", "pairs"), Validation("set5", "denoise", sigma=25),
                     Validation("classic5", "jpeg", quality=20))),
 }
 
@@ -160,7 +175,12 @@ class Batches:
 
     def __init__(self, recipe: Recipe, images: Sequence[np.ndarray], device: torch.device,
                  seed: int, workers: int = 4):
+        self.device = device
         self.recipe = recipe
+        if recipe.task == "practical":  # made on the CPU (restorer.degrade), a batch ahead
+            self.pairs = synth.PracticalPairs(images, recipe.patch, recipe.batch, seed,
+                                              recipe.practical)
+            return
         variants: list[list[np.ndarray]] = []
         if recipe.task in ("jpeg", "mixture"):
             variants = synth.jpeg_variants(images, recipe.qualities, workers)
@@ -178,8 +198,12 @@ class Batches:
         self.mixture_weights = torch.tensor([mixture.clean, mixture.noise, mixture.jpeg],
                                             device=device)
 
-    def __call__(self) -> tuple[torch.Tensor, torch.Tensor]:
-        recipe, generator = self.recipe, self.generator
+    def __call__(self) -> tuple[torch.Tensor, ...]:
+        """``(clean, degraded)``, and the true noise map third for a practical recipe."""
+        recipe = self.recipe
+        if recipe.task == "practical":
+            return tuple(t.to(self.device) for t in self.pairs())
+        generator = self.generator
         crops = self.bank.sample(recipe.patch, recipe.batch, generator, recipe.permute_channels)
         clean = synth.to_float(crops["clean"])
         shared = self.gray_images[crops["image"]]
@@ -204,6 +228,17 @@ def hardware(device: torch.device) -> str:
         return (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
                 f"{platform.system()}")
     return f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+
+
+def _optimizer(net: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
+    """Adam; a noise-map net's new estimator at ``recipe.estimator_lr_scale`` times the rate."""
+    estimator = getattr(net, "estimator", None)
+    if estimator is None:
+        return torch.optim.Adam(net.parameters(), lr=lr)
+    others = [p for name, p in net.named_parameters() if not name.startswith("estimator.")]
+    return torch.optim.Adam([{"params": others},
+                             {"params": list(estimator.parameters()),
+                              "lr_scale": recipe.estimator_lr_scale}], lr=lr)
 
 
 def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: float,
@@ -232,7 +267,9 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
     init_info = None
     if init:
         start = load_model(init)
-        if build_net(start.spec).state_dict().keys() != net.state_dict().keys():
+        if recipe.net["arch"] == "noisemap" and start.spec["arch"] == "unet":
+            start = dataclasses.replace(start, net=from_unet(start.net.float(), net.config))
+        if start.net.state_dict().keys() != net.state_dict().keys():
             raise ValueError(f"{init} holds net {start.spec}, not the recipe's {recipe.net}")
         net.load_state_dict(start.net.state_dict())
         init_info = {"uri": str(init), "sha256": start.sha256,
@@ -244,7 +281,7 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
         net = net.to(memory_format=torch.channels_last)
     base_lr = lr or recipe.lr
     # the EMA averages the parameters only (buffers keep their initial values)
-    trainer = Trainer(net, torch.optim.Adam(net.parameters(), lr=base_lr), recipe.loss,
+    trainer = Trainer(net, _optimizer(net, recipe, base_lr), recipe.loss,
                       precision, EMA(net, recipe.ema, buffers=False))
     schedule = Schedule(base_lr, recipe.min_lr, recipe.warmup)  # by wall time, warm-up by step
     ema = trainer.averaged()
@@ -284,23 +321,23 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
         elapsed = time.perf_counter() - started
         if elapsed >= budget:
             break
-        clean, degraded = batches()
-        loss = trainer.step(clean, degraded, schedule(elapsed / budget, step))
+        clean, degraded, *noise_map = batches()
+        loss = trainer.step(clean, degraded, schedule(elapsed / budget, step), *noise_map)
         if not math.isfinite(loss):  # diverged: back to the last good weights, half the rate
             base_lr /= 2
             log.warning("%s: loss %s at step %d; back to step %d's weights, peak lr %.1e",
                         name, loss, step, good["step"], base_lr)
             net.load_state_dict(good["net"])
             ema.load_state_dict(good["ema"])
-            trainer.optimizer = torch.optim.Adam(net.parameters(), lr=base_lr)
+            trainer.optimizer = _optimizer(net, recipe, base_lr)
             schedule = dataclasses.replace(schedule, lr=base_lr)
             continue
         running += loss
         step += 1
-        if step % 200 == 0:
+        if step % LOG_EVERY == 0:
             good = {"step": step, "net": {k: v.clone() for k, v in net.state_dict().items()},
                     "ema": {k: v.clone() for k, v in ema.state_dict().items()}}
-            log.info("%s step %d loss %.5f lr %.2e %.1f steps/s", name, step, running / 200,
+            log.info("%s step %d loss %.5f lr %.2e %.1f steps/s", name, step, running / LOG_EVERY,
                      trainer.optimizer.param_groups[0]["lr"],
                      step / (time.perf_counter() - started))
             running = 0.0

@@ -193,4 +193,102 @@ class Mixture:
     jpeg: float = 0.4
 
 
-__all__ = ["ImageBank", "Mixture", "add_noise", "bicubic_lows", "jpeg_variants", "to_float"]
+
+
+@dataclass(frozen=True)
+class PracticalMixture:
+    """Per crop of a noise-aware net's batch: clean (identity), white Gaussian noise in the
+    reference convention (unclipped, sigma uniform in ``sigma_range``), JPEG alone at a
+    quality uniform in ``quality_range``, or :func:`restorer.degrade.practical_degradation`
+    (camera and web degradations), with these probabilities (normalised). ``gray`` is the
+    share of crops drawn from gray images (shown as three equal planes)."""
+    clean: float = 0.08
+    gaussian: float = 0.12
+    jpeg: float = 0.10
+    practical: float = 0.70
+    gray: float = 0.2
+    sigma_range: tuple[float, float] = (0.0, 50.0)
+    quality_range: tuple[int, int] = (10, 90)
+
+
+class PracticalPairs:
+    """Batches ``(clean, degraded, noise_map)`` (float32 NCHW on the CPU) for a noise-aware
+    net, made on the CPU with :mod:`restorer.degrade` in a background thread (numpy, Pillow
+    and scipy release the GIL for most of it), one batch ahead of the training step.
+
+    ``images``: uint8 HWx3 arrays (gray images as three equal planes, see
+    :func:`restorer.degrade.is_gray`); each crop is ``patch`` px, flipped/rotated at random
+    (:func:`restorer.degrade.sample_patches`). The noise map of a Gaussian crop is its
+    :func:`restorer.degrade.local_rms` noise, of a clean or JPEG-only crop zero.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], patch: int, batch: int, seed: int,
+                 mixture: PracticalMixture = PracticalMixture(),
+                 config: degrade.PracticalConfig = degrade.PracticalConfig(), prefetch: int = 2):
+        import queue
+        import threading
+
+        usable = [image for image in images if min(image.shape[:2]) >= patch]
+        self.gray = [image for image in usable if degrade.is_gray(image)]
+        self.colour = [image for image in usable if not degrade.is_gray(image)]
+        if not self.colour and not self.gray:
+            raise ValueError(f"no training image is at least {patch} px on a side")
+        self.patch, self.batch, self.mixture, self.config = patch, batch, mixture, config
+        self.rng = np.random.default_rng(seed)
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, daemon=True, name="practical-pairs")
+        self._thread.start()
+
+    def _crop(self) -> np.ndarray:
+        gray = bool(self.gray) and (not self.colour or self.rng.random() < self.mixture.gray)
+        pool = self.gray if gray else self.colour
+        return degrade.sample_patches(pool, self.patch, 1, self.rng)[0].astype(np.float32) / 255
+
+    def _pair(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mix = self.mixture
+        clean = self._crop()
+        weights = np.array([mix.clean, mix.gaussian, mix.jpeg, mix.practical], np.float64)
+        kind = int(self.rng.choice(4, p=weights / weights.sum()))
+        zero = np.zeros_like(clean)
+        if kind == 0:
+            return clean, clean, zero
+        if kind == 1:
+            sigma = float(self.rng.uniform(*mix.sigma_range))
+            shared = degrade.is_gray(clean)
+            noisy = degrade.add_poisson_gaussian_noise(clean, 0.0, (sigma / 255) ** 2, self.rng,
+                                                       shared=shared)
+            return clean, noisy, degrade.local_rms(noisy - clean)
+        if kind == 2:
+            quality = int(self.rng.integers(mix.quality_range[0], mix.quality_range[1] + 1))
+            return clean, degrade.jpeg_float(clean, quality), zero
+        degraded, noise_map = degrade.practical_degradation(clean, self.rng, self.config)
+        return clean, degraded, noise_map
+
+    def _make(self) -> tuple[torch.Tensor, ...]:
+        pairs = [self._pair() for _ in range(self.batch)]
+        return tuple(torch.from_numpy(np.stack([p[i] for p in pairs])).permute(0, 3, 1, 2)
+                     .contiguous() for i in range(3))
+
+    def _fill(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self._make()
+            except Exception as e:  # noqa: BLE001 - handed to the consumer, raised there
+                batch = e
+            self._queue.put(batch)
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = self._queue.get()
+        if isinstance(batch, Exception):
+            raise batch
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+
+__all__ = ["ImageBank", "Mixture", "PracticalMixture", "PracticalPairs", "add_noise",
+           "bicubic_lows", "jpeg_variants", "to_float"]

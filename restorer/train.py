@@ -116,6 +116,43 @@ def train_step(net: nn.Module, optimizer: torch.optim.Optimizer, clean: torch.Te
     return float(value.detach())
 
 
+def asymmetric_map_loss(estimate: torch.Tensor, target: torch.Tensor, alpha: float = 0.3
+                        ) -> torch.Tensor:
+    """CBDNet's asymmetric loss on a noise level map, in its L1 form: the absolute error weighted
+    ``1 - alpha`` where ``estimate`` is below ``target`` and ``alpha`` above (``alpha`` < 0.5
+    punishes under-estimation: a denoiser told too little noise leaves it in place). The
+    minimiser is the ``1 - alpha`` quantile of the target given the input."""
+    error = estimate - target
+    weight = torch.where(error < 0, 1.0 - alpha, alpha)
+    return (weight * error.abs()).mean()
+
+
+def noise_map_step(net: nn.Module, optimizer: torch.optim.Optimizer, clean: torch.Tensor,
+                   degraded: torch.Tensor, noise_map: torch.Tensor, map_weight: float = 1.0,
+                   true_share: float = 0.5, autocast_dtype: torch.dtype | None = None) -> float:
+    """One gradient step of a noise-map net (:class:`restorer.nets.noisemap.NoiseMapNet`):
+    L1 of the restored image against ``clean`` plus ``map_weight`` times
+    :func:`asymmetric_map_loss` of its estimate against ``noise_map`` (the true noise level,
+    N x C x H x W like the images). The first ``true_share`` of the batch is restored with the
+    true map, the rest with the estimate, so that the net learns what a map means (the
+    ``strength`` control relies on it) and to work with its own estimates. Returns the loss."""
+    net.train()
+    inner = unwrap(net)
+    with torch.autocast(degraded.device.type, dtype=autocast_dtype or torch.float32,
+                        enabled=autocast_dtype is not None):
+        estimate = inner.estimate(degraded)
+        given = estimate.clone()
+        split = int(round(true_share * degraded.shape[0]))
+        given[:split] = noise_map[:split]
+        restored = net(degraded, given)
+    value = (nn.functional.l1_loss(restored.float(), clean)
+             + map_weight * asymmetric_map_loss(estimate.float(), noise_map))
+    optimizer.zero_grad(set_to_none=True)
+    value.backward()
+    optimizer.step()
+    return float(value.detach())
+
+
 class EMA:
     """An exponential moving average of a net's weights, kept in a copy of the net.
 
@@ -178,15 +215,22 @@ class Trainer:
         self.precision = precision
         self.ema = ema
 
-    def step(self, clean: torch.Tensor, degraded: torch.Tensor, lr: float) -> float:
+    def step(self, clean: torch.Tensor, degraded: torch.Tensor, lr: float,
+             noise_map: torch.Tensor | None = None) -> float:
         """One step at learning rate ``lr`` on a batch already on the net's device; returns
-        the loss before the step (not finite when training diverged)."""
+        the loss before the step (not finite when training diverged). With ``noise_map`` (a
+        noise-map net's true noise levels) it is a :func:`noise_map_step`. A parameter group
+        with an ``lr_scale`` runs at that multiple of ``lr``."""
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.precision.channels_last:
             degraded = degraded.contiguous(memory_format=torch.channels_last)
-        loss = train_step(self.net, self.optimizer, clean, degraded, self.loss,
-                          self.precision.autocast)
+        if noise_map is not None:
+            loss = noise_map_step(self.net, self.optimizer, clean, degraded, noise_map,
+                                  autocast_dtype=self.precision.autocast)
+        else:
+            loss = train_step(self.net, self.optimizer, clean, degraded, self.loss,
+                              self.precision.autocast)
         if self.ema is not None:
             self.ema.update(self.net)
         return loss
@@ -232,5 +276,5 @@ def load_state(data: bytes) -> dict[str, Any]:
     return state
 
 
-__all__ = ["EMA", "LOSSES", "PRECISIONS", "Precision", "Schedule", "Trainer", "cosine_lr",
+__all__ = ["EMA", "LOSSES", "asymmetric_map_loss", "noise_map_step", "PRECISIONS", "Precision", "Schedule", "Trainer", "cosine_lr",
            "load_state", "precision_for", "save_state", "train_step", "unwrap"]

@@ -65,7 +65,7 @@ def test_only_named_fields_may_be_overridden():
 
 
 @pytest.mark.parametrize("flags,match", [
-    ({"format": "gif"}, "output.format"), ({"strength": 2.0}, "strength"),
+    ({"format": "gif"}, "output.format"), ({"strength": 4.0}, "strength"),
     ({"precision": "int8"}, "precision"), ({"tile": 8}, "too small"),
     ({"gpus_per_worker": -3.0}, "gpus_per_worker"),
 ])

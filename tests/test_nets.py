@@ -17,11 +17,16 @@ SMALL = {
     "unet": {"num_features": (8, 16, 32), "num_blocks": 1},
     "opponent": {"trunk": {"arch": "unet", "channels": 1, "num_features": (8, 16, 32),
                            "num_blocks": 1}},
+    "noisemap": {"estimator_features": 4, "estimator_layers": 3},
 }
 RGB_ONLY = {"opponent"}  # nets made for RGB: no channels in their spec
 
 
 def _small(arch, channels):
+    if arch == "noisemap":  # its trunk restores the same planes, with as many guide planes
+        return {"arch": arch, "channels": channels, **SMALL[arch],
+                "trunk": {"arch": "unet", "channels": channels, "num_features": (8, 16, 32),
+                          "num_blocks": 1, "guide_channels": channels}}
     if arch in RGB_ONLY:
         assert channels == 3
         return {"arch": arch, **SMALL[arch]}
@@ -96,7 +101,7 @@ def test_every_net_declares_the_interface(arch):
         assert type(getattr(net, name)) is int and getattr(net, name) >= 1, name
     assert net.channels == 3
     # 2 ** (levels - 1) for a U-Net (the opponent net's trunk here)
-    assert net.alignment == (4 if arch in ("unet", "opponent") else 1)
+    assert net.alignment == (4 if arch in ("unet", "opponent", "noisemap") else 1)
     assert net.scale == (2 if arch == "srnet" else 1)
 
 

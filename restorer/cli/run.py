@@ -35,7 +35,10 @@ from restorer.errors import SpecError
               default=None, help="Output format (default: same as the input).")
 @click.option("--jpeg-quality", type=int, default=None)
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None)
-@click.option("--strength", type=float, default=None, help="0..1 blend with the input.")
+@click.option("--strength", type=float, default=None,
+              help="Noise-aware models (restore-default): scale of the noise they remove, 0 "
+                   "keeps the grain, 1 (default) what they measure, up to 3 cleans harder; "
+                   "other models: 0..1 blend with the input.")
 @click.option("--flat-fill", type=click.Choice(["auto", "on", "off"]), default=None,
               help="Fill clean flat regions (frames, clipped areas) with the image's noise "
                    "before a blind denoiser, so the photo beside them is denoised too "

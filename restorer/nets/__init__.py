@@ -27,6 +27,7 @@ from torch import nn
 
 from restorer.errors import ModelError
 from restorer.nets.dncnn import DnCNN
+from restorer.nets.noisemap import NoiseMapNet
 from restorer.nets.opponent import OpponentNet
 from restorer.nets.srnet import SRNet
 from restorer.nets.unet import UNet
@@ -50,6 +51,7 @@ class RestorationNet(Protocol):
 
 NETS: dict[str, type[nn.Module]] = {
     "dncnn": DnCNN,
+    "noisemap": NoiseMapNet,
     "opponent": OpponentNet,
     "srnet": SRNet,
     "unet": UNet,

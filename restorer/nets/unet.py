@@ -22,6 +22,8 @@ class UNetConfig:
     num_features: tuple[int, ...] = (32, 64, 128, 256)  # width per level, full resolution first
     num_blocks: int = 2  # 3x3 convolutions (each + ReLU) per level on each side
     residual: bool = True  # return x - body(x); False returns body(x)
+    # extra input planes concatenated to the image (a noise map); forward(x, guide) takes them
+    guide_channels: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "num_features", tuple(int(f) for f in self.num_features))
@@ -30,6 +32,8 @@ class UNetConfig:
                              f"num_features={self.num_features}")
         if self.num_blocks < 1:
             raise ValueError(f"U-Net needs num_blocks >= 1, got {self.num_blocks}")
+        if self.guide_channels < 0:
+            raise ValueError(f"U-Net needs guide_channels >= 0, got {self.guide_channels}")
 
 
 def _stage(width_in: int, width: int, blocks: int) -> nn.Sequential:
@@ -50,7 +54,8 @@ class UNet(nn.Module):
         self.channels = config.channels
         widths = config.num_features
         self.alignment = 2 ** (len(widths) - 1)
-        self.down = nn.ModuleList([_stage(config.channels, widths[0], config.num_blocks)])
+        self.down = nn.ModuleList([_stage(config.channels + config.guide_channels, widths[0],
+                                          config.num_blocks)])
         self.down.extend(_stage(widths[i - 1], widths[i], config.num_blocks)
                          for i in range(1, len(widths)))
         self.pool = nn.MaxPool2d(2)
@@ -79,10 +84,16 @@ class UNet(nn.Module):
         width += 2 * blocks * 2 ** (levels - 1)  # the bottom level
         return width
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, guide: torch.Tensor | None = None) -> torch.Tensor:
+        """Restore ``x`` (N, channels, H, W); a net with ``guide_channels`` also takes
+        ``guide`` (N, guide_channels, H, W), planes it sees beside the image (a noise map)."""
+        if (guide is None) != (self.config.guide_channels == 0):
+            raise ValueError(f"this U-Net takes {self.config.guide_channels} guide plane(s); "
+                             f"got {'none' if guide is None else guide.shape[1]}")
         height, width = x.shape[-2:]
         pad_h, pad_w = -height % self.alignment, -width % self.alignment
-        y = pad_reflect(x, pad_h, pad_w)
+        y = x if guide is None else torch.cat([x, guide.to(x.dtype)], 1)
+        y = pad_reflect(y, pad_h, pad_w)
         skips = []
         for index, stage in enumerate(self.down):
             if index:

@@ -1,0 +1,123 @@
+"""A noise-aware restoration net: a small estimator reads how much noise each pixel carries,
+and a U-Net restores the image seeing that noise map beside it (CBDNet, Guo et al. 2019; the
+noise-map input of FFDNet, Zhang et al. 2018).
+
+``estimate(x)`` is the noise level map: per pixel and plane, the standard deviation of the
+noise on the ``[0, 1]`` scale (``restorer.degrade.practical_degradation`` makes the training
+targets: the local RMS of the noise left after demosaicing, tone curve and JPEG). The
+estimator runs at half resolution (a stride-2 convolution, 3x3 convolutions, bilinear x2 back
+up): noise levels vary slowly, and so it costs about 1% of the U-Net per pixel.
+
+``strength`` scales the map before the U-Net sees it: 1 removes the noise the estimator
+found; below 1 the net takes the image for cleaner than it is and keeps fine grain (0 keeps
+all of it and still removes compression artifacts); above 1 it cleans harder. It is a
+setting of the net at run time (``net.strength``), not a weight.
+
+Input and output are float32 ``[0, 1]`` NCHW with ``channels`` planes. The input is padded to
+a multiple of ``alignment`` (mirror image, bottom and right) once for both parts, so the net
+is translation-equivariant in steps of ``alignment`` and tiled == untiled holds as for a
+U-Net.
+"""
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional
+
+from restorer.tiling import pad_reflect
+
+MAP_SCALE = 0.05  # the estimator's softplus output times this: noise std on [0, 1]
+
+
+@dataclass(frozen=True)
+class NoiseMapConfig:
+    channels: int = 3
+    estimator_features: int = 24  # width of the estimator's convolutions
+    estimator_layers: int = 4  # 3x3 convolutions of the estimator (the first has stride 2)
+    trunk: Mapping[str, Any] = field(default_factory=lambda: {
+        "arch": "unet", "channels": 3, "num_features": [32, 64, 128, 256], "num_blocks": 2,
+        "guide_channels": 3})
+
+    def __post_init__(self):
+        from restorer.nets import canonical_spec  # the registry imports this module
+
+        object.__setattr__(self, "trunk", canonical_spec(self.trunk))
+        if self.estimator_layers < 2 or self.estimator_features < 1:
+            raise ValueError(f"the estimator needs >= 2 layers of positive width, got "
+                             f"{self.estimator_layers} x {self.estimator_features}")
+
+
+class NoiseMapNet(nn.Module):
+    config_class = NoiseMapConfig
+    scale = 1
+
+    def __init__(self, config: NoiseMapConfig):
+        super().__init__()
+        from restorer.nets import build_net  # the registry imports this module
+
+        self.config = config
+        self.channels = config.channels
+        self.trunk = build_net(config.trunk)
+        guide = getattr(self.trunk.config, "guide_channels", 0)
+        if (self.trunk.channels, guide, self.trunk.scale) != (config.channels,) * 2 + (1,):
+            raise ValueError(f"a noise-map net's trunk must restore {config.channels} planes "
+                             f"at its size with {config.channels} guide planes; {config.trunk} "
+                             f"does not: give a U-Net with guide_channels = {config.channels}")
+        self.alignment = max(2, self.trunk.alignment)
+        width = config.estimator_features
+        layers: list[nn.Module] = [nn.Conv2d(config.channels, width, 3, stride=2, padding=1),
+                                   nn.ReLU(inplace=True)]
+        for _ in range(config.estimator_layers - 2):
+            layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True)]
+        layers.append(nn.Conv2d(width, config.channels, 3, padding=1))
+        self.estimator = nn.Sequential(*layers)
+        self.strength = 1.0
+
+    @property
+    def receptive_field(self) -> int:
+        """The trunk's window widened by the estimator's (each of its 3x3 convolutions after
+        the first adds 4 px at stride 2; the first and the bilinear upsampling 3 + 2 px)."""
+        estimator = 3 + 4 * (self.config.estimator_layers - 1) + 2
+        return self.trunk.receptive_field + estimator - 1
+
+    def _estimate_aligned(self, x: torch.Tensor) -> torch.Tensor:
+        low = functional.softplus(self.estimator(x))
+        return functional.interpolate(low, scale_factor=2, mode="bilinear",
+                                      align_corners=False) * MAP_SCALE
+
+    def estimate(self, x: torch.Tensor) -> torch.Tensor:
+        """The noise level map of ``x`` (N, channels, H, W): per pixel and plane the noise's
+        standard deviation on the ``[0, 1]`` scale (>= 0), before ``strength``."""
+        height, width = x.shape[-2:]
+        padded = pad_reflect(x, -height % self.alignment, -width % self.alignment)
+        return self._estimate_aligned(padded)[..., :height, :width]
+
+    def forward(self, x: torch.Tensor, noise_map: torch.Tensor | None = None) -> torch.Tensor:
+        """Restore ``x``; ``noise_map`` (same shape) replaces the estimate (training feeds true
+        maps); ``strength`` scales whichever map is used."""
+        height, width = x.shape[-2:]
+        pad_h, pad_w = -height % self.alignment, -width % self.alignment
+        padded = pad_reflect(x, pad_h, pad_w)
+        if noise_map is None:
+            noise_map = self._estimate_aligned(padded)
+        else:
+            noise_map = pad_reflect(noise_map, pad_h, pad_w)
+        restored = self.trunk(padded, noise_map * self.strength)
+        return restored[..., :height, :width]
+
+
+def from_unet(unet: nn.Module, config: NoiseMapConfig | None = None) -> NoiseMapNet:
+    """A noise-map net that starts as ``unet`` (a U-Net of the trunk's shape without guide
+    planes): its weights copied, the guide planes' weights zero, so it restores exactly as
+    ``unet`` until it is trained."""
+    net = NoiseMapNet(config or NoiseMapConfig())
+    state = dict(unet.state_dict())
+    first = "down.0.0.weight"
+    weight = torch.zeros_like(net.trunk.state_dict()[first])
+    weight[:, : state[first].shape[1]] = state[first]
+    state[first] = weight
+    net.trunk.load_state_dict(state)
+    return net

@@ -1,0 +1,53 @@
+"""``--strength``: a noise-aware model scales its noise map by it (0..3); other models blend
+their output with the input (0..1), and a strength above 1 is refused for them."""
+
+import numpy as np
+import pytest
+import torch
+
+from restorer import jobs
+from restorer.actor import RestoreActor
+from restorer.checkpoint import save_model
+from restorer.errors import ModelError, SpecError
+from restorer.nets import build_net
+
+NOISE_MAP = {"arch": "noisemap", "channels": 3, "estimator_features": 4, "estimator_layers": 3,
+             "trunk": {"arch": "unet", "channels": 3, "num_features": (8, 16, 32),
+                       "num_blocks": 1, "guide_channels": 3}}
+
+
+@pytest.fixture
+def noise_map_model(tmp_path):
+    torch.manual_seed(0)
+    net = build_net(NOISE_MAP).eval()
+    with torch.no_grad():
+        net.trunk.down[0][0].weight[:, 3:] = 2.0  # make the map matter
+        net.estimator[-1].bias.fill_(2.0)  # a clearly non-zero estimate
+    path = tmp_path / "aware.safetensors"
+    save_model(str(path), net, {"purpose": "tests"})
+    return str(path)
+
+
+def test_strength_above_one_needs_a_noise_aware_model(tiny_model):
+    with pytest.raises(ModelError, match="strength 2 needs a noise-aware model"):
+        RestoreActor(model=tiny_model, tile=0, strength=2.0)
+
+
+def test_a_noise_aware_model_takes_strength_as_its_map_scale(noise_map_model):
+    image = np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    outputs = {}
+    for strength in (0.0, 1.0, 2.5):
+        actor = RestoreActor(model=noise_map_model, tile=0, strength=strength)
+        assert actor.noise_aware and actor.net.strength == strength
+        (outputs[strength],), _ = actor.restore_arrays([image])
+    # not a blend with the input: strength 0 still runs the net (map zero)
+    assert not np.array_equal(outputs[0.0], image)
+    assert not np.array_equal(outputs[0.0], outputs[1.0])
+    assert not np.array_equal(outputs[1.0], outputs[2.5])
+
+
+def test_spec_strength_range():
+    ok = jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", strength=2.0)
+    assert ok.validate().model.strength == 2.0
+    with pytest.raises(SpecError, match="0..3"):
+        jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", strength=3.5).validate()
