@@ -350,16 +350,31 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
 
 ZOO_DIR = Path(__file__).parent / "zoo"
 
+# Photos as cameras and browsers save them (8-bit, measured on RGB): restorer.evaluate's photo
+# tasks and JPEG alone, on colour sets no recipe trains on.
+PHOTO_EVALS: tuple[dict[str, Any], ...] = (
+    {"task": "noise+jpeg", "sigma": 15, "quality": 75},
+    {"task": "jpeg", "quality": 30, "measure": "rgb"},
+    {"task": "poisson", "shot": 0.004, "read_sigma": 2},
+    {"task": "blur+noise", "blur": 1.2, "sigma": 3},
+)
+# Real camera noise (cc15 pairs, through the actor) on every denoising card.
+REAL_PAIRS = ("cc15", {"task": "pairs"})
+
 # What each card measures: (set, evaluate keyword arguments), and the published figures beside.
 CARD_EVALS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
-    "denoise-gray": tuple(("set12", {"task": "denoise", "sigma": s, "baseline": "nlm"})
-                          for s in (15, 25, 50)),
-    "denoise-color": tuple(("set5", {"task": "denoise", "sigma": s, "baseline": "nlm"})
-                           for s in (15, 25, 50)),
+    "denoise-gray": (*(("set12", {"task": "denoise", "sigma": s, "baseline": "nlm"})
+                       for s in (15, 25, 50)), REAL_PAIRS),
+    "denoise-color": (*(("set5", {"task": "denoise", "sigma": s, "baseline": "nlm"})
+                        for s in (15, 25, 50)), REAL_PAIRS),
     "jpeg": tuple(("classic5", {"task": "jpeg", "quality": q}) for q in (10, 20, 30, 40)),
     "sr-x2": (("set5", {"task": "sr", "scale": 2}),),
     "sr-x4": (("set5", {"task": "sr", "scale": 4}),),
     "restore-default": (
+        ("cc15", {"task": "pairs"}),
+        *(("mcmaster", kwargs) for kwargs in PHOTO_EVALS),
+        *(("set5", kwargs) for kwargs in PHOTO_EVALS),
+        ("set5", {"task": "denoise", "sigma": 0}),
         *(("set12", {"task": "denoise", "sigma": s}) for s in (15, 25, 50)),
         ("set5", {"task": "denoise", "sigma": 25}),
         *(("classic5", {"task": "jpeg", "quality": q}) for q in (10, 20, 40))),
@@ -389,15 +404,39 @@ def measure_card_table(name: str, model: Any, data: Path) -> list[dict[str, Any]
     """The card's evaluations of ``model`` (see ``CARD_EVALS``), as table rows."""
     rows = []
     for folder, kwargs in CARD_EVALS[name]:
-        result = evaluate(model, data / folder, **kwargs)
-        setting = {"denoise": "sigma {sigma}", "jpeg": "quality {quality}",
-                   "sr": "x{scale}"}[kwargs["task"]].format(**kwargs)
-        flags = " ".join(f"--{k} {v}" for k, v in kwargs.items())
-        rows.append({"set": folder, "setting": setting, "count": result["count"],
-                     "input_psnr": result["input_psnr"], "psnr": result["psnr"],
-                     "ssim": result["ssim"], "baseline_psnr": result.get("baseline_psnr"),
-                     "command": f"restorer eval --model {name} --data DATA/{folder} {flags}"})
+        task = kwargs["task"]
+        if task == "pairs":
+            result = evaluate_pairs(model, data / folder)
+            command = f"restorer eval --model {name} --pairs DATA/{folder}"
+        else:
+            arguments = dict(kwargs)
+            if "read_sigma" in arguments:
+                arguments["read"] = (arguments.pop("read_sigma") / 255.0) ** 2
+            result = evaluate(model, data / folder, **arguments)
+            flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in kwargs.items())
+            command = f"restorer eval --model {name} --data DATA/{folder} {flags}"
+        rows.append({"set": folder, "setting": _card_setting(kwargs, result),
+                     "count": result["count"], "input_psnr": result["input_psnr"],
+                     "psnr": result["psnr"], "ssim": result["ssim"],
+                     "baseline_psnr": result.get("baseline_psnr"), "command": command})
     return rows
+
+
+def _card_setting(kwargs: dict[str, Any], result: dict[str, Any]) -> str:
+    """The "setting" cell of a card row, saying what the PSNR is measured on where it is not
+    the whole image."""
+    task = kwargs["task"]
+    text = {"denoise": "sigma {sigma}", "jpeg": "quality {quality}", "sr": "x{scale}",
+            "pairs": "real camera noise (RGB, through the actor)",
+            "noise+jpeg": "noise sigma {sigma}, then JPEG q{quality} (8-bit, RGB)",
+            "poisson": "Poisson-Gaussian, variance {shot} x + ({read_sigma}/255)^2 (8-bit, RGB)",
+            "blur+noise": "blur {blur} px, then noise sigma {sigma} (8-bit, RGB)",
+            }[task].format(**kwargs)
+    if task == "denoise" and kwargs["sigma"] == 0:
+        text = "clean (sigma 0): PSNR(output, input)"
+    if task == "jpeg" and result.get("measured_on") == "RGB":
+        text += " (RGB)"
+    return text
 
 
 def measure_uniformity_table(name: str, model: Any, data: Path) -> list[dict[str, Any]]:
@@ -445,8 +484,10 @@ def _uniformity_section(rows: list[dict[str, Any]]) -> str:
 
 def _card(name: str, path: Path, sha256: str, provenance: dict[str, Any],
           stages: list[dict[str, Any]], table: list[dict[str, Any]], net: torch.nn.Module,
-          uniformity: list[dict[str, Any]] | None = None) -> str:
-    """The card's Markdown: ``zoo/cards/card.md`` filled in with the prose of ``text.toml``."""
+          uniformity: list[dict[str, Any]] | None = None,
+          prior: Sequence[dict[str, Any]] = ()) -> str:
+    """The card's Markdown: ``zoo/cards/card.md`` filled in with the prose of ``text.toml``;
+    ``prior``: the stages of a shipped model that ``stages`` continued (listed first)."""
     what, notes = CARD_TEXT[name]
     recipe = RECIPES[name]
     prose = CARD_PROSE["card"]
@@ -457,13 +498,20 @@ def _card(name: str, path: Path, sha256: str, provenance: dict[str, Any],
             seconds=stage["wall_seconds"], trunk=recipe.trunk_of)
             for index, stage in enumerate(stages, 1)]
     else:
-        lines = [prose["stage"].format(
+        lines = [prose["prior_stage"].format(
+            index=index, command=stage["command"], steps=stage["steps"],
+            seconds=stage["wall_seconds"], hardware=stage["hardware"])
+            for index, stage in enumerate(prior, 1)]
+        lines += [prose["stage"].format(
             index=index, command=stage["command"], steps=stage["steps"],
             batch=stage["config"]["batch"], seconds=stage["wall_seconds"],
             lr=stage["config"]["lr"], validation="; ".join(prose["stage_validation"].format(
                 set=v["set"], setting=_setting(v), psnr=v["psnr"])
                 for v in stage["history"][-1]["validation"]))
-            for index, stage in enumerate(stages, 1)]
+            for index, stage in enumerate(stages, len(prior) + 1)]
+        stages = [*prior, *stages]
+    hardware = list(dict.fromkeys(stage["hardware"] for stage in stages))
+    how = prose["how_cpu" if "CPU" in stages[-1]["hardware"] else "how_gpu"]
     baseline = any(r["baseline_psnr"] is not None for r in table)
     header = "| set | setting | images | input PSNR | **PSNR** | SSIM |"
     rule = "| --- | --- | --- | --- | --- | --- |"
@@ -483,13 +531,16 @@ def _card(name: str, path: Path, sha256: str, provenance: dict[str, Any],
         scale=net.scale, learnt=_learnt(recipe), train=", ".join(recipe.train),
         patch=recipe.patch, crop_side=prose["sr_crop_side"] if recipe.task == "sr" else "",
         steps=sum(s["steps"] for s in stages),
-        minutes=sum(s["wall_seconds"] for s in stages) / 60, hardware=stages[-1]["hardware"],
+        minutes=sum(s["wall_seconds"] for s in stages) / 60, hardware="; ".join(hardware),
+        how=how,
         stages="\n".join(lines), nlm_note=prose["nlm_note"] if baseline else "",
         table="\n".join(rows), commands="\n".join(r["command"] for r in table),
         uniformity=_uniformity_section(uniformity or []))
 
 
 def _setting(validation: dict[str, Any]) -> str:
+    if validation["task"] == "pairs":
+        return "real pairs"
     if validation["task"] == "denoise":
         return f"sigma {validation['sigma']:g}"
     if validation["task"] == "jpeg":
@@ -501,10 +552,14 @@ def _learnt(recipe: Recipe) -> str:
     """The "learnt" row: ``[learnt]`` of ``zoo/cards/text.toml`` for the recipe's task."""
     mix = recipe.mixture
     qualities = recipe.qualities or (0,)
+    practical = recipe.practical
     return CARD_PROSE["learnt"][recipe.task].format(
         sigma_range=list(recipe.sigma_range), quality_min=min(qualities),
         quality_max=max(qualities), scale=recipe.net.get("scale", 1), clean=mix.clean,
-        noise=mix.noise, jpeg=mix.jpeg)
+        noise=mix.noise, jpeg=mix.jpeg, p_clean=practical.clean,
+        p_gaussian=practical.gaussian, p_jpeg=practical.jpeg, p_practical=practical.practical,
+        p_gray=practical.gray, p_sigma=list(practical.sigma_range),
+        p_quality=list(practical.quality_range))
 
 
 def ship(name: str, stages: Sequence[str | Path], data: str | Path,
@@ -517,9 +572,12 @@ def ship(name: str, stages: Sequence[str | Path], data: str | Path,
     loaded = [load_model(str(stage)) for stage in stages]
     if any(m.provenance.get("recipe") != trained for m in loaded):
         raise ValueError(f"every stage must come from recipe {trained!r}")
+    prior: list[dict[str, Any]] = []  # stages of a shipped model that the others continued
+    if len(loaded) > 1 and loaded[0].provenance.get("stages") and not recipe.trunk_of:
+        prior, loaded = list(loaded[0].provenance["stages"]), loaded[1:]
     summaries = [{k: v for k, v in m.provenance.items() if k != "init"} for m in loaded]
     final = loaded[-1]
-    provenance = {**final.provenance, "stages": [
+    provenance = {**final.provenance, "stages": prior + [
         {k: v for k, v in s.items() if k not in ("config", "history")} for s in summaries]}
     if recipe.trunk_of and len(loaded) == 1 and final.provenance.get("stages"):
         provenance["stages"] = final.provenance["stages"]  # a shipped trunk: all its stages
@@ -534,7 +592,8 @@ def ship(name: str, stages: Sequence[str | Path], data: str | Path,
     shipped = load_model(str(path))
     table = measure_card_table(name, shipped, Path(data))
     uniformity = measure_uniformity_table(name, shipped, Path(data))
-    card = _card(name, path, sha256, provenance, summaries, table, shipped.net, uniformity)
+    card = _card(name, path, sha256, provenance, summaries, table, shipped.net, uniformity,
+                 prior)
     path.with_suffix(".md").write_text(card)
     return path
 

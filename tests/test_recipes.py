@@ -268,3 +268,65 @@ def test_denoising_and_jpeg_cards_carry_edges_and_frames(tmp_path, monkeypatch):
             "--edges --baseline bm3d") in section
     assert "--trim 1x3 --task denoise --sigma 25 --frame gray" in section
     assert recipes.measure_uniformity_table("sr-x2", net, tmp_path) == []  # SR: none
+
+
+@pytest.fixture
+def practical(monkeypatch, tmp_path):
+    """A tiny noise-map recipe on generated colour and gray images, validated on pairs."""
+    root = tmp_path / "pdata"
+    for folder in ("photos", "pairs"):
+        (root / folder).mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(to_uint8(scene(48, 48, 3, 40 + i))).save(root / "photos" / f"{i}.png")
+    for i in range(2):
+        clean = to_uint8(scene(40, 40, 3, 50 + i))
+        noisy = np.clip(clean + np.random.default_rng(i).normal(0, 8, clean.shape), 0, 255)
+        Image.fromarray(clean).save(root / "pairs" / f"p{i}_mean.png")
+        Image.fromarray(noisy.astype(np.uint8)).save(root / "pairs" / f"p{i}_real.png")
+    trunk = {"arch": "unet", "channels": 3, "features": [4, 8], "blocks": 1}
+    recipe = recipes.Recipe(
+        net={"arch": "noisemap", "channels": 3, "estimator_features": 4, "estimator_layers": 3,
+             "trunk": {**trunk, "guide_channels": 3}},
+        train=("photos",), task="practical", patch=16, batch=4, warmup=2,
+        validation=(recipes.Validation("pairs", "pairs"),))
+    monkeypatch.setitem(recipes.RECIPES, "tinyreal", recipe)
+    monkeypatch.setitem(recipes.CARD_EVALS, "tinyreal", (("pairs", {"task": "pairs"}),))
+    monkeypatch.setitem(recipes.CARD_TEXT, "tinyreal", ("A tiny noise-aware model.", "None."))
+    return root, trunk
+
+
+def test_practical_batches_carry_a_noise_map(practical):
+    root, _ = practical
+    recipe = recipes.RECIPES["tinyreal"]
+    images = recipes.load_training_images(root, recipe)
+    batches = recipes.Batches(recipe, images, torch.device("cpu"), seed=0)
+    clean, degraded, noise_map = batches()
+    assert clean.shape == degraded.shape == noise_map.shape == (4, 3, 16, 16)
+    assert float(noise_map.min()) >= 0 and torch.isfinite(noise_map).all()
+    batches.pairs.close()
+
+
+@pytest.mark.slow  # trains for a few seconds of wall-clock time
+def test_practical_recipe_continues_a_unet_and_ships_with_its_stages(practical, tmp_path):
+    root, trunk = practical
+    start = tmp_path / "start.safetensors"
+    torch.manual_seed(0)
+    from restorer.checkpoint import save_model
+
+    save_model(str(start), build_net(trunk), {"recipe": "tinyreal", "stages": [
+        {"command": "python -m restorer.recipes tinyreal --gpu", "steps": 7,
+         "wall_seconds": 3.0, "hardware": "NVIDIA H100"}]})
+    out = tmp_path / "out"
+    first = recipes.train_recipe("tinyreal", root, out, minutes=0.03, device="cpu",
+                                 init=str(start), workers=1)
+    assert first["steps"] >= 1 and first["history"][-1]["validation"][0]["task"] == "pairs"
+    model = load_model(str(out / "tinyreal.safetensors"))
+    assert model.spec["arch"] == "noisemap" and hasattr(model.net, "estimator")
+    zoo = tmp_path / "zoo"
+    zoo.mkdir()
+    path = recipes.ship("tinyreal", [start, out / "tinyreal.safetensors"], root, zoo_dir=zoo)
+    card = path.with_suffix(".md").read_text()
+    assert "1. `python -m restorer.recipes tinyreal --gpu` — 7 steps" in card  # the prior stage
+    assert "2. `" in card and "real camera noise" in card
+    assert "restorer eval --model tinyreal --pairs DATA/pairs" in card
+    assert [s["steps"] for s in load_model(str(path)).provenance["stages"]][0] == 7

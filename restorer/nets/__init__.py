@@ -97,5 +97,10 @@ def net_spec(net: nn.Module) -> dict[str, Any]:
     """The spec that rebuilds ``net`` with :func:`build_net` (today's field names)."""
     for arch, net_class in NETS.items():
         if type(net) is net_class:
-            return {"arch": arch, **asdict(net.config)}
+            config = asdict(net.config)
+            defaults = {f.name: f.default for f in fields(net.config)}
+            for name in getattr(net.config, "omitted_at_default", ()):
+                if config[name] == defaults[name]:  # specs written before it existed
+                    del config[name]
+            return {"arch": arch, **config}
     raise ModelError(f"{type(net).__name__} is not a registered net; add it to restorer.nets.NETS")

@@ -9,6 +9,7 @@ of ``alignment`` pixels, so the tiler starts tiles on multiples of it.
 """
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ class UNetConfig:
     residual: bool = True  # return x - body(x); False returns body(x)
     # extra input planes concatenated to the image (a noise map); forward(x, guide) takes them
     guide_channels: int = 0
+    # left out of a net's spec at 0, so that the specs of U-Nets without guide planes (the zoo's
+    # files, their fingerprints) read as they did before the field existed
+    omitted_at_default: ClassVar[tuple[str, ...]] = ("guide_channels",)
 
     def __post_init__(self):
         object.__setattr__(self, "num_features", tuple(int(f) for f in self.num_features))
