@@ -579,6 +579,21 @@ def evaluate_pairs(model: str | LoadedModel | nn.Module | None, folder: str | Pa
     return result
 
 
+def strength_sheet(model: str | LoadedModel, noisy8: np.ndarray, clean8: np.ndarray | None,
+                   strengths: Sequence[float], tile: int = 256) -> np.ndarray:
+    """A :func:`contact_sheet` of one noisy uint8 image restored by a noise-aware model
+    through the actor at each of ``strengths`` (a row each: noisy | restored | clean, or the
+    noisy image again when there is no clean one), to show what ``--strength`` does."""
+    rows = []
+    reference = noisy8 if clean8 is None else clean8
+    for strength in strengths:
+        run = _actor_runner(model, tile, "auto", "auto", strength)
+        restored8 = run(noisy8.astype(np.float32) / 255.0)
+        rows.append(SheetRow(f"strength {strength:g}", noisy8, restored8, reference,
+                             metrics.psnr(noisy8, reference), metrics.psnr(restored8, reference)))
+    return contact_sheet(rows)
+
+
 def _set_strength(net: nn.Module, strength: float) -> None:
     """Set a noise-map net's ``strength`` (inside a flat-fill wrapper too)."""
     inner = getattr(net, "net", net)
@@ -692,4 +707,4 @@ def contact_sheet(rows: Sequence[SheetRow]) -> np.ndarray:
 
 __all__ = ["IMAGE_SUFFIXES", "MEASURES", "PAIR_SUFFIXES", "PHOTO_TASKS", "TASKS", "SheetRow", "band_psnrs", "contact_sheet",
            "estimated_sigma", "evaluate", "evaluate_pairs", "image_files", "image_seed",
-           "pair_files", "photo_degradation", "read_image", "run_net", "to_uint8"]
+           "pair_files", "photo_degradation", "read_image", "strength_sheet", "run_net", "to_uint8"]

@@ -51,3 +51,29 @@ def test_spec_strength_range():
     assert ok.validate().model.strength == 2.0
     with pytest.raises(SpecError, match="0..3"):
         jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", strength=3.5).validate()
+
+
+def test_eval_draws_a_strength_sheet_of_the_first_pair(tmp_path, noise_map_model):
+    from click.testing import CliRunner
+    from PIL import Image
+
+    from restorer.cli import main
+
+    pairs = tmp_path / "pairs"
+    pairs.mkdir()
+    rng = np.random.default_rng(1)
+    clean = rng.integers(60, 200, (40, 40, 3), dtype=np.uint8)
+    Image.fromarray(clean).save(pairs / "a_gt.png")
+    Image.fromarray(np.clip(clean + rng.normal(0, 8, clean.shape), 0, 255).astype(np.uint8)
+                    ).save(pairs / "a_noisy.png")
+    sheet = tmp_path / "sheet.png"
+    args = ["eval", "--model", noise_map_model, "--pairs", str(pairs), "--through", "net",
+            "--sheet", str(sheet)]
+    one = CliRunner().invoke(main, args + ["--sheet-strengths", "1"])
+    assert one.exit_code == 0, one.output
+    one_height = Image.open(sheet).height
+    three = CliRunner().invoke(main, args + ["--sheet-strengths", "0,1,2.5"])
+    assert three.exit_code == 0, three.output
+    assert Image.open(sheet).height > 2.5 * one_height * 0.8  # a row per strength
+    bad = CliRunner().invoke(main, args + ["--sheet-strengths", "a,b"])
+    assert bad.exit_code == 2 and "0,0.5,1,2" in bad.output

@@ -17,6 +17,22 @@ from restorer.cli.base import (
 from restorer.errors import SpecError
 
 
+def _strength_sheet(model, pairs_dir, strengths, sheet, tile) -> None:
+    from PIL import Image
+
+    from restorer.evaluate import pair_files, read_image, strength_sheet
+    from restorer.models import DEFAULT_MODEL
+
+    try:
+        _, noisy, clean = pair_files(pairs_dir)[0]
+        picture = strength_sheet(model or DEFAULT_MODEL, read_image(noisy, 3),
+                                 read_image(clean, 3), strengths, tile)
+    except ValueError as e:
+        raise SpecError(str(e)) from e
+    Image.fromarray(picture).save(sheet, format="PNG")
+    click.echo(f"strength sheet: {sheet}", err=True)
+
+
 @main.command("eval")
 @click.option("--model", default=None, help="Zoo name or model path (default model if omitted).")
 @click.option("--data", "data_dir", default=None, help="Folder of clean test images.")
@@ -75,11 +91,14 @@ from restorer.errors import SpecError
                    "crops) of the first images here.")
 @click.option("--sheet-rows", type=click.IntRange(min=1), default=4, show_default=True,
               help="Images on the contact sheet.")
+@click.option("--sheet-strengths", default=None, metavar="S1,S2,...",
+              help="With --pairs and --sheet: the sheet shows the first pair restored at each "
+                   "of these strengths (a noise-aware model), e.g. 0,0.5,1,2.")
 @json_option
 @errors_to_exit_codes
 def evaluate_command(model, data_dir, pairs_dir, task, sigma, quality, scale, shot, read_sigma,
                      blur, measure, strength, baseline, trim, edges, frame, through, tile,
-                     flat_fill, sheet, sheet_rows, as_json):
+                     flat_fill, sheet, sheet_rows, sheet_strengths, as_json):
     """Measure a model in the reference conventions (PSNR/SSIM on 8-bit, seeded noise), or on
     real noisy/clean pairs (--pairs)."""
     from restorer.evaluate import evaluate, evaluate_pairs
@@ -95,6 +114,15 @@ def evaluate_command(model, data_dir, pairs_dir, task, sigma, quality, scale, sh
     except ValueError as e:
         raise click.BadParameter(f"expected ROWSxCOLUMNS such as 1x3, got {trim!r}",
                                  param_hint="--trim") from e
+    if sheet_strengths is not None:
+        if pairs_dir is None or sheet is None:
+            raise click.UsageError("--sheet-strengths needs --pairs and --sheet")
+        try:
+            strengths = [float(part) for part in sheet_strengths.split(",")]
+        except ValueError as e:
+            raise click.BadParameter(f"expected numbers such as 0,0.5,1,2, got "
+                                     f"{sheet_strengths!r}", param_hint="--sheet-strengths") from e
+        _strength_sheet(model, pairs_dir, strengths, sheet, tile)
     try:
         if pairs_dir is not None:
             through_pairs = "actor" if click.get_current_context().get_parameter_source(
