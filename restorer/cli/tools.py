@@ -169,7 +169,7 @@ def evaluate_command(model, data_dir, pairs_dir, task, sigma, quality, scale, sh
                    f"average, {result['band_gap_max']:.2f} dB at most"
                    + (f" (baseline: {result['baseline_band_gap_mean']:.2f} dB on average)"
                       if "baseline_band_gap_mean" in result else ""))
-    if sheet:
+    if sheet and "sheet" in result:
         click.echo(f"contact sheet: {result['sheet']}")
 
 
