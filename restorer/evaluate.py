@@ -705,6 +705,7 @@ def contact_sheet(rows: Sequence[SheetRow]) -> np.ndarray:
     return np.asarray(sheet)
 
 
-__all__ = ["IMAGE_SUFFIXES", "MEASURES", "PAIR_SUFFIXES", "PHOTO_TASKS", "TASKS", "SheetRow", "band_psnrs", "contact_sheet",
-           "estimated_sigma", "evaluate", "evaluate_pairs", "image_files", "image_seed",
-           "pair_files", "photo_degradation", "read_image", "strength_sheet", "run_net", "to_uint8"]
+__all__ = ["IMAGE_SUFFIXES", "MEASURES", "PAIR_SUFFIXES", "PHOTO_TASKS", "TASKS", "SheetRow",
+           "band_psnrs", "contact_sheet", "estimated_sigma", "evaluate", "evaluate_pairs",
+           "image_files", "image_seed", "pair_files", "photo_degradation", "read_image",
+           "run_net", "strength_sheet", "to_uint8"]

@@ -276,5 +276,6 @@ def load_state(data: bytes) -> dict[str, Any]:
     return state
 
 
-__all__ = ["EMA", "LOSSES", "asymmetric_map_loss", "noise_map_step", "PRECISIONS", "Precision", "Schedule", "Trainer", "cosine_lr",
-           "load_state", "precision_for", "save_state", "train_step", "unwrap"]
+__all__ = ["EMA", "LOSSES", "PRECISIONS", "Precision", "Schedule", "Trainer",
+           "asymmetric_map_loss", "cosine_lr", "load_state", "noise_map_step", "precision_for",
+           "save_state", "train_step", "unwrap"]
