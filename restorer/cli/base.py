@@ -89,7 +89,9 @@ override_options = _options(
     click.option("--input", "input_uri", default=None, help="Override input.uri."),
     click.option("--output", "output_uri", default=None, help="Override output.uri."),
     click.option("--model", default=None, help="Override the model."),
-    click.option("--limit", type=int, default=None, help="Override input.limit."))
+    click.option("--limit", type=int, default=None, help="Override input.limit."),
+    click.option("--quality", type=click.IntRange(0, 100), default=None,
+                 help="Override output.jpeg_quality (0 = match a JPEG input's quality)."))
 # The cluster a `restorer submit` / `restorer jobs ...` command talks to.
 dashboard_option = click.option(
     "--address", default=None,
