@@ -74,7 +74,7 @@ class JpegSettings:
 
 SUBSAMPLINGS = ("4:4:4", "4:2:2", "4:2:0")  # Pillow's subsampling codes 0, 1, 2
 DEFAULT_QUALITY = 95  # JPEG/WebP quality when neither the job nor a JPEG source gives one
-# Written at its JPEG source's own quality, a restored image lands 37-41 dB from the restored
+# Written at its JPEG source's own quality, a restored image lands 35-41 dB from the restored
 # pixels; MATCH_STEP qualities more, up to MATCH_CEILING, keep 40 dB or more for q75+ sources
 # at 1.1-1.45x their bytes (README, "JPEG outputs": measured on photos at q50-q85, 4:2:0).
 MATCH_CEILING = 90

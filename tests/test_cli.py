@@ -94,3 +94,24 @@ def test_cli_as_a_subprocess_on_the_running_cluster(ray_session, mixed_folder, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "restored 5 of 5 images" in result.stdout
     assert (tmp_path / "o" / "sub dir" / "rgba é.png").exists()
+
+
+def test_skipped_non_image_files_are_counted_and_named(ray_session, mixed_folder, tmp_path,
+                                                       tiny_model):
+    source, _ = mixed_folder  # holds notes.txt
+    (source / "raw.CR2").write_bytes(b"raw")
+    (source / "sub dir" / "clip.mp4").write_bytes(b"video")
+    (source / ".DS_Store").write_bytes(b"hidden: never listed, never counted")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["restore", str(source), str(out), "--model", tiny_model,
+                                       "--tile", "64", "--json"])
+    assert result.exit_code == 3, result.output  # corrupt.jpg
+    summary = json.JSONDecoder().raw_decode(result.output, result.output.index("{"))[0]
+    assert summary["skipped_non_images"] == 3
+    assert summary["non_image_examples"] == ["notes.txt", "raw.CR2", "sub dir/clip.mp4"]
+    assert summary["total"] == 6  # the six images, nothing else
+
+    result = CliRunner().invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 0, result.output
+    assert ("non-image files skipped (extension not in input.extensions): 3: notes.txt, "
+            "raw.CR2, sub dir/clip.mp4") in result.output

@@ -128,6 +128,8 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if summary["errors_by_class"]:
         click.echo("errors: " + ", ".join(f"{k} x{v}" for k, v in
                                           summary["errors_by_class"].items()))
+    if summary.get("skipped_non_images"):
+        click.echo(non_images_line(summary))
     flagged = summary.get("flagged") or []
     if flagged:
         click.echo(f"{len(flagged)} images changed far more than the rest; check first: "
@@ -136,6 +138,19 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if summary.get("report"):
         click.echo(f"report: {summary['report']}")
     click.echo(f"details: {summary.get('output', '').rstrip('/')}/_restorer/")
+
+
+def non_images_line(summary: dict[str, Any]) -> str:
+    """What a summary says of the input's files that were not images (skipped by extension)."""
+    count = summary.get("skipped_non_images")
+    if count is None:
+        return "non-image files: not counted (counted for local folders)"
+    if not count:
+        return "non-image files: none"
+    examples = summary.get("non_image_examples") or []
+    more = ", ..." if count > len(examples) else ""
+    return (f"non-image files skipped (extension not in input.extensions): {count}: "
+            + ", ".join(examples) + more)
 
 
 def duration(seconds: float) -> str:

@@ -11,6 +11,7 @@ from restorer.cli.base import (
     errors_to_exit_codes,
     json_option,
     main,
+    non_images_line,
     num_cpus_option,
     print_summary,
 )
@@ -198,6 +199,8 @@ def inspect(output_uri, as_json, top, sort, rebuild_report):
     summary = report["summary"]
     if summary:
         print_summary(summary, False)
+        if not summary.get("skipped_non_images"):  # print_summary names them when there are
+            click.echo(non_images_line(summary))
     click.echo(f"\nrecords: {report['records']} ({report['failed']} failed)")
     click.echo("errors:")
     for row in report["errors"]:
