@@ -221,6 +221,9 @@ class Optim:
 @dataclass(frozen=True)
 class Validation:
     every: int = 200  # steps between validation + checkpoint
+    # also validate + checkpoint when this many seconds passed since the last checkpoint (or
+    # the start), so that a slow machine loses little to a crash or Ctrl-C; 0 = by steps only
+    every_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,9 @@ class TrainSpec:
             raise SpecError(f"optim.loss = {self.optim.loss!r}; use l1 or mse")
         if self.optim.steps < 1 or self.optim.batch_size < 1 or self.validation.every < 1:
             raise SpecError("optim.steps, optim.batch_size and validation.every must be >= 1")
+        if self.validation.every_seconds < 0:
+            raise SpecError(f"validation.every_seconds = {self.validation.every_seconds}; use 0 "
+                            "(by steps only) or a number of seconds, e.g. 120")
         if not self.name or "/" in self.name:
             raise SpecError(f"name = {self.name!r}; give a run name without '/'")
         from restorer.nets import build_net  # torch: imported when a train spec is checked
