@@ -318,7 +318,7 @@ def _chromium() -> str | None:
                            "not found on PATH")
 def _text(html: str) -> str:
     """What a reader sees of a page: its text, tags and the script left out."""
-    html = re.sub(r"<script>.*?</script>|<style>.*?</style>", " ", html, flags=re.S)
+    html = re.sub(r"<script>.*?</script>|<style>.*?</style>", " ", html, flags=re.DOTALL)
     return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", html))
 
 
@@ -328,7 +328,7 @@ def test_report_reads_in_words_with_a_verdict_zoomed_crops_and_links(job_output)
     (job_output / "_restorer" / "summary.json").write_text(json.dumps(summary))
     page = Path(write_report(str(job_output))).read_text("utf-8")
     text = _text(page)
-    verdict = re.search(r'<p class="verdict" id="verdict">(.*?)</p>', page, re.S).group(1)
+    verdict = re.search(r'<p class="verdict" id="verdict">(.*?)</p>', page, re.DOTALL).group(1)
     assert verdict.startswith("8 of 9 images restored, 1 failed")
     assert "typical change" in verdict and "2 images flagged to check" in verdict
     assert re.search(r"noise \d+\.\d → \d+\.\d levels \(median over the 6 images", verdict)
