@@ -34,6 +34,7 @@ import io
 import warnings
 import zlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -59,13 +60,100 @@ class Decoded:
     icc: bytes | None = None
     exif: bytes | None = None
     note: str = ""  # what was done that a user should know (frames dropped, mode converted)
+    jpeg: JpegSettings | None = None  # a JPEG source's quality and chroma subsampling
+
+
+@dataclass(frozen=True)
+class JpegSettings:
+    """How a JPEG was encoded, as far as its header tells: the IJG quality whose quantisation
+    tables are nearest to its own (:func:`estimate_quality`) and its chroma subsampling."""
+
+    quality: int  # 1..100
+    subsampling: str  # "4:4:4", "4:2:2", "4:2:0" or "" (gray, or a layout Pillow cannot name)
+
+
+SUBSAMPLINGS = ("4:4:4", "4:2:2", "4:2:0")  # Pillow's subsampling codes 0, 1, 2
+DEFAULT_QUALITY = 95  # JPEG/WebP quality when neither the job nor a JPEG source gives one
+# Written at its JPEG source's own quality, a restored image lands 35-41 dB from the restored
+# pixels; MATCH_STEP qualities more, up to MATCH_CEILING, keep 40 dB or more for q75+ sources
+# at 1.1-1.45x their bytes (README, "JPEG outputs": measured on photos at q50-q85, 4:2:0).
+MATCH_CEILING = 90
+MATCH_STEP = 15
+
+
+def matched_quality(source_quality: int) -> int:
+    """The quality a restored image is written at when its JPEG source had ``source_quality``
+    and the job asks for none (``output.jpeg_quality = 0``): never below the source's, and
+    ``MATCH_STEP`` above it up to ``MATCH_CEILING``."""
+    if source_quality >= MATCH_CEILING:
+        return source_quality
+    return min(MATCH_CEILING, source_quality + MATCH_STEP)
 
 
 @dataclass(frozen=True)
 class EncodeOptions:
     format: str = "same"  # one of FORMATS
-    jpeg_quality: int = 95  # JPEG/WebP quality; JPEG is written 4:4:4 so no artifacts are re-added
+    # JPEG/WebP quality 1..100; 0 = from the source: a JPEG source's quality, raised by
+    # matched_quality (DEFAULT_QUALITY for other sources, and for WebP)
+    jpeg_quality: int = 0
+    # JPEG chroma subsampling: "same" = the JPEG source's (4:4:4 for other sources), or one of
+    # SUBSAMPLINGS
+    jpeg_subsampling: str = "same"
     png_compress_level: int = 3  # 0-9; 3 is ~as small as 6 on photos and much faster
+
+    def jpeg_settings(self, source: JpegSettings | None) -> JpegSettings:
+        """The quality and subsampling a JPEG output is written with, for a source."""
+        quality = self.jpeg_quality or (matched_quality(source.quality) if source
+                                        else DEFAULT_QUALITY)
+        subsampling = self.jpeg_subsampling
+        if subsampling == "same":
+            subsampling = source.subsampling if source and source.subsampling else "4:4:4"
+        return JpegSettings(quality, subsampling)
+
+
+_IJG_TABLES: dict[int, np.ndarray] = {}
+
+
+def _ijg_tables() -> dict[int, np.ndarray]:
+    """Quality -> (luma, chroma) quantisation tables as libjpeg writes them (through Pillow,
+    so that the coefficient order is the one ``Image.quantization`` reports)."""
+    if not _IJG_TABLES:
+        gray = Image.new("RGB", (8, 8))
+        for quality in range(1, 101):
+            out = io.BytesIO()
+            gray.save(out, "JPEG", quality=quality)
+            tables = Image.open(out).quantization
+            _IJG_TABLES[quality] = np.array([tables[0], tables[1]], dtype=np.int32)
+    return _IJG_TABLES
+
+
+def estimate_quality(quantization: dict[int, Any]) -> int:
+    """The IJG quality (1..100) whose tables are nearest (least absolute difference) to a
+    JPEG's ``quantization`` (Pillow's ``Image.quantization``); chroma counts when present.
+
+    Exact for files written by libjpeg and the many tools built on it (Pillow, ImageMagick,
+    browsers' canvas, most web services); for cameras' own tables it is the IJG quality of
+    equal precision, which is what matters for the bytes an output will take.
+    """
+    tables = [np.asarray(quantization[k], dtype=np.int32) for k in sorted(quantization)][:2]
+    if not tables or any(t.size != 64 for t in tables):
+        return DEFAULT_QUALITY
+    best, best_error = DEFAULT_QUALITY, None
+    for quality, reference in _ijg_tables().items():
+        error = sum(int(np.abs(t - r).sum()) for t, r in zip(tables, reference))
+        if best_error is None or error < best_error:
+            best, best_error = quality, error
+    return best
+
+
+def _jpeg_settings(image: Image.Image) -> JpegSettings | None:
+    if image.format not in ("JPEG", "MPO") or not getattr(image, "quantization", None):
+        return None
+    from PIL import JpegImagePlugin
+
+    code = JpegImagePlugin.get_sampling(image)
+    return JpegSettings(estimate_quality(image.quantization),
+                        SUBSAMPLINGS[code] if 0 <= code < len(SUBSAMPLINGS) else "")
 
 
 def output_format(source_format: str, requested: str) -> str:
@@ -322,6 +410,7 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
             note = ""
         image.load()
         source_format, source_mode = image.format or "PNG", image.mode
+        jpeg = _jpeg_settings(image)
         icc = image.info.get("icc_profile")
         exif = image.getexif()
         orientation = exif.get(ORIENTATION_TAG, 1)
@@ -377,7 +466,8 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
         raise ImageError(f"{name} has unsupported mode {mode}")
     pixels, alpha = _split_alpha(array)
     return Decoded(np.ascontiguousarray(pixels), None if alpha is None else
-                   np.ascontiguousarray(alpha), source_format, source_mode, icc, exif_bytes, note)
+                   np.ascontiguousarray(alpha), source_format, source_mode, icc, exif_bytes, note,
+                   jpeg)
 
 
 def _write_png16(pixels: np.ndarray, alpha: np.ndarray | None, level: int,
@@ -417,11 +507,14 @@ def _pil_image(pixels: np.ndarray, alpha: np.ndarray | None) -> Image.Image:
 
 def encode(pixels: np.ndarray, alpha: np.ndarray | None, fmt: str,
            icc: bytes | None = None, exif: bytes | None = None,
-           options: EncodeOptions = EncodeOptions()) -> bytes:
+           options: EncodeOptions = EncodeOptions(),
+           source_jpeg: JpegSettings | None = None) -> bytes:
     """Encode HWC ``pixels`` (+ HW ``alpha``) as ``fmt`` ("png", "jpeg", "webp", "tiff").
 
     16-bit pixels stay 16-bit in PNG and TIFF; JPEG and WebP store 8 bits. JPEG cannot store
     alpha, so an image with alpha asked for as JPEG is an ``ImageError`` (choose png or webp).
+    A JPEG is written with :meth:`EncodeOptions.jpeg_settings` for ``source_jpeg`` (the
+    source's settings when it was a JPEG: by default its subsampling and a matched quality).
     """
     out = io.BytesIO()
     extra = {}
@@ -443,10 +536,12 @@ def encode(pixels: np.ndarray, alpha: np.ndarray | None, fmt: str,
         if alpha is not None:
             raise ImageError("JPEG cannot store the image's alpha channel; use --format png, "
                              "webp or tiff (or same)")
-        _pil_image(pixels, None).save(out, "JPEG", quality=options.jpeg_quality, subsampling=0,
-                                      **extra)
+        settings = options.jpeg_settings(source_jpeg)
+        _pil_image(pixels, None).save(out, "JPEG", quality=settings.quality,
+                                      subsampling=settings.subsampling, **extra)
     elif fmt == "webp":
-        _pil_image(pixels, alpha).save(out, "WEBP", quality=options.jpeg_quality, method=4,
+        _pil_image(pixels, alpha).save(out, "WEBP", quality=options.jpeg_quality or
+                                       DEFAULT_QUALITY, method=4,
                                        exact=True, **extra)
     elif fmt == "tiff":
         if sixteen and not (pixels.shape[-1] == 1 and alpha is None):

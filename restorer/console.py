@@ -29,8 +29,12 @@ from restorer import progress
 BENIGN_RAY_LINES = re.compile(
     r"has constructor arguments in the object store and max_restarts > 0"
     r"|Failed to query Ray Train Controller actor state"
-    # the Train controller's INFO lines about the worker group it started (one per worker)
-    r"|\(TrainController pid=\d+\)\S* (Started training worker group of size|- \(ip=)"
+    # the Train controller's and workers' INFO lines about the worker group and each report
+    # (restorer.train_job shows the run's progress and checkpoints on the driver instead)
+    r"|\(TrainController pid=\d+\)\S* (Started training worker group of size|- \(ip="
+    r"|Requesting resources: |Attempting to start training worker group )"
+    r"|\(RayTrainWorker pid=\d+\)\S* (Setting up process group for: |Moving model to device: "
+    r"|Reporting training result \d+: )"
 )
 # Ray loggers whose console handlers get :func:`_console_worthy` (INFO is progress chatter).
 RAY_LOGGERS = ("ray.data", "ray.train", "ray.tune", "ray.air")

@@ -49,6 +49,7 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
     configure_ray_data()
     options = spec.storage.options()
     encode_options = codec.EncodeOptions(spec.output.format, spec.output.jpeg_quality,
+                                         spec.output.jpeg_subsampling,
                                          spec.output.png_compress_level)
     if spec.input.limit:
         rows: list[dict[str, Any]] = []

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from restorer.codec import FORMATS
+from restorer.codec import FORMATS, SUBSAMPLINGS
 from restorer.errors import NotFoundError, SpecError
 from restorer.storage import IMAGE_EXTENSIONS, StorageOptions
 
@@ -47,7 +47,10 @@ class OutputSpec:
     uri: str = ""
     layout: str = "files"  # files (one file per image) | parquet (shards: key, bytes, status)
     format: str = "same"  # same | png | jpeg | webp | tiff
-    jpeg_quality: int = 95  # JPEG and WebP; JPEG is always written 4:4:4
+    # JPEG and WebP quality 1..100; 0 = from the source: a JPEG source's quality (read from its
+    # quantisation tables) raised by restorer.codec.matched_quality, else 95
+    jpeg_quality: int = 0
+    jpeg_subsampling: str = "same"  # same (a JPEG source's; else 4:4:4) | 4:4:4 | 4:2:2 | 4:2:0
     png_compress_level: int = 3
     overwrite: bool = False  # redo every input even if the ledger says it is done
     retry_failed: bool = False  # redo inputs quarantined by an earlier run
@@ -128,8 +131,12 @@ class RestoreSpec:
             raise SpecError(f"output.layout = {self.output.layout!r}; use files or parquet")
         if self.output.format not in FORMATS:
             raise SpecError(f"output.format = {self.output.format!r}; use one of {FORMATS}")
-        if not 1 <= self.output.jpeg_quality <= 100:
-            raise SpecError(f"output.jpeg_quality = {self.output.jpeg_quality}; use 1..100")
+        if not 0 <= self.output.jpeg_quality <= 100:
+            raise SpecError(f"output.jpeg_quality = {self.output.jpeg_quality}; use 1..100, or 0 "
+                            "to match a JPEG source's quality")
+        if self.output.jpeg_subsampling not in ("same", *SUBSAMPLINGS):
+            raise SpecError(f"output.jpeg_subsampling = {self.output.jpeg_subsampling!r}; use "
+                            f"same or one of {', '.join(SUBSAMPLINGS)}")
         if not 0 <= self.output.png_compress_level <= 9:
             raise SpecError(f"output.png_compress_level = {self.output.png_compress_level}; "
                             "use 0..9")
@@ -168,6 +175,7 @@ class RestoreSpec:
             "format": self.output.format,
             "layout": self.output.layout,
             "jpeg_quality": self.output.jpeg_quality,
+            "jpeg_subsampling": self.output.jpeg_subsampling,
             "png_compress_level": self.output.png_compress_level,
         }
 
@@ -219,6 +227,9 @@ class Optim:
 @dataclass(frozen=True)
 class Validation:
     every: int = 200  # steps between validation + checkpoint
+    # also validate + checkpoint when this many seconds passed since the last checkpoint (or
+    # the start), so that a slow machine loses little to a crash or Ctrl-C; 0 = by steps only
+    every_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -253,6 +264,9 @@ class TrainSpec:
             raise SpecError(f"optim.loss = {self.optim.loss!r}; use l1 or mse")
         if self.optim.steps < 1 or self.optim.batch_size < 1 or self.validation.every < 1:
             raise SpecError("optim.steps, optim.batch_size and validation.every must be >= 1")
+        if self.validation.every_seconds < 0:
+            raise SpecError(f"validation.every_seconds = {self.validation.every_seconds}; use 0 "
+                            "(by steps only) or a number of seconds, e.g. 120")
         if not self.name or "/" in self.name:
             raise SpecError(f"name = {self.name!r}; give a run name without '/'")
         from restorer.nets import build_net  # torch: imported when a train spec is checked
@@ -281,6 +295,7 @@ OVERRIDES = {
     "gpus_per_worker": ("resources", "gpus_per_worker"),
     "limit": ("input", "limit"),
     "address": ("resources", "address"),
+    "quality": ("output", "jpeg_quality"),
 }
 
 

@@ -102,7 +102,7 @@ from restorer.records import (  # noqa: F401 - the schemas, as before
 from restorer.sources import (
     ListingTask,
     SourceConfig,
-    count_inputs,
+    count_listing,
     detect_layout,
     known_total,
     listing_tasks,
@@ -116,6 +116,9 @@ if TYPE_CHECKING:
 # torch (and the modules that need it: models, tiling) is imported where the driver uses it,
 # not here: task workers import this module's neighbours, and torch costs a process ~1.7 s.
 log = logging.getLogger(__name__)
+# At the end of a job, how long the summary waits for the walk that counts a local folder's
+# inputs and non-image files (begun with the job) before it goes without the non-image count
+COUNT_WAIT_SECONDS = 30.0
 
 
 def run_restore(spec: RestoreSpec) -> dict[str, Any]:
@@ -219,11 +222,14 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
     if spec.input.limit:
         total = min(total or spec.input.limit, spec.input.limit)
     with _stop_on_signals() as stop, Progress("restore", total) as progress:
+        counting = None
         if total is None and layout == "files" and not storage.is_remote(spec.input.uri):
-            _count_in_background(tasks, config, progress)
+            counting = _count_in_background(tasks, config, progress, state)
         _execute(spec, state, build_pipeline(spec, plan, tasks, config, frozenset(done),
                                              resumed, model_sha256),
                  with_errors, stop, progress)
+        if counting is not None:  # the walk began with the job: it is done, or nearly
+            counting.join(timeout=COUNT_WAIT_SECONDS)
     state.total = state.succeeded + state.failed + state.skipped
     summary = summarize(state, time.time() - state.started)
     summary["resumed"] = resumed
@@ -405,15 +411,26 @@ def _audit(spec: RestoreSpec, summary: dict[str, Any], run: Digest | None = None
 
 
 def _count_in_background(tasks: list[ListingTask], config: SourceConfig,
-                         progress: Progress) -> None:
-    """Give a local folder's progress bar its total once a counting walk has finished."""
+                         progress: Progress, state: JobState) -> threading.Thread:
+    """Give a local folder's progress bar its total once a counting walk has finished, and
+    the summary the non-image files the listing skipped (``skipped_non_images``)."""
     def count() -> None:
         try:
-            progress.set_total(count_inputs(tasks, config))
+            counted = count_listing(tasks, config)
         except (OSError, RestorerError) as e:  # progress only: the listing reports errors
             log.debug("could not count the inputs: %s", e)
+            return
+        progress.set_total(counted.inputs)
+        state.non_images, state.non_image_examples = (counted.non_images,
+                                                      counted.non_image_examples)
+        if counted.non_images:
+            log.info("%d files of the input are not images (by extension: input.extensions) "
+                     "and are skipped, e.g. %s", counted.non_images,
+                     ", ".join(counted.non_image_examples[:3]))
 
-    threading.Thread(target=count, name="restorer-count", daemon=True).start()
+    thread = threading.Thread(target=count, name="restorer-count", daemon=True)
+    thread.start()
+    return thread
 
 
 @contextlib.contextmanager

@@ -33,6 +33,9 @@ DECODED_FIELDS = PLAN_FIELDS + [
     ("icc", pa.binary()), ("exif", pa.binary()), ("src_format", pa.string()),
     ("src_mode", pa.string()), ("note", pa.string()), ("in_bytes", pa.int64()),
     ("retries", pa.int32()),  # transient failures retried for this image in this run
+    # a JPEG source's settings (restorer.codec.JpegSettings), for the encode stage to match;
+    # 0 and "" for other sources
+    ("src_quality", pa.int32()), ("src_subsampling", pa.string()),
 ]
 RESTORED_FIELDS = DECODED_FIELDS + [
     ("out_height", pa.int32()), ("out_width", pa.int32()), ("tiles", pa.int32()),
@@ -40,8 +43,8 @@ RESTORED_FIELDS = DECODED_FIELDS + [
     ("change_p99", pa.float32()), ("noise_in", pa.float32()), ("noise_out", pa.float32()),
     ("residual_structure", pa.float32()),  # restorer.audit: 0 noise-like ... 1 image structure
 ]
-RECORD_FIELDS = [f for f in RESTORED_FIELDS if f[0] not in ("pixels", "alpha", "icc", "exif",
-                                                            "data", "size")] + [
+RECORD_FIELDS = [f for f in RESTORED_FIELDS if f[0] not in (
+    "pixels", "alpha", "icc", "exif", "data", "size", "src_quality", "src_subsampling")] + [
     ("out_bytes", pa.int64()), ("sha256", pa.string()), ("write_seconds", pa.float64()),
     ("encoded", pa.large_binary()),  # parquet output layout only: the image, for the shard
     ("replaced", pa.int32()),  # 1 if a resumed job found (and replaced) this output already

@@ -271,24 +271,60 @@ def _chunked(layout: str, uri: str, row_counts: list[int], chunk: int) -> list[L
             for group, rows in enumerate(row_counts) for offset in range(0, rows, chunk)]
 
 
-def count_inputs(tasks: list[ListingTask], config: SourceConfig) -> int:
-    """How many inputs the listing tasks of a folder will list (the same filters as
-    :func:`expand`, counting only). Costs one more walk of the tree: for progress totals."""
-    count = 0
+@dataclass(frozen=True)
+class InputCount:
+    """What a walk of a ``files`` input found: the inputs it lists, and the files it leaves
+    out because their extension is not an image's (``input.extensions``)."""
+
+    inputs: int
+    non_images: int  # files the job will not read (text, RAW, video, ...); hidden files aside
+    non_image_examples: tuple[str, ...]  # the first few of them, by key
+
+
+NON_IMAGE_EXAMPLES = 10
+
+
+def count_listing(tasks: list[ListingTask], config: SourceConfig,
+                  examples: int = NON_IMAGE_EXAMPLES) -> InputCount:
+    """Count the inputs the listing tasks of a folder will list (the same filters as
+    :func:`expand`, counting only), and the non-image files they skip (those the include /
+    exclude globs keep but whose extension is not an image's). Costs one more walk of the
+    tree: for progress totals and the summary."""
+    extensions = tuple(e.lower() for e in config.extensions)
+    inputs, skipped, names = 0, 0, []
+
+    def tally(key: str) -> None:
+        nonlocal inputs, skipped
+        if config.skip_prefix and key.startswith(config.skip_prefix):
+            return
+        if not storage.matches(key, config.include, config.exclude):
+            return
+        if key.lower().endswith(extensions):
+            inputs += 1
+        else:
+            skipped += 1
+            if len(names) < examples:
+                names.append(key)
+
     for task in tasks:
         if task.partitions:  # the flat folder, counted once (by its first partition)
-            count += sum(_listed(e.name, config) for page in storage.scan_folder(
-                task.uri, config.options, config.page_size) for e in page if not e.is_dir
-                ) if task.partition == 0 else 0
+            if task.partition == 0:
+                for page in storage.scan_folder(task.uri, config.options, config.page_size):
+                    for entry in page:
+                        if not entry.is_dir:
+                            tally(entry.name)
             continue
-        for entries in storage.walk_files(task.uri, config.extensions, (), (),
-                                          options=config.options, recursive=task.recursive):
+        for entries in storage.walk_files(task.uri, ("",), (), (), options=config.options,
+                                          recursive=task.recursive):
             for entry in entries:
-                key = task.key_prefix + entry.key
-                count += ((not task.name or entry.key == task.name)
-                          and not (config.skip_prefix and key.startswith(config.skip_prefix))
-                          and storage.matches(key, config.include, config.exclude))
-    return count
+                if not task.name or entry.key == task.name:
+                    tally(task.key_prefix + entry.key)
+    return InputCount(inputs, skipped, tuple(sorted(names)))
+
+
+def count_inputs(tasks: list[ListingTask], config: SourceConfig) -> int:
+    """How many inputs the listing tasks of a folder will list (see :func:`count_listing`)."""
+    return count_listing(tasks, config, examples=0).inputs
 
 
 def known_total(tasks: list[ListingTask]) -> int | None:

@@ -61,6 +61,8 @@ def read_and_decode(batch: pa.Table, storage_options: storage.StorageOptions, ma
                            alpha=b"" if image.alpha is None else image.alpha.tobytes(),
                            icc=image.icc or b"", exif=image.exif or b"",
                            src_format=image.format, src_mode=image.mode, note=image.note,
+                           src_quality=image.jpeg.quality if image.jpeg else 0,
+                           src_subsampling=image.jpeg.subsampling if image.jpeg else "",
                            status="decoded")
             except Exception as e:  # noqa: BLE001 - any decoder failure quarantines one image
                 fail(row, "decode", e, PERMANENT)
@@ -90,8 +92,11 @@ def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOpti
                     alpha = pixels_of(row, "alpha", channels=1)[..., 0]
                     if alpha.shape != pixels.shape[:2]:
                         alpha = _resize_plane(alpha, pixels.shape[1], pixels.shape[0])
+                source_jpeg = None
+                if row["src_quality"]:  # a JPEG source: by default its settings are matched
+                    source_jpeg = codec.JpegSettings(row["src_quality"], row["src_subsampling"])
                 data = codec.encode(pixels, alpha, row["format"], row["icc"] or None,
-                                    row["exif"] or None, options)
+                                    row["exif"] or None, options, source_jpeg)
             except Exception as e:  # noqa: BLE001 - one image's failure is its record
                 records.append(fail(row, "write", e, PERMANENT))
                 continue

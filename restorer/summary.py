@@ -39,6 +39,10 @@ class JobState:
     missing: int = 0  # inputs that vanished: their units wait MISSING_RUNS runs, then commit
     incomplete_units: int = 0  # units left uncommitted for those
     digest: Digest = field(default_factory=Digest)  # what this run committed, in brief
+    # files of a local input folder left out as not images (by extension), and a few of their
+    # names; None where they were not counted (S3 prefixes, shards, manifests)
+    non_images: int | None = None
+    non_image_examples: tuple[str, ...] = ()
 
 
 def account(state: JobState, record: dict[str, Any]) -> None:
@@ -90,6 +94,8 @@ def summarize(state: JobState, elapsed: float) -> dict[str, Any]:
         "replaced_outputs": state.replaced, "abandoned_images": state.abandoned,
         "retries": state.retries, "transient_failures": state.transient,
         "missing_inputs": state.missing, "incomplete_units": state.incomplete_units,
+        "skipped_non_images": state.non_images,
+        "non_image_examples": list(state.non_image_examples),
         "model": state.model_uri, "model_sha256": state.model_sha256,
         "fingerprint": state.fingerprint, "spec": spec_to_dict(state.spec),
         "input": state.spec.input.uri, "output": state.spec.output.uri,

@@ -8,8 +8,9 @@ a cluster needs:
   or ``s3://`` prefix), read by every worker; random patches with flips/rotations and
   degradations synthesised on the fly with an explicit RNG seeded by (seed, rank, step), so a
   resumed run draws the same batches;
-- **checkpoints**: every ``validation.every`` steps rank 0 validates (PSNR, SSIM on a held-apart
-  folder), and writes a checkpoint folder: ``model.safetensors`` (a restorer model with its net
+- **checkpoints**: every ``validation.every`` steps, and when ``validation.every_seconds``
+  passed since the last one, rank 0 validates (PSNR, SSIM on a held-apart folder) and writes a
+  checkpoint folder: ``model.safetensors`` (a restorer model with its net
   spec and provenance, loadable by ``restorer restore --model``), ``state.pt`` (optimizer, EMA,
   step; loaded with ``weights_only=True``), ``meta.json`` (format version, step) and the
   ``history.jsonl`` so far (the format: :mod:`restorer.train_checkpoints`). Ray keeps the
@@ -21,7 +22,11 @@ a cluster needs:
   finishes, checkpoint folders that Ray does not keep (a killed run's orphans) are deleted, so
   ``output.keep`` folders remain;
 - **results**: ``STORAGE/NAME/model.safetensors`` (the best), ``history.jsonl`` and
-  ``curves.png`` (loss and validation PSNR by step).
+  ``curves.png`` (loss and validation PSNR by step);
+- **the console**: the driver alone shows the run (:class:`_Watcher`: one progress bar or a
+  log line every 30 s, one line per checkpoint), fed by rank 0 through a small actor
+  (:class:`TrainEvents`); Ctrl-C asks rank 0 for a checkpoint and a clean end, and says where
+  it is (:func:`_stop_on_signals`).
 
 The file reads top down: the driver (:func:`run_train`, run where ``restorer train`` runs),
 then the loop each Ray Train worker runs (:func:`train_loop_per_worker`).
@@ -29,11 +34,13 @@ then the loop each Ray Train worker runs (:func:`train_loop_per_worker`).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
 import logging
 import os
+import signal
 import tempfile
 import time
 from typing import Any
@@ -42,7 +49,7 @@ import numpy as np
 import torch
 
 from restorer import console, degrade, storage
-from restorer.errors import JobError, NotFoundError
+from restorer.errors import JobError, JobStopped, NotFoundError
 from restorer.jobs import (  # the spec classes live in jobs; re-exported here
     TRAIN_DEGRADATIONS,
     Degradation,
@@ -54,7 +61,7 @@ from restorer.jobs import (  # the spec classes live in jobs; re-exported here
     spec_to_dict,
 )
 from restorer.nets import build_net
-from restorer.progress import Progress, stderr_is_tty
+from restorer.progress import Progress
 from restorer.train import EMA, Schedule, Trainer, precision_for
 from restorer.train_checkpoints import (
     CHECKPOINT_FILES,
@@ -109,10 +116,11 @@ def run_train(spec: TrainSpec) -> dict[str, Any]:
     per_node = -(-plan.workers // max(nodes, 1))  # workers sharing a node's cores
     threads = 2 if plan.gpus_per_worker else max(1, int(node_cpus // per_node))
     storage_path, filesystem = _storage_filesystem(spec.output.storage_path, options)
+    events = ray.remote(num_cpus=0)(TrainEvents).remote()
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"spec": spec, "threads": spec.resources.threads_per_worker or threads,
-                           "tty": stderr_is_tty(), "quiet": console.quiet},
+                           "quiet": console.quiet, "events": events},
         scaling_config=ray.train.ScalingConfig(
             num_workers=plan.workers, use_gpu=plan.gpus_per_worker > 0,
             resources_per_worker={"CPU": plan.cpus_per_worker,
@@ -126,14 +134,179 @@ def run_train(spec: TrainSpec) -> dict[str, Any]:
                 checkpoint_score_attribute="val_psnr" if spec.data.val_uri else "step",
                 checkpoint_score_order="max")))
     started = time.time()
-    result = trainer.fit()
+    run_uri = storage.join(spec.output.storage_path, spec.name)
+    watcher = _Watcher(events, spec)
+    try:
+        with _stop_on_signals(events, run_uri, options) as stopping:
+            result = watcher.run(trainer.fit)
+    finally:
+        ray.kill(events)
     if result.error:
         raise JobError(f"Training run {spec.name} failed: {result.error}")
     kept = {os.path.basename(c.path.rstrip("/")) for c, _ in result.best_checkpoints or []}
     if result.checkpoint is not None:
         kept.add(os.path.basename(result.checkpoint.path.rstrip("/")))
-    prune_checkpoints(storage.join(spec.output.storage_path, spec.name), kept, options)
-    return finish_run(spec, result, time.time() - started)
+    prune_checkpoints(run_uri, kept, options)
+    summary = finish_run(spec, result, time.time() - started)
+    if stopping.is_set() and summary["steps"] < spec.optim.steps:
+        raise JobStopped(_saved(run_uri, options, stopped=True) + " (the run's model, history "
+                         f"and report so far are in {run_uri}); rerun the same command to go on "
+                         f"to step {spec.optim.steps}")
+    return summary
+
+
+class TrainEvents:
+    """A Ray actor between rank 0 and the driver: rank 0 sends progress (fire and forget) and
+    the driver drains it; the driver asks for a stop (Ctrl-C) and rank 0 reads it."""
+
+    def __init__(self) -> None:
+        self._events: list[dict[str, Any]] = []
+        self._stop = False
+
+    def put(self, event: dict[str, Any]) -> None:
+        self._events.append(event)
+
+    def drain(self) -> list[dict[str, Any]]:
+        events, self._events = self._events, []
+        return events
+
+    def request_stop(self) -> None:
+        self._stop = True
+
+    def stop_requested(self) -> bool:
+        return self._stop
+
+
+class _Watcher:
+    """The driver's view of a run: one progress bar (a terminal) or a line every 30 s (a log),
+    fed by rank 0 through :class:`TrainEvents`, and one line per checkpoint. Nothing of it is
+    printed by the workers, so nothing comes twice or with a ``(pid=...)`` prefix."""
+
+    POLL_SECONDS = 0.5
+
+    def __init__(self, events: Any, spec: TrainSpec) -> None:
+        self.events, self.spec = events, spec
+        self.progress: Progress | None = None
+
+    def run(self, fit: Any) -> Any:
+        """``fit()`` in a thread (so that Ray Train installs no SIGINT handler of its own and
+        ours decides), while this thread shows its progress; returns its result."""
+        import threading
+
+        import ray
+
+        outcome: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                with _ray_address_for_train_actors():
+                    outcome["result"] = fit()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the calling thread
+                outcome["error"] = e
+
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
+        thread = threading.Thread(target=target, name="restorer-train-fit", daemon=True)
+        thread.start()
+        try:
+            with logging_redirect_tqdm():  # log lines above the bar, not glued to it
+                while thread.is_alive():
+                    thread.join(self.POLL_SECONDS)
+                    self._show(ray.get(self.events.drain.remote()))
+                self._show(ray.get(self.events.drain.remote()))
+        finally:
+            if self.progress is not None:
+                self.progress.close()
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["result"]
+
+    def _show(self, events: list[dict[str, Any]]) -> None:
+        for event in events:
+            if event["kind"] == "start":
+                if event["source"]:
+                    log.info("resumed at step %d from %s", event["step"], event["source"])
+                if self.progress is not None:  # a worker restarted by FailureConfig
+                    self.progress.close()
+                self.progress = Progress("train", self.spec.optim.steps, unit="steps",
+                                         interval=30.0, initial=event["step"])
+                continue
+            if self.progress is None:
+                continue
+            if event["kind"] == "step":
+                self.progress.update(event["step"] - self.progress.done,
+                                     loss=f"{event['loss']:.4f}")
+            elif event["kind"] == "checkpoint":
+                self.progress.update(event["step"] - self.progress.done)
+                log.info("step %d: checkpoint written (%s; loss %.4f%s)", event["step"],
+                         event["why"], event["loss"],
+                         f", validation PSNR {event['val_psnr']:.2f} dB"
+                         if "val_psnr" in event else "")
+
+
+@contextlib.contextmanager
+def _stop_on_signals(events: Any, run_uri: str, options: storage.StorageOptions):
+    """A first Ctrl-C (or SIGTERM) asks rank 0 to write a checkpoint and end the run there;
+    a second Ctrl-C aborts at once, saying which checkpoint a rerun resumes from."""
+    import threading
+
+    import ray
+
+    stopping = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stopping
+        return
+
+    def handle(signum: int, _frame: Any) -> None:
+        if stopping.is_set() and signum == signal.SIGINT:
+            log.warning("aborted: %s", _saved(run_uri, options, stopped=False))
+            raise KeyboardInterrupt
+        stopping.set()
+        ray.get(events.request_stop.remote())
+        log.warning("stopping: rank 0 writes a checkpoint at its next step, then the run ends "
+                    "(Ctrl-C again to abort at once; %s)", _saved(run_uri, options,
+                                                                  stopped=False))
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stopping
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _saved(run_uri: str, options: storage.StorageOptions, stopped: bool) -> str:
+    """What a rerun resumes from: the newest complete checkpoint folder, or none."""
+    folders = checkpoint_folders(run_uri, options)
+    if not folders:
+        return "no checkpoint saved yet: a rerun starts from step 0"
+    step, folder = folders[0]
+    verb = "stopped with the checkpoint of" if stopped else "last checkpoint:"
+    return f"{verb} step {step} in {folder}"
+
+
+@contextlib.contextmanager
+def _ray_address_for_train_actors():
+    """Ray Train's controller and its helper actors look the cluster up through Ray's state
+    API, which, given no address, guesses from the Ray instances running on this machine and
+    fails ("ConnectionError: Found multiple active Ray instances") where there are several.
+    For the run, ``RAY_ADDRESS`` names this driver's cluster and Ray Train passes it on to its
+    controller (``ENV_VARS_TO_PROPAGATE``), whose actors inherit it."""
+    import ray
+    from ray.train.v2._internal import constants
+
+    address = ray.get_runtime_context().gcs_address
+    propagated = getattr(constants, "ENV_VARS_TO_PROPAGATE", None)
+    if not address or not isinstance(propagated, set) or "RAY_ADDRESS" in os.environ:
+        yield
+        return
+    os.environ["RAY_ADDRESS"] = address
+    propagated.add("RAY_ADDRESS")
+    try:
+        yield
+    finally:
+        propagated.discard("RAY_ADDRESS")
+        os.environ.pop("RAY_ADDRESS", None)
 
 
 def _storage_filesystem(uri: str, options: storage.StorageOptions):
@@ -241,7 +414,8 @@ def plot_curves(history: list[dict[str, Any]], width: int = 640, height: int = 3
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train worker: a :class:`restorer.train.Trainer` fed by this rank's batches; rank 0
-    validates and checkpoints every ``validation.every`` steps."""
+    validates and checkpoints every ``validation.every`` steps, every
+    ``validation.every_seconds``, and at a stop the driver asked for (:class:`_Control`)."""
     import ray.train
     import ray.train.torch
 
@@ -284,33 +458,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     run_uri = storage.join(spec.output.storage_path, spec.name)
     resumed = resume_state(run_uri, options, ray.train.get_checkpoint(),
                            _same_on_every_rank(checkpoint_folders(run_uri, options)))
+    events = config.get("events")  # restorer.train_job.TrainEvents: the driver's view
     if resumed is not None:
         state, step, history, source = resumed
         trainer.load_state_dict(state)  # the trained weights (the model file may be EMA)
-        log.info("rank %d resumes at step %d from %s", rank, step, source)
+        log.debug("rank %d resumes at step %d from %s", rank, step, source)
+    if rank == 0 and events is not None:
+        events.put.remote({"kind": "start", "step": step,
+                           "source": str(resumed[3]) if resumed is not None else ""})
     resumed_from = step if resumed is not None else None
     if config.get("quiet"):  # Ray Train's INFO chatter stays in the log files
         for name in console.RAY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
     running, count, started = 0.0, 0, time.time()
-    progress = None
-    if rank == 0:  # one bar for the run: on the driver's terminal (Ray's tqdm), else log lines
-        bar = None
-        if config.get("tty"):
-            from ray.experimental.tqdm_ray import tqdm as bar
-        progress = Progress("train", spec.optim.steps, unit="steps", interval=30.0, tty=False,
-                            initial=step, bar=bar)
+    control = _Control(rank, events, spec.validation.every_seconds)
     while step < spec.optim.steps:
         rng = np.random.default_rng([spec.optim.seed, rank, step])
         clean = degrade.sample_patches(images, spec.optim.patch_size, spec.optim.batch_size, rng)
         degraded = degrade_batch(clean, spec.degradation, rng, scale)
-        running += trainer.step(to_nchw(clean).to(device), to_nchw(degraded).to(device),
-                                schedule(step / spec.optim.steps, step))
+        loss = trainer.step(to_nchw(clean).to(device), to_nchw(degraded).to(device),
+                            schedule(step / spec.optim.steps, step))
+        running += loss
         count += 1
         step += 1
-        if progress is not None:
-            progress.update(1)
-        if step % spec.validation.every == 0 or step == spec.optim.steps:
+        control.progress(step, loss)
+        why = control.checkpoint_due(step, spec.validation.every, spec.optim.steps)
+        if why:
             metrics = {"step": step, "loss": running / count,
                        "lr": schedule(step / spec.optim.steps, step),
                        "seconds": round(time.time() - started, 2)}
@@ -331,11 +504,62 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                      checkpoint=ray.train.Checkpoint.from_directory(folder))
             else:
                 ray.train.report(metrics, checkpoint=None)
-            if progress is not None:
-                progress.update(0, loss=f"{metrics['loss']:.4f}", **(
-                    {"val_psnr": f"{metrics['val_psnr']:.2f}"} if "val_psnr" in metrics else {}))
-    if progress is not None:
-        progress.close()
+            control.checkpointed(metrics, why)
+            if why == "stop":
+                break
+
+
+class _Control:
+    """What rank 0 tells the driver (progress, checkpoints) and what all ranks decide together:
+    whether a checkpoint is due by time or a stop was asked for. Those two are decided by rank
+    0 every ``CONTROL_STEPS`` steps and broadcast, so every rank checkpoints (and reports to
+    Ray Train) at the same step."""
+
+    CONTROL_STEPS = 10  # steps between decisions shared by all ranks
+    PROGRESS_SECONDS = 0.2  # rank 0 sends progress at most this often
+    STOP_POLL_SECONDS = 0.5  # ... and asks the driver whether to stop at most this often
+
+    def __init__(self, rank: int, events: Any, every_seconds: float) -> None:
+        self.rank, self.events, self.every_seconds = rank, events, every_seconds
+        self.last_checkpoint = self.last_sent = self.last_poll = time.time()
+        self.stop = False
+
+    def progress(self, step: int, loss: float) -> None:
+        now = time.time()
+        if self.rank == 0 and self.events is not None and now - self.last_sent >= \
+                self.PROGRESS_SECONDS:
+            self.last_sent = now
+            self.events.put.remote({"kind": "step", "step": step, "loss": float(loss)})
+
+    def checkpoint_due(self, step: int, every: int, steps: int) -> str:
+        """"" or why a checkpoint is written at ``step``: "steps", "time", "stop" or "end"."""
+        if step % self.CONTROL_STEPS == 0:
+            decision = ""
+            if self.rank == 0:
+                import ray
+
+                now = time.time()
+                if self.events is not None and now - self.last_poll >= self.STOP_POLL_SECONDS:
+                    self.last_poll = now
+                    self.stop = ray.get(self.events.stop_requested.remote())
+                if self.stop:
+                    decision = "stop"
+                elif self.every_seconds and now - self.last_checkpoint >= self.every_seconds:
+                    decision = "time"
+            decision = _same_on_every_rank(decision)
+            if decision == "stop" and step < steps:
+                return "stop"
+            if decision == "time" and step % every and step < steps:
+                return f"{self.every_seconds:g} s since the last one"
+        if step == steps:
+            return "end"
+        return f"every {every} steps" if step % every == 0 else ""
+
+    def checkpointed(self, metrics: dict[str, Any], why: str) -> None:
+        self.last_checkpoint = time.time()
+        if self.rank == 0 and self.events is not None:
+            self.events.put.remote({"kind": "checkpoint", "why": why, **{
+                k: v for k, v in metrics.items() if k in ("step", "loss", "val_psnr")}})
 
 
 def _same_on_every_rank(value: Any) -> Any:

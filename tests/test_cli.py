@@ -16,6 +16,56 @@ def test_models_lists_the_default():
     assert any(r["default"] and r["name"] == "restore-default" for r in rows)
 
 
+def test_models_say_what_each_is_for_and_which_to_pick():
+    from restorer.models import card, choices, zoo
+
+    result = CliRunner().invoke(main, ["models"])
+    assert result.exit_code == 0, result.output
+    for name in zoo():
+        assert card(name).purpose in result.output  # the card's paragraph, as the card has it
+        assert f"\n{name}" in result.output
+    assert result.output.count("learnt: ") == len(zoo())
+    assert result.output.count("GMAC per megapixel") == len(zoo())
+    assert "set12 sigma 15/25/50: 24.68/20.35/14.77 -> " in result.output  # from the cards
+    picks = result.output[result.output.index("which to pick"):]
+    for need in ("noise, colour", "noise, gray", "noise, then JPEG", "JPEG artifacts", "scans",
+                 "upscaling"):
+        assert need in picks, need
+    assert {c.model for c in choices()} <= set(zoo())
+
+
+def test_models_by_name_and_unknown_names_exit_2_with_the_list():
+    result = CliRunner().invoke(main, ["models", "sr-x2"])
+    assert result.exit_code == 0, result.output
+    assert result.output.lstrip().startswith("sr-x2: x2 super-resolution")
+    assert "restore-default" not in result.output
+    rows = json.loads(CliRunner().invoke(main, ["models", "sr-x4", "--json"]).output)
+    assert rows[0]["name"] == "sr-x4" and rows[0]["measured"][0]["setting"] == "x4"
+    result = CliRunner().invoke(main, ["models", "sr-x3"])
+    assert result.exit_code == 2
+    assert "sr-x3" in result.output and "sr-x2, sr-x4" in result.output
+
+
+def test_models_text_follows_the_card(tmp_path, monkeypatch):
+    """A retrained model's card (recipes --ship rewrites it) is what `restorer models` says."""
+    from restorer import models
+
+    for path in models.ZOO_DIR.iterdir():
+        (tmp_path / path.name).symlink_to(path)
+    (tmp_path / "restore-default.md").unlink()
+    text = (models.ZOO_DIR / "restore-default.md").read_text()
+    first = text.splitlines()[2]
+    text = text.replace(first, "A **camera-photo denoiser**, retrained.")
+    text = text.replace("| set12 | sigma 15 | 12 | 24.68 | **31.94**", "| set12 | sigma 15 | 12 "
+                        "| 24.68 | **33.33**")
+    (tmp_path / "restore-default.md").write_text(text)
+    monkeypatch.setattr(models, "ZOO_DIR", tmp_path)
+    result = CliRunner().invoke(main, ["models", "restore-default"])
+    assert result.exit_code == 0, result.output
+    assert "restore-default (default): A camera-photo denoiser, retrained." in result.output
+    assert "24.68/20.35/14.77 -> 33.33/29.53/26.12 dB" in result.output
+
+
 def test_bad_spec_exits_2_and_names_the_key(tmp_path):
     spec = tmp_path / "bad.toml"
     spec.write_text('kind = "restore"\n[input]\nuri = "x"\nwat = 1\n')
@@ -94,3 +144,24 @@ def test_cli_as_a_subprocess_on_the_running_cluster(ray_session, mixed_folder, t
     assert result.returncode == 0, result.stderr[-3000:]
     assert "restored 5 of 5 images" in result.stdout
     assert (tmp_path / "o" / "sub dir" / "rgba é.png").exists()
+
+
+def test_skipped_non_image_files_are_counted_and_named(ray_session, mixed_folder, tmp_path,
+                                                       tiny_model):
+    source, _ = mixed_folder  # holds notes.txt
+    (source / "raw.CR2").write_bytes(b"raw")
+    (source / "sub dir" / "clip.mp4").write_bytes(b"video")
+    (source / ".DS_Store").write_bytes(b"hidden: never listed, never counted")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["restore", str(source), str(out), "--model", tiny_model,
+                                       "--tile", "64", "--json"])
+    assert result.exit_code == 3, result.output  # corrupt.jpg
+    summary = json.JSONDecoder().raw_decode(result.output, result.output.index("{"))[0]
+    assert summary["skipped_non_images"] == 3
+    assert summary["non_image_examples"] == ["notes.txt", "raw.CR2", "sub dir/clip.mp4"]
+    assert summary["total"] == 6  # the six images, nothing else
+
+    result = CliRunner().invoke(main, ["inspect", str(out)])
+    assert result.exit_code == 0, result.output
+    assert ("non-image files skipped (extension not in input.extensions): 3: notes.txt, "
+            "raw.CR2, sub dir/clip.mp4") in result.output

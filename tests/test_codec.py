@@ -42,6 +42,41 @@ def test_jpeg_is_444_quality_95_and_refuses_alpha(rng):
         codec.encode(pixels, pixels[..., 0], "jpeg")
 
 
+def _jpeg(pixels: np.ndarray, **kwargs) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, "JPEG", **kwargs)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("quality", [20, 50, 75, 92, 100])
+@pytest.mark.parametrize("subsampling", ["4:4:4", "4:2:2", "4:2:0"])
+def test_a_jpeg_sources_quality_and_subsampling_are_read_from_its_header(quality, subsampling,
+                                                                          rng):
+    pixels = rng.integers(0, 255, (24, 32, 3)).astype(np.uint8)
+    decoded = codec.decode(_jpeg(pixels, quality=quality, subsampling=subsampling))
+    assert decoded.jpeg == codec.JpegSettings(quality, subsampling)
+    gray = codec.decode(_jpeg(pixels[..., 0], quality=quality))
+    assert gray.jpeg == codec.JpegSettings(quality, "")
+    assert codec.decode(_png(Image.fromarray(pixels))).jpeg is None
+
+
+def test_jpeg_output_matches_its_source_unless_told(rng):
+    pixels = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
+    source = codec.JpegSettings(75, "4:2:0")
+
+    def written(options: codec.EncodeOptions, src: codec.JpegSettings | None) -> tuple:
+        back = codec.decode(codec.encode(pixels, None, "jpeg", options=options,
+                                         source_jpeg=src))
+        return back.jpeg.quality, back.jpeg.subsampling
+
+    assert written(codec.EncodeOptions(), source) == (codec.matched_quality(75), "4:2:0")
+    assert codec.matched_quality(75) == 90 and codec.matched_quality(40) == 55
+    assert codec.matched_quality(95) == 95  # never below the source's quality
+    assert written(codec.EncodeOptions(jpeg_quality=60), source) == (60, "4:2:0")
+    assert written(codec.EncodeOptions(jpeg_subsampling="4:4:4"), source) == (90, "4:4:4")
+    assert written(codec.EncodeOptions(), None) == (95, "4:4:4")  # a PNG source, say
+
+
 def test_exif_orientation_applied_and_reset_icc_kept():
     image = Image.fromarray(np.arange(6 * 4, dtype=np.uint8).reshape(4, 6))  # 6 wide, 4 high
     exif = Image.Exif()

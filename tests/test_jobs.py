@@ -64,10 +64,23 @@ def test_only_named_fields_may_be_overridden():
         jobs.apply_overrides(spec, tile=3)
 
 
+def test_jpeg_quality_matches_the_source_by_default_and_a_flag_chooses(tmp_path):
+    spec = jobs.spec_from_dict({"kind": "restore", "input": {"uri": "a"}, "output": {"uri": "b"}})
+    assert (spec.output.jpeg_quality, spec.output.jpeg_subsampling) == (0, "same")
+    assert jobs.apply_overrides(spec, quality=80).output.jpeg_quality == 80  # run --quality
+    path = tmp_path / "job.toml"
+    path.write_text('kind = "restore"\n[input]\nuri = "a"\n[output]\nuri = "b"\n'
+                    'jpeg_quality = 85\njpeg_subsampling = "4:2:0"\n')
+    loaded = jobs.load_spec(path)
+    assert (loaded.output.jpeg_quality, loaded.output.jpeg_subsampling) == (85, "4:2:0")
+    assert loaded.fingerprint("x") != spec.fingerprint("x")
+
+
 @pytest.mark.parametrize("flags,match", [
     ({"format": "gif"}, "output.format"), ({"strength": 4.0}, "strength"),
     ({"precision": "int8"}, "precision"), ({"tile": 8}, "too small"),
     ({"gpus_per_worker": -3.0}, "gpus_per_worker"),
+    ({"jpeg_quality": 101}, "jpeg_quality"), ({"jpeg_subsampling": "4:1:1"}, "jpeg_subsampling"),
 ])
 def test_validation_names_the_field(flags, match):
     spec = jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", **flags)

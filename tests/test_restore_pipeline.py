@@ -159,3 +159,31 @@ def test_actor_class_in_a_users_own_pipeline(ray_session, tmp_path, tiny_model):
     direct = RestoreActor(model=tiny_model, tile=32)
     expected, _ = direct.restore_arrays([np.asarray(Image.open(folder / "0.png"))])
     assert any(np.array_equal(expected[0], i) for i in images)
+
+
+def test_jpeg_outputs_match_their_sources_settings(ray_session, tmp_path):
+    """A q75 4:2:0 photo comes back as a 4:2:0 JPEG near its own size, within 40 dB of the
+    restored pixels (the PNG job's output is those pixels, losslessly); --quality chooses."""
+    from restorer import codec
+    from restorer.samples import noisy, scene
+
+    source = tmp_path / "in"
+    source.mkdir()
+    photo = np.round(noisy(scene(256, 256, 3, seed=7), 4.0, seed=8) * 255).astype(np.uint8)
+    Image.fromarray(photo).save(source / "photo.jpg", quality=75, subsampling="4:2:0")
+    in_bytes = (source / "photo.jpg").stat().st_size
+
+    restore(str(source), str(tmp_path / "png"), model="jpeg", format="png")
+    restored = np.asarray(Image.open(tmp_path / "png" / "photo.png"))
+    restore(str(source), str(tmp_path / "jpg"), model="jpeg")
+    data = (tmp_path / "jpg" / "photo.jpg").read_bytes()
+    written = codec.decode(data)
+    assert written.jpeg.subsampling == "4:2:0"
+    assert written.jpeg.quality == codec.matched_quality(75)
+    assert len(data) <= 1.5 * in_bytes, (len(data), in_bytes)
+    assert _psnr(written.pixels, restored) >= 40.0
+
+    restore(str(source), str(tmp_path / "q60"), model="jpeg", jpeg_quality=60,
+            jpeg_subsampling="4:4:4")
+    assert codec.decode((tmp_path / "q60" / "photo.jpg").read_bytes()).jpeg == \
+        codec.JpegSettings(60, "4:4:4")

@@ -89,7 +89,9 @@ override_options = _options(
     click.option("--input", "input_uri", default=None, help="Override input.uri."),
     click.option("--output", "output_uri", default=None, help="Override output.uri."),
     click.option("--model", default=None, help="Override the model."),
-    click.option("--limit", type=int, default=None, help="Override input.limit."))
+    click.option("--limit", type=int, default=None, help="Override input.limit."),
+    click.option("--quality", type=click.IntRange(0, 100), default=None,
+                 help="Override output.jpeg_quality (0 = match a JPEG input's quality)."))
 # The cluster a `restorer submit` / `restorer jobs ...` command talks to.
 dashboard_option = click.option(
     "--address", default=None,
@@ -126,6 +128,8 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if summary["errors_by_class"]:
         click.echo("errors: " + ", ".join(f"{k} x{v}" for k, v in
                                           summary["errors_by_class"].items()))
+    if summary.get("skipped_non_images"):
+        click.echo(non_images_line(summary))
     flagged = summary.get("flagged") or []
     if flagged:
         click.echo(f"{len(flagged)} images changed far more than the rest; check first: "
@@ -134,6 +138,19 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
     if summary.get("report"):
         click.echo(f"report: {summary['report']}")
     click.echo(f"details: {summary.get('output', '').rstrip('/')}/_restorer/")
+
+
+def non_images_line(summary: dict[str, Any]) -> str:
+    """What a summary says of the input's files that were not images (skipped by extension)."""
+    count = summary.get("skipped_non_images")
+    if count is None:
+        return "non-image files: not counted (counted for local folders)"
+    if not count:
+        return "non-image files: none"
+    examples = summary.get("non_image_examples") or []
+    more = ", ..." if count > len(examples) else ""
+    return (f"non-image files skipped (extension not in input.extensions): {count}: "
+            + ", ".join(examples) + more)
 
 
 def duration(seconds: float) -> str:

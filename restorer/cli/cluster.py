@@ -35,14 +35,14 @@ def _job_exit_code(job) -> int:
               "(repeatable).")
 @click.option("--follow", is_flag=True, help="Stream the logs and exit with the job's status.")
 @errors_to_exit_codes
-def submit(spec_path, address, input_uri, output_uri, model, limit, workers, gpus_per_worker,
-           pip, follow):
+def submit(spec_path, address, input_uri, output_uri, model, limit, quality, workers,
+           gpus_per_worker, pip, follow):
     """Submit SPEC to a Ray cluster through the Jobs API (entrypoint: restorer run SPEC)."""
     from restorer import submit as jobs_api
 
     job_id = jobs_api.submit(spec_path, address, overrides={
         "input": input_uri, "output": output_uri, "model": model, "limit": limit,
-        "workers": workers, "gpus_per_worker": gpus_per_worker}, pip=list(pip) or None)
+        "quality": quality, "workers": workers, "gpus_per_worker": gpus_per_worker}, pip=list(pip) or None)
     click.echo(f"submitted {job_id}; dashboard {jobs_api.dashboard_url(address)}")
     if follow:
         job = jobs_api.follow(address, job_id, write=lambda chunk: click.echo(chunk, nl=False))

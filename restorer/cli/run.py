@@ -33,7 +33,13 @@ from restorer.errors import SpecError
 @click.option("--overlap", type=int, default=None, help="Tile overlap (default: receptive field).")
 @click.option("--format", type=click.Choice(["same", "png", "jpeg", "webp", "tiff"]),
               default=None, help="Output format (default: same as the input).")
-@click.option("--jpeg-quality", type=int, default=None)
+@click.option("--quality", "--jpeg-quality", "jpeg_quality", type=click.IntRange(0, 100),
+              default=None, help="JPEG/WebP quality 1..100 (default 0: a JPEG input's own "
+              "quality, read from its quantisation tables and raised to keep the restoration; "
+              "95 for other inputs).")
+@click.option("--subsampling", "jpeg_subsampling",
+              type=click.Choice(["same", "4:4:4", "4:2:2", "4:2:0"]), default=None,
+              help="JPEG chroma subsampling (default same: a JPEG input's own; else 4:4:4).")
 @click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None)
 @click.option("--strength", type=float, default=None,
               help="Noise-aware models (restore-default): scale of the noise they remove, 0 "
@@ -109,14 +115,15 @@ def restore(uris, manifest, layout, include, exclude, dry_run, as_json, **fields
 @resource_options
 @json_option
 @errors_to_exit_codes
-def run(spec_path, input_uri, output_uri, model, limit, workers, gpus_per_worker, address,
-        as_json):
+def run(spec_path, input_uri, output_uri, model, limit, quality, workers, gpus_per_worker,
+        address, as_json):
     """Run the job in a TOML spec file (kind = "restore" or "train")."""
     from restorer.launch import load_spec, run_spec
 
     spec = load_spec(spec_path)
     spec = specs.apply_overrides(spec, input=input_uri, output=output_uri, model=model,
-                                limit=limit, workers=workers, gpus_per_worker=gpus_per_worker,
+                                limit=limit, quality=quality, workers=workers,
+                                gpus_per_worker=gpus_per_worker,
                                 address=address)
     finish(run_spec(spec), as_json)
 

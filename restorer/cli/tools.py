@@ -3,7 +3,9 @@ and ``samples``."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 
 import click
 
@@ -11,6 +13,7 @@ from restorer.cli.base import (
     errors_to_exit_codes,
     json_option,
     main,
+    non_images_line,
     num_cpus_option,
     print_summary,
 )
@@ -207,39 +210,99 @@ def convert(source, target, arch, channels, num_features, num_layers, batch_norm
 
 
 @main.command()
-@click.argument("paths", nargs=-1)
+@click.argument("names", nargs=-1, metavar="[NAME|PATH]...")
 @json_option
 @errors_to_exit_codes
-def models(paths, as_json):
-    """List the bundled models, or describe model files given by path."""
-    from restorer.models import DEFAULT_MODEL, describe, zoo
+def models(names, as_json):
+    """What each bundled model is for, what it learnt, its measured quality and cost, and which
+    to pick; or only the models NAMEd (bundled names, or paths of model files)."""
+    from restorer import models as zoo_models
 
+    bundled = zoo_models.zoo()
     rows = []
-    if paths:
-        for path in paths:
-            rows.append({"name": path, **describe(path)})
-    else:
-        for name, entry in zoo().items():
-            rows.append({"name": name, "default": name == DEFAULT_MODEL, **describe(str(entry.path)),
-                         "card": str(entry.card) if entry.card else None})
+    for name in names or bundled:
+        if name in bundled:
+            rows.append(_bundled_row(name, bundled[name]))
+        elif os.path.exists(name) or "://" in name:
+            rows.append({"name": name, **zoo_models.describe(name)})
+        else:
+            raise zoo_models.unknown_model(name)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
         click.echo("no bundled models found")
     for row in rows:
-        net = row["net"]
-        metrics = row["provenance"].get("metrics", {})
-        mark = " (default)" if row.get("default") else ""
+        _echo_model(row)
+    if not names and rows:
+        click.echo("\nwhich to pick (restorer restore IN OUT --model NAME):")
+        choices = zoo_models.choices()
+        width = max(len(c.images) for c in choices)
+        model_width = max(len(c.model) for c in choices)
+        for choice in choices:
+            click.echo(f"  {choice.images:<{width}}  {choice.model:<{model_width}}  {choice.why}")
+
+
+def _bundled_row(name, entry):
+    from restorer import models as zoo_models
+
+    card = zoo_models.card(name)
+    row = {"name": name, "default": name == zoo_models.DEFAULT_MODEL,
+           **zoo_models.describe(str(entry.path)),
+           "card": str(entry.card) if entry.card else None,
+           "gmac_per_megapixel": round(zoo_models.macs_per_megapixel(str(entry.path)), 1),
+           "pick_for": [c.images for c in zoo_models.choices() if c.model == name]}
+    if card is not None:
+        row.update(purpose=card.purpose, learnt=card.learnt, limits=card.limits,
+                   parameters=card.parameters,
+                   measured=[dataclasses.asdict(m) for m in card.measured])
+    return row
+
+
+def _measured_line(measured):
+    """Card rows grouped by test set and degradation: "set12 sigma 15/25: 24.68/20.35 ->
+    31.94/29.53 dB"."""
+    groups = {}
+    for m in measured:
+        kind, _, level = m["setting"].rpartition(" ")
+        groups.setdefault((m["set"], kind), []).append((level, m))
+    parts = []
+    for (test_set, kind), items in groups.items():
+        levels = "/".join(level for level, _ in items)
+        before = "/".join(f"{m['input_psnr']:.2f}" for _, m in items)
+        after = "/".join(f"{m['psnr']:.2f}" for _, m in items)
+        parts.append(f"{test_set} {kind + ' ' if kind else ''}{levels}: {before} -> {after} dB")
+    return "; ".join(parts)
+
+
+def _echo_model(row):
+    net = row["net"]
+    mark = " (default)" if row.get("default") else ""
+    if "purpose" not in row:  # a model file, or a bundled model without a card
         fields = " ".join(f"{k}={v}" for k, v in net.items() if k != "arch")
+        metrics = row["provenance"].get("metrics", {})
         click.echo(f"{row['name']}{mark}: {net.get('arch')} {fields}"
                    + (f"  metrics: {json.dumps(metrics)}" if metrics else ""))
         imported = row["provenance"].get("imported")
         if imported:
-            click.echo(f"  imported from {imported['source']} (sha256 {imported['sha256'][:12]}, "
-                       f"{imported['content']}): {imported['layout']}")
-        if row.get("card"):
-            click.echo(f"  card: {row['card']}")
+            click.echo(f"  imported from {imported['source']} (sha256 {imported['sha256'][:12]},"
+                       f" {imported['content']}): {imported['layout']}")
+        return
+    click.echo(f"\n{row['name']}{mark}: {row['purpose']}")
+    click.echo(f"  learnt: {row['learnt']}")
+    if row["measured"]:
+        click.echo("  measured (restorer eval, PSNR input -> output): "
+                   + _measured_line(row["measured"]))
+    parameters = f"{row['parameters']:,} parameters, " if row.get("parameters") else ""
+    planes = ("" if net.get("channels", 1) != 1 or net.get("arch") == "opponent"
+              else " (x3 for colour: plane by plane)")
+    click.echo(f"  cost: {net.get('arch')} net, {parameters}{row['gmac_per_megapixel']:g} GMAC "
+               f"per megapixel{planes}")
+    if row.get("limits"):
+        click.echo(f"  {row['limits']}")
+    if row["pick_for"]:
+        click.echo(f"  pick it for: {'; '.join(row['pick_for'])}")
+    click.echo(f"  card: {row['card']}")
 
 
 @main.command()
@@ -268,6 +331,8 @@ def inspect(output_uri, as_json, top, sort, rebuild_report):
     summary = report["summary"]
     if summary:
         print_summary(summary, False)
+        if not summary.get("skipped_non_images"):  # print_summary names them when there are
+            click.echo(non_images_line(summary))
     click.echo(f"\nrecords: {report['records']} ({report['failed']} failed)")
     click.echo("errors:")
     for row in report["errors"]:

@@ -89,9 +89,20 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_ERRORS_SHOWN = 200
-SUMMARY_FIELDS = ("status", "total", "succeeded", "failed", "skipped", "elapsed_seconds",
-                  "startup_seconds", "images_per_second", "steady_images_per_second",
-                  "megapixels", "resumed")  # the rows of summary.json the page shows
+# The rows of summary.json the page shows, in words, with their units
+SUMMARY_LABELS = {
+    "status": "outcome", "total": "images in this run", "succeeded": "restored",
+    "failed": "failed (quarantined)", "skipped": "skipped (done by an earlier run)",
+    "skipped_non_images": "files left alone (not images)", "elapsed_seconds": "time taken",
+    "startup_seconds": "start-up (to the first restored image)",
+    "images_per_second": "rate, overall", "steady_images_per_second": "rate after start-up",
+    "megapixels": "megapixels restored", "resumed": "continued an earlier run",
+}
+SUMMARY_FIELDS = tuple(SUMMARY_LABELS)
+STATUS_WORDS = {"ok": "every image restored", "failed_images": "done; some images failed",
+                "stopped": "stopped before the end (rerun to finish)",
+                "incomplete": "incomplete: some units failed transiently (rerun to finish)",
+                "empty": "no images found"}
 LEDGER_COLUMNS = ("key", "uri", "out_key", "unit", "status", "change_mean", "change_p99",
                   "residual_structure", "model_seconds")  # what the page reads from a ledger
 SAMPLED = ("key", "uri", "out_key", "unit", "change_mean", "change_p99", "residual_structure")
@@ -128,18 +139,21 @@ def write_report(output_uri: str, options: storage.StorageOptions = DEFAULT_OPTI
     summary = read_json(meta_uri(output_uri, "summary.json"), options)
     spec = job.get("spec") or summary.get("spec") or {}
     layout = (spec.get("output") or {}).get("layout", "files")
+    samples = _samples(output_uri, options, layout, figures["flagged"], figures["others"],
+                       sample)
     page = render.page(
         "job.html", f"restorer report: {output_uri}", summary=summary,
-        summary_rows=[(n, summary[n]) for n in SUMMARY_FIELDS if n in summary],
+        summary_rows=summary_rows(summary), rates=rates(summary),
         tally=figures["tally"],
         timeline=_timeline(figures["commits"], job.get("created")),
         seconds=_seconds(figures["seconds"]),
         errors=_errors(output_uri, options, figures["error_counts"]),
         **_flagged(figures["flagged"], figures["stats"], figures["changes"],
                    figures["structures"]),
-        crop=CROP, samples=_samples(output_uri, options, layout, figures["flagged"],
-                                    figures["others"], sample),
-        provenance_rows=_provenance(job, summary), spec_json=render.spec_json(spec, True))
+        crop=CROP, samples=samples, layout=layout,
+        verdict=verdict(summary, figures["tally"], figures["stats"], figures["flagged"],
+                        samples),
+        provenance_rows=_provenance(job, summary), spec_rows=spec_rows(spec))
     uri = report_uri(output_uri)
     storage.write_bytes(uri, page.encode("utf-8"), options)
     log.info("report written to %s (%d records, %d flagged)", uri, figures["tally"]["records"],
@@ -157,21 +171,119 @@ def write_train_report(run_uri: str, summary: dict[str, Any], history: list[dict
     PSNR curves, the validation history and before/after crops on the validation set.
     """
     final = summary.get("final", {})
+    words = {"step": "last step", "loss": "training loss (last interval)", "lr": "learning rate",
+             "seconds": "seconds (this run)", "val_psnr": "validation PSNR (dB)",
+             "val_ssim": "validation SSIM", "val_input_psnr": "validation input PSNR (dB)",
+             "resumed_from": "resumed from step"}
     page = render.page(
         "train.html", f"restorer training report: {summary.get('name', '')}",
         summary_rows=[("run", summary.get("name")), ("steps", summary.get("steps")),
-                      ("elapsed_seconds", summary.get("elapsed_seconds")),
-                      ("best_val_psnr", summary.get("best_val_psnr")),
-                      *((name, final[name]) for name in sorted(final))],
+                      ("time taken", _seconds_text(float(summary.get("elapsed_seconds") or 0))),
+                      ("best validation PSNR (dB)", summary.get("best_val_psnr")),
+                      *((words.get(name, name), final[name]) for name in sorted(final))],
         curves="data:image/png;base64," + base64.b64encode(curves_png).decode("ascii"),
         history_rows=[tuple(h.get(c) for c in ("step", "loss", "val_psnr", "val_ssim",
                                                "val_input_psnr", "seconds")) for h in history],
         samples=[dict(s, **{key: png_data_uri(s[key])
                             for key in ("degraded", "restored", "clean")}) for s in samples],
-        spec_json=render.spec_json(summary.get("spec", {})))
+        spec_rows=spec_rows(summary.get("spec", {})))
     uri = storage.join(run_uri, "report.html")
     storage.write_bytes(uri, page.encode("utf-8"), options)
     return uri
+
+
+# --- the page's words -------------------------------------------------------------------------
+
+def _seconds_text(value: float) -> str:
+    if value < 90:
+        return f"{value:.3g} s"
+    return f"{value / 60:.1f} min" if value < 5400 else f"{value / 3600:.1f} h"
+
+
+def summary_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """summary.json's figures as (label in words, value with its unit) rows."""
+    rows = []
+    for name, label in SUMMARY_LABELS.items():
+        value = summary.get(name)
+        if name not in summary:
+            continue
+        if name == "status":
+            text = STATUS_WORDS.get(value, str(value))
+        elif value is None:
+            text = {"skipped_non_images": "not counted (counted for local folders)",
+                    "startup_seconds": "no image restored",
+                    "steady_images_per_second": "not measured (every result came at once)",
+                    "images_per_second": "no image processed"}.get(name, "unknown")
+        elif name.endswith("_seconds"):
+            text = _seconds_text(float(value))
+        elif name.endswith("per_second"):
+            text = f"{render.fmt(float(value))} images/s"
+        elif isinstance(value, bool):
+            text = "yes" if value else "no"
+        else:
+            text = render.fmt(value)
+        rows.append((label, text))
+    return rows
+
+
+def rates(summary: dict[str, Any]) -> str:
+    """One sentence on this run's speed, saying what is not known rather than "None"."""
+    overall, steady = summary.get("images_per_second"), summary.get("steady_images_per_second")
+    startup, elapsed = summary.get("startup_seconds"), summary.get("elapsed_seconds")
+    if not elapsed:
+        return ""
+    if overall is None:
+        return f"This run restored no image in {_seconds_text(float(elapsed))}."
+    text = f"This run: {render.fmt(float(overall))} images/s overall"
+    if steady is not None:
+        text += f", {render.fmt(float(steady))} images/s once the first image was restored"
+    else:
+        text += " (no rate after start-up: the results did not come in several batches)"
+    if startup is not None:
+        text += f"; {_seconds_text(float(startup))} of start-up"
+    return text + "."
+
+
+def verdict(summary: dict[str, Any], tally: dict[str, int], stats: dict[str, Any],
+            flagged: list[dict[str, Any]], samples: list[dict[str, Any]]) -> str:
+    """The page's one-line answer: how many images were restored, how much they changed,
+    the noise before and after (on the images read back for the page) and what to look at."""
+    records, ok = tally["records"], tally["ok"]
+    parts = [f"{ok:,} of {records:,} images restored"]
+    if records > ok:
+        by_class = summary.get("errors_by_class") or {}
+        classes = ", ".join(f"{name} x{count}" for name, count in sorted(by_class.items()))
+        parts[0] += f", {records - ok:,} failed" + (f" ({classes} this run)" if classes else "")
+    change = (stats.get("change_mean") or {}).get("median")
+    if change is not None:
+        parts.append(f"typical change {change:.2f} levels (median of the mean |output - input|,"
+                     " 8-bit)")
+    pairs = [(s["crops"]["noise"], s["crops"]["noise_out"]) for s in samples
+             if s["crops"].get("noise") is not None and s["crops"].get("noise_out") is not None]
+    if pairs:
+        before = float(np.median([p[0] for p in pairs]))
+        after = float(np.median([p[1] for p in pairs]))
+        parts.append(f"noise {before:.1f} → {after:.1f} levels (median over the "
+                     f"{len(pairs)} images shown below)")
+    parts.append(f"{len(flagged)} image{'s' if len(flagged) != 1 else ''} flagged to check"
+                 if flagged else "none flagged")
+    return "; ".join(parts) + "."
+
+
+def spec_rows(spec: dict[str, Any], prefix: str = "") -> list[tuple[str, str]]:
+    """The spec as (TOML key, value) rows: ``output.format``, ``model.tile`` ..."""
+    rows = []
+    for name in sorted(spec):
+        value = spec[name]
+        key = f"{prefix}{name}"
+        if isinstance(value, dict):
+            rows.extend(spec_rows(value, key + "."))
+        elif isinstance(value, (list, tuple)):
+            rows.append((key, ", ".join(str(v) for v in value) or "(none)"))
+        else:
+            rows.append((key, '""' if value == "" else str(value).lower()
+                         if isinstance(value, bool) else str(value)))
+    return rows
 
 
 # --- the figures, from a ledger scan or from digests -----------------------------------------
@@ -291,8 +403,16 @@ def _flagged(flagged: list[dict[str, Any]], stats: dict[str, Any], changes: Sequ
             structure["cutoff"], span=(0.0, 1.0)),
         "flagged_rows": [(f["key"], round(f["change_mean"], 2), round(f["change_p99"], 2),
                           "" if f.get("residual_structure") is None
-                          else round(f["residual_structure"], 3), f["reason"])
+                          else round(f["residual_structure"], 3), _in_words(f["reason"]))
                          for f in flagged]}
+
+
+def _in_words(reason: str) -> str:
+    """A flag's reason (restorer.report.stats) with the ledger's column names in words."""
+    for name, words in (("change_mean", "mean change"), ("change_p99", "99th percentile change"),
+                        ("residual_structure", "residual structure")):
+        reason = reason.replace(name, words)
+    return reason
 
 
 def _samples(output: str, options: storage.StorageOptions, layout: str,
@@ -315,8 +435,24 @@ def _samples(output: str, options: storage.StorageOptions, layout: str,
             break
         if record["key"] not in keys:
             chosen.append(dict(record, why="random"))
-    return [{"record": record, "crops": crops(output, record, layout, options)}
-            for record in chosen]
+    return [{"record": record, "crops": crops(output, record, layout, options),
+             "links": _links(output, record, layout)} for record in chosen]
+
+
+def _links(output: str, record: dict[str, Any], layout: str) -> dict[str, str]:
+    """Links from the page (``OUTPUT/_restorer/report.html``) to an image's full-size input and
+    output: the output relative to the page; a local input as a ``file://`` URI. S3 objects
+    and shard rows have no link a browser could open; their URI is shown instead."""
+    from pathlib import Path
+    from urllib.parse import quote
+
+    links = {}
+    if layout == "files" and record.get("out_key"):
+        links["output"] = "../" + quote(record["out_key"])
+    uri = record.get("uri") or ""
+    if uri and not storage.is_remote(uri) and "#" not in uri:
+        links["input"] = Path(storage.local_path(uri)).absolute().as_uri()
+    return links
 
 
 def _provenance(job: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, Any]]:

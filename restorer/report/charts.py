@@ -40,7 +40,10 @@ def histogram(values: Sequence[float], label: str, marker: float | None = None,
              "low": f"{edges[0]:.3g}", "high": f"{edges[-1]:.3g}", "marker": None}
     if marker is not None:
         x = pad + (width - 2 * pad) * (marker - low) / (high - low)
-        chart["marker"] = {"x": f"{x:.1f}", "top": pad / 2, "text_x": f"{x + 3:.1f}",
+        right = x > width / 2  # a label right of a line near the edge would be cut off
+        chart["marker"] = {"x": f"{x:.1f}", "top": pad / 2,
+                           "text_x": f"{x - 3:.1f}" if right else f"{x + 3:.1f}",
+                           "anchor": "end" if right else "start",
                            "text_y": f"{pad + 14:.0f}", "label": f"{marker:.3g}"}
     return chart
 

@@ -2,7 +2,9 @@
 
 :func:`crops` reads one image back (its input and its output), places a ``CROP`` px window
 where the output changed most (:func:`crop_origin`), and returns the three crops as PNG
-``data:`` URIs with the input's noise level. The noise level is the restore actor's own
+``data:`` URIs (shown at 1:1) with the input's and the output's noise levels, and a ``ZOOM``
+px window inside it, where the crop changed most, for a before/after slider shown ``ZOOM_FACTOR``
+times enlarged (pixels as squares: at 1:1 a denoised photo and its input look alike). The noise level is the restore actor's own
 estimate (:func:`restorer.audit.input_noise`, the ledger's ``noise_in``): one estimator for
 the ledger and the page.
 """
@@ -27,6 +29,8 @@ CROP = 192  # side of the before/after crops, in input pixels
 MAX_CROP_DISPLAY = 384  # crops are shown at most this wide (super-resolution outputs are larger)
 MAX_RESIDUAL_GAIN = 16.0  # the residual crop is amplified at most this much
 MAX_SEARCH_PIXELS = 25_000_000  # above this the crop is centred instead of placed on the change
+ZOOM = 64  # side of the zoomed before/after window, in input pixels (inside the crop)
+ZOOM_FACTOR = 4  # ... shown this many times enlarged
 
 
 def estimate_noise(gray: np.ndarray) -> float:
@@ -123,11 +127,23 @@ def crops(output: str, record: dict[str, Any], layout: str,
             axis=2, keepdims=True).astype(after.dtype)
     display = min(max(size * scale, CROP), MAX_CROP_DISPLAY)  # small crops shown enlarged
     residual, gain = _residual_crop(before, after, scale)
+    zoom = min(ZOOM, size)
+    zy, zx = crop_origin(before, after, scale, zoom)
+    measured = min(height, width) >= 8
+    factor = display / size  # how much the input crop is enlarged on the page
     return {"before": png_data_uri(before), "after": png_data_uri(after), "display": display,
+            "shown": "1:1" if factor == 1 else f"enlarged x{factor:.3g}",
             "residual": png_data_uri(residual), "gain": gain,
             "where": f"x {x}-{x + size}, y {y}-{y + size} of {width}x{height}"
                      + (f" (output x{scale})" if scale > 1 else ""),
-            "noise": input_noise(source) if min(height, width) >= 8 else None}
+            "zoom_before": png_data_uri(before[zy:zy + zoom, zx:zx + zoom]),
+            "zoom_after": png_data_uri(after[zy * scale:(zy + zoom) * scale,
+                                             zx * scale:(zx + zoom) * scale]),
+            "zoom_display": zoom * ZOOM_FACTOR, "zoom_factor": ZOOM_FACTOR,
+            "zoom_where": f"x {x + zx}-{x + zx + zoom}, y {y + zy}-{y + zy + zoom}",
+            "noise": input_noise(source) if measured else None,
+            # the same estimator on the output (at the input's scale: an SR output is not)
+            "noise_out": input_noise(restored) if measured and scale == 1 else None}
 
 
 def _residual_crop(before: np.ndarray, after: np.ndarray, scale: int) -> tuple[np.ndarray, float]:

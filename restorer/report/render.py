@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import functools
 import hashlib
-import json
 from importlib import resources
 from typing import Any
 
@@ -55,9 +54,3 @@ def page(template: str, title: str, **context: Any) -> str:
     """The page ``template`` (``job.html`` or ``train.html``) with ``context``, as text."""
     return _environment().get_template(template).render(title=title, **_skeleton(),
                                                          **context) + "\n"
-
-
-def spec_json(spec: dict[str, Any], sort_keys: bool = False) -> str:
-    """A spec as the pages print it: indented JSON (escaped by the template)."""
-    return json.dumps(spec, indent=2, sort_keys=sort_keys)
-
