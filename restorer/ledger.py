@@ -38,9 +38,10 @@ from restorer.storage import META_DIR
 
 log = logging.getLogger(__name__)
 
-LEDGER_FORMAT_VERSION = 3  # 2: a flat folder of more than FLAT_PARTITION_KEYS files is cut
+LEDGER_FORMAT_VERSION = 4  # 2: a flat folder of more than FLAT_PARTITION_KEYS files is cut
 # into units per hash partition (version 1 cut its sorted whole listing), and runs keep digests;
-# 3: a flat S3 prefix is cut in key order, as it streams (sources.units_changed)
+# 3: a flat S3 prefix is cut in key order, as it streams (sources.units_changed); 4: a manifest
+# whose URIs span buckets keeps the bucket in its default keys
 FINGERPRINT_VERSION = 2  # 2: tile, overlap and precision resolved (as the actors run them)
 READ_AHEAD = 8  # Parquet files of a folder read ahead while one is consumed (S3 latency)
 DEFAULT_OPTIONS = storage.StorageOptions()  # local paths, or S3 from the AWS environment

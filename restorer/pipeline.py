@@ -105,6 +105,7 @@ from restorer.sources import (
     detect_layout,
     known_total,
     listing_tasks,
+    plan_outputs,
 )
 from restorer.stages import encode_and_write, read_and_decode  # noqa: F401
 from restorer.summary import JobState, account, summarize
@@ -142,6 +143,7 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
         log.warning("the output %s lies inside the input; it is left out of the listing",
                     spec.output.uri)
     tasks = listing_tasks(spec.input.uri, config)
+    config = plan_outputs(tasks, config)  # shards, manifests: outputs unique across chunks
     if (layout == "files" and not storage.is_remote(spec.input.uri)
             and storage.is_dir(spec.input.uri)
             and not storage.has_local_file(spec.input.uri, spec.input.extensions,
