@@ -41,6 +41,11 @@ class OutputConflictError(JobError, SpecError):
     """The output holds another job (other settings, a live job): a usage error, exit 2."""
 
 
+class LeaseLostError(JobError):
+    """Another job took this job's output lease (a takeover after a missed heartbeat): this
+    job stops committing at once and fails (exit 1), naming the new holder."""
+
+
 class JobStopped(RestorerError):
     """A job was asked to stop (SIGTERM, ``restorer jobs stop``) and drained; rerun to resume."""
 

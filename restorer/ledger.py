@@ -18,7 +18,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -124,7 +124,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
-                had_errors: bool) -> None:
+                had_errors: bool, fence: Callable[[], None] | None = None) -> None:
     """Commit a unit: its shard (parquet layout), its errors, then the ledger entry.
 
     Each file is published atomically and the ledger entry comes last, so a unit with a ledger
@@ -132,9 +132,12 @@ def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
     The ledger entry is created once (a conditional create; see :func:`storage.write_bytes`):
     finding another run's entry for the unit means two jobs write into one output, and is an
     error. Only a unit redone for its errors (``had_errors``, ``--retry-failed``) replaces its
-    entry.
+    entry. ``fence`` (the job's :meth:`restorer.lease.Lease.check`) is called before the first
+    write and again right before the ledger entry: it raises when another job took the output.
     """
     options = spec.storage.options()
+    if fence is not None:
+        fence()
     if spec.output.layout == "parquet":
         shard = pa.table({
             "key": [r["out_key"] or r["key"] for r in records],
@@ -153,6 +156,8 @@ def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
     elif had_errors:
         storage.delete(error_uri, options)
     ledger = pa.Table.from_pylist([dict(r, encoded=b"") for r in records], schema=RECORD_SCHEMA)
+    if fence is not None:
+        fence()
     storage.write_bytes(meta_uri(spec.output.uri, "ledger", f"unit-{unit}.parquet"),
                         parquet_bytes(ledger), options, create=not had_errors)
 

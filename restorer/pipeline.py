@@ -45,7 +45,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -64,6 +64,7 @@ from restorer.errors import (
     TRANSIENT,
     JobError,
     JobStopped,
+    LeaseLostError,
     OutputConflictError,
     RestorerError,
     StorageError,
@@ -154,10 +155,11 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
         return dict(summarize(state, time.time() - state.started), status="empty")
 
     refuse_foreign_output(spec)  # before Ray starts (a bad bucket fails here too)
-    lease = Lease(meta_uri(spec.output.uri, "lease.json"), options, spec.limits.lease_stale_seconds)
+    lease = Lease(meta_uri(spec.output.uri, "lease.json"), options,
+                  spec.limits.lease_stale_seconds, overwrite=spec.output.overwrite)
     with lease:  # one job per output, from before anything is written until the end
         return _run_leased(spec, model_uri, model_sha256, net, layout, config, tasks,
-                           loaded.provenance)
+                           loaded.provenance, lease)
 
 
 def restore(input: str, output: str, model: str | None = None, **options: Any) -> dict[str, Any]:
@@ -173,7 +175,7 @@ def restore(input: str, output: str, model: str | None = None, **options: Any) -
 
 def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch.nn.Module,
                 layout: str, config: SourceConfig, tasks: list[ListingTask],
-                provenance: dict[str, Any]) -> dict[str, Any]:
+                provenance: dict[str, Any], lease: Lease | None = None) -> dict[str, Any]:
     from restorer import flat
     from restorer.runtime import (
         CHEAP_NET_MACS,
@@ -223,7 +225,7 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
             _count_in_background(tasks, config, progress)
         _execute(spec, state, build_pipeline(spec, plan, tasks, config, frozenset(done),
                                              resumed, model_sha256),
-                 with_errors, stop, progress)
+                 with_errors, stop, progress, lease)
     state.total = state.succeeded + state.failed + state.skipped
     summary = summarize(state, time.time() - state.started)
     summary["resumed"] = resumed
@@ -251,14 +253,30 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
 
 
 def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
-             stop: threading.Event | None = None, progress: Progress | None = None) -> None:
+             stop: threading.Event | None = None, progress: Progress | None = None,
+             lease: Lease | None = None) -> None:
     """Consume the pipeline's records in the driver and commit units as they complete.
 
     Only the units in flight are held here, so driver memory does not grow with the job.
+    Every commit is fenced by the ``lease`` (:meth:`Lease.check`): a job whose lease another
+    job took raises :class:`LeaseLostError` and commits nothing more.
     """
+    try:
+        _consume(spec, state, ds, with_errors, stop, progress, lease)
+    except LeaseLostError:
+        if stop is not None:
+            stop.set()  # the pump thread of _results stops pulling batches
+        raise
+
+
+def _consume(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
+             stop: threading.Event | None, progress: Progress | None,
+             lease: Lease | None) -> None:
     open_units: dict[str, list[dict[str, Any]]] = {}
     flushed = time.time()
     for batch in _results(ds, stop):
+        if lease is not None:
+            lease.raise_if_lost()  # found by the heartbeat: stop without waiting for a commit
         processed = 0
         for record in batch.to_pylist():
             if record["status"] == "skipped":
@@ -273,7 +291,8 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
             unit.append(record)
             if len(unit) == record["unit_size"]:
                 redone = record["unit"] in with_errors
-                committed = _close_unit(spec, state, record["unit"], unit, redone)
+                committed = _close_unit(spec, state, record["unit"], unit, redone,
+                                        lease.check if lease is not None else None)
                 del open_units[record["unit"]]
                 if committed and (redone or time.time() - flushed > FLUSH_SECONDS):
                     _write_run_digest(spec, state.digest)
@@ -332,7 +351,7 @@ def _results(ds: Any, stop: threading.Event | None) -> Iterator[pa.Table]:
 
 
 def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dict[str, Any]],
-                had_errors: bool) -> bool:
+                had_errors: bool, fence: Callable[[], None] | None = None) -> bool:
     """Commit a complete unit and add its records to the run's digest; return whether it was
     committed. Not committed: a unit where an image in it failed transiently (then the unit stays
     uncommitted and the next run redoes it) or its input vanished (``missing``): that unit
@@ -360,7 +379,7 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
                 state.errors_by_class.get(record["error_class"], 0) + 1)
     earlier = _earlier_records(spec, unit) if had_errors else None
     try:
-        retrying(lambda: commit_unit(spec, unit, records, had_errors), RETRY_ATTEMPTS,
+        retrying(lambda: commit_unit(spec, unit, records, had_errors, fence), RETRY_ATTEMPTS,
                  what=f"commit unit {unit}")
     except Exception as e:
         if classify(e) != TRANSIENT:
