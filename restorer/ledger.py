@@ -6,6 +6,8 @@
   (:func:`commit_unit`, written last and create-only, so a unit with a ledger file is
   complete); ``errors.parquet/unit-<id>.parquet``: the unit's error records.
 - ``missing/unit-<id>.json``: runs in which a unit's inputs were missing (:func:`missing_runs`).
+- ``transient/unit-<id>.json``: the transient faults of a unit's images in earlier runs
+  (:func:`transient_history`), until they succeed or are quarantined.
 - ``digests/run-<id>.json``: each run's digest (:func:`write_run_digest`, :mod:`restorer.digest`).
 - ``summary.json``, ``report.html`` (:mod:`restorer.report`), ``lease.json``
   (:mod:`restorer.lease`).
@@ -92,6 +94,7 @@ def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: st
         storage.delete(meta_uri(spec.output.uri, "ledger"), options, recursive=True)
         storage.delete(meta_uri(spec.output.uri, "errors.parquet"), options, recursive=True)
         storage.delete(meta_uri(spec.output.uri, "digests"), options, recursive=True)
+        storage.delete(meta_uri(spec.output.uri, "transient"), options, recursive=True)
     record = {"ledger_format_version": LEDGER_FORMAT_VERSION,
               "fingerprint_version": FINGERPRINT_VERSION, "fingerprint": fingerprint,
               "fingerprint_sha256": digest(fingerprint), "model": model_uri,
@@ -198,6 +201,37 @@ def note_missing(spec: RestoreSpec, unit: str, runs: int, keys: list[str]) -> No
 def forget_missing(spec: RestoreSpec, unit: str) -> None:
     counter = meta_uri(spec.output.uri, "missing", f"unit-{unit}.json")
     retrying(lambda: storage.delete(counter, spec.storage.options()), what=f"delete {counter}")
+
+
+def transient_units(spec: RestoreSpec) -> set[str]:
+    """Ids of the units with a history of transient faults (one listing, at the start)."""
+    return {n[len("unit-"):-len(".json")]
+            for n in storage.list_names(meta_uri(spec.output.uri, "transient"),
+                                        spec.storage.options())
+            if n.startswith("unit-") and n.endswith(".json")}
+
+
+def transient_history(spec: RestoreSpec, unit: str) -> dict[str, list[dict[str, Any]]]:
+    """key -> the transient faults of that image of ``unit`` in earlier runs (one dict per run:
+    ``run``, ``stage``, ``error_class``, ``message``); empty when there were none."""
+    history = meta_uri(spec.output.uri, "transient", f"unit-{unit}.json")
+    options = spec.storage.options()
+    found, _ = retrying(lambda: json.loads(storage.read_bytes(history, options))["keys"]
+                        if storage.exists(history, options) else {}, what=f"read {history}")
+    return found
+
+
+def note_transient(spec: RestoreSpec, unit: str,
+                   history: dict[str, list[dict[str, Any]]]) -> None:
+    """Record the images of ``unit`` still failing transiently, with their faults so far."""
+    uri = meta_uri(spec.output.uri, "transient", f"unit-{unit}.json")
+    body = json.dumps({"keys": history}).encode()
+    retrying(lambda: storage.write_bytes(uri, body, spec.storage.options()), what=f"write {uri}")
+
+
+def forget_transient(spec: RestoreSpec, unit: str) -> None:
+    uri = meta_uri(spec.output.uri, "transient", f"unit-{unit}.json")
+    retrying(lambda: storage.delete(uri, spec.storage.options()), what=f"delete {uri}")
 
 
 def write_summary(spec: RestoreSpec, summary: dict[str, Any], attempts: int = 1) -> None:

@@ -85,12 +85,16 @@ from restorer.ledger import (  # noqa: F401 - META_DIR, commit_unit: public name
     commit_unit,
     committed_units,
     forget_missing,
+    forget_transient,
     meta_uri,
     missing_runs,
     note_missing,
+    note_transient,
     prepare_output,
     refuse_foreign_output,
     refuse_older_units,
+    transient_history,
+    transient_units,
     write_summary,
 )
 from restorer.progress import Progress
@@ -210,6 +214,7 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
     resumed = (prepare_output(spec, fingerprint, model_uri, legacy_fingerprint)
                and not spec.output.overwrite)
     done, with_errors = committed_units(spec)
+    state.transient_units = transient_units(spec)
     if spec.output.overwrite:
         done = set()
     elif spec.output.retry_failed:
@@ -354,13 +359,16 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
                 had_errors: bool, fence: Callable[[], None] | None = None) -> bool:
     """Commit a complete unit and add its records to the run's digest; return whether it was
     committed. Not committed: a unit where an image in it failed transiently (then the unit stays
-    uncommitted and the next run redoes it) or its input vanished (``missing``): that unit
+    uncommitted and the next run redoes it, until the image has failed so in
+    ``limits.transient_runs`` runs: then it is quarantined, :func:`_quarantine_repeats`) or its
+    input vanished (``missing``): that unit
     stays open for :data:`MISSING_RUNS` runs, counted in ``_restorer/missing/unit-<id>.json``,
     and is committed with those images quarantined in the run after. A commit that still fails
     transiently after its retries leaves the unit for the next run too. A unit redone by
     ``--retry-failed`` (``had_errors``) takes its earlier records out of the digests' sums
     (one unit file read, before it is replaced)."""
-    if any(r["status"] == "transient" for r in records):
+    if any(r["status"] == "transient" for r in records) and not _quarantine_repeats(
+            spec, state, unit, records):
         state.incomplete_units += 1
         return False
     missing = [r for r in records if r["status"] == "missing"]
@@ -396,6 +404,38 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
     state.digest.commit(unit, len(records))
     if missing:
         forget_missing(spec, unit)
+    if unit in state.transient_units:
+        forget_transient(spec, unit)
+    return True
+
+
+def _quarantine_repeats(spec: RestoreSpec, state: JobState, unit: str,
+                        records: list[dict[str, Any]]) -> bool:
+    """Quarantine the images of ``unit`` that failed transiently in ``limits.transient_runs``
+    runs (this one included), their faults' history in the message; record the others' faults
+    in ``_restorer/transient/unit-<id>.json``. Returns whether the unit can commit (no image
+    of it is still waiting for another run)."""
+    history = transient_history(spec, unit) if unit in state.transient_units else {}
+    waiting: dict[str, list[dict[str, Any]]] = {}
+    for record in (r for r in records if r["status"] == "transient"):
+        faults = history.get(record["key"], []) + [{
+            "run": state.digest.run, "stage": record["stage"],
+            "error_class": record["error_class"], "message": record["message"][:300]}]
+        if len(faults) < spec.limits.transient_runs:
+            waiting[record["key"]] = faults
+            continue
+        told = "; ".join(f"run {f['run']}: {f['stage']} {f['error_class']}: "
+                         f"{f['message'][:160]}" for f in faults)
+        record.update(status="failed", message=f"failed transiently in {len(faults)} runs, "
+                                               f"quarantined: {told}"[:2000])
+        state.transient -= 1
+        state.failed += 1
+        state.errors_by_class[record["error_class"]] = (
+            state.errors_by_class.get(record["error_class"], 0) + 1)
+    if waiting:
+        note_transient(spec, unit, waiting)
+        state.transient_units.add(unit)
+        return False
     return True
 
 
