@@ -159,6 +159,7 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
         return dict(summarize(state, time.time() - state.started), status="empty")
 
     refuse_foreign_output(spec)  # before Ray starts (a bad bucket fails here too)
+    _probe_create_only(spec)
     lease = Lease(meta_uri(spec.output.uri, "lease.json"), options,
                   spec.limits.lease_stale_seconds, overwrite=spec.output.overwrite)
     with lease:  # one job per output, from before anything is written until the end
@@ -501,6 +502,21 @@ def _stop_on_signals():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _probe_create_only(spec: RestoreSpec) -> None:
+    """Warn, saying what exactly-once then means, when the output store does not refuse a
+    second create-only write (the lease's generations and the ledger's entries rely on it)."""
+    folder = meta_uri(spec.output.uri)
+    if storage.create_only_honoured(folder, spec.storage.options()):
+        return
+    log.warning(
+        "the output store at %s does not refuse a second create-only write (it ignores "
+        "If-None-Match, or has no hard links): two jobs started on this output at the same "
+        "moment could both take its lease, and a unit committed twice is replaced rather than "
+        "refused. Exactly-once then holds only while one job at a time writes into this "
+        "output: start one job per output (a job whose lease is taken over later still stops "
+        "committing at once)", spec.output.uri)
 
 
 def _refuse_input_as_output(spec: RestoreSpec) -> None:

@@ -202,6 +202,49 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions(
             os.unlink(tmp)
 
 
+def create_only_honoured(folder: str, options: StorageOptions = StorageOptions()) -> bool:
+    """Whether the store under ``folder`` refuses a second create-only write of one name (a
+    probe: two create-only writes of a hidden object, which is then removed). False where the
+    second write replaced the first (an S3-compatible store that ignores ``If-None-Match``) or
+    where create-only writes are not implemented (501; no hard links)."""
+    probe = join(folder, f".create-probe-{uuid.uuid4().hex}")
+    try:
+        if is_remote(probe):
+            fs, path = filesystem(probe, options)
+            try:
+                fs.pipe_file(path, b"first", mode="create")
+                fs.pipe_file(path, b"second", mode="create")
+            except FileExistsError:
+                return True
+            except OSError as e:
+                if e.errno == errno.ENOSYS:
+                    return False
+                raise StorageError(f"Cannot write {probe}: {e}") from e
+            return False
+        path = local_path(probe)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        source = f"{path}.src"
+        with open(source, "wb") as f:
+            f.write(b"first")
+        try:
+            os.link(source, path)
+            os.link(source, path)
+        except FileExistsError:
+            return True
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+                return False
+            raise StorageError(f"Cannot write {probe}: {e}") from e
+        finally:
+            os.unlink(source)
+        return False
+    finally:
+        try:
+            delete(probe, options)
+        except StorageError as e:
+            log.debug("could not remove the probe %s: %s", probe, e)
+
+
 class VersionChanged(StorageError):
     """A conditional replace found another version of the object than the one it expected."""
 
