@@ -98,6 +98,9 @@ class StorageSpec:
     endpoint_url: str = ""  # S3-compatible endpoint; "" = AWS_ENDPOINT_URL or AWS
     region: str = ""
     anon: bool = False
+    # Local input/output paths are on a file system every node of a multi-node cluster mounts
+    # at the same path (NFS, a cluster file system); checked at start (restorer.runtime)
+    shared_filesystem: bool = False
 
     def options(self) -> StorageOptions:
         return StorageOptions(self.endpoint_url or None, self.region or None, self.anon)

@@ -188,10 +188,13 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         ensure_ray,
         macs_per_pixel,
         plan_workers,
+        refuse_unshared_paths,
     )
 
     embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
                           spec.resources.object_store_mb)
+    refuse_unshared_paths(spec.input.uri, spec.output.uri, meta_uri(spec.output.uri),
+                          spec.storage.shared_filesystem)
     plan = plan_workers(spec.resources.workers, spec.resources.gpus_per_worker,
                         spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
                         *cluster_shape(), can_autoscale=not embedded,

@@ -142,3 +142,4 @@ def test_a_job_over_a_manifest_flags_both_rows_of_a_collision_across_chunks(
     assert sorted(e["key"].rsplit("/", 1)[1] for e in errors) == ["same.jpg", "same.png"]
     assert {e["error_class"] for e in errors} == {"OutputCollision"}
     assert not list(out.rglob("same.png"))
+
