@@ -48,7 +48,6 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
     runs in a Ray task and its rows stream on in small blocks, so decoding starts while
     listing goes on.
     """
-    import ray
     import ray.data
     from ray.data import ActorPoolStrategy
 
@@ -87,7 +86,7 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
     # Bounded restarts (Ray Data's default is for ever, for actors and their batches): a batch
     # whose actor died is retried image by image and the image that kills it quarantined
     # (restorer.poison); the registry is a small actor of this job.
-    registry = ray.remote(num_cpus=0)(PoisonRegistry).remote()
+    registry = poison_registry()
     ds = ds.map_batches(
         RESTORE_ACTOR, batch_format="pyarrow", batch_size=spec.resources.batch_size,
         compute=ActorPoolStrategy(size=plan.workers), num_cpus=plan.cpus_per_worker,
@@ -105,6 +104,17 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
         fn_kwargs={"output_uri": spec.output.uri, "options": encode_options,
                    "storage_options": options, "layout": spec.output.layout,
                    "resumed": resumed})
+
+
+def poison_registry() -> Any:
+    """The job's :class:`restorer.poison.PoisonRegistry` actor, on the driver's node (it lives
+    as long as the job; a worker node lost mid-job must not take it along)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return ray.remote(num_cpus=0)(PoisonRegistry).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True)).remote()
 
 
 def listing_dataset(tasks: list[ListingTask], config: SourceConfig, done: frozenset[str]) -> Any:

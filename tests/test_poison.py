@@ -90,14 +90,7 @@ def test_actor_restarts_and_batch_retries_are_bounded(monkeypatch):
     class Plan:
         workers, gpus_per_worker, cpus_per_worker, threads_per_worker = 1, 0, 1, 1
 
-    class Remote:
-        def remote(self):
-            return "registry"
-
-    import ray
-    import ray.data  # imported before ray.remote is replaced (it uses it at import)
-
-    monkeypatch.setattr(ray, "remote", lambda **kwargs: lambda cls: Remote())
+    monkeypatch.setattr(graph, "poison_registry", lambda: "registry")
     spec = spec_from_flags(RestoreSpec, input="in", output="out")
     graph.build_pipeline(spec, Plan(), [], None, frozenset())
     assert 0 < captured["max_restarts"] <= 100 and 0 < captured["max_task_retries"] <= 10
