@@ -3,7 +3,7 @@
 A process can die on one image without any Python exception to catch: the OOM killer, a
 fatal CUDA fault (:meth:`restorer.actor.RestoreActor._survive` ends the process on those on
 purpose), a crash in native code. Ray then restarts the actor and retries its batch (the
-actor pool's ``max_restarts`` / ``max_task_retries``, bounded in :mod:`restorer.graph`).
+actor pool's ``max_restarts``, bounded here and set in :mod:`restorer.graph`).
 Retrying the whole batch would kill it again, for ever; so each batch is announced to a
 :class:`PoisonRegistry` (one small actor per job, on the driver's node) before it is
 restored:
@@ -35,9 +35,13 @@ from restorer.records import RESTORED_SCHEMA, fail, to_rows, to_table
 
 log = logging.getLogger(__name__)
 
-ACTOR_MAX_RESTARTS = 16  # restarts of one restore actor over a job (Ray's default: for ever)
-ACTOR_MAX_TASK_RETRIES = 4  # retries of one batch after its actor died: the first goes image
-# by image, each later one quarantines one more killing image (Ray's default: for ever)
+ACTOR_MAX_RESTARTS = 64  # restarts of one restore actor over a job (Ray Data's default: for
+# ever): each killing image costs two, so an actor outlives 32 of them, not a device that kills
+# every batch
+ACTOR_MAX_TASK_RETRIES = -1  # a batch is retried while its actor can restart: after a death it
+# goes image by image and each further death quarantines one more image, so the retries of one
+# batch end by themselves; a finite count here fails a batch whose node was lost (a call to an
+# actor that is not reachable yet counts as a retry: seen with 4 in tests/test_multinode.py)
 
 
 class WorkerDiedError(RestorerError):

@@ -72,8 +72,8 @@ def test_an_image_that_kills_its_actor_is_quarantined_alone(ray_session, tmp_pat
     assert sorted(p.name for p in out.glob("*.png")) == sorted(names[:-1])
 
 
-def test_actor_restarts_and_batch_retries_are_bounded(monkeypatch):
-    """Ray Data retries a dead actor's batch for ever unless told otherwise."""
+def test_actor_restarts_are_bounded(monkeypatch):
+    """Ray Data restarts a dead actor for ever unless told otherwise."""
     from restorer import graph
     from restorer.jobs import RestoreSpec, spec_from_flags
 
@@ -93,5 +93,6 @@ def test_actor_restarts_and_batch_retries_are_bounded(monkeypatch):
     monkeypatch.setattr(graph, "poison_registry", lambda: "registry")
     spec = spec_from_flags(RestoreSpec, input="in", output="out")
     graph.build_pipeline(spec, Plan(), [], None, frozenset())
-    assert 0 < captured["max_restarts"] <= 100 and 0 < captured["max_task_retries"] <= 10
+    assert 0 < captured["max_restarts"] <= 100  # Ray Data's default (-1): for ever
+    assert captured["max_task_retries"] == -1  # ends by itself: each death isolates more
     assert captured["fn_constructor_kwargs"]["registry"] == "registry"
