@@ -232,9 +232,13 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
     with _stop_on_signals() as stop, Progress("restore", total) as progress:
         if total is None and layout == "files" and not storage.is_remote(spec.input.uri):
             _count_in_background(tasks, config, progress)
-        _execute(spec, state, build_pipeline(spec, plan, tasks, config, frozenset(done),
-                                             resumed, model_sha256),
-                 with_errors, stop, progress, lease)
+        try:
+            _execute(spec, state, build_pipeline(spec, plan, tasks, config, frozenset(done),
+                                                 resumed, model_sha256),
+                     with_errors, stop, progress, lease)
+        except LeaseLostError:
+            stop.set()  # the pump thread of _results stops pulling batches
+            raise
     state.total = state.succeeded + state.failed + state.skipped
     summary = summarize(state, time.time() - state.started)
     summary["resumed"] = resumed
@@ -270,17 +274,6 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
     Every commit is fenced by the ``lease`` (:meth:`Lease.check`): a job whose lease another
     job took raises :class:`LeaseLostError` and commits nothing more.
     """
-    try:
-        _consume(spec, state, ds, with_errors, stop, progress, lease)
-    except LeaseLostError:
-        if stop is not None:
-            stop.set()  # the pump thread of _results stops pulling batches
-        raise
-
-
-def _consume(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
-             stop: threading.Event | None, progress: Progress | None,
-             lease: Lease | None) -> None:
     open_units: dict[str, list[dict[str, Any]]] = {}
     flushed = time.time()
     for batch in _results(ds, stop):
