@@ -44,6 +44,12 @@ from restorer.pixels import to_8bit as to_uint8  # uint16 -> uint8 (restorer.pix
 
 ORIENTATION_TAG = 0x0112
 
+# The only Pillow plugins an input is ever opened with (``Image.open(formats=...)``): the
+# formats we restore. Without the list Pillow sniffs the content and hands it to whichever of
+# its plugins claims it: an EPS named photo.jpg goes to Ghostscript (an external program), and
+# PSD, FITS, ICNS, DDS... parsers are reachable the same way.
+DECODE_FORMATS = ("JPEG", "PNG", "WEBP", "TIFF", "GIF", "BMP")  # JPEG opens MPO too
+
 # Output format per input format when the requested format is "same".
 SAME_FORMAT = {"JPEG": "jpeg", "MPO": "jpeg", "PNG": "png", "WEBP": "webp", "TIFF": "tiff",
                "GIF": "png", "BMP": "png"}
@@ -366,8 +372,9 @@ def _naive_note(reason: str) -> str:
 
 def _unreadable(name: str, error: Exception) -> ImageError:
     if isinstance(error, UnidentifiedImageError):
-        return ImageError(f"{name} is not an image Pillow can read (unknown format or random "
-                          "bytes)")
+        return ImageError(f"{name} is not an image in a format we restore (JPEG, PNG, WebP, "
+                          "TIFF, GIF, BMP): unknown format, another format (EPS, PSD, ...; "
+                          "never handed to its decoder) or random bytes")
     return ImageError(f"{name} is corrupt or truncated: {error}")
 
 
@@ -391,7 +398,7 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)
         width, height = image.size
         if width * height > max_pixels:
             raise _too_large(name, width, height, max_pixels)

@@ -65,7 +65,7 @@ def jpeg_compress(img_uint8: np.ndarray, quality: int, subsampling: str = "4:2:0
         raise ValueError(f"jpeg_compress takes HW, HWx1 or HWx3 images, got shape {img_uint8.shape}")
     buffer = io.BytesIO()
     Image.fromarray(arr).save(buffer, format="JPEG", quality=int(quality), subsampling=subsampling)
-    out = np.asarray(Image.open(io.BytesIO(buffer.getvalue())))
+    out = np.asarray(Image.open(io.BytesIO(buffer.getvalue()), formats=("JPEG",)))
     return out[..., None] if squeeze else out
 
 

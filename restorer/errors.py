@@ -41,6 +41,11 @@ class OutputConflictError(JobError, SpecError):
     """The output holds another job (other settings, a live job): a usage error, exit 2."""
 
 
+class LeaseLostError(JobError):
+    """Another job took this job's output lease (a takeover after a missed heartbeat): this
+    job stops committing at once and fails (exit 1), naming the new holder."""
+
+
 class JobStopped(RestorerError):
     """A job was asked to stop (SIGTERM, ``restorer jobs stop``) and drained; rerun to resume."""
 
@@ -71,8 +76,15 @@ _TRANSIENT_CODES = frozenset({
     "RequestTimeTooSkewed", "ServiceUnavailable", "InternalError", "ExpiredToken",
     "ExpiredTokenException", "TokenRefreshRequired",
 })
-_TRANSIENT_ERRNOS = frozenset({16, 110, 104, 32, 111, 113, 121})  # EBUSY ETIMEDOUT ECONNRESET
-# EPIPE ECONNREFUSED EHOSTUNREACH EREMOTEIO
+_TRANSIENT_ERRNOS = frozenset({16, 110, 104, 32, 111, 113, 121,  # EBUSY ETIMEDOUT ECONNRESET
+                               # EPIPE ECONNREFUSED EHOSTUNREACH EREMOTEIO; and a full, failing
+                               # or stale disk: ENOSPC EDQUOT EIO ESTALE ENOMEM
+                               28, 122, 5, 116, 12})
+# Words of a device or allocator failure (torch raises these as RuntimeError): the memory or the
+# device failed, not the image. Compared lower-cased.
+_TRANSIENT_MESSAGES = ("cuda error", "cuda out of memory", "cudnn error", "cudnn_status",
+                       "cublas_status", "defaultcpuallocator", "can't allocate memory",
+                       "out of memory", "not enough memory", "std::bad_alloc")
 
 
 def classify(error: BaseException) -> str:
@@ -81,8 +93,12 @@ def classify(error: BaseException) -> str:
     :data:`MISSING` (the input is gone: retried for a few runs, then quarantined).
 
     The error, its class hierarchy and its ``__cause__``/``__context__`` chain are read, so a
-    :class:`StorageError` raised ``from`` a dropped connection counts as transient. Device
-    errors (``torch.OutOfMemoryError``, CUDA errors) are transient.
+    :class:`StorageError` raised ``from`` a dropped connection counts as transient. So are
+    memory errors (``MemoryError``, ``torch.OutOfMemoryError``, the CPU allocator's "can't
+    allocate memory"), device errors (CUDA, cuDNN, cuBLAS) and a full, failing or stale disk
+    (``ENOSPC``, ``EDQUOT``, ``EIO``, ``ESTALE``): every stage uses this one classifier, and
+    a transient fault that repeats for one image in ``limits.transient_runs`` runs is
+    quarantined by the driver (:func:`restorer.pipeline._close_unit`).
     """
     seen: set[int] = set()
     chain: BaseException | None = error
@@ -104,8 +120,10 @@ def classify(error: BaseException) -> str:
                 return MISSING
             if code in _TRANSIENT_CODES or status >= 500 or status == 429:
                 return TRANSIENT
-        if isinstance(chain, RuntimeError) and ("CUDA error" in str(chain)
-                                                or "CUDA out of memory" in str(chain)):
+        if isinstance(chain, MemoryError):
+            return TRANSIENT
+        if isinstance(chain, RuntimeError) and any(words in str(chain).lower()
+                                                   for words in _TRANSIENT_MESSAGES):
             return TRANSIENT
         chain = chain.__cause__ or chain.__context__
     return PERMANENT

@@ -67,6 +67,7 @@ from torch import nn
 
 from restorer import degrade, flat, metrics
 from restorer.checkpoint import LoadedModel
+from restorer.codec import DECODE_FORMATS
 from restorer.models import get_model
 from restorer.pixels import float_to_uint8 as to_uint8  # float [0, 1] -> uint8 (restorer.pixels)
 from restorer.progress import Progress
@@ -103,7 +104,7 @@ def read_image(path: str | Path, channels: int) -> np.ndarray:
     """``path`` as uint8: HW for ``channels=1`` (Pillow ``"L"``), HWx3 for ``channels=3``."""
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    with Image.open(path) as im:
+    with Image.open(path, formats=DECODE_FORMATS) as im:
         return np.asarray(im.convert("L" if channels == 1 else "RGB"))
 
 

@@ -2,7 +2,8 @@
 
 list (:func:`expand_task` over :mod:`restorer.sources`' listing tasks) -> read + decode
 (:func:`restorer.stages.read_and_decode`) -> restore (a pool of
-:class:`restorer.actor.RestoreActor`) -> encode + write
+:class:`restorer.poison.IsolatingRestoreActor`, a :class:`restorer.actor.RestoreActor` that
+isolates an image killing its process) -> encode + write
 (:func:`restorer.stages.encode_and_write`). The driver (:mod:`restorer.pipeline`) consumes the
 records it yields.
 """
@@ -20,7 +21,12 @@ from typing import Any
 import pyarrow as pa
 
 from restorer import codec, storage
-from restorer.actor import RestoreActor
+from restorer.poison import (
+    ACTOR_MAX_RESTARTS,
+    ACTOR_MAX_TASK_RETRIES,
+    IsolatingRestoreActor,
+    PoisonRegistry,
+)
 from restorer.errors import TRANSIENT, backoff_delays, classify
 from restorer.jobs import RestoreSpec
 from restorer.records import RETRY_ATTEMPTS
@@ -31,6 +37,7 @@ log = logging.getLogger(__name__)
 
 BLOCK_BYTES = 8 << 20  # Ray Data's target_max_block_size for a job's graph (see listing_dataset)
 LISTING_CPUS = 0.25  # a listing task mostly waits on storage
+RESTORE_ACTOR = IsolatingRestoreActor  # the restore stage's class (restorer.poison)
 
 
 def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
@@ -77,12 +84,17 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
     # a small net (and ~2x of the default U-Net) for the same or a longer wall time.
     actor_env = {} if plan.gpus_per_worker else {"runtime_env": {"env_vars": {
         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}}}
+    # Bounded restarts (Ray Data's default is for ever, for actors and their batches): a batch
+    # whose actor died is retried image by image and the image that kills it quarantined
+    # (restorer.poison); the registry is a small actor of this job.
+    registry = poison_registry()
     ds = ds.map_batches(
-        RestoreActor, batch_format="pyarrow", batch_size=spec.resources.batch_size,
+        RESTORE_ACTOR, batch_format="pyarrow", batch_size=spec.resources.batch_size,
         compute=ActorPoolStrategy(size=plan.workers), num_cpus=plan.cpus_per_worker,
-        num_gpus=plan.gpus_per_worker, **actor_env,
+        num_gpus=plan.gpus_per_worker, max_restarts=ACTOR_MAX_RESTARTS,
+        max_task_retries=ACTOR_MAX_TASK_RETRIES, **actor_env,
         fn_constructor_kwargs={
-            "model": spec.model.name or None, "tile": spec.model.tile,
+            "registry": registry, "model": spec.model.name or None, "tile": spec.model.tile,
             "overlap": spec.model.overlap, "precision": spec.model.precision,
             "channels_last": spec.model.channels_last, "strength": spec.model.strength,
             "tile_batch": spec.resources.tile_batch, "threads": plan.threads_per_worker,
@@ -93,6 +105,17 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
         fn_kwargs={"output_uri": spec.output.uri, "options": encode_options,
                    "storage_options": options, "layout": spec.output.layout,
                    "resumed": resumed})
+
+
+def poison_registry() -> Any:
+    """The job's :class:`restorer.poison.PoisonRegistry` actor, on the driver's node (it lives
+    as long as the job; a worker node lost mid-job must not take it along)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return ray.remote(num_cpus=0)(PoisonRegistry).options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(
+            ray.get_runtime_context().get_node_id(), soft=True)).remote()
 
 
 def listing_dataset(tasks: list[ListingTask], config: SourceConfig, done: frozenset[str]) -> Any:

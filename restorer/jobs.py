@@ -96,6 +96,9 @@ class LimitSpec:
     max_input_mb: int = 512  # larger files are quarantined before they are read
     # An output's lease (one job per output) whose heartbeat is older than this is taken over
     lease_stale_seconds: float = 120.0
+    # An image failing transiently (memory, device, disk, storage faults) in this many runs is
+    # quarantined, its faults' history in its error record (until then its unit stays open)
+    transient_runs: int = 3
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,9 @@ class StorageSpec:
     endpoint_url: str = ""  # S3-compatible endpoint; "" = AWS_ENDPOINT_URL or AWS
     region: str = ""
     anon: bool = False
+    # Local input/output paths are on a file system every node of a multi-node cluster mounts
+    # at the same path (NFS, a cluster file system); checked at start (restorer.runtime)
+    shared_filesystem: bool = False
 
     def options(self) -> StorageOptions:
         return StorageOptions(self.endpoint_url or None, self.region or None, self.anon)
@@ -162,6 +168,9 @@ class RestoreSpec:
             raise SpecError(f"input.limit = {self.input.limit}; use 0 (all) or a positive count")
         if self.limits.max_pixels < 1:
             raise SpecError("limits.max_pixels must be >= 1")
+        if self.limits.transient_runs < 1:
+            raise SpecError(f"limits.transient_runs = {self.limits.transient_runs}; use 1 or "
+                            "more (runs an image may fail transiently before its quarantine)")
         return self
 
     def fingerprint(self, model_sha256: str) -> dict[str, Any]:

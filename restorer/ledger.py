@@ -6,6 +6,8 @@
   (:func:`commit_unit`, written last and create-only, so a unit with a ledger file is
   complete); ``errors.parquet/unit-<id>.parquet``: the unit's error records.
 - ``missing/unit-<id>.json``: runs in which a unit's inputs were missing (:func:`missing_runs`).
+- ``transient/unit-<id>.json``: the transient faults of a unit's images in earlier runs
+  (:func:`transient_history`), until they succeed or are quarantined.
 - ``digests/run-<id>.json``: each run's digest (:func:`write_run_digest`, :mod:`restorer.digest`).
 - ``summary.json``, ``report.html`` (:mod:`restorer.report`), ``lease.json``
   (:mod:`restorer.lease`).
@@ -18,7 +20,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -38,9 +40,10 @@ from restorer.storage import META_DIR
 
 log = logging.getLogger(__name__)
 
-LEDGER_FORMAT_VERSION = 3  # 2: a flat folder of more than FLAT_PARTITION_KEYS files is cut
+LEDGER_FORMAT_VERSION = 4  # 2: a flat folder of more than FLAT_PARTITION_KEYS files is cut
 # into units per hash partition (version 1 cut its sorted whole listing), and runs keep digests;
-# 3: a flat S3 prefix is cut in key order, as it streams (sources.units_changed)
+# 3: a flat S3 prefix is cut in key order, as it streams (sources.units_changed); 4: a manifest
+# whose URIs span buckets keeps the bucket in its default keys
 FINGERPRINT_VERSION = 2  # 2: tile, overlap and precision resolved (as the actors run them)
 READ_AHEAD = 8  # Parquet files of a folder read ahead while one is consumed (S3 latency)
 DEFAULT_OPTIONS = storage.StorageOptions()  # local paths, or S3 from the AWS environment
@@ -91,6 +94,7 @@ def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: st
         storage.delete(meta_uri(spec.output.uri, "ledger"), options, recursive=True)
         storage.delete(meta_uri(spec.output.uri, "errors.parquet"), options, recursive=True)
         storage.delete(meta_uri(spec.output.uri, "digests"), options, recursive=True)
+        storage.delete(meta_uri(spec.output.uri, "transient"), options, recursive=True)
     record = {"ledger_format_version": LEDGER_FORMAT_VERSION,
               "fingerprint_version": FINGERPRINT_VERSION, "fingerprint": fingerprint,
               "fingerprint_sha256": digest(fingerprint), "model": model_uri,
@@ -123,7 +127,7 @@ def parquet_bytes(table: pa.Table) -> bytes:
 
 
 def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
-                had_errors: bool) -> None:
+                had_errors: bool, fence: Callable[[], None] | None = None) -> None:
     """Commit a unit: its shard (parquet layout), its errors, then the ledger entry.
 
     Each file is published atomically and the ledger entry comes last, so a unit with a ledger
@@ -131,9 +135,12 @@ def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
     The ledger entry is created once (a conditional create; see :func:`storage.write_bytes`):
     finding another run's entry for the unit means two jobs write into one output, and is an
     error. Only a unit redone for its errors (``had_errors``, ``--retry-failed``) replaces its
-    entry.
+    entry. ``fence`` (the job's :meth:`restorer.lease.Lease.check`) is called before the first
+    write and again right before the ledger entry: it raises when another job took the output.
     """
     options = spec.storage.options()
+    if fence is not None:
+        fence()
     if spec.output.layout == "parquet":
         shard = pa.table({
             "key": [r["out_key"] or r["key"] for r in records],
@@ -152,6 +159,8 @@ def commit_unit(spec: RestoreSpec, unit: str, records: list[dict[str, Any]],
     elif had_errors:
         storage.delete(error_uri, options)
     ledger = pa.Table.from_pylist([dict(r, encoded=b"") for r in records], schema=RECORD_SCHEMA)
+    if fence is not None:
+        fence()
     storage.write_bytes(meta_uri(spec.output.uri, "ledger", f"unit-{unit}.parquet"),
                         parquet_bytes(ledger), options, create=not had_errors)
 
@@ -192,6 +201,37 @@ def note_missing(spec: RestoreSpec, unit: str, runs: int, keys: list[str]) -> No
 def forget_missing(spec: RestoreSpec, unit: str) -> None:
     counter = meta_uri(spec.output.uri, "missing", f"unit-{unit}.json")
     retrying(lambda: storage.delete(counter, spec.storage.options()), what=f"delete {counter}")
+
+
+def transient_units(spec: RestoreSpec) -> set[str]:
+    """Ids of the units with a history of transient faults (one listing, at the start)."""
+    return {n[len("unit-"):-len(".json")]
+            for n in storage.list_names(meta_uri(spec.output.uri, "transient"),
+                                        spec.storage.options())
+            if n.startswith("unit-") and n.endswith(".json")}
+
+
+def transient_history(spec: RestoreSpec, unit: str) -> dict[str, list[dict[str, Any]]]:
+    """key -> the transient faults of that image of ``unit`` in earlier runs (one dict per run:
+    ``run``, ``stage``, ``error_class``, ``message``); empty when there were none."""
+    history = meta_uri(spec.output.uri, "transient", f"unit-{unit}.json")
+    options = spec.storage.options()
+    found, _ = retrying(lambda: json.loads(storage.read_bytes(history, options))["keys"]
+                        if storage.exists(history, options) else {}, what=f"read {history}")
+    return found
+
+
+def note_transient(spec: RestoreSpec, unit: str,
+                   history: dict[str, list[dict[str, Any]]]) -> None:
+    """Record the images of ``unit`` still failing transiently, with their faults so far."""
+    uri = meta_uri(spec.output.uri, "transient", f"unit-{unit}.json")
+    body = json.dumps({"keys": history}).encode()
+    retrying(lambda: storage.write_bytes(uri, body, spec.storage.options()), what=f"write {uri}")
+
+
+def forget_transient(spec: RestoreSpec, unit: str) -> None:
+    uri = meta_uri(spec.output.uri, "transient", f"unit-{unit}.json")
+    retrying(lambda: storage.delete(uri, spec.storage.options()), what=f"delete {uri}")
 
 
 def write_summary(spec: RestoreSpec, summary: dict[str, Any], attempts: int = 1) -> None:

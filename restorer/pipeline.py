@@ -45,7 +45,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -65,6 +65,7 @@ from restorer.errors import (
     TRANSIENT,
     JobError,
     JobStopped,
+    LeaseLostError,
     OutputConflictError,
     RestorerError,
     StorageError,
@@ -85,12 +86,16 @@ from restorer.ledger import (  # noqa: F401 - META_DIR, commit_unit: public name
     commit_unit,
     committed_units,
     forget_missing,
+    forget_transient,
     meta_uri,
     missing_runs,
     note_missing,
+    note_transient,
     prepare_output,
     refuse_foreign_output,
     refuse_older_units,
+    transient_history,
+    transient_units,
     write_summary,
 )
 from restorer.progress import Progress
@@ -106,6 +111,7 @@ from restorer.sources import (
     detect_layout,
     known_total,
     listing_tasks,
+    plan_outputs,
 )
 from restorer.stages import encode_and_write, read_and_decode  # noqa: F401
 from restorer.summary import JobState, account, summarize
@@ -147,6 +153,7 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
         log.warning("the output %s lies inside the input; it is left out of the listing",
                     spec.output.uri)
     tasks = listing_tasks(spec.input.uri, config)
+    config = plan_outputs(tasks, config)  # shards, manifests: outputs unique across chunks
     if (layout == "files" and not storage.is_remote(spec.input.uri)
             and storage.is_dir(spec.input.uri)
             and not storage.has_local_file(spec.input.uri, spec.input.extensions,
@@ -157,10 +164,12 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
         return dict(summarize(state, time.time() - state.started), status="empty")
 
     refuse_foreign_output(spec)  # before Ray starts (a bad bucket fails here too)
-    lease = Lease(meta_uri(spec.output.uri, "lease.json"), options, spec.limits.lease_stale_seconds)
+    _probe_create_only(spec)
+    lease = Lease(meta_uri(spec.output.uri, "lease.json"), options,
+                  spec.limits.lease_stale_seconds, overwrite=spec.output.overwrite)
     with lease:  # one job per output, from before anything is written until the end
         return _run_leased(spec, model_uri, model_sha256, net, layout, config, tasks,
-                           loaded.provenance)
+                           loaded.provenance, lease)
 
 
 def restore(input: str, output: str, model: str | None = None, **options: Any) -> dict[str, Any]:
@@ -176,7 +185,7 @@ def restore(input: str, output: str, model: str | None = None, **options: Any) -
 
 def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch.nn.Module,
                 layout: str, config: SourceConfig, tasks: list[ListingTask],
-                provenance: dict[str, Any]) -> dict[str, Any]:
+                provenance: dict[str, Any], lease: Lease | None = None) -> dict[str, Any]:
     from restorer import flat
     from restorer.runtime import (
         CHEAP_NET_MACS,
@@ -184,10 +193,13 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         ensure_ray,
         macs_per_pixel,
         plan_workers,
+        refuse_unshared_paths,
     )
 
     embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
                           spec.resources.object_store_mb)
+    refuse_unshared_paths(spec.input.uri, spec.output.uri, meta_uri(spec.output.uri),
+                          spec.storage.shared_filesystem)
     plan = plan_workers(spec.resources.workers, spec.resources.gpus_per_worker,
                         spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
                         *cluster_shape(), can_autoscale=not embedded,
@@ -211,6 +223,7 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
     resumed = (prepare_output(spec, fingerprint, model_uri, legacy_fingerprint)
                and not spec.output.overwrite)
     done, with_errors = committed_units(spec)
+    state.transient_units = transient_units(spec)
     if spec.output.overwrite:
         done = set()
     elif spec.output.retry_failed:
@@ -225,9 +238,13 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         counting = None
         if total is None and layout == "files" and not storage.is_remote(spec.input.uri):
             counting = _count_in_background(tasks, config, progress, state)
-        _execute(spec, state, build_pipeline(spec, plan, tasks, config, frozenset(done),
-                                             resumed, model_sha256),
-                 with_errors, stop, progress)
+        try:
+            _execute(spec, state, build_pipeline(spec, plan, tasks, config, frozenset(done),
+                                                 resumed, model_sha256),
+                     with_errors, stop, progress, lease)
+        except LeaseLostError:
+            stop.set()  # the pump thread of _results stops pulling batches
+            raise
         if counting is not None:  # the walk began with the job: it is done, or nearly
             counting.join(timeout=COUNT_WAIT_SECONDS)
     state.total = state.succeeded + state.failed + state.skipped
@@ -257,14 +274,19 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
 
 
 def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
-             stop: threading.Event | None = None, progress: Progress | None = None) -> None:
+             stop: threading.Event | None = None, progress: Progress | None = None,
+             lease: Lease | None = None) -> None:
     """Consume the pipeline's records in the driver and commit units as they complete.
 
     Only the units in flight are held here, so driver memory does not grow with the job.
+    Every commit is fenced by the ``lease`` (:meth:`Lease.check`): a job whose lease another
+    job took raises :class:`LeaseLostError` and commits nothing more.
     """
     open_units: dict[str, list[dict[str, Any]]] = {}
     flushed = time.time()
     for batch in _results(ds, stop):
+        if lease is not None:
+            lease.raise_if_lost()  # found by the heartbeat: stop without waiting for a commit
         processed = 0
         for record in batch.to_pylist():
             if record["status"] == "skipped":
@@ -279,7 +301,8 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
             unit.append(record)
             if len(unit) == record["unit_size"]:
                 redone = record["unit"] in with_errors
-                committed = _close_unit(spec, state, record["unit"], unit, redone)
+                committed = _close_unit(spec, state, record["unit"], unit, redone,
+                                        lease.check if lease is not None else None)
                 del open_units[record["unit"]]
                 if committed and (redone or time.time() - flushed > FLUSH_SECONDS):
                     _write_run_digest(spec, state.digest)
@@ -338,16 +361,19 @@ def _results(ds: Any, stop: threading.Event | None) -> Iterator[pa.Table]:
 
 
 def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dict[str, Any]],
-                had_errors: bool) -> bool:
+                had_errors: bool, fence: Callable[[], None] | None = None) -> bool:
     """Commit a complete unit and add its records to the run's digest; return whether it was
     committed. Not committed: a unit where an image in it failed transiently (then the unit stays
-    uncommitted and the next run redoes it) or its input vanished (``missing``): that unit
+    uncommitted and the next run redoes it, until the image has failed so in
+    ``limits.transient_runs`` runs: then it is quarantined, :func:`_quarantine_repeats`) or its
+    input vanished (``missing``): that unit
     stays open for :data:`MISSING_RUNS` runs, counted in ``_restorer/missing/unit-<id>.json``,
     and is committed with those images quarantined in the run after. A commit that still fails
     transiently after its retries leaves the unit for the next run too. A unit redone by
     ``--retry-failed`` (``had_errors``) takes its earlier records out of the digests' sums
     (one unit file read, before it is replaced)."""
-    if any(r["status"] == "transient" for r in records):
+    if any(r["status"] == "transient" for r in records) and not _quarantine_repeats(
+            spec, state, unit, records):
         state.incomplete_units += 1
         return False
     missing = [r for r in records if r["status"] == "missing"]
@@ -366,7 +392,7 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
                 state.errors_by_class.get(record["error_class"], 0) + 1)
     earlier = _earlier_records(spec, unit) if had_errors else None
     try:
-        retrying(lambda: commit_unit(spec, unit, records, had_errors), RETRY_ATTEMPTS,
+        retrying(lambda: commit_unit(spec, unit, records, had_errors, fence), RETRY_ATTEMPTS,
                  what=f"commit unit {unit}")
     except Exception as e:
         if classify(e) != TRANSIENT:
@@ -383,6 +409,38 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
     state.digest.commit(unit, len(records))
     if missing:
         forget_missing(spec, unit)
+    if unit in state.transient_units:
+        forget_transient(spec, unit)
+    return True
+
+
+def _quarantine_repeats(spec: RestoreSpec, state: JobState, unit: str,
+                        records: list[dict[str, Any]]) -> bool:
+    """Quarantine the images of ``unit`` that failed transiently in ``limits.transient_runs``
+    runs (this one included), their faults' history in the message; record the others' faults
+    in ``_restorer/transient/unit-<id>.json``. Returns whether the unit can commit (no image
+    of it is still waiting for another run)."""
+    history = transient_history(spec, unit) if unit in state.transient_units else {}
+    waiting: dict[str, list[dict[str, Any]]] = {}
+    for record in (r for r in records if r["status"] == "transient"):
+        faults = history.get(record["key"], []) + [{
+            "run": state.digest.run, "stage": record["stage"],
+            "error_class": record["error_class"], "message": record["message"][:300]}]
+        if len(faults) < spec.limits.transient_runs:
+            waiting[record["key"]] = faults
+            continue
+        told = "; ".join(f"run {f['run']}: {f['stage']} {f['error_class']}: "
+                         f"{f['message'][:160]}" for f in faults)
+        record.update(status="failed", message=f"failed transiently in {len(faults)} runs, "
+                                               f"quarantined: {told}"[:2000])
+        state.transient -= 1
+        state.failed += 1
+        state.errors_by_class[record["error_class"]] = (
+            state.errors_by_class.get(record["error_class"], 0) + 1)
+    if waiting:
+        note_transient(spec, unit, waiting)
+        state.transient_units.add(unit)
+        return False
     return True
 
 
@@ -459,6 +517,21 @@ def _stop_on_signals():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _probe_create_only(spec: RestoreSpec) -> None:
+    """Warn, saying what exactly-once then means, when the output store does not refuse a
+    second create-only write (the lease's generations and the ledger's entries rely on it)."""
+    folder = meta_uri(spec.output.uri)
+    if storage.create_only_honoured(folder, spec.storage.options()):
+        return
+    log.warning(
+        "the output store at %s does not refuse a second create-only write (it ignores "
+        "If-None-Match, or has no hard links): two jobs started on this output at the same "
+        "moment could both take its lease, and a unit committed twice is replaced rather than "
+        "refused. Exactly-once then holds only while one job at a time writes into this "
+        "output: start one job per output (a job whose lease is taken over later still stops "
+        "committing at once)", spec.output.uri)
 
 
 def _refuse_input_as_output(spec: RestoreSpec) -> None:

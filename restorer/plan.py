@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from restorer import storage
+from restorer import codec, storage
 from restorer.bench import load_calibration
 from restorer.jobs import RestoreSpec
 from restorer.pipeline import source_config
@@ -51,7 +51,7 @@ def plan_job(spec: RestoreSpec, workers: int, sample_size: int = 200,
     for row in sample:
         try:
             data = row["data"] or storage.read_bytes(row["uri"], options)
-            width, height = Image.open(io.BytesIO(data)).size
+            width, height = Image.open(io.BytesIO(data), formats=codec.DECODE_FORMATS).size
             pixels.append(width * height)
         except Exception as e:  # noqa: BLE001 - unreadable samples are simply not measured
             log.debug("not measuring %s: %s", row.get("uri"), e)

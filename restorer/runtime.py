@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 import math
 import os
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from restorer import storage
 from restorer.errors import SpecError
 
 log = logging.getLogger(__name__)
@@ -147,3 +149,86 @@ def macs_per_pixel(net: Any) -> int:
     return getattr(net, "runs_per_pixel", 1) * per_run
 
 
+
+
+# --- local paths on a multi-node cluster -------------------------------------------------------
+
+SHARED_CHECK_SECONDS = 120.0  # a node that does not answer the check in this time fails it
+
+
+def refuse_unshared_paths(input_uri: str, output_uri: str, marker_folder: str,
+                          shared_filesystem: bool) -> list[str]:
+    """Refuse local input/output paths on a multi-node cluster unless they are on a shared
+    file system; returns the ids of the other nodes that confirmed it (empty: nothing to check).
+
+    Without ``shared_filesystem`` each node would read and write its own disk while the
+    driver's ledger records the units as done: refused (:class:`SpecError`). With it, the
+    driver writes a marker file under ``marker_folder`` (the output's ``_restorer/``) and a
+    task pinned to every other alive node must read it back, and see the input as the driver
+    does (a file's size, a folder's first names); a node that does not is named in the error.
+    """
+    import ray
+
+    local = [uri for uri in (input_uri, output_uri) if not storage.is_remote(uri)]
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if not local or len(nodes) < 2:
+        return []
+    if not shared_filesystem:
+        raise SpecError(
+            f"{' and '.join(local)} {'is a local path' if len(local) == 1 else 'are local paths'}"
+            f" and the cluster has {len(nodes)} nodes: each node would read and write its own "
+            "disk while this driver's ledger records the work as done. Use s3:// URIs, or, if "
+            "the paths are on a file system every node mounts at the same path, pass "
+            "--shared-filesystem (storage.shared_filesystem = true; it is checked)")
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    token = uuid.uuid4().hex
+    marker = storage.join(marker_folder, f".shared-check-{token}")
+    storage.write_bytes(marker, token.encode())
+    expected = _local_view(input_uri) if not storage.is_remote(input_uri) else None
+    here = ray.get_runtime_context().get_node_id()
+    probe = ray.remote(num_cpus=0, max_retries=0)(_local_check)
+    try:
+        pending = {n["NodeID"]: probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(marker, token, input_uri, expected)
+            for n in nodes if n["NodeID"] != here}
+        for node, ref in pending.items():
+            try:
+                found = ray.get(ref, timeout=SHARED_CHECK_SECONDS)
+            except Exception as e:  # noqa: BLE001 - a node that cannot answer fails the check
+                found = f"it did not answer ({type(e).__name__}: {e})"
+            if found:
+                raise SpecError(f"--shared-filesystem: node {node} does not see the paths as "
+                                f"this driver does: {found}. Mount them at the same path on "
+                                "every node, or use s3:// URIs")
+    finally:
+        storage.delete(marker)
+    return list(pending)
+
+
+def _local_view(uri: str) -> tuple[str, int | list[str]]:
+    """What a node sees at a local path: a file's size, a folder's first names, or nothing."""
+    path = storage.local_path(uri)
+    if os.path.isfile(path):
+        return "file", os.path.getsize(path)
+    if os.path.isdir(path):
+        with os.scandir(path) as entries:
+            return "folder", sorted(e.name for e in entries)[:32]
+    return "missing", 0
+
+
+def _local_check(marker: str, token: str, input_uri: str,
+                 expected: tuple[str, int | list[str]] | None) -> str:
+    """Run on another node: "" when it sees the driver's marker and the input as the driver
+    does, else what differs."""
+    try:
+        with open(storage.local_path(marker), "rb") as f:
+            if f.read().decode() != token:
+                return f"the marker {marker} holds other contents"
+    except OSError as e:
+        return f"the marker {marker} written by the driver is not there ({e.strerror})"
+    if expected is not None:
+        seen = _local_view(input_uri)
+        if tuple(seen) != tuple(expected):
+            return f"the input {input_uri} looks different there ({seen[0]})"
+    return ""

@@ -41,7 +41,15 @@ Three layouts, one row shape (``key``, ``uri`` or inline ``data``, ``unit``, ``u
   bytes column; one task per row group.
 - ``manifest``: a Parquet file with a ``uri`` column (and optional ``key`` column) read one row
   group per task, or a text file with one URI per line. The default key is the URI's path after
-  the bucket (or after the leading ``/`` of a local path).
+  the bucket (or after the leading ``/`` of a local path); when the URIs span buckets it keeps
+  the bucket (``s3://a/x.png`` -> ``a/x.png``), so that two buckets' ``x.png`` stay apart.
+
+Shards and manifests are listed in chunks (``SHARD_CHUNK_ROWS``, ``MANIFEST_CHUNK_ROWS``) by
+separate tasks, so no task sees every row: before the job starts, :func:`plan_outputs` reads
+their key (and uri) columns once in the driver, tallies every row's output in an SQLite table
+on local disk (:class:`_OutputClaims`: memory bounded by its page cache) and hands the outputs
+that two or more rows would write to the listing tasks (:attr:`SourceConfig.collisions`): every
+one of those rows fails with ``OutputCollision``, wherever the chunks cut.
 
 A *work unit* is up to 64 consecutive rows of one listing task (folder, flat partition or S3
 stream, row group or text file); its id depends only on its keys, so a rerun over the same input makes the same units.
@@ -115,6 +123,10 @@ class SourceConfig:
     # it lies inside the input: a rerun must not restore the last run's outputs again)
     page_size: int = storage.LIST_PAGE_SIZE  # entries per listing page of a flat folder
     partition_keys: int = FLAT_PARTITION_KEYS  # files per partition of a flat folder
+    # parquet/manifest: lower-cased output key -> the keys of the rows that would all write it,
+    # found across every chunk by plan_outputs (those rows fail with OutputCollision)
+    collisions: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    bucket_keys: bool = False  # manifest: default keys keep the bucket (URIs span buckets)
 
 
 def detect_layout(uri: str, layout: str, options: storage.StorageOptions) -> str:
@@ -216,7 +228,11 @@ def units_changed(version: int, tasks: list[ListingTask], config: SourceConfig) 
     format 2 cut one of more than ``partition_keys`` files by hash partitions; format 3 cuts
     a local folder by partitions (as format 2) and an S3 prefix as one sorted listing (as
     format 1). Only a format 2 output read from a flat S3 prefix costs a pass over the prefix
-    here, counting (what every format 2 run did), once: the resume upgrades it to format 3."""
+    here, counting (what every format 2 run did), once: the resume upgrades it to format 3.
+    Format 4 keeps the bucket in the default keys of a manifest whose URIs span buckets."""
+    if version < 4 and config.bucket_keys:
+        return ("its manifest's URIs span buckets, and its keys dropped the bucket (this "
+                "restorer keeps it, so that two buckets' objects never write one output)")
     if version < 2 and any(t.partitions > 1 for t in tasks):
         return (f"its units of a flat folder of more than {config.partition_keys} files were "
                 "cut from one sorted listing (this restorer cuts them by hash partitions)")
@@ -434,6 +450,7 @@ class _OutputClaims:
             self._db.execute(f"PRAGMA {pragma}")  # a scratch table: no journal, 16 MiB cache
         self._db.execute("CREATE TABLE claims (target TEXT PRIMARY KEY, key TEXT NOT NULL) "
                          "WITHOUT ROWID")
+        self._tallying = False
 
     def close(self) -> None:
         self._db.close()
@@ -462,6 +479,35 @@ class _OutputClaims:
                                f"which {owner!r} (listed before it) writes (names differ only "
                                "in extension or case); rename it or choose another --format")
         self._db.executemany("INSERT INTO claims VALUES (?, ?)", claimed.items())
+
+    def tally(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Count the outputs of ``rows`` (all of them, in a table of their own: every row that
+        shares an output is wanted, not only the later ones; see :meth:`shared`)."""
+        if not self._tallying:
+            self._db.execute("CREATE TABLE outputs (target TEXT NOT NULL, key TEXT NOT NULL)")
+            self._tallying = True
+        self._db.executemany("INSERT INTO outputs VALUES (?, ?)",
+                             ((r["out_key"].lower(), r["key"]) for r in rows
+                              if r["status"] != "failed"))
+
+    def shared(self) -> Iterator[tuple[str, tuple[str, ...]]]:
+        """(lower-cased output, the keys of every row that would write it) for each output
+        tallied more than once, in output order (one sort on disk)."""
+        if not self._tallying:
+            return
+        self._db.execute("CREATE INDEX outputs_target ON outputs (target)")
+        cursor = self._db.execute(
+            "SELECT target, key FROM outputs WHERE target IN (SELECT target FROM outputs "
+            "GROUP BY target HAVING count(*) > 1) ORDER BY target, rowid")
+        target, keys = None, []
+        for found, key in cursor:
+            if found != target and keys:
+                yield target, tuple(keys)
+                keys = []
+            target = found
+            keys.append(key)
+        if keys:
+            yield target, tuple(keys)
 
 
 def _stream(task: ListingTask, config: SourceConfig,
@@ -515,11 +561,108 @@ def _slice(table, task: ListingTask):
     return table.slice(task.offset, task.length or None)
 
 
-def _manifest_key(uri: str) -> str:
+def _manifest_key(uri: str, bucket: bool = False) -> str:
+    """A manifest row's default key: the URI's path after the bucket (``bucket``: with it),
+    or a local path without its leading ``/``."""
     if "://" in uri:
         path = uri.split("://", 1)[1]
-        return path.split("/", 1)[1] if "/" in path else path
+        return path if bucket else (path.split("/", 1)[1] if "/" in path else path)
     return uri.lstrip("/")
+
+
+def _bucket_of(uri: str) -> str:
+    """The scheme and bucket of a URI ("" for a local path)."""
+    if "://" not in uri:
+        return ""
+    scheme, path = uri.split("://", 1)
+    return f"{scheme}://{path.split('/', 1)[0]}"
+
+
+def _manifest_entries(task: ListingTask, config: SourceConfig
+                      ) -> tuple[list[str], list[str | None]]:
+    """(uris, keys: None where the manifest names none) of one manifest task's rows."""
+    if task.row_group >= 0:
+        fs, path = storage.filesystem(task.uri, config.options)
+        with fs.open(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            names = parquet.schema_arrow.names
+            if config.uri_column not in names:
+                raise SpecError(f"Manifest {task.uri} has no {config.uri_column!r} column "
+                                f"(columns: {names}); set input.uri_column")
+            columns = [config.uri_column] + ([config.key_column] if config.key_column in names
+                                             else [])
+            table = _slice(parquet.read_row_group(task.row_group, columns=columns), task)
+        uris = [u or "" for u in table.column(config.uri_column).to_pylist()]
+        keys = (table.column(config.key_column).to_pylist() if config.key_column in columns
+                else [None] * len(uris))
+        return uris, keys
+    lines = storage.read_bytes(task.uri, config.options).decode("utf-8").splitlines()
+    uris = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    return uris, [None] * len(uris)
+
+
+def _manifest_rows(task: ListingTask, config: SourceConfig) -> list[dict[str, Any]]:
+    uris, keys = _manifest_entries(task, config)
+    return [_row(key if key is not None else _manifest_key(uri, config.bucket_keys), uri, config)
+            for uri, key in zip(uris, keys)]
+
+
+def _shard_keys(task: ListingTask, config: SourceConfig) -> list[str]:
+    """The key column of one shard task's rows (the bytes are not read)."""
+    fs, path = storage.filesystem(task.uri, config.options)
+    with fs.open(path, "rb") as f:
+        table = _slice(pq.ParquetFile(f).read_row_group(task.row_group,
+                                                        columns=[config.key_column]), task)
+    return [key or "" for key in table.column(config.key_column).to_pylist()]
+
+
+def plan_outputs(tasks: list[ListingTask], config: SourceConfig) -> SourceConfig:
+    """``config`` with what only the whole input tells (shards and manifests, whose rows are
+    listed in chunks by separate tasks): :attr:`SourceConfig.bucket_keys` (a manifest whose
+    URIs span buckets) and :attr:`SourceConfig.collisions` (every output that two or more rows
+    would write, wherever the chunks cut them). Reads the key and uri columns once, in the
+    driver; the outputs are tallied in SQLite on local disk, so memory stays bounded however
+    many rows the input has (only the colliding rows' keys are held). Folders and prefixes
+    are returned as they are: their listing tasks cannot write one output from two tasks
+    (see the module docstring)."""
+    if config.layout not in ("manifest", "parquet"):
+        return config
+    if config.layout == "manifest":
+        buckets: set[str] = set()
+        for task in tasks:
+            uris, keys = _manifest_entries(task, config)
+            buckets.update(_bucket_of(u) for u, k in zip(uris, keys) if k is None)
+            if len(buckets) > 1:
+                config = replace(config, bucket_keys=True)
+                break
+    claims = _OutputClaims()
+    try:
+        for task in tasks:
+            if task.layout == "manifest":
+                claims.tally(_manifest_rows(task, config))
+            else:
+                claims.tally(_row(key, "", config) for key in _shard_keys(task, config))
+        collisions = tuple(claims.shared())
+    finally:
+        claims.close()
+    return replace(config, collisions=collisions)
+
+
+def _mark_job_collisions(rows: list[dict[str, Any]], config: SourceConfig) -> None:
+    """Fail the rows whose output another row of the job writes too (found by
+    :func:`plan_outputs`); without its findings, compare the rows of this chunk."""
+    if not config.collisions:
+        _mark_collisions(rows)
+        return
+    shared = dict(config.collisions)
+    for row in rows:
+        keys = shared.get(row["out_key"].lower()) if row["status"] != "failed" else None
+        if keys:
+            named = list(keys[:8]) + ([f"... {len(keys) - 8} more"] if len(keys) > 8 else [])
+            row.update(status="failed", stage="plan", error_class="OutputCollision",
+                       message=f"inputs {named} would all be written to {row['out_key']!r} "
+                               "(the same key, or names that differ only in extension or "
+                               "case); give them distinct keys, or choose another --format")
 
 
 def expand(task: ListingTask, config: SourceConfig,
@@ -554,29 +697,10 @@ def expand(task: ListingTask, config: SourceConfig,
                 for index, (key, data) in enumerate(zip(
                     table.column(config.key_column).to_pylist(),
                     table.column(config.bytes_column).to_pylist()))]
-        _mark_collisions(rows)
+        _mark_job_collisions(rows, config)
         yield from _units(rows, done)
         return
     # manifest
-    if task.row_group >= 0:
-        fs, path = storage.filesystem(task.uri, options)
-        with fs.open(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
-            names = parquet.schema_arrow.names
-            if config.uri_column not in names:
-                raise SpecError(f"Manifest {task.uri} has no {config.uri_column!r} column "
-                                f"(columns: {names}); set input.uri_column")
-            columns = [config.uri_column] + ([config.key_column] if config.key_column in names
-                                             else [])
-            table = _slice(parquet.read_row_group(task.row_group, columns=columns), task)
-        uris = table.column(config.uri_column).to_pylist()
-        keys = (table.column(config.key_column).to_pylist() if config.key_column in columns
-                else [None] * len(uris))
-    else:
-        lines = storage.read_bytes(task.uri, options).decode("utf-8").splitlines()
-        uris = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
-        keys = [None] * len(uris)
-    rows = [_row(key if key is not None else _manifest_key(uri or ""), uri or "", config)
-            for uri, key in zip(uris, keys)]
-    _mark_collisions(rows)
+    rows = _manifest_rows(task, config)
+    _mark_job_collisions(rows, config)
     yield from _units(rows, done)

@@ -15,7 +15,14 @@ import numpy as np
 import pyarrow as pa
 
 from restorer import codec, storage
-from restorer.errors import PERMANENT, ImageError, RestorerError, retrying
+from restorer.errors import (
+    PERMANENT,
+    TRANSIENT,
+    ImageError,
+    RestorerError,
+    classify,
+    retrying,
+)
 from restorer.records import (
     DECODED_SCHEMA,
     RECORD_SCHEMA,
@@ -64,8 +71,8 @@ def read_and_decode(batch: pa.Table, storage_options: storage.StorageOptions, ma
                            src_quality=image.jpeg.quality if image.jpeg else 0,
                            src_subsampling=image.jpeg.subsampling if image.jpeg else "",
                            status="decoded")
-            except Exception as e:  # noqa: BLE001 - any decoder failure quarantines one image
-                fail(row, "decode", e, PERMANENT)
+            except Exception as e:  # noqa: BLE001 - bad bytes quarantine; memory: transient
+                fail(row, "decode", e, _kind(e))
         rows.append(row)
     return to_table(rows, DECODED_SCHEMA)
 
@@ -98,7 +105,7 @@ def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOpti
                 data = codec.encode(pixels, alpha, row["format"], row["icc"] or None,
                                     row["exif"] or None, options, source_jpeg)
             except Exception as e:  # noqa: BLE001 - one image's failure is its record
-                records.append(fail(row, "write", e, PERMANENT))
+                records.append(fail(row, "write", e, _kind(e)))
                 continue
             try:
                 if layout == "parquet":
@@ -124,6 +131,13 @@ def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOpti
             fail(row, "restore", RestorerError(f"row arrived with status {row['status']!r}"))
         records.append(row)
     return to_table(records, RECORD_SCHEMA)
+
+
+def _kind(error: BaseException) -> str:
+    """How a decoder's or an encoder's failure counts: the one classifier's answer
+    (:func:`restorer.errors.classify`: memory, device and disk faults are transient), except
+    that nothing a codec raises means the input is *missing*: that is permanent."""
+    return TRANSIENT if classify(error) == TRANSIENT else PERMANENT
 
 
 def _resize_plane(plane: np.ndarray, width: int, height: int) -> np.ndarray:

@@ -202,6 +202,107 @@ def write_bytes(uri: str, data: bytes, options: StorageOptions = StorageOptions(
             os.unlink(tmp)
 
 
+def create_only_honoured(folder: str, options: StorageOptions = StorageOptions()) -> bool:
+    """Whether the store under ``folder`` refuses a second create-only write of one name (a
+    probe: two create-only writes of a hidden object, which is then removed). False where the
+    second write replaced the first (an S3-compatible store that ignores ``If-None-Match``) or
+    where create-only writes are not implemented (501; no hard links)."""
+    probe = join(folder, f".create-probe-{uuid.uuid4().hex}")
+    try:
+        if is_remote(probe):
+            fs, path = filesystem(probe, options)
+            try:
+                fs.pipe_file(path, b"first", mode="create")
+                fs.pipe_file(path, b"second", mode="create")
+            except FileExistsError:
+                return True
+            except OSError as e:
+                if e.errno == errno.ENOSYS:
+                    return False
+                raise StorageError(f"Cannot write {probe}: {e}") from e
+            return False
+        path = local_path(probe)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        source = f"{path}.src"
+        with open(source, "wb") as f:
+            f.write(b"first")
+        try:
+            os.link(source, path)
+            os.link(source, path)
+        except FileExistsError:
+            return True
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+                return False
+            raise StorageError(f"Cannot write {probe}: {e}") from e
+        finally:
+            os.unlink(source)
+        return False
+    finally:
+        try:
+            delete(probe, options)
+        except StorageError as e:
+            log.debug("could not remove the probe %s: %s", probe, e)
+
+
+class VersionChanged(StorageError):
+    """A conditional replace found another version of the object than the one it expected."""
+
+
+def replace_if(uri: str, data: bytes, options: StorageOptions = StorageOptions(),
+               version: str | None = None) -> str:
+    """Replace the object at ``uri`` with ``data`` only if it is still ``version`` (the value
+    a previous call returned; None: whatever is there, or nothing); return its new version.
+
+    On S3 a conditional PUT (``If-Match`` on the ETag; AWS S3, MinIO and moto honour it); a
+    store answering 501 gets a compare (HEAD) then a plain PUT, after a warning. Locally the
+    version is the content's sha256, compared and replaced under an exclusive ``flock`` of
+    ``.<name>.lock`` beside it (every writer through this function takes it). Raises
+    :class:`VersionChanged` when another writer replaced (or removed) the object.
+    """
+    import hashlib
+
+    if is_remote(uri):
+        fs, path = filesystem(uri, options)
+        bucket, _, key = path.partition("/")
+        request = {"Bucket": bucket, "Key": key, "Body": data}
+        if version is not None:
+            request["IfMatch"] = version
+        try:
+            return fs.call_s3("put_object", **request)["ETag"]
+        except FileNotFoundError as e:  # If-Match on a removed object: NoSuchKey
+            raise VersionChanged(f"{uri} was removed by another writer") from e
+        except OSError as e:
+            if e.errno == errno.EINVAL and version is not None:  # 412 PreconditionFailed
+                raise VersionChanged(f"{uri} was replaced by another writer") from e
+            if e.errno != errno.ENOSYS or version is None:
+                raise StorageError(f"Cannot write {uri}: {e}") from e
+            _warn_no_create(uri, "the store does not implement conditional PUTs (If-Match)")
+            if fs.info(path).get("ETag") != version:
+                raise VersionChanged(f"{uri} was replaced by another writer") from e
+            return fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data)["ETag"]
+    import fcntl
+
+    path = local_path(uri)
+    directory, name = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, f".{name}.lock"), "a+b") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError as e:  # a file system without locks (some NFS mounts)
+            _warn_no_create(uri, f"the file system refuses locks ({e})")
+        if version is not None:
+            try:
+                with open(path, "rb") as f:
+                    current = hashlib.sha256(f.read()).hexdigest()
+            except FileNotFoundError as e:
+                raise VersionChanged(f"{uri} was removed by another writer") from e
+            if current != version:
+                raise VersionChanged(f"{uri} was replaced by another writer")
+        write_bytes(uri, data)
+    return hashlib.sha256(data).hexdigest()
+
+
 def _refuse_other_bytes(uri: str, data: bytes, existing: bytes) -> None:
     if existing != data:
         raise StorageError(f"{uri} already exists with other contents and was not replaced (a "

@@ -38,6 +38,7 @@ class JobState:
     transient: int = 0  # images still failing transiently: their units stay for the next run
     missing: int = 0  # inputs that vanished: their units wait MISSING_RUNS runs, then commit
     incomplete_units: int = 0  # units left uncommitted for those
+    transient_units: set[str] = field(default_factory=set)  # units with a transient history
     digest: Digest = field(default_factory=Digest)  # what this run committed, in brief
     # files of a local input folder left out as not images (by extension), and a few of their
     # names; None where they were not counted (S3 prefixes, shards, manifests)

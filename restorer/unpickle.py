@@ -287,7 +287,10 @@ def _tensor_from_bytes(raw: bytes, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _read_zip(data: bytes) -> Any:
+    """The main pickle of a torch zip file; no record is inflated past the size caps
+    (:func:`_checked_entries`)."""
     archive = zipfile.ZipFile(io.BytesIO(data))
+    _checked_entries(archive, len(data))
     pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
     if len(pickles) != 1:
         raise ModelError(f"a torch zip file holds one data.pkl, this one {len(pickles)}")
@@ -315,6 +318,28 @@ def _read_zip(data: bytes) -> Any:
         return storages[key]
 
     return _Unpickler(io.BytesIO(archive.read(pickles[0])), storage).load()
+
+
+MAX_ZIP_INFLATION = 4  # all records of a torch zip, inflated, at most this times the file
+# (torch.save stores its records uncompressed: about 1x); more is a zip bomb
+MAX_ZIP_SLACK = 1 << 20  # ... plus this much (tiny files: headers, a small deflated pickle)
+MAX_ZIP_ENTRY_BYTES = 8 << 30  # and no one record above 8 GiB, whatever the file's size
+
+
+def _checked_entries(archive: zipfile.ZipFile, file_size: int) -> None:
+    """Refuse an archive whose records would inflate past the caps, from their declared sizes
+    (``zipfile`` never inflates a record past its declared size: it stops there, and a record
+    whose data does not match fails its CRC)."""
+    total = 0
+    for info in archive.infolist():
+        if info.file_size > MAX_ZIP_ENTRY_BYTES:
+            raise ModelError(f"zip record {info.filename} would inflate to {info.file_size:,} "
+                             f"bytes, above the {MAX_ZIP_ENTRY_BYTES:,}-byte cap")
+        total += info.file_size
+    if total > MAX_ZIP_INFLATION * file_size + MAX_ZIP_SLACK:
+        raise ModelError(f"its zip records would inflate to {total:,} bytes from a "
+                         f"{file_size:,}-byte file, above the cap of {MAX_ZIP_INFLATION}x "
+                         "(a zip bomb? torch.save stores its records uncompressed)")
 
 
 def _read_legacy(data: bytes) -> Any:

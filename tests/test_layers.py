@@ -13,7 +13,7 @@ FLOORS = {
     2: ["storage", "codec", "synth", "samples", "shards"],
     3: ["records", "jobs", "checkpoint", "unpickle", "convert", "progress", "console"],
     4: ["ledger", "digest", "sources", "lease", "models", "runtime"],
-    5: ["pipeline", "graph", "stages", "actor", "summary", "train_job", "train_data",
+    5: ["pipeline", "graph", "stages", "actor", "poison", "summary", "train_job", "train_data",
         "train_checkpoints", "evaluate", "report", "inspect"],
     6: ["launch", "submit", "recipes", "bench", "plan"],
     7: ["cli"],

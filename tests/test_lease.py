@@ -108,3 +108,190 @@ def test_two_real_jobs_on_one_output(ray_session, tmp_path, tiny_model, where, r
     assert not storage.exists(lease_uri)
     result = runner.invoke(main, ["restore", str(source), output, "--model", tiny_model])
     assert result.exit_code == 0, result.output  # free again: a rerun resumes (all done)
+
+
+# --- fencing: a job that lost its lease commits nothing more ---------------------------------
+
+def test_a_taken_over_lease_fails_the_old_holders_next_check_naming_the_taker(tmp_path):
+    from restorer.errors import LeaseLostError
+
+    uri = str(tmp_path / "_restorer" / "lease.json")
+    old = Lease(uri, heartbeat_seconds=3600)
+    old.acquire()
+    try:
+        old.check()  # held: passes
+        taker = Lease(uri, stale_seconds=0)  # the old holder's heartbeat counts as missed
+        taker.acquire()
+        with pytest.raises(LeaseLostError, match=taker.holder.job_id):
+            old.check()
+        taker.check()  # the taker holds it
+        old.release()  # a fenced job leaves the taker's lease alone
+        assert taker.read().job_id == taker.holder.job_id
+        taker.release()
+        assert not storage.exists(uri)
+    finally:
+        old.release()
+
+
+def test_a_lease_file_replaced_by_another_job_is_a_lost_lease(tmp_path):
+    from restorer.errors import LeaseLostError
+
+    uri = tmp_path / "_restorer" / "lease.json"
+    with Lease(str(uri), heartbeat_seconds=3600) as lease:
+        intruder = dict(json.loads(uri.read_text()), job_id="intruder42", pid=4242,
+                        heartbeat=time.time())
+        uri.write_text(json.dumps(intruder))
+        with pytest.raises(LeaseLostError, match="intruder42"):
+            lease.check()
+        assert lease.lost
+    assert json.loads(uri.read_text())["job_id"] == "intruder42"  # not removed at the end
+
+
+def test_the_heartbeat_finds_a_replaced_lease_and_never_writes_over_it(tmp_path):
+    uri = tmp_path / "_restorer" / "lease.json"
+    lease = Lease(str(uri), heartbeat_seconds=0.05)
+    lease.acquire()
+    try:
+        uri.write_text(json.dumps(dict(json.loads(uri.read_text()), job_id="intruder42")))
+        deadline = time.time() + 10
+        while not lease.lost and time.time() < deadline:
+            time.sleep(0.02)
+        assert lease.lost
+        time.sleep(0.2)
+        assert json.loads(uri.read_text())["job_id"] == "intruder42"
+    finally:
+        lease.release()
+
+
+def test_the_heartbeat_survives_errors_other_than_storage_errors(tmp_path, monkeypatch):
+    """A botocore timeout surfacing as a plain OSError/TimeoutError must not end the
+    heartbeat (the lease would go stale under a live job and be taken over)."""
+    import restorer.lease as lease_module
+
+    failures = {"left": 3}
+
+    class Flaky:
+        def __getattr__(self, name):
+            real = getattr(storage, name)
+            if not callable(real) or isinstance(real, type):
+                return real
+
+            def call(*args, **kwargs):
+                if threading.current_thread().name == "restorer-lease" and failures["left"]:
+                    failures["left"] -= 1
+                    raise TimeoutError("Read timeout on endpoint URL")
+                return real(*args, **kwargs)
+            return call
+
+    monkeypatch.setattr(lease_module, "storage", Flaky())
+    uri = str(tmp_path / "_restorer" / "lease.json")
+    with Lease(uri, heartbeat_seconds=0.05) as lease:
+        first = json.loads(storage.read_bytes(uri))["heartbeat"]
+        deadline = time.time() + 10
+        while (json.loads(storage.read_bytes(uri))["heartbeat"] == first
+               and time.time() < deadline):
+            time.sleep(0.05)
+        assert failures["left"] == 0
+        assert json.loads(storage.read_bytes(uri))["heartbeat"] > first  # still beating
+        assert not lease.lost
+
+
+def test_two_takers_of_a_stale_lease_never_both_win(tmp_path, monkeypatch):
+    """Both look at the stale lease before either claims it; exactly one takes it."""
+    uri = str(tmp_path / "_restorer" / "lease.json")
+    (tmp_path / "_restorer").mkdir()
+    (tmp_path / "_restorer" / "lease.json").write_text(json.dumps({
+        "job_id": "deadbeef", "host": "gone", "pid": 1, "started": time.time() - 999,
+        "heartbeat": time.time() - 300}))
+    barrier = threading.Barrier(2, timeout=10)
+    real_state = Lease._state
+
+    looked: set[int] = set()
+
+    def state(self, generation):
+        holder = real_state(self, generation)
+        if threading.get_ident() not in looked:  # the first look of each taker
+            looked.add(threading.get_ident())
+            barrier.wait()  # both have judged the lease stale before either claims it
+        return holder
+
+    monkeypatch.setattr(Lease, "_state", state)
+    outcomes: list = []
+
+    def take():
+        lease = Lease(uri, heartbeat_seconds=3600)
+        try:
+            lease.acquire()
+            outcomes.append(lease)
+        except OutputConflictError as e:
+            outcomes.append(e)
+
+    threads = [threading.Thread(target=take) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    winners = [o for o in outcomes if isinstance(o, Lease)]
+    assert len(winners) == 1, outcomes
+    assert winners[0].holder.job_id in str(next(o for o in outcomes if o is not winners[0]))
+    winners[0].check()
+    winners[0].release()
+
+
+def test_overwrite_does_not_take_over_a_stale_lease_that_may_be_live(tmp_path):
+    uri = tmp_path / "lease.json"
+    uri.write_text(json.dumps({"job_id": "slowpoke", "host": "elsewhere", "pid": 7,
+                               "started": time.time() - 999, "heartbeat": time.time() - 300}))
+    with pytest.raises(OutputConflictError, match="--overwrite.*slowpoke"):
+        Lease(str(uri), stale_seconds=120, overwrite=True).acquire()
+    with Lease(str(uri), stale_seconds=120):  # a resume takes it over (and fences it)
+        pass
+
+
+def test_lease_fencing_on_s3(s3_server, bucket):
+    from restorer.errors import LeaseLostError
+
+    uri = f"s3://{bucket}/out/_restorer/lease.json"
+    old = Lease(uri, heartbeat_seconds=0.05)
+    old.acquire()
+    try:
+        taker = Lease(uri, stale_seconds=0)
+        taker.acquire()
+        with pytest.raises(LeaseLostError, match=taker.holder.job_id):
+            old.check()
+        time.sleep(0.3)  # the old heartbeat (an If-Match PUT) never writes over the taker's
+        assert taker.read().job_id == taker.holder.job_id
+        taker.release()
+    finally:
+        old.release()
+    assert not storage.exists(uri)
+
+
+@pytest.mark.slow
+def test_a_job_whose_lease_is_replaced_commits_nothing_more_and_exits_1(
+        ray_session, tmp_path, tiny_model):
+    source = tmp_path / "in"
+    _folder(source, 160)
+    out = tmp_path / "out"
+    ledger = out / "_restorer" / "ledger"
+    lease_file = out / "_restorer" / "lease.json"
+    results: dict = {}
+    job = threading.Thread(target=lambda: results.update(result=CliRunner().invoke(
+        main, ["restore", str(source), str(out), "--model", tiny_model, "--batch-size", "1"])))
+    job.start()
+    deadline = time.time() + 180
+    while time.time() < deadline and not (ledger.exists() and len(list(ledger.iterdir())) >= 2):
+        time.sleep(0.02)
+    assert ledger.exists(), "the job committed nothing"
+    holder = json.loads(lease_file.read_text())
+    lease_file.write_text(json.dumps(dict(holder, job_id="intruder42", pid=4242,
+                                          heartbeat=time.time())))
+    committed = len(list(ledger.iterdir()))
+    job.join(timeout=300)
+    result = results["result"]
+    assert result.exit_code == 1, result.output
+    assert "lost the lease" in result.output and "intruder42" in result.output
+    # at most the one commit that had passed its check when the lease was replaced
+    assert len(list(ledger.iterdir())) <= committed + 1
+    assert len(list(ledger.iterdir())) < 10  # far from done: 160 images are ~10 units
+    assert json.loads(lease_file.read_text())["job_id"] == "intruder42"

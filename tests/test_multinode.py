@@ -47,12 +47,14 @@ def _write_images(root: Path, count: int, size: int, seed: int) -> list[str]:
     return keys
 
 
-def _restore_spec(input_uri: str, output_uri: str):
+def _restore_spec(input_uri: str, output_uri: str, shared_filesystem: bool = True):
     from restorer.jobs import spec_from_dict
 
     return spec_from_dict({
         "kind": "restore", "name": "multinode",
         "input": {"uri": input_uri}, "output": {"uri": output_uri, "format": "png"},
+        # the nodes of this cluster share this machine's disk: the check at start passes
+        "storage": {"shared_filesystem": shared_filesystem},
         "model": {"tile": 64},
         "resources": {"workers": NODES, "gpus_per_worker": 0.0, "cpus_per_worker": 1.0,
                       "threads_per_worker": 1, "batch_size": 2},
@@ -91,6 +93,32 @@ def run_cluster(work: Path) -> dict:
                     "workers": [node.node_id for node in workers]}
     try:
         ray.init(address=cluster.address, configure_logging=False)
+
+        # 0. Local paths: refused without --shared-filesystem; with it, every other node must
+        # read the driver's marker (here they do: one disk), and a marker they cannot read
+        # (written elsewhere than the path they are given) fails the check naming a node.
+        from restorer import runtime
+        from restorer.errors import SpecError
+
+        _write_images(work / "in0", 5, 16, seed=2)
+        try:
+            run_restore(_restore_spec(str(work / "in0"), str(work / "out0"), False))
+            result["unshared"] = "not refused"
+        except SpecError as e:
+            result["unshared"] = str(e)
+        (work / "meta0").mkdir()
+        result["shared_check"] = runtime.refuse_unshared_paths(
+            str(work / "in0"), str(work / "out0"), str(work / "meta0"), True)
+        real_write = runtime.storage.write_bytes
+        runtime.storage.write_bytes = lambda uri, data, *a, **k: real_write(uri + ".x", data)
+        try:
+            runtime.refuse_unshared_paths(str(work / "in0"), str(work / "out0"),
+                                          str(work / "meta0"), True)
+            result["not_shared"] = "not refused"
+        except SpecError as e:
+            result["not_shared"] = str(e)
+        finally:
+            runtime.storage.write_bytes = real_write
 
         # 1. All nodes up: one actor per node.
         keys = _write_images(work / "in1", IMAGES, 48, seed=0)
@@ -161,6 +189,15 @@ def cluster_run(tmp_path_factory) -> dict:
     if script.returncode != 0:
         pytest.fail(f"cluster script failed ({script.returncode}):\n{output[-6000:]}")
     return json.loads((work / "result.json").read_text())
+
+
+def test_local_paths_need_a_checked_shared_filesystem(cluster_run, exclusive_ray):
+    assert "--shared-filesystem" in cluster_run["unshared"]
+    assert f"the cluster has {NODES} nodes" in cluster_run["unshared"]
+    assert sorted(cluster_run["shared_check"]) == sorted(cluster_run["workers"])
+    assert "does not see the paths" in cluster_run["not_shared"]
+    assert "is not there" in cluster_run["not_shared"]
+    assert any(node in cluster_run["not_shared"] for node in cluster_run["workers"])
 
 
 def test_restore_actors_spread_over_nodes(cluster_run, exclusive_ray):

@@ -56,6 +56,10 @@ from restorer.errors import SpecError
 @click.option("--retry-failed", is_flag=True, default=None, help="Redo quarantined inputs.")
 @click.option("--max-pixels", type=int, default=None, help="Quarantine larger images.")
 @click.option("--batch-size", type=int, default=None, help="Images per actor call.")
+@click.option("--shared-filesystem", is_flag=True, default=None,
+              help="Local INPUT/OUTPUT paths are on a file system every node of the cluster "
+                   "mounts at the same path (checked at start); needed for local paths with "
+                   "--address on a multi-node cluster.")
 @num_cpus_option
 @click.option("--object-store-mb", type=int, default=None, help="Embedded Ray: object store.")
 @click.option("--dry-run", is_flag=True, help="Count inputs and estimate time; restore nothing.")

@@ -56,6 +56,12 @@ NETS: dict[str, type[nn.Module]] = {
     "srnet": SRNet,
     "unet": UNet,
 }
+# Bounds on a spec before its net is allocated (a spec may come from a file's metadata: a
+# hostile or corrupt one must not exhaust an actor's memory): each integer field, and the
+# parameters of the net (counted on the meta device, which allocates nothing).
+MAX_CONFIG_INT = 4096  # channels, features, layers, blocks, levels, scale
+MAX_NET_PARAMETERS = 200_000_000  # 800 MB of float32 weights; the zoo's largest has ~2 M
+
 # Former names of config fields -> their names now; files written with them still load.
 ALIASES = {"features": "num_features", "blocks": "num_blocks"}
 
@@ -90,7 +96,25 @@ def build_net(spec: Mapping[str, Any]) -> nn.Module:
             f"Unknown keys {unknown} in the spec of net {arch!r}; allowed: {sorted(allowed)}"
         )
     config = config_class(**{k: v for k, v in spec.items() if k != "arch"})
+    _check_size(arch, config, net_class)
     return net_class(config)
+
+
+def _check_size(arch: str, config: Any, net_class: type[nn.Module]) -> None:
+    """Refuse a config whose integers or parameter count exceed ``MAX_CONFIG_INT`` /
+    ``MAX_NET_PARAMETERS`` before anything is allocated."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, int) and not isinstance(value, bool) and not (
+                0 <= value <= MAX_CONFIG_INT):
+            raise ModelError(f"Net {arch!r}: {f.name} = {value} is outside 0..{MAX_CONFIG_INT}; "
+                             "the model's spec (or its file's metadata) is corrupt or hostile")
+    with torch.device("meta"):
+        count = sum(p.numel() for p in net_class(config).parameters())
+    if count > MAX_NET_PARAMETERS:
+        raise ModelError(f"Net {arch!r} with {asdict(config)} would hold {count:,} parameters, "
+                         f"more than {MAX_NET_PARAMETERS:,}; the model's spec (or its file's "
+                         "metadata) is corrupt or hostile")
 
 
 def net_spec(net: nn.Module) -> dict[str, Any]:
