@@ -98,6 +98,8 @@ class Recipe:
     mixture: synth.Mixture = field(default_factory=synth.Mixture)
     practical: synth.PracticalMixture = field(default_factory=synth.PracticalMixture)
     estimator_lr_scale: float = 3.0  # a noise-map net's estimator learns at this multiple
+    # share of a noise-map net's batch restored with the true map (the rest with its estimate)
+    map_true_share: float = 0.5
     # Not trained itself: an opponent net (restorer.nets.opponent) whose trunk is the shipped
     # net of this recipe; ``--ship`` takes that recipe's stage files.
     trunk_of: str | None = None
@@ -150,7 +152,8 @@ RECIPES: dict[str, Recipe] = {
              "trunk": {"arch": "unet", "channels": 3, "features": [32, 64, 128, 256],
                        "blocks": 2, "guide_channels": 3}},
         train=("urban100", "sunhays80", "train400"), task="practical", patch=64, batch=16,
-        lr=2e-4, warmup=100,
+        lr=1e-4, warmup=100, map_true_share=0.0,
+        practical=synth.PracticalMixture(clean=0.1, gaussian=0.15, jpeg=0.2, practical=0.55),
         validation=(Validation("cc15", "pairs"), Validation("set5", "denoise", sigma=25),
                     Validation("classic5", "jpeg", quality=20))),
 }
@@ -322,7 +325,8 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
         if elapsed >= budget:
             break
         clean, degraded, *noise_map = batches()
-        loss = trainer.step(clean, degraded, schedule(elapsed / budget, step), *noise_map)
+        loss = trainer.step(clean, degraded, schedule(elapsed / budget, step), *noise_map,
+                            true_share=recipe.map_true_share)
         if not math.isfinite(loss):  # diverged: back to the last good weights, half the rate
             base_lr /= 2
             log.warning("%s: loss %s at step %d; back to step %d's weights, peak lr %.1e",

@@ -216,7 +216,7 @@ class Trainer:
         self.ema = ema
 
     def step(self, clean: torch.Tensor, degraded: torch.Tensor, lr: float,
-             noise_map: torch.Tensor | None = None) -> float:
+             noise_map: torch.Tensor | None = None, true_share: float = 0.5) -> float:
         """One step at learning rate ``lr`` on a batch already on the net's device; returns
         the loss before the step (not finite when training diverged). With ``noise_map`` (a
         noise-map net's true noise levels) it is a :func:`noise_map_step`. A parameter group
@@ -227,6 +227,7 @@ class Trainer:
             degraded = degraded.contiguous(memory_format=torch.channels_last)
         if noise_map is not None:
             loss = noise_map_step(self.net, self.optimizer, clean, degraded, noise_map,
+                                  true_share=true_share,
                                   autocast_dtype=self.precision.autocast)
         else:
             loss = train_step(self.net, self.optimizer, clean, degraded, self.loss,
