@@ -100,6 +100,9 @@ class Recipe:
     estimator_lr_scale: float = 3.0  # a noise-map net's estimator learns at this multiple
     # share of a noise-map net's batch restored with the true map (the rest with its estimate)
     map_true_share: float = 0.5
+    # the zoo name its shipped file takes (its card and evaluations are that name's), when it is
+    # the next version of a bundled model; None = the recipe's own name
+    ships_as: str | None = None
     # Not trained itself: an opponent net (restorer.nets.opponent) whose trunk is the shipped
     # net of this recipe; ``--ship`` takes that recipe's stage files.
     trunk_of: str | None = None
@@ -141,12 +144,22 @@ RECIPES: dict[str, Recipe] = {
         net={"arch": "srnet", "channels": 1, "scale": 4, "num_features": 48, "num_blocks": 8},
         train=("train400", "mcmaster", "set14"), task="sr", patch=32,
         validation=(Validation("set5", "sr", scale=4),)),
-    # The default of `restorer restore`: one noise-aware RGB net for gray (three equal planes)
-    # and colour photos as cameras and the web make them (restorer.degrade's practical
+    # The default of `restorer restore`: one RGB net for gray (three equal planes, equal noise)
+    # and colour images, blind over clean / Gaussian noise 0-50 / JPEG quality 10-90.
+    "restore-default": Recipe(
+        net={"arch": "unet", "channels": 3, "features": [32, 64, 128, 256], "blocks": 2},
+        train=("train400", "mcmaster", "set14"), task="mixture", sigma_range=(0.0, 50.0),
+        qualities=tuple(range(10, 91, 5)), permute_channels=True,
+        validation=(Validation("set5", "denoise", sigma=25),
+                    Validation("classic5", "jpeg", quality=20))),
+    # The next default of `restorer restore` (ships as restore-default once a stage meets the
+    # card's bounds; stages in zoo/stages/README.md): one noise-aware RGB net for gray (three
+    # equal planes) and colour photos as cameras and the web make them (restorer.degrade's practical
     # degradations: camera noise, blur, resizing, JPEG once or twice), plus clean crops, white
     # Gaussian noise 0-50 and JPEG 10-90 alone. Continues the former blind U-Net (its weights
     # are the trunk's; the noise map's are new). Validated on real camera pairs (cc15).
-    "restore-default": Recipe(
+    "restore-photo": Recipe(
+        ships_as="restore-default",
         net={"arch": "noisemap", "channels": 3, "estimator_features": 24,
              "estimator_layers": 4,
              "trunk": {"arch": "unet", "channels": 3, "features": [32, 64, 128, 256],
@@ -489,11 +502,12 @@ def _uniformity_section(rows: list[dict[str, Any]]) -> str:
 def _card(name: str, path: Path, sha256: str, provenance: dict[str, Any],
           stages: list[dict[str, Any]], table: list[dict[str, Any]], net: torch.nn.Module,
           uniformity: list[dict[str, Any]] | None = None,
-          prior: Sequence[dict[str, Any]] = ()) -> str:
+          prior: Sequence[dict[str, Any]] = (), zoo_name: str | None = None) -> str:
     """The card's Markdown: ``zoo/cards/card.md`` filled in with the prose of ``text.toml``;
     ``prior``: the stages of a shipped model that ``stages`` continued (listed first)."""
-    what, notes = CARD_TEXT[name]
     recipe = RECIPES[name]
+    zoo_name = zoo_name or name
+    what, notes = CARD_TEXT[zoo_name]
     prose = CARD_PROSE["card"]
     if recipe.trunk_of:  # the trunk's stages, as its own shipped file lists them
         stages = provenance["stages"]
@@ -529,7 +543,7 @@ def _card(name: str, path: Path, sha256: str, provenance: dict[str, Any],
             row += f" {r['baseline_psnr']:.2f} |"
         rows.append(row)
     return (CARDS / "card.md").read_text(encoding="utf-8").format(
-        name=name, what=what, notes=notes, file=path.name, size=path.stat().st_size,
+        name=zoo_name, what=what, notes=notes, file=path.name, size=path.stat().st_size,
         sha256=sha256, net=json.dumps(recipe.net), parameters=provenance["parameters"],
         receptive_field=net.receptive_field, channels=recipe.channels,
         scale=net.scale, learnt=_learnt(recipe), train=", ".join(recipe.train),
@@ -573,8 +587,11 @@ def ship(name: str, stages: Sequence[str | Path], data: str | Path,
     card ``ZOO/NAME.md`` with the evaluation table measured now on this machine."""
     recipe = RECIPES[name]
     trained = recipe.trunk_of or name
+    # the name the file ships under (and the stages of the first CPU stages, trained under it)
+    zoo_name = recipe.ships_as or name
     loaded = [load_model(str(stage)) for stage in stages]
-    if any(m.provenance.get("recipe") != trained for m in loaded):
+    allowed = {trained, recipe.ships_as} - {None}
+    if any(m.provenance.get("recipe") not in allowed for m in loaded):
         raise ValueError(f"every stage must come from recipe {trained!r}")
     prior: list[dict[str, Any]] = []  # stages of a shipped model that the others continued
     if len(loaded) > 1 and loaded[0].provenance.get("stages") and not recipe.trunk_of:
@@ -591,13 +608,13 @@ def ship(name: str, stages: Sequence[str | Path], data: str | Path,
         net.trunk.load_state_dict(final.net.state_dict())
         provenance.update(recipe=name, trunk={"recipe": trained, "sha256": final.sha256},
                           parameters=count_parameters(net))
-    path = Path(zoo_dir) / f"{name}.safetensors"
+    path = Path(zoo_dir) / f"{zoo_name}.safetensors"
     sha256 = save_model(str(path), net, provenance, dtype=torch.float16)
     shipped = load_model(str(path))
-    table = measure_card_table(name, shipped, Path(data))
-    uniformity = measure_uniformity_table(name, shipped, Path(data))
+    table = measure_card_table(zoo_name, shipped, Path(data))
+    uniformity = measure_uniformity_table(zoo_name, shipped, Path(data))
     card = _card(name, path, sha256, provenance, summaries, table, shipped.net, uniformity,
-                 prior)
+                 prior, zoo_name)
     path.with_suffix(".md").write_text(card)
     return path
 

@@ -205,7 +205,7 @@ def test_a_trunk_recipe_ships_the_trained_gray_net_on_opponent_planes(data, tiny
         recipes.ship("tiny-color", [path], data, zoo_dir=zoo)
 
 
-@pytest.mark.parametrize("name", list(recipes.RECIPES))
+@pytest.mark.parametrize("name", [n for n, r in recipes.RECIPES.items() if r.ships_as is None])
 def test_every_zoo_recipe_builds_its_net_and_has_a_card_entry(name):
     recipe = recipes.RECIPES[name]
     net = build_net(recipe.net).eval()
@@ -235,7 +235,8 @@ def test_card_templates_are_package_data_and_fill_every_field():
     shipped = {path for pattern in globs for path in (root / "restorer").glob(pattern)}
     templates = sorted((root / "restorer" / "zoo" / "cards").iterdir())
     assert templates and all(path in shipped for path in templates)
-    assert set(recipes.CARD_TEXT) == set(recipes.RECIPES)  # every recipe has its prose
+    # every recipe has its prose (under the name it ships as)
+    assert set(recipes.CARD_TEXT) == {r.ships_as or n for n, r in recipes.RECIPES.items()}
     for task in recipes.TASKS:  # and every task its "learnt" sentence, filled in
         recipe = recipes.Recipe(net={"arch": "srnet", "scale": 2} if task == "sr" else {},
                                 train=(), task=task, validation=(), qualities=(10, 40))
@@ -330,3 +331,21 @@ def test_practical_recipe_continues_a_unet_and_ships_with_its_stages(practical, 
     assert "2. `" in card and "real camera noise" in card
     assert "restorer eval --model tinyreal --pairs DATA/pairs" in card
     assert [s["steps"] for s in load_model(str(path)).provenance["stages"]][0] == 7
+
+
+def test_the_next_default_recipe_builds_the_net_of_its_stage_files():
+    """restore-photo is not shipped yet: its stage files (zoo/stages) hold its net and continue
+    the bundled default's U-Net; it ships as restore-default, whose card entries exist."""
+    recipe = recipes.RECIPES["restore-photo"]
+    assert recipe.ships_as == "restore-default" and recipe.ships_as in recipes.CARD_EVALS
+    net = build_net(recipe.net)
+    stages = sorted((recipes.ZOO_DIR / "stages").glob("restore-default-*.safetensors"))
+    assert stages, "no stage file"
+    for path in stages:
+        stage = load_model(str(path))
+        assert stage.provenance["recipe"] in ("restore-photo", "restore-default")
+        assert ({k: v.shape for k, v in stage.net.state_dict().items()}
+                == {k: v.shape for k, v in net.state_dict().items()})
+    trunk = net.trunk.state_dict()
+    for key, value in get_model("restore-default").net.state_dict().items():
+        assert key in trunk and (trunk[key].shape == value.shape or key == "down.0.0.weight")
