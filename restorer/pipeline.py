@@ -127,7 +127,7 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
     """
     from restorer.models import DEFAULT_MODEL, get_model, resolve_model_uri
 
-    spec = spec.validate()
+    spec = _absolute_paths(spec.validate())
     options = spec.storage.options()
     if not spec.model.name:
         spec = replace_field(spec, "model", "name", DEFAULT_MODEL)
@@ -440,6 +440,24 @@ def _stop_on_signals():
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+def _absolute_paths(spec: RestoreSpec) -> RestoreSpec:
+    """``spec`` with its local input, output and model file paths made absolute: Ray's workers
+    do not share the driver's working folder (a connected cluster's run in its own), so a
+    relative path would name another folder there."""
+    import os
+
+    from restorer.models import zoo
+
+    for section, name in (("input", "uri"), ("output", "uri"), ("model", "name")):
+        value = getattr(getattr(spec, section), name)
+        if not value or storage.is_remote(value) or value.startswith("file://"):
+            continue
+        if section == "model" and (value in zoo() or not os.path.exists(value)):
+            continue
+        spec = replace_field(spec, section, name, os.path.abspath(value))
+    return spec
 
 
 def _refuse_input_as_output(spec: RestoreSpec) -> None:

@@ -1,0 +1,87 @@
+"""What a user of the driver and CLI sees (issue 29): a job run from the folder that holds a
+clone, estimates per model and size, progress and rates, a calm stop, cheap refusals before
+Ray, a quiet Python API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+CLI = str(Path(sys.executable).parent / "restorer")  # the console script a user runs
+
+
+def _images(folder: Path, count: int, size: tuple[int, int] = (40, 36), seed: int = 0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(folder / f"{i:03d}.png")
+
+
+def _clone_parent(tmp_path: Path) -> Path:
+    """A folder holding a checkout named like the package, as `git clone ... restorer` makes
+    it: a root without ``__init__.py``, the package folder (bare here) and ``jobs/``."""
+    parent = tmp_path / "work"
+    clone = parent / "restorer"
+    (clone / "restorer").mkdir(parents=True)
+    (clone / "jobs").mkdir()
+    (clone / "jobs" / "README.md").write_text("job specs\n")
+    (clone / "pyproject.toml").write_text('[project]\nname = "restorer"\n')
+    return parent
+
+
+def _run_from(folder: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_AUTH_MODE="token")
+    env.pop("PYTHONPATH", None)
+    return subprocess.run([CLI, *args], cwd=folder, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+# --- a job runs from any working folder -------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_job_runs_from_the_folder_that_holds_a_clone(exclusive_ray, tmp_path, tiny_model):
+    """An embedded Ray started from the clone's parent: its workers import the installed
+    package, not the clone's root folder (which Ray puts first on their sys.path)."""
+    parent = _clone_parent(tmp_path)
+    _images(parent / "data", 3)
+    result = _run_from(parent, "restore", "data", "out", "--model", tiny_model,
+                       "--num-cpus", "2", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "unknown location" not in result.stderr
+    assert sorted(p.name for p in (parent / "out").glob("*.png")) == ["000.png", "001.png",
+                                                                    "002.png"]
+
+
+@pytest.mark.slow
+def test_a_job_on_a_connected_ray_runs_from_the_folder_that_holds_a_clone(
+        ray_session, tmp_path, tiny_model):
+    """The same from a driver that connects to a running Ray (``--address``)."""
+    parent = _clone_parent(tmp_path)
+    _images(parent / "data", 3)
+    address = ray_session.get_runtime_context().gcs_address
+    result = _run_from(parent, "restore", "data", "out", "--model", tiny_model,
+                       "--address", address, "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((parent / "out").glob("*.png"))) == 3, (result.stdout[-2000:], result.stderr[-3000:])
+
+
+def test_shadowing_folder_names_only_a_foreign_folder_named_like_the_package(tmp_path,
+                                                                             monkeypatch):
+    from restorer.runtime import shadowing_folder
+
+    monkeypatch.chdir(tmp_path)
+    assert shadowing_folder() is None
+    parent = _clone_parent(tmp_path)
+    monkeypatch.chdir(parent)
+    assert shadowing_folder() == str(parent)
+    import restorer
+
+    monkeypatch.chdir(Path(restorer.__file__).parent.parent)  # the checkout itself: it is ours
+    assert shadowing_folder() is None
