@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import queue
 import signal
@@ -172,7 +173,6 @@ def restore(input: str, output: str, model: str | None = None, **options: Any) -
 def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch.nn.Module,
                 layout: str, config: SourceConfig, tasks: list[ListingTask],
                 provenance: dict[str, Any]) -> dict[str, Any]:
-    from restorer import flat
     from restorer.runtime import (
         CHEAP_NET_MACS,
         cluster_shape,
@@ -181,35 +181,39 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         plan_workers,
     )
 
-    embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
-                          spec.resources.object_store_mb)
-    plan = plan_workers(spec.resources.workers, spec.resources.gpus_per_worker,
-                        spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
-                        *cluster_shape(), can_autoscale=not embedded,
-                        cheap_net=macs_per_pixel(net) < CHEAP_NET_MACS)
-    log.info("worker plan: %s", plan)
+    started = time.time()  # the run's start-up counts Ray's
     legacy_fingerprint = spec.fingerprint(model_sha256)  # outputs of restorer before 0.2
     tile, overlap = tile_settings(net, spec.model.tile, spec.model.overlap)
     spec = replace_field(spec, "model", "tile", tile)
     spec = replace_field(spec, "model", "overlap", overlap)
-    spec = replace_field(spec, "model", "precision",
-                         resolve_precision(spec.model.precision, plan.gpus_per_worker > 0))
-    # Since fingerprint version 2, images are padded by reflection at their bottom/right edges
-    # (version 1 replicated edge pixels): part of how outputs are made.
-    fingerprint = {**spec.fingerprint(model_sha256), "edge_padding": "reflect"}
-    if flat.wanted(spec.model.flat_fill, provenance, net.scale):
-        # Flat regions filled with the image's noise (restorer.flat): part of how outputs are
-        # made; absent when off, so that jobs of other models keep their fingerprints.
-        fingerprint["flat_fill"] = f"noise-{flat.FLAT_WINDOW}"
-    state = JobState(spec, model_uri, model_sha256, fingerprint)
-    refuse_older_units(spec, tasks, config)
-    resumed = (prepare_output(spec, fingerprint, model_uri, legacy_fingerprint)
-               and not spec.output.overwrite)
-    done, with_errors = committed_units(spec)
-    if spec.output.overwrite:
-        done = set()
-    elif spec.output.retry_failed:
-        done -= with_errors
+    # The checks that need no Ray come first: a refused fingerprint or a rerun with nothing
+    # to do answers in a second instead of after Ray's start-up. They need the device the
+    # actors will run on (it settles the precision, part of the fingerprint); where that is
+    # known before Ray (given, or the GPUs of this machine for an embedded Ray) it binds the
+    # plan below, else it waits for the cluster.
+    gpus = _gpus_before_ray(spec, net)
+    claimed = None
+    if gpus is not None:
+        claimed = _claim(spec, model_sha256, net, provenance, legacy_fingerprint, model_uri,
+                         tasks, config, on_gpu=gpus > 0)
+        spec = claimed[0]
+        nothing_left = _nothing_left(claimed[0], claimed[2], claimed[3], tasks, config)
+        if nothing_left is not None:
+            return _finish_without_ray(claimed, model_uri, model_sha256, nothing_left)
+
+    embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
+                          spec.resources.object_store_mb)
+    plan = plan_workers(spec.resources.workers,
+                        spec.resources.gpus_per_worker if gpus is None else gpus,
+                        spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
+                        *cluster_shape(), can_autoscale=not embedded,
+                        cheap_net=macs_per_pixel(net) < CHEAP_NET_MACS)
+    log.info("worker plan: %s", plan)
+    if claimed is None:
+        claimed = _claim(spec, model_sha256, net, provenance, legacy_fingerprint, model_uri,
+                         tasks, config, on_gpu=plan.gpus_per_worker > 0)
+    spec, fingerprint, resumed, done, with_errors = claimed
+    state = JobState(spec, model_uri, model_sha256, fingerprint, started=started)
     log.info("input %s (%s layout): %d listing tasks; %d units already committed",
              spec.input.uri, layout, len(tasks), len(done))
 
@@ -245,6 +249,105 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         raise JobStopped(f"Stopped after committing {state.committed_units} units "
                          f"({state.abandoned} images in unfinished units abandoned); rerun "
                          "the same command to finish the job")
+    return summary
+
+
+def _gpus_before_ray(spec: RestoreSpec, net: torch.nn.Module) -> float | None:
+    """GPUs per actor when known before Ray starts: given (``--gpus-per-worker``) for a
+    cluster; for an embedded Ray, from the plan on this machine's CPUs and CUDA devices (what
+    Ray finds), which refuses an impossible plan here already. None when only the cluster can
+    tell (a cluster with ``auto``) or Ray runs in this process already (nothing to save)."""
+    import os
+    import sys
+
+    from restorer.runtime import CHEAP_NET_MACS, macs_per_pixel, plan_workers
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # a Ray the caller started: it can tell
+        return None
+    if spec.resources.address or os.environ.get("RAY_ADDRESS"):
+        return None if spec.resources.gpus_per_worker == -1.0 else spec.resources.gpus_per_worker
+    import torch
+
+    cpus = float(spec.resources.num_cpus or os.cpu_count() or 1)
+    gpus = float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    return plan_workers(spec.resources.workers, spec.resources.gpus_per_worker,
+                        spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
+                        cpus, gpus, cpus, 1, can_autoscale=False,
+                        cheap_net=macs_per_pixel(net) < CHEAP_NET_MACS).gpus_per_worker
+
+
+def _claim(spec: RestoreSpec, model_sha256: str, net: torch.nn.Module,
+           provenance: dict[str, Any], legacy_fingerprint: dict[str, Any], model_uri: str,
+           tasks: list[ListingTask], config: SourceConfig, on_gpu: bool
+           ) -> tuple[RestoreSpec, dict[str, Any], bool, set[str], set[str]]:
+    """Resolve the precision, compare the fingerprint with the output's job (refusing a
+    different job) and claim the output: (spec, fingerprint, resumed, units to skip, units
+    with errors). Needs no Ray."""
+    from restorer import flat
+
+    spec = replace_field(spec, "model", "precision",
+                         resolve_precision(spec.model.precision, on_gpu))
+    # Since fingerprint version 2, images are padded by reflection at their bottom/right edges
+    # (version 1 replicated edge pixels): part of how outputs are made.
+    fingerprint = {**spec.fingerprint(model_sha256), "edge_padding": "reflect"}
+    if flat.wanted(spec.model.flat_fill, provenance, net.scale):
+        # Flat regions filled with the image's noise (restorer.flat): part of how outputs are
+        # made; absent when off, so that jobs of other models keep their fingerprints.
+        fingerprint["flat_fill"] = f"noise-{flat.FLAT_WINDOW}"
+    refuse_older_units(spec, tasks, config)
+    resumed = (prepare_output(spec, fingerprint, model_uri, legacy_fingerprint)
+               and not spec.output.overwrite)
+    done, with_errors = committed_units(spec)
+    if spec.output.overwrite:
+        done = set()
+    elif spec.output.retry_failed:
+        done -= with_errors
+    return spec, fingerprint, resumed, done, with_errors
+
+
+def _nothing_left(spec: RestoreSpec, resumed: bool, done: set[str], tasks: list[ListingTask],
+                  config: SourceConfig) -> tuple[int, int] | None:
+    """(images, units) when a rerun has nothing to do: every unit of the listing is committed
+    (listed here, in the driver, stopping at the first unit left to do). Only tried after a
+    run that ended complete (its summary.json says so), so that a stopped or growing job is
+    not listed twice; None: there is work, or it was not tried."""
+    from restorer.sources import expand
+
+    if not resumed or spec.input.limit:
+        return None
+    try:
+        last = json.loads(storage.read_bytes(meta_uri(spec.output.uri, "summary.json"),
+                                             spec.storage.options()))
+    except (RestorerError, OSError, ValueError):
+        return None
+    if last.get("status") not in ("ok", "failed_images"):
+        return None
+    images = units = 0
+    frozen = frozenset(done)
+    for task in tasks:
+        for unit in expand(task, config, frozen):
+            if any(row["status"] != "skipped" for row in unit):
+                return None
+            images += unit[0]["unit_size"]
+            units += 1
+    return images, units
+
+
+def _finish_without_ray(claimed: tuple, model_uri: str, model_sha256: str,
+                        nothing_left: tuple[int, int]) -> dict[str, Any]:
+    """The summary of a rerun that found every unit committed (Ray never started)."""
+    spec, fingerprint, resumed = claimed[:3]
+    state = JobState(spec, model_uri, model_sha256, fingerprint)
+    state.skipped, state.skipped_units = nothing_left
+    state.total = state.skipped
+    log.info("every one of the %d units (%d images) under %s is already committed: nothing "
+             "to do", state.skipped_units, state.skipped, spec.output.uri)
+    summary = summarize(state, time.time() - state.started)
+    summary["resumed"] = resumed
+    if state.total == 0:
+        summary["status"] = "empty"
+    _audit(spec, summary, state.digest)
     return summary
 
 

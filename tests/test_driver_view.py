@@ -85,3 +85,38 @@ def test_shadowing_folder_names_only_a_foreign_folder_named_like_the_package(tmp
 
     monkeypatch.chdir(Path(restorer.__file__).parent.parent)  # the checkout itself: it is ours
     assert shadowing_folder() is None
+
+
+# --- checks that need no Ray come before Ray ---------------------------------------------------
+
+@pytest.mark.slow
+def test_a_refused_fingerprint_and_a_rerun_with_nothing_to_do_start_no_ray(
+        ray_session, tmp_path, tiny_model, monkeypatch):
+    from click.testing import CliRunner
+
+    import restorer.runtime
+    from restorer.cli import main
+    from restorer.pipeline import restore
+
+    _images(tmp_path / "in", 5)
+    first = restore(str(tmp_path / "in"), str(tmp_path / "out"), model=tiny_model, tile=64)
+    assert first["succeeded"] == 5
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    # as in a fresh `restorer` process: no Ray in it, and none may start
+    monkeypatch.setattr(ray_session, "is_initialized", lambda: False)
+    monkeypatch.setattr(restorer.runtime, "ensure_ray", refuse)
+    args = ["restore", str(tmp_path / "in"), str(tmp_path / "out"), "--model", tiny_model]
+    result = CliRunner().invoke(main, [*args, "--tile", "96"])
+    assert result.exit_code == 2 and "tile: 64 -> 96" in result.output, result.output
+    result = CliRunner().invoke(main, [*args, "--tile", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output[result.output.index("{"):])
+    assert (summary["succeeded"], summary["skipped"], summary["status"]) == (0, 5, "ok")
+    assert summary["resumed"] is True
+    # a new input means work: then (and only then) Ray is asked for
+    _images(tmp_path / "in" / "new", 1)
+    result = CliRunner().invoke(main, [*args, "--tile", "64"])
+    assert result.exit_code != 0 and "Ray was started" in str(result.exception), result.output
