@@ -159,13 +159,20 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
                            loaded.provenance)
 
 
-def restore(input: str, output: str, model: str | None = None, **options: Any) -> dict[str, Any]:
+def restore(input: str, output: str, model: str | None = None, verbose: bool = False,
+            **options: Any) -> dict[str, Any]:
     """Restore every image under ``input`` into ``output``; returns the job summary.
 
     ``options`` are spec fields by name (``tile=256, format="png", workers=2, limit=100,
     overwrite=True, ...``; see ``jobs/README.md``). Runs on the connected Ray cluster, or starts
-    an embedded one.
+    an embedded one. The console is kept as quiet as the CLI's (:func:`restorer.console.quiet_ray`:
+    Ray Data's own progress and plan logs and Ray's known-harmless lines are left out, for the
+    rest of the process); ``verbose=True`` leaves Ray's output as it is.
     """
+    if not verbose:
+        from restorer.console import quiet_ray
+
+        quiet_ray()
     spec = spec_from_flags(RestoreSpec, input=input, output=output, model=model, **options)
     return run_restore(spec)
 

@@ -120,3 +120,45 @@ def test_a_refused_fingerprint_and_a_rerun_with_nothing_to_do_start_no_ray(
     _images(tmp_path / "in" / "new", 1)
     result = CliRunner().invoke(main, [*args, "--tile", "64"])
     assert result.exit_code != 0 and "Ray was started" in str(result.exception), result.output
+
+
+# --- the Python API: quiet, and README's actor snippet as written ------------------------------
+
+def _readme_block(after: str) -> str:
+    """The first ```python block of README.md after the line that starts with ``after``."""
+    import restorer
+
+    text = (Path(restorer.__file__).parent.parent / "README.md").read_text()
+    start = text.index("```python\n", text.index(after)) + len("```python\n")
+    return text[start:text.index("```", start)]
+
+
+@pytest.mark.slow
+def test_readme_actor_snippet_runs_as_written_and_keeps_file_names(exclusive_ray, tmp_path):
+    snippet = _readme_block("The actor class works in your own Ray Data pipeline")
+    rng = np.random.default_rng(3)
+    (tmp_path / "photos").mkdir()
+    for name, size in (("beach.png", (40, 48, 3)), ("street.jpg", (36, 30, 3))):
+        Image.fromarray(rng.integers(0, 255, size, dtype=np.uint8)).save(tmp_path / "photos" / name)
+    result = subprocess.run([sys.executable, "-c", snippet], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=300, env=dict(os.environ, RAY_AUTH_MODE="token"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    written = sorted(p.name for p in (tmp_path / "restored").iterdir())
+    assert written == ["beach.png", "street.png"]
+    assert Image.open(tmp_path / "restored" / "beach.png").size == (48, 40)
+
+
+@pytest.mark.slow
+def test_python_api_keeps_the_console_quiet(exclusive_ray, tmp_path, tiny_model):
+    _images(tmp_path / "in", 3)
+    script = ("import restorer\n"
+              f"s = restorer.restore({str(tmp_path / 'in')!r}, {str(tmp_path / 'out')!r}, "
+              f"model={tiny_model!r}, num_cpus=2)\n"
+              "assert s['succeeded'] == 3, s\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300, env=dict(os.environ, RAY_AUTH_MODE="token"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    noise = [line for line in result.stderr.splitlines()
+             if "core_worker" in line or "ray.data" in line or "Execution plan" in line
+             or "streaming_executor" in line or "Running Dataset" in line]
+    assert not noise, "\n".join(noise[:20])
