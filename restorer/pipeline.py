@@ -46,7 +46,7 @@ import queue
 import signal
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -366,7 +366,10 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
     """
     open_units: dict[str, list[dict[str, Any]]] = {}
     flushed = time.time()
-    for batch in _results(ds, stop):
+    if stop is None:
+        stop = threading.Event()  # never set: the pump below still gives idle ticks
+    for batch in _results(ds, stop, progress.tick if progress is not None else None):
+        arrived = time.time()  # before this batch's commits: start-up ends at the first result
         processed = 0
         for record in batch.to_pylist():
             if record["status"] == "skipped":
@@ -377,6 +380,8 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
                 continue
             processed += 1
             account(state, record)
+            if progress is not None:  # image by image, before the unit's commit
+                progress.update(1, failed=state.failed)
             unit = open_units.setdefault(record["unit"], [])
             unit.append(record)
             if len(unit) == record["unit_size"]:
@@ -387,29 +392,25 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
                     _write_run_digest(spec, state.digest)
                     flushed = time.time()
         if processed:
-            now = time.time()
             if state.first_result is None:
-                state.first_result, state.first_count = now, processed
-            state.last_result = now
-            if progress is not None:
-                progress.update(processed, failed=state.failed)
-        if stop is not None and stop.is_set():
+                state.first_result, state.first_count = arrived, processed
+            state.last_result = arrived
+        if stop.is_set():
             break
-    if stop is not None and stop.is_set():
+    if stop.is_set():
         state.abandoned = sum(len(rows) for rows in open_units.values())
         return
     if open_units:
         raise JobError(f"{len(open_units)} work units did not complete; rerun to finish them")
 
 
-def _results(ds: Any, stop: threading.Event | None) -> Iterator[pa.Table]:
+def _results(ds: Any, stop: threading.Event,
+             idle: Callable[[], None] | None = None) -> Iterator[pa.Table]:
     """The pipeline's record batches; on a stop request this returns within a fraction of a
     second, even while no batch is coming (a slow or stalled store), so that a stop ends
-    within a pod's grace period. The batches are pulled by a daemon thread."""
+    within a pod's grace period. The batches are pulled by a daemon thread; ``idle`` is
+    called every 0.2 s while none comes (progress lines during a long first batch)."""
     batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
-    if stop is None:
-        yield from batches
-        return
     results: queue.Queue = queue.Queue(maxsize=4)
     end = object()
 
@@ -431,6 +432,8 @@ def _results(ds: Any, stop: threading.Event | None) -> Iterator[pa.Table]:
         try:
             item = results.get(timeout=0.2)
         except queue.Empty:
+            if idle is not None:
+                idle()
             continue
         if item is end:
             return

@@ -60,17 +60,31 @@ def account(state: JobState, record: dict[str, Any]) -> None:
     state.replaced += record["replaced"]
 
 
+STEADY_MIN_SECONDS = 1.0  # results after the first spread over less: no steady rate
+STEADY_MIN_SHARE = 0.1  # ... or over less than this share of the run
+
+
+def steady_rate(state: JobState, elapsed: float) -> float | None:
+    """Images per second after start-up: from the first records that reached the driver to
+    the last, the first batch not counted. None when that says nothing about the pace: one
+    batch, or results that came in one burst (spread over under :data:`STEADY_MIN_SECONDS`
+    or :data:`STEADY_MIN_SHARE` of the run), as when every image arrives at once at the end."""
+    processed = state.succeeded + state.failed
+    if state.first_result is None or state.last_result is None:
+        return None
+    span = state.last_result - state.first_result
+    if (processed <= state.first_count or span < STEADY_MIN_SECONDS
+            or span < STEADY_MIN_SHARE * elapsed):
+        return None
+    return round((processed - state.first_count) / span, 3)
+
+
 def summarize(state: JobState, elapsed: float) -> dict[str, Any]:
     """The run's figures. Rates count the images this run processed (restored or failed), not
-    the units it skipped; a run that processed none has no rate (``None``). The steady rate
-    runs from the first processed records to the last, so Ray's and the actors' start-up is
-    left out; it needs at least two batches of results."""
+    the units it skipped; a run that processed none has no rate (``None``). Start-up runs to
+    the first processed records (:func:`steady_rate` for the rate after it)."""
     processed = state.succeeded + state.failed
-    steady = None
-    if state.first_result is not None and state.last_result is not None:
-        span = state.last_result - state.first_result
-        if span > 0 and processed > state.first_count:
-            steady = round((processed - state.first_count) / span, 3)
+    steady = steady_rate(state, elapsed)
     status = "failed_images" if state.failed else "ok"
     if state.incomplete_units:
         status = "incomplete"

@@ -162,3 +162,144 @@ def test_python_api_keeps_the_console_quiet(exclusive_ray, tmp_path, tiny_model)
              if "core_worker" in line or "ray.data" in line or "Execution plan" in line
              or "streaming_executor" in line or "Running Dataset" in line]
     assert not noise, "\n".join(noise[:20])
+
+
+# --- progress and rates: at least every 10 s, and right when everything arrives at once -------
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _progress_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "restorer.progress"]
+
+
+def test_progress_logs_every_interval_while_no_result_comes(caplog):
+    from restorer.progress import Progress
+
+    clock = FakeClock()
+    with caplog.at_level("INFO", logger="restorer.progress"):
+        progress = Progress("restore", total=32, interval=10.0, tty=False, clock=clock)
+        for _ in range(25):  # 25 s of silence, ticked every second as the driver does
+            clock.now += 1.0
+            progress.tick()
+    lines = _progress_lines(caplog)
+    assert len(lines) == 2, lines
+    assert lines[-1] == "restore: 0/32 images (0%), waiting for the first results (20 s so far)"
+
+
+def test_progress_rate_and_time_left_count_from_the_first_result(caplog):
+    from restorer.progress import Progress
+
+    clock = FakeClock()
+    with caplog.at_level("INFO", logger="restorer.progress"):
+        progress = Progress("restore", total=64, interval=0.0, tty=False, clock=clock)
+        clock.now += 60.0  # a minute of start-up, then a batch of 16
+        progress.update(16)
+        first = _progress_lines(caplog)[-1]
+        clock.now += 10.0  # 8 more in the next 10 s: 0.8 images/s, 40 left
+        progress.update(8)
+    assert first == "restore: 16/64 images (25%), first results after 1 min 00 s; measuring the rate"
+    assert _progress_lines(caplog)[-1] == ("restore: 24/64 images (38%), 0.80 images/s, "
+                                           "about 50 s left")
+
+
+def test_progress_gives_no_rate_from_one_burst(caplog):
+    from restorer.progress import Progress
+
+    clock = FakeClock()
+    with caplog.at_level("INFO", logger="restorer.progress"):
+        progress = Progress("restore", total=32, interval=0.0, tty=False, clock=clock)
+        clock.now += 74.76
+        progress.update(16)
+        clock.now += 0.03  # the rest of the images 30 ms later: no pace to tell from that
+        progress.update(16)
+    assert "images/s" not in _progress_lines(caplog)[-1]
+    assert "left" not in _progress_lines(caplog)[-1]
+
+
+def test_progress_bar_on_a_tty_shows_the_rate_after_start_up(capsys):
+    from restorer.progress import Progress
+
+    clock = FakeClock()
+    with Progress("restore", total=64, tty=True, clock=clock) as progress:
+        clock.now += 60.0
+        progress.update(16)
+        clock.now += 10.0
+        progress.update(8)
+    err = capsys.readouterr().err
+    assert "24/64" in err and "0.80 images/s, about 50 s left" in err
+
+
+def _state(**times):
+    from restorer.jobs import RestoreSpec, spec_from_flags
+    from restorer.summary import JobState
+
+    state = JobState(spec_from_flags(RestoreSpec, input="in", output="out"), "m", "0" * 64, {},
+                     started=0.0)
+    for name, value in times.items():
+        setattr(state, name, value)
+    return state
+
+
+def test_summary_has_no_steady_rate_from_results_that_came_at_once():
+    from restorer.summary import summarize
+
+    # as reported: every image reached the driver in two batches 30 ms apart, at the end
+    state = _state(succeeded=32, first_result=74.763, first_count=16, last_result=74.79)
+    summary = summarize(state, 74.792)
+    assert summary["startup_seconds"] == 74.763
+    assert summary["steady_images_per_second"] is None
+    assert summary["images_per_second"] == round(32 / 74.792, 3)
+    # spread results: the rate after the first batch
+    state = _state(succeeded=76, first_result=10.0, first_count=16, last_result=40.0)
+    assert summarize(state, 41.0)["steady_images_per_second"] == 2.0
+
+
+def test_printed_summary_never_says_none_images_per_second():
+    from click.testing import CliRunner
+
+    import restorer.cli.base as base
+    from restorer.summary import summarize
+
+    state = _state(succeeded=32, first_result=74.763, first_count=16, last_result=74.79)
+    summary = dict(summarize(state, 74.792), report=None)
+
+    @base.main.command("show-summary-for-test")
+    def show():
+        base.print_summary(summary, as_json=False)
+
+    try:
+        output = CliRunner().invoke(base.main, ["show-summary-for-test"]).output
+    finally:
+        base.main.commands.pop("show-summary-for-test")
+    assert "None" not in output and "no rate" not in output, output
+    assert "0.43 images/s (the first results came after 74.8 s)" in output, output
+
+
+def test_the_driver_logs_progress_while_the_first_batch_is_still_coming(tmp_path, caplog):
+    """The result pump ticks the progress while no batch comes (a slow model's first batch)."""
+    import threading
+    import time
+
+    import pyarrow as pa
+
+    from restorer.pipeline import _execute
+    from restorer.progress import Progress
+
+    class SlowDataset:
+        def iter_batches(self, **kwargs):
+            time.sleep(1.0)
+            yield pa.Table.from_pylist([{"status": "skipped", "unit_size": 3, "unit": "u"}])
+
+    state = _state()
+    with caplog.at_level("INFO", logger="restorer.progress"):
+        with Progress("restore", total=3, interval=0.0, tty=False) as progress:
+            _execute(state.spec, state, SlowDataset(), set(), threading.Event(), progress)
+    waiting = [line for line in _progress_lines(caplog) if "waiting for the first" in line]
+    assert len(waiting) >= 3, _progress_lines(caplog)
+    assert state.skipped == 3

@@ -116,8 +116,12 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
             f"({summary['failed']} failed, {summary['skipped']} skipped as already done) "
             f"in {summary['elapsed_seconds']:.1f} s")
     if processed:
-        line += (f", {rate(summary['images_per_second'])} "
-                 f"({rate(summary['steady_images_per_second'])} after start-up)")
+        line += f", {rate(summary['images_per_second'])}"
+        steady, startup = summary.get("steady_images_per_second"), summary.get("startup_seconds")
+        if steady is not None:
+            line += f" ({rate(steady)} after a start-up of {startup:.1f} s)"
+        elif startup is not None:
+            line += f" (the first results came after {startup:.1f} s)"
     click.echo(line)
     job = summary.get("job")
     if job and summary["skipped"]:
