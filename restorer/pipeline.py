@@ -208,6 +208,7 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         if nothing_left is not None:
             return _finish_without_ray(claimed, model_uri, model_sha256, nothing_left)
 
+    ours = not _ray_running()  # a Ray this run starts or connects to; it may end it
     embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
                           spec.resources.object_store_mb)
     plan = plan_workers(spec.resources.workers,
@@ -227,7 +228,8 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
     total = known_total(tasks)
     if spec.input.limit:
         total = min(total or spec.input.limit, spec.input.limit)
-    with _stop_on_signals() as stop, Progress("restore", total) as progress:
+    stop_signal: dict[str, str] = {}
+    with _stop_on_signals(stop_signal) as stop, Progress("restore", total) as progress:
         if total is None and layout == "files" and not storage.is_remote(spec.input.uri):
             _count_in_background(tasks, config, progress)
         _execute(spec, state, build_pipeline(spec, plan, tasks, config, frozenset(done),
@@ -240,8 +242,13 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         summary["status"] = "empty"
     if stop.is_set():
         # The stop must end within the pod's grace period: the summary comes from the counters
-        # held here, without re-reading the ledger; `restorer inspect OUTPUT --report` rebuilds
-        # the whole-job figures and the report page later.
+        # held here (and one read of the ledger's output keys, to count what was in flight);
+        # `restorer inspect OUTPUT --report` rebuilds the whole-job figures and the report
+        # page later.
+        if ours:
+            _end_ray()  # then no task of this run writes: what is there is what a rerun finds
+        state.in_flight_written = _settled_count(spec)
+        summary = dict(summarize(state, time.time() - state.started), resumed=resumed)
         summary["status"] = "stopped"
         summary["report"] = None
         _write_run_digest(spec, state.digest)  # its counters are in hand: nothing is re-read
@@ -253,9 +260,8 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
                     "uncommitted; rerun the same command to finish them",
                     state.incomplete_units, state.transient, state.missing)
     if stop.is_set():
-        raise JobStopped(f"Stopped after committing {state.committed_units} units "
-                         f"({state.abandoned} images in unfinished units abandoned); rerun "
-                         "the same command to finish the job")
+        raise JobStopped(_stopped_paragraph(state, stop_signal.get("name", "a stop request")),
+                         summary)
     return summary
 
 
@@ -481,6 +487,7 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
         state.incomplete_units += 1
         return False
     state.committed_units += 1
+    state.committed_images += len(records)
     if earlier is not None:  # --retry-failed: its earlier records leave the job's digest
         state.digest.retract(earlier, unit)
     for record in records:  # committed records only: a stop or a retry leaves open units out
@@ -527,8 +534,83 @@ def _count_in_background(tasks: list[ListingTask], config: SourceConfig,
     threading.Thread(target=count, name="restorer-count", daemon=True).start()
 
 
+def _ray_running() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _end_ray() -> None:
+    """Shut this run's Ray down after a stop (an embedded one ends, a connected one ends this
+    job's workers), waiting until its tasks can write no more."""
+    import ray
+
+    # Ray Data's executor thread, still running, then warns with tracebacks ("Ray is not
+    # initialized", "SIGTERM handler is not set"): noise after a stop asked for, so Ray's
+    # loggers keep only critical lines for the rest of this (ending) process.
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    with contextlib.suppress(ImportError, AttributeError):  # nor may it start a new Ray
+        import ray._private.auto_init_hook as auto_init  # (its ray.init resets those levels)
+
+        auto_init.enable_auto_connect = False
+    with contextlib.suppress(Exception):  # a stop must end calmly, whatever Ray says
+        ray.shutdown()
+
+
+def _settled_count(spec: RestoreSpec, step: float = 0.5, tries: int = 5) -> int | None:
+    """:func:`_written_uncommitted` once two counts ``step`` s apart agree (the workers of a
+    connected cluster end a moment after this driver leaves it)."""
+    count = _written_uncommitted(spec)
+    for _ in range(tries):
+        if count is None:
+            return None
+        time.sleep(step)
+        again = _written_uncommitted(spec)
+        if again == count:
+            return count
+        count = again
+    return count
+
+
+def _written_uncommitted(spec: RestoreSpec) -> int | None:
+    """Outputs present under the output but in no committed unit: what a rerun redoes and
+    reports as ``replaced_outputs``. One listing of the output and one read of the ledger's
+    output keys; None for the Parquet layout or when the output cannot be read now."""
+    from restorer.ledger import ledger_records
+
+    if spec.output.layout != "files":
+        return None
+    options = spec.storage.options()
+    try:
+        committed = {r["out_key"] for r in ledger_records(spec.output.uri, ["out_key"], options)}
+        written = 0
+        for folder in storage.walk_files(spec.output.uri, options=options):
+            written += sum(1 for entry in folder if entry.key not in committed)
+        return written
+    except (RestorerError, OSError, ValueError) as e:
+        log.warning("could not count the outputs left uncommitted: %s", e)
+        return None
+
+
+def _stopped_paragraph(state: JobState, why: str) -> str:
+    """What a stop left, in one paragraph: what is kept, what will be redone, how to resume
+    (the CLI adds the command)."""
+    text = (f"Stopped by {why}. This run committed {state.committed_images} images in "
+            f"{state.committed_units} work units; they are kept and a rerun skips them.")
+    if state.in_flight_written is not None:
+        text += (f" {state.in_flight_written} images were in flight: written but in units not "
+                 "yet committed; the rerun restores them again and replaces those files "
+                 "(its summary counts them as replaced_outputs).")
+    else:
+        text += (f" {state.abandoned} images had come back in units not yet committed; the "
+                 "rerun restores them and any other image of an unfinished unit again.")
+    return text + " To finish the job, rerun the same command."
+
+
 @contextlib.contextmanager
-def _stop_on_signals():
+def _stop_on_signals(received: dict[str, str] | None = None):
     """Turn SIGTERM (pre-emption, ``restorer jobs stop``) and a first Ctrl-C (SIGINT) into a
     stop request while running: the driver commits the units that are complete and returns. A
     second Ctrl-C aborts at once (``KeyboardInterrupt``); a rerun still resumes."""
@@ -541,9 +623,12 @@ def _stop_on_signals():
     def handler(signum, frame):
         if signum == signal.SIGINT and stop.is_set():
             raise KeyboardInterrupt
-        log.warning("%s: draining; committed units stay committed, open units are abandoned "
-                    "and redone by the next run%s", signal.Signals(signum).name,
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        log.warning("%s: stopping; units already committed are kept, unfinished ones are redone "
+                    "by the next run%s", name,
                     " (Ctrl-C again to abort now)" if signum == signal.SIGINT else "")
+        if received is not None:
+            received.setdefault("name", name)
         stop.set()
 
     for sig in previous:

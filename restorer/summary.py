@@ -34,6 +34,8 @@ class JobState:
     notes: int = 0
     replaced: int = 0  # outputs found already written (in units a crash left uncommitted)
     abandoned: int = 0  # images in units left open by a stop
+    committed_images: int = 0  # images in the units this run committed
+    in_flight_written: int | None = None  # after a stop: outputs written in uncommitted units
     retries: int = 0  # transient failures retried (reads, writes) in this run
     transient: int = 0  # images still failing transiently: their units stay for the next run
     missing: int = 0  # inputs that vanished: their units wait MISSING_RUNS runs, then commit
@@ -102,6 +104,7 @@ def summarize(state: JobState, elapsed: float) -> dict[str, Any]:
         "output_bytes": state.output_bytes, "errors_by_class": state.errors_by_class,
         "images_with_notes": state.notes,
         "replaced_outputs": state.replaced, "abandoned_images": state.abandoned,
+        "in_flight_written": state.in_flight_written,
         "retries": state.retries, "transient_failures": state.transient,
         "missing_inputs": state.missing, "incomplete_units": state.incomplete_units,
         "model": state.model_uri, "model_sha256": state.model_sha256,

@@ -47,13 +47,26 @@ def errors_to_exit_codes(command):
         except SpecError as e:  # bad spec, flag, model name, input or resources: exit 2
             click.echo(f"Error: {e}", err=True)
             sys.exit(EXIT_USAGE)
-        except JobStopped as e:
-            click.echo(f"Error: {e}", err=True)
+        except JobStopped as e:  # asked for: a calm paragraph, the command to resume
+            message = str(e).replace("rerun the same command.", "run:")
+            click.echo(f"\n{click.wrap_text(message, width=100)}\n    {resume_command()}",
+                       err=True)
             sys.exit(EXIT_STOPPED)
         except RestorerError as e:
             raise click.ClickException(str(e)) from e
 
     return wrapper
+
+
+def resume_command() -> str:
+    """The command line this process was started with, as a user would type it again."""
+    import os
+    import shlex
+
+    program = os.path.basename(sys.argv[0]) if sys.argv else "restorer"
+    if program in ("__main__.py", "-c") or not program:
+        program = "restorer"
+    return shlex.join([program, *sys.argv[1:]])
 
 
 def _options(*decorators):
