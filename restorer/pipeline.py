@@ -398,6 +398,7 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
                     _write_run_digest(spec, state.digest)
                     flushed = time.time()
         if processed:
+            state.arrivals += 1
             if state.first_result is None:
                 state.first_result, state.first_count = arrived, processed
             state.last_result = arrived

@@ -30,6 +30,7 @@ class JobState:
     first_result: float | None = None  # when the first records reached the driver
     first_count: int = 0  # records in that first batch
     last_result: float | None = None
+    arrivals: int = 0  # batches of processed records that reached the driver
     errors_by_class: dict[str, int] = field(default_factory=dict)
     notes: int = 0
     replaced: int = 0  # outputs found already written (in units a crash left uncommitted)
@@ -62,21 +63,22 @@ def account(state: JobState, record: dict[str, Any]) -> None:
     state.replaced += record["replaced"]
 
 
-STEADY_MIN_SECONDS = 1.0  # results after the first spread over less: no steady rate
-STEADY_MIN_SHARE = 0.1  # ... or over less than this share of the run
+STEADY_MIN_ARRIVALS = 3  # batches of results (the first included) for a steady rate
+STEADY_MIN_SECONDS = 0.25  # ... spread over at least this: closer together they are one burst
 
 
 def steady_rate(state: JobState, elapsed: float) -> float | None:
     """Images per second after start-up: from the first records that reached the driver to
     the last, the first batch not counted. None when that says nothing about the pace: one
-    batch, or results that came in one burst (spread over under :data:`STEADY_MIN_SECONDS`
-    or :data:`STEADY_MIN_SHARE` of the run), as when every image arrives at once at the end."""
+    batch, or results that came in one burst (fewer than :data:`STEADY_MIN_ARRIVALS` batches,
+    or spread over under :data:`STEADY_MIN_SECONDS`), as when every image arrives at once at
+    the end."""
     processed = state.succeeded + state.failed
     if state.first_result is None or state.last_result is None:
         return None
     span = state.last_result - state.first_result
-    if (processed <= state.first_count or span < STEADY_MIN_SECONDS
-            or span < STEADY_MIN_SHARE * elapsed):
+    if (processed <= state.first_count or state.arrivals < STEADY_MIN_ARRIVALS
+            or span < STEADY_MIN_SECONDS):
         return None
     return round((processed - state.first_count) / span, 3)
 

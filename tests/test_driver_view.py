@@ -249,14 +249,16 @@ def _state(**times):
 def test_summary_has_no_steady_rate_from_results_that_came_at_once():
     from restorer.summary import summarize
 
-    # as reported: every image reached the driver in two batches 30 ms apart, at the end
-    state = _state(succeeded=32, first_result=74.763, first_count=16, last_result=74.79)
+    # as reported: every image reached the driver in batches 30 ms apart, at the end
+    state = _state(succeeded=32, first_result=74.763, first_count=8, last_result=74.79,
+                   arrivals=4)
     summary = summarize(state, 74.792)
     assert summary["startup_seconds"] == 74.763
     assert summary["steady_images_per_second"] is None
     assert summary["images_per_second"] == round(32 / 74.792, 3)
     # spread results: the rate after the first batch
-    state = _state(succeeded=76, first_result=10.0, first_count=16, last_result=40.0)
+    state = _state(succeeded=76, first_result=10.0, first_count=16, last_result=40.0,
+                   arrivals=5)
     assert summarize(state, 41.0)["steady_images_per_second"] == 2.0
 
 
@@ -266,7 +268,8 @@ def test_printed_summary_never_says_none_images_per_second():
     import restorer.cli.base as base
     from restorer.summary import summarize
 
-    state = _state(succeeded=32, first_result=74.763, first_count=16, last_result=74.79)
+    state = _state(succeeded=32, first_result=74.763, first_count=16, last_result=74.79,
+                   arrivals=2)
     summary = dict(summarize(state, 74.792), report=None)
 
     @base.main.command("show-summary-for-test")
@@ -303,3 +306,41 @@ def test_the_driver_logs_progress_while_the_first_batch_is_still_coming(tmp_path
     waiting = [line for line in _progress_lines(caplog) if "waiting for the first" in line]
     assert len(waiting) >= 3, _progress_lines(caplog)
     assert state.skipped == 3
+
+
+# --- --dry-run estimates per model and image size ----------------------------------------------
+
+def _dry_run_plan(folder: Path, *flags: str) -> dict:
+    from click.testing import CliRunner
+
+    from restorer.cli import main
+
+    result = CliRunner().invoke(main, ["restore", str(folder), str(folder.parent / "out"),
+                                       "--dry-run", "--json", "--gpus-per-worker", "0", *flags])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output[result.output.index("{"):])
+
+
+def test_dry_run_estimates_per_model_and_scales_with_pixels(tmp_path, monkeypatch, tiny_model):
+    from restorer import bench
+
+    monkeypatch.setattr(bench, "CALIBRATION", tmp_path / "bench.json")
+    from restorer.actor import tile_settings
+    from restorer.models import get_model
+
+    _images(tmp_path / "small", 4, size=(200, 150))
+    model = get_model(tiny_model)
+    bench.save_calibration({"megapixels_per_second_per_worker": 0.01, "machine": "m",
+                            "date": "d", "device": "cpu", "model_sha256": model.sha256,
+                            "tile": tile_settings(model.net, 256, 0)[0]})
+    tiny = _dry_run_plan(tmp_path / "small", "--model", tiny_model)
+    assert tiny["calibration_from"] == "m on d (cpu)"
+    assert tiny["estimated_seconds"] == pytest.approx(4 * 0.03 / 0.01, rel=0.01)
+    # another model with the same saved calibration: that one is not for it; it is timed here
+    default = _dry_run_plan(tmp_path / "small", "--model", "restore-default")
+    assert "quick timing" in default["calibration_from"]
+    assert default["estimated_seconds"] != pytest.approx(tiny["estimated_seconds"], rel=0.2)
+    # four times the pixels, four times the time
+    _images(tmp_path / "large", 4, size=(400, 300))
+    large = _dry_run_plan(tmp_path / "large", "--model", tiny_model)
+    assert large["estimated_seconds"] == pytest.approx(4 * tiny["estimated_seconds"], rel=0.01)
