@@ -30,6 +30,7 @@ import torch
 
 from restorer import codec
 from restorer.errors import JobError, SpecError
+from restorer.actor import tile_settings
 from restorer.models import get_model
 from restorer.samples import noisy, scene
 
@@ -128,9 +129,14 @@ def run_bench(count: int = 128, size: int = 256, model: str | None = None, batch
                           model=loaded.source, tile=tile, batch_size=batch_size,
                           tile_batch=tile_batch, format="png", num_cpus=num_cpus)
     restorer_ips = summary["steady_images_per_second"]
+    rate_kind = "steady"
+    if not restorer_ips:  # the results came in one burst: no pace to read from them
+        restorer_ips, rate_kind = summary["images_per_second"], "end-to-end"
+        log.warning("bench: the %d images' results reached the driver in one burst, so the "
+                    "job's rate is end to end (start-up included: a low figure); bench with "
+                    "more or larger images for a steady rate", len(paths))
     if not restorer_ips:
-        raise JobError(f"{len(paths)} images gave no steady state (all arrived in one batch); "
-                         "bench with more images")
+        raise JobError(f"{len(paths)} images gave no rate; bench with more images")
     result = {
         "machine": f"{platform.machine()} {os.cpu_count()} cores, "
                    f"{'cuda' if torch.cuda.is_available() else 'cpu'}",
@@ -142,6 +148,7 @@ def run_bench(count: int = 128, size: int = 256, model: str | None = None, batch
         "ceiling_images_per_second": round(ceiling_ips, 3),
         "naive_images_per_second": round(naive_result["images_per_second"], 3),
         "restorer_images_per_second": round(restorer_ips, 3),
+        "restorer_rate": rate_kind,  # "steady" (after start-up) or "end-to-end"
         "restorer_startup_seconds": summary["startup_seconds"],
         "restorer_end_to_end_images_per_second": summary["images_per_second"],
         "efficiency": round(restorer_ips / ceiling_ips, 3),
@@ -150,6 +157,7 @@ def run_bench(count: int = 128, size: int = 256, model: str | None = None, batch
                                       naive_result.items() if k.endswith("_ms_per_image")},
         "megapixels_per_second_per_worker": round(restorer_ips * megapixels, 4),
         "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "tile": tile_settings(net, tile, 0)[0],  # as the job's actors ran it
     }
     bound = max(result["naive_stages_ms_per_image"], key=result["naive_stages_ms_per_image"].get)
     result["slowest_stage"] = bound
@@ -157,10 +165,33 @@ def run_bench(count: int = 128, size: int = 256, model: str | None = None, batch
     return result
 
 
+def calibration_key(model_sha256: str, device: str, tile: int) -> str:
+    """What a calibration holds for: one model file, on one kind of device, with one tile
+    side (tiles of another side overlap more or less, and cost another share)."""
+    return f"{model_sha256}/{device}/tile-{tile}"
+
+
 def save_calibration(result: dict[str, Any]) -> None:
+    """Keep ``result`` (with ``model_sha256``, ``device`` and ``tile``) beside the
+    calibrations of other models, devices and tiles in :data:`CALIBRATION`."""
+    entries = _calibrations()
+    entries[calibration_key(result.get("model_sha256", ""), result.get("device", ""),
+                            result.get("tile", 0))] = result
     CALIBRATION.parent.mkdir(parents=True, exist_ok=True)
-    CALIBRATION.write_text(json.dumps(result, indent=2))
+    CALIBRATION.write_text(json.dumps({"calibrations": entries}, indent=2))
 
 
-def load_calibration() -> dict[str, Any] | None:
-    return json.loads(CALIBRATION.read_text()) if CALIBRATION.exists() else None
+def load_calibration(model_sha256: str, device: str, tile: int) -> dict[str, Any] | None:
+    """The saved calibration of this model on this kind of device with this tile side, or
+    None: a calibration of another model says nothing about this one's speed."""
+    return _calibrations().get(calibration_key(model_sha256, device, tile))
+
+
+def _calibrations() -> dict[str, dict[str, Any]]:
+    if not CALIBRATION.exists():
+        return {}
+    data = json.loads(CALIBRATION.read_text())
+    if "calibrations" not in data:  # one result, as restorer before 0.2 saved it
+        return {calibration_key(data.get("model_sha256", ""), data.get("device", ""),
+                                data.get("tile", 0)): data}
+    return data["calibrations"]

@@ -47,7 +47,12 @@ class LeaseLostError(JobError):
 
 
 class JobStopped(RestorerError):
-    """A job was asked to stop (SIGTERM, ``restorer jobs stop``) and drained; rerun to resume."""
+    """A job was asked to stop (SIGTERM, ``restorer jobs stop``) and drained; rerun to resume.
+    ``summary``: the stopped run's summary, as written to ``summary.json``."""
+
+    def __init__(self, message: str, summary: dict | None = None):
+        super().__init__(message)
+        self.summary = summary or {}
 
 
 class TransientError(RestorerError):

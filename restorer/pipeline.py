@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import queue
 import signal
@@ -137,7 +138,7 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
     """
     from restorer.models import DEFAULT_MODEL, get_model, resolve_model_uri
 
-    spec = spec.validate()
+    spec = _absolute_paths(spec.validate())
     options = spec.storage.options()
     if not spec.model.name:
         spec = replace_field(spec, "model", "name", DEFAULT_MODEL)
@@ -172,13 +173,20 @@ def run_restore(spec: RestoreSpec) -> dict[str, Any]:
                            loaded.provenance, lease)
 
 
-def restore(input: str, output: str, model: str | None = None, **options: Any) -> dict[str, Any]:
+def restore(input: str, output: str, model: str | None = None, verbose: bool = False,
+            **options: Any) -> dict[str, Any]:
     """Restore every image under ``input`` into ``output``; returns the job summary.
 
     ``options`` are spec fields by name (``tile=256, format="png", workers=2, limit=100,
     overwrite=True, ...``; see ``jobs/README.md``). Runs on the connected Ray cluster, or starts
-    an embedded one.
+    an embedded one. The console is kept as quiet as the CLI's (:func:`restorer.console.quiet_ray`:
+    Ray Data's own progress and plan logs and Ray's known-harmless lines are left out, for the
+    rest of the process); ``verbose=True`` leaves Ray's output as it is.
     """
+    if not verbose:
+        from restorer.console import quiet_ray
+
+        quiet_ray()
     spec = spec_from_flags(RestoreSpec, input=input, output=output, model=model, **options)
     return run_restore(spec)
 
@@ -186,7 +194,6 @@ def restore(input: str, output: str, model: str | None = None, **options: Any) -
 def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch.nn.Module,
                 layout: str, config: SourceConfig, tasks: list[ListingTask],
                 provenance: dict[str, Any], lease: Lease | None = None) -> dict[str, Any]:
-    from restorer import flat
     from restorer.runtime import (
         CHEAP_NET_MACS,
         cluster_shape,
@@ -196,45 +203,51 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         refuse_unshared_paths,
     )
 
-    embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
-                          spec.resources.object_store_mb)
-    refuse_unshared_paths(spec.input.uri, spec.output.uri, meta_uri(spec.output.uri),
-                          spec.storage.shared_filesystem)
-    plan = plan_workers(spec.resources.workers, spec.resources.gpus_per_worker,
-                        spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
-                        *cluster_shape(), can_autoscale=not embedded,
-                        cheap_net=macs_per_pixel(net) < CHEAP_NET_MACS)
-    log.info("worker plan: %s", plan)
+    started = time.time()  # the run's start-up counts Ray's
     legacy_fingerprint = spec.fingerprint(model_sha256)  # outputs of restorer before 0.2
     tile, overlap = tile_settings(net, spec.model.tile, spec.model.overlap)
     spec = replace_field(spec, "model", "tile", tile)
     spec = replace_field(spec, "model", "overlap", overlap)
-    spec = replace_field(spec, "model", "precision",
-                         resolve_precision(spec.model.precision, plan.gpus_per_worker > 0))
-    # Since fingerprint version 2, images are padded by reflection at their bottom/right edges
-    # (version 1 replicated edge pixels): part of how outputs are made.
-    fingerprint = {**spec.fingerprint(model_sha256), "edge_padding": "reflect"}
-    if flat.wanted(spec.model.flat_fill, provenance, net.scale):
-        # Flat regions filled with the image's noise (restorer.flat): part of how outputs are
-        # made; absent when off, so that jobs of other models keep their fingerprints.
-        fingerprint["flat_fill"] = f"noise-{flat.FLAT_WINDOW}"
-    state = JobState(spec, model_uri, model_sha256, fingerprint)
-    refuse_older_units(spec, tasks, config)
-    resumed = (prepare_output(spec, fingerprint, model_uri, legacy_fingerprint)
-               and not spec.output.overwrite)
-    done, with_errors = committed_units(spec)
+    # The checks that need no Ray come first: a refused fingerprint or a rerun with nothing
+    # to do answers in a second instead of after Ray's start-up. They need the device the
+    # actors will run on (it settles the precision, part of the fingerprint); where that is
+    # known before Ray (given, or the GPUs of this machine for an embedded Ray) it binds the
+    # plan below, else it waits for the cluster.
+    gpus = _gpus_before_ray(spec, net)
+    claimed = None
+    if gpus is not None:
+        claimed = _claim(spec, model_sha256, net, provenance, legacy_fingerprint, model_uri,
+                         tasks, config, on_gpu=gpus > 0)
+        spec = claimed[0]
+        nothing_left = _nothing_left(claimed[0], claimed[2], claimed[3], tasks, config)
+        if nothing_left is not None:
+            return _finish_without_ray(claimed, model_uri, model_sha256, nothing_left)
+
+    ours = not _ray_running()  # a Ray this run starts or connects to; it may end it
+    embedded = ensure_ray(spec.resources.address, spec.resources.num_cpus,
+                          spec.resources.object_store_mb)
+    refuse_unshared_paths(spec.input.uri, spec.output.uri, meta_uri(spec.output.uri),
+                          spec.storage.shared_filesystem)
+    plan = plan_workers(spec.resources.workers,
+                        spec.resources.gpus_per_worker if gpus is None else gpus,
+                        spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
+                        *cluster_shape(), can_autoscale=not embedded,
+                        cheap_net=macs_per_pixel(net) < CHEAP_NET_MACS)
+    log.info("worker plan: %s", plan)
+    if claimed is None:
+        claimed = _claim(spec, model_sha256, net, provenance, legacy_fingerprint, model_uri,
+                         tasks, config, on_gpu=plan.gpus_per_worker > 0)
+    spec, fingerprint, resumed, done, with_errors = claimed
+    state = JobState(spec, model_uri, model_sha256, fingerprint, started=started)
     state.transient_units = transient_units(spec)
-    if spec.output.overwrite:
-        done = set()
-    elif spec.output.retry_failed:
-        done -= with_errors
     log.info("input %s (%s layout): %d listing tasks; %d units already committed",
              spec.input.uri, layout, len(tasks), len(done))
 
     total = known_total(tasks)
     if spec.input.limit:
         total = min(total or spec.input.limit, spec.input.limit)
-    with _stop_on_signals() as stop, Progress("restore", total) as progress:
+    stop_signal: dict[str, str] = {}
+    with _stop_on_signals(stop_signal) as stop, Progress("restore", total) as progress:
         counting = None
         if total is None and layout == "files" and not storage.is_remote(spec.input.uri):
             counting = _count_in_background(tasks, config, progress, state)
@@ -254,8 +267,13 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         summary["status"] = "empty"
     if stop.is_set():
         # The stop must end within the pod's grace period: the summary comes from the counters
-        # held here, without re-reading the ledger; `restorer inspect OUTPUT --report` rebuilds
-        # the whole-job figures and the report page later.
+        # held here (and one read of the ledger's output keys, to count what was in flight);
+        # `restorer inspect OUTPUT --report` rebuilds the whole-job figures and the report
+        # page later.
+        if ours:
+            _end_ray()  # then no task of this run writes: what is there is what a rerun finds
+        state.in_flight_written = _settled_count(spec)
+        summary = dict(summarize(state, time.time() - state.started), resumed=resumed)
         summary["status"] = "stopped"
         summary["report"] = None
         _write_run_digest(spec, state.digest)  # its counters are in hand: nothing is re-read
@@ -267,9 +285,107 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
                     "uncommitted; rerun the same command to finish them",
                     state.incomplete_units, state.transient, state.missing)
     if stop.is_set():
-        raise JobStopped(f"Stopped after committing {state.committed_units} units "
-                         f"({state.abandoned} images in unfinished units abandoned); rerun "
-                         "the same command to finish the job")
+        raise JobStopped(_stopped_paragraph(state, stop_signal.get("name", "a stop request")),
+                         summary)
+    return summary
+
+
+def _gpus_before_ray(spec: RestoreSpec, net: torch.nn.Module) -> float | None:
+    """GPUs per actor when known before Ray starts: given (``--gpus-per-worker``) for a
+    cluster; for an embedded Ray, from the plan on this machine's CPUs and CUDA devices (what
+    Ray finds), which refuses an impossible plan here already. None when only the cluster can
+    tell (a cluster with ``auto``) or Ray runs in this process already (nothing to save)."""
+    import os
+    import sys
+
+    from restorer.runtime import CHEAP_NET_MACS, macs_per_pixel, plan_workers
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():  # a Ray the caller started: it can tell
+        return None
+    if spec.resources.address or os.environ.get("RAY_ADDRESS"):
+        return None if spec.resources.gpus_per_worker == -1.0 else spec.resources.gpus_per_worker
+    import torch
+
+    cpus = float(spec.resources.num_cpus or os.cpu_count() or 1)
+    gpus = float(torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    return plan_workers(spec.resources.workers, spec.resources.gpus_per_worker,
+                        spec.resources.cpus_per_worker, spec.resources.threads_per_worker,
+                        cpus, gpus, cpus, 1, can_autoscale=False,
+                        cheap_net=macs_per_pixel(net) < CHEAP_NET_MACS).gpus_per_worker
+
+
+def _claim(spec: RestoreSpec, model_sha256: str, net: torch.nn.Module,
+           provenance: dict[str, Any], legacy_fingerprint: dict[str, Any], model_uri: str,
+           tasks: list[ListingTask], config: SourceConfig, on_gpu: bool
+           ) -> tuple[RestoreSpec, dict[str, Any], bool, set[str], set[str]]:
+    """Resolve the precision, compare the fingerprint with the output's job (refusing a
+    different job) and claim the output: (spec, fingerprint, resumed, units to skip, units
+    with errors). Needs no Ray."""
+    from restorer import flat
+
+    spec = replace_field(spec, "model", "precision",
+                         resolve_precision(spec.model.precision, on_gpu))
+    # Since fingerprint version 2, images are padded by reflection at their bottom/right edges
+    # (version 1 replicated edge pixels): part of how outputs are made.
+    fingerprint = {**spec.fingerprint(model_sha256), "edge_padding": "reflect"}
+    if flat.wanted(spec.model.flat_fill, provenance, net.scale):
+        # Flat regions filled with the image's noise (restorer.flat): part of how outputs are
+        # made; absent when off, so that jobs of other models keep their fingerprints.
+        fingerprint["flat_fill"] = f"noise-{flat.FLAT_WINDOW}"
+    refuse_older_units(spec, tasks, config)
+    resumed = (prepare_output(spec, fingerprint, model_uri, legacy_fingerprint)
+               and not spec.output.overwrite)
+    done, with_errors = committed_units(spec)
+    if spec.output.overwrite:
+        done = set()
+    elif spec.output.retry_failed:
+        done -= with_errors
+    return spec, fingerprint, resumed, done, with_errors
+
+
+def _nothing_left(spec: RestoreSpec, resumed: bool, done: set[str], tasks: list[ListingTask],
+                  config: SourceConfig) -> tuple[int, int] | None:
+    """(images, units) when a rerun has nothing to do: every unit of the listing is committed
+    (listed here, in the driver, stopping at the first unit left to do). Only tried after a
+    run that ended complete (its summary.json says so), so that a stopped or growing job is
+    not listed twice; None: there is work, or it was not tried."""
+    from restorer.sources import expand
+
+    if not resumed or spec.input.limit:
+        return None
+    try:
+        last = json.loads(storage.read_bytes(meta_uri(spec.output.uri, "summary.json"),
+                                             spec.storage.options()))
+    except (RestorerError, OSError, ValueError):
+        return None
+    if last.get("status") not in ("ok", "failed_images"):
+        return None
+    images = units = 0
+    frozen = frozenset(done)
+    for task in tasks:
+        for unit in expand(task, config, frozen):
+            if any(row["status"] != "skipped" for row in unit):
+                return None
+            images += unit[0]["unit_size"]
+            units += 1
+    return images, units
+
+
+def _finish_without_ray(claimed: tuple, model_uri: str, model_sha256: str,
+                        nothing_left: tuple[int, int]) -> dict[str, Any]:
+    """The summary of a rerun that found every unit committed (Ray never started)."""
+    spec, fingerprint, resumed = claimed[:3]
+    state = JobState(spec, model_uri, model_sha256, fingerprint)
+    state.skipped, state.skipped_units = nothing_left
+    state.total = state.skipped
+    log.info("every one of the %d units (%d images) under %s is already committed: nothing "
+             "to do", state.skipped_units, state.skipped, spec.output.uri)
+    summary = summarize(state, time.time() - state.started)
+    summary["resumed"] = resumed
+    if state.total == 0:
+        summary["status"] = "empty"
+    _audit(spec, summary, state.digest)
     return summary
 
 
@@ -284,7 +400,10 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
     """
     open_units: dict[str, list[dict[str, Any]]] = {}
     flushed = time.time()
-    for batch in _results(ds, stop):
+    if stop is None:
+        stop = threading.Event()  # never set: the pump below still gives idle ticks
+    for batch in _results(ds, stop, progress.tick if progress is not None else None):
+        arrived = time.time()  # before this batch's commits: start-up ends at the first result
         if lease is not None:
             lease.raise_if_lost()  # found by the heartbeat: stop without waiting for a commit
         processed = 0
@@ -297,6 +416,8 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
                 continue
             processed += 1
             account(state, record)
+            if progress is not None:  # image by image, before the unit's commit
+                progress.update(1, failed=state.failed)
             unit = open_units.setdefault(record["unit"], [])
             unit.append(record)
             if len(unit) == record["unit_size"]:
@@ -308,29 +429,26 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
                     _write_run_digest(spec, state.digest)
                     flushed = time.time()
         if processed:
-            now = time.time()
+            state.arrivals += 1
             if state.first_result is None:
-                state.first_result, state.first_count = now, processed
-            state.last_result = now
-            if progress is not None:
-                progress.update(processed, failed=state.failed)
-        if stop is not None and stop.is_set():
+                state.first_result, state.first_count = arrived, processed
+            state.last_result = arrived
+        if stop.is_set():
             break
-    if stop is not None and stop.is_set():
+    if stop.is_set():
         state.abandoned = sum(len(rows) for rows in open_units.values())
         return
     if open_units:
         raise JobError(f"{len(open_units)} work units did not complete; rerun to finish them")
 
 
-def _results(ds: Any, stop: threading.Event | None) -> Iterator[pa.Table]:
+def _results(ds: Any, stop: threading.Event,
+             idle: Callable[[], None] | None = None) -> Iterator[pa.Table]:
     """The pipeline's record batches; on a stop request this returns within a fraction of a
     second, even while no batch is coming (a slow or stalled store), so that a stop ends
-    within a pod's grace period. The batches are pulled by a daemon thread."""
+    within a pod's grace period. The batches are pulled by a daemon thread; ``idle`` is
+    called every 0.2 s while none comes (progress lines during a long first batch)."""
     batches = ds.iter_batches(batch_size=None, batch_format="pyarrow")
-    if stop is None:
-        yield from batches
-        return
     results: queue.Queue = queue.Queue(maxsize=4)
     end = object()
 
@@ -352,6 +470,8 @@ def _results(ds: Any, stop: threading.Event | None) -> Iterator[pa.Table]:
         try:
             item = results.get(timeout=0.2)
         except queue.Empty:
+            if idle is not None:
+                idle()
             continue
         if item is end:
             return
@@ -402,6 +522,7 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
         state.incomplete_units += 1
         return False
     state.committed_units += 1
+    state.committed_images += len(records)
     if earlier is not None:  # --retry-failed: its earlier records leave the job's digest
         state.digest.retract(earlier, unit)
     for record in records:  # committed records only: a stop or a retry leaves open units out
@@ -491,8 +612,83 @@ def _count_in_background(tasks: list[ListingTask], config: SourceConfig,
     return thread
 
 
+def _ray_running() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
+
+
+def _end_ray() -> None:
+    """Shut this run's Ray down after a stop (an embedded one ends, a connected one ends this
+    job's workers), waiting until its tasks can write no more."""
+    import ray
+
+    # Ray Data's executor thread, still running, then warns with tracebacks ("Ray is not
+    # initialized", "SIGTERM handler is not set"): noise after a stop asked for, so Ray's
+    # loggers keep only critical lines for the rest of this (ending) process.
+    for name in ("ray", "ray.data"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    with contextlib.suppress(ImportError, AttributeError):  # nor may it start a new Ray
+        import ray._private.auto_init_hook as auto_init  # (its ray.init resets those levels)
+
+        auto_init.enable_auto_connect = False
+    with contextlib.suppress(Exception):  # a stop must end calmly, whatever Ray says
+        ray.shutdown()
+
+
+def _settled_count(spec: RestoreSpec, step: float = 0.5, tries: int = 5) -> int | None:
+    """:func:`_written_uncommitted` once two counts ``step`` s apart agree (the workers of a
+    connected cluster end a moment after this driver leaves it)."""
+    count = _written_uncommitted(spec)
+    for _ in range(tries):
+        if count is None:
+            return None
+        time.sleep(step)
+        again = _written_uncommitted(spec)
+        if again == count:
+            return count
+        count = again
+    return count
+
+
+def _written_uncommitted(spec: RestoreSpec) -> int | None:
+    """Outputs present under the output but in no committed unit: what a rerun redoes and
+    reports as ``replaced_outputs``. One listing of the output and one read of the ledger's
+    output keys; None for the Parquet layout or when the output cannot be read now."""
+    from restorer.ledger import ledger_records
+
+    if spec.output.layout != "files":
+        return None
+    options = spec.storage.options()
+    try:
+        committed = {r["out_key"] for r in ledger_records(spec.output.uri, ["out_key"], options)}
+        written = 0
+        for folder in storage.walk_files(spec.output.uri, options=options):
+            written += sum(1 for entry in folder if entry.key not in committed)
+        return written
+    except (RestorerError, OSError, ValueError) as e:
+        log.warning("could not count the outputs left uncommitted: %s", e)
+        return None
+
+
+def _stopped_paragraph(state: JobState, why: str) -> str:
+    """What a stop left, in one paragraph: what is kept, what will be redone, how to resume
+    (the CLI adds the command)."""
+    text = (f"Stopped by {why}. This run committed {state.committed_images} images in "
+            f"{state.committed_units} work units; they are kept and a rerun skips them.")
+    if state.in_flight_written is not None:
+        text += (f" {state.in_flight_written} images were in flight: written but in units not "
+                 "yet committed; the rerun restores them again and replaces those files "
+                 "(its summary counts them as replaced_outputs).")
+    else:
+        text += (f" {state.abandoned} images had come back in units not yet committed; the "
+                 "rerun restores them and any other image of an unfinished unit again.")
+    return text + " To finish the job, rerun the same command."
+
+
 @contextlib.contextmanager
-def _stop_on_signals():
+def _stop_on_signals(received: dict[str, str] | None = None):
     """Turn SIGTERM (pre-emption, ``restorer jobs stop``) and a first Ctrl-C (SIGINT) into a
     stop request while running: the driver commits the units that are complete and returns. A
     second Ctrl-C aborts at once (``KeyboardInterrupt``); a rerun still resumes."""
@@ -505,9 +701,12 @@ def _stop_on_signals():
     def handler(signum, frame):
         if signum == signal.SIGINT and stop.is_set():
             raise KeyboardInterrupt
-        log.warning("%s: draining; committed units stay committed, open units are abandoned "
-                    "and redone by the next run%s", signal.Signals(signum).name,
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        log.warning("%s: stopping; units already committed are kept, unfinished ones are redone "
+                    "by the next run%s", name,
                     " (Ctrl-C again to abort now)" if signum == signal.SIGINT else "")
+        if received is not None:
+            received.setdefault("name", name)
         stop.set()
 
     for sig in previous:
@@ -532,6 +731,24 @@ def _probe_create_only(spec: RestoreSpec) -> None:
         "refused. Exactly-once then holds only while one job at a time writes into this "
         "output: start one job per output (a job whose lease is taken over later still stops "
         "committing at once)", spec.output.uri)
+
+
+def _absolute_paths(spec: RestoreSpec) -> RestoreSpec:
+    """``spec`` with its local input, output and model file paths made absolute: Ray's workers
+    do not share the driver's working folder (a connected cluster's run in its own), so a
+    relative path would name another folder there."""
+    import os
+
+    from restorer.models import zoo
+
+    for section, name in (("input", "uri"), ("output", "uri"), ("model", "name")):
+        value = getattr(getattr(spec, section), name)
+        if not value or storage.is_remote(value) or value.startswith("file://"):
+            continue
+        if section == "model" and (value in zoo() or not os.path.exists(value)):
+            continue
+        spec = replace_field(spec, section, name, os.path.abspath(value))
+    return spec
 
 
 def _refuse_input_as_output(spec: RestoreSpec) -> None:

@@ -2,7 +2,9 @@
 
 Lists the inputs (streaming, counting only), reads the headers of a random sample to estimate
 megapixels (Pillow reads sizes without decoding pixels), and estimates wall time and GPU-hours
-from the last ``restorer bench`` calibration (megapixels per second per worker).
+from the ``restorer bench`` calibration (megapixels per second per worker) of this model (by
+sha256), on this kind of device, with this tile side; without one, from a quick timing of this
+model here. The estimate scales with the sampled megapixels.
 """
 
 from __future__ import annotations
@@ -58,12 +60,15 @@ def plan_job(spec: RestoreSpec, workers: int, sample_size: int = 200,
             continue
     mean_megapixels = sum(pixels) / len(pixels) / 1e6 if pixels else 0.0
     megapixels = mean_megapixels * count
-    calibration = load_calibration() or quick_calibration(spec, mean_megapixels)
+    model, device, tile = _what_runs(spec)
+    calibration = (load_calibration(model.sha256, device, tile)
+                   or quick_calibration(spec, mean_megapixels, device))
     plan: dict[str, Any] = {
         "input": spec.input.uri, "layout": layout, "images": count,
         "refused_at_listing": refused, "input_bytes": input_bytes,
         "sampled": len(pixels), "mean_megapixels": round(mean_megapixels, 4),
         "megapixels": round(megapixels, 1), "workers": workers,
+        "model": model.source, "model_sha256": model.sha256, "device": device, "tile": tile,
     }
     if calibration:
         rate = calibration["megapixels_per_second_per_worker"] * workers
@@ -79,7 +84,21 @@ def plan_job(spec: RestoreSpec, workers: int, sample_size: int = 200,
     return plan
 
 
-def quick_calibration(spec: RestoreSpec, mean_megapixels: float,
+def _what_runs(spec: RestoreSpec) -> tuple[Any, str, int]:
+    """(the loaded model, the device kind its actors would use, the tile side they would use):
+    what a calibration must match."""
+    import torch
+
+    from restorer.actor import tile_settings
+    from restorer.models import get_model
+
+    model = get_model(spec.model.name or None, spec.storage.options())
+    gpus = spec.resources.gpus_per_worker
+    device = "cuda" if gpus > 0 or gpus == -1.0 and torch.cuda.is_available() else "cpu"
+    return model, device, tile_settings(model.net, spec.model.tile, spec.model.overlap)[0]
+
+
+def quick_calibration(spec: RestoreSpec, mean_megapixels: float, device: str = "auto",
                       seconds: float = 3.0) -> dict[str, Any] | None:
     """Time the job's model on this machine's device (a GPU if it has one) for a few seconds
     on synthetic images of the inputs' mean size (capped at 1 MP), through the same actor and
@@ -89,13 +108,16 @@ def quick_calibration(spec: RestoreSpec, mean_megapixels: float,
     import time
 
     import numpy as np
+    import torch
 
     from restorer.pipeline import RestoreActor
 
     try:
         actor = RestoreActor(spec.model.name or None, tile=spec.model.tile,
                              overlap=spec.model.overlap, precision=spec.model.precision,
-                             storage_options=spec.storage.options())
+                             storage_options=spec.storage.options(),
+                             device=device if device != "cuda" or torch.cuda.is_available()
+                             else "cpu")
     except Exception as e:  # noqa: BLE001 - no estimate is better than no plan
         log.warning("could not time the model for an estimate: %s", e)
         return None

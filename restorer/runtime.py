@@ -33,16 +33,53 @@ def ensure_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0) -
         return _started_here()
     if address or os.environ.get("RAY_ADDRESS"):
         # Inside a submitted job (RAY_ADDRESS is set) or pointed at a cluster: connect only.
-        ray.init(address=address or None, log_to_driver=True)
+        kwargs: dict[str, Any] = {}
+        if shadowing_folder() is not None:
+            # Ray's workers can only be told at their start; a hook in the job's runtime
+            # environment imports this package there before the driver's folder is on sys.path.
+            kwargs["runtime_env"] = {"worker_process_setup_hook": WORKER_SETUP_HOOK}
+        ray.init(address=address or None, log_to_driver=True, **kwargs)
         return False
     kwargs = {"include_dashboard": False, "configure_logging": True,
-              "logging_level": logging.WARNING}
+              "logging_level": logging.WARNING,
+              # every worker imports this package when it starts, before Ray puts the driver's
+              # working folder first on its sys.path (see shadowing_folder): free, so always
+              "_system_config": {"preload_python_modules": [PACKAGE]}}
     if num_cpus:
         kwargs["num_cpus"] = num_cpus
     if object_store_mb:
         kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
     ray.init(**kwargs)
     return True
+
+
+PACKAGE = __name__.partition(".")[0]  # "restorer"
+WORKER_SETUP_HOOK = f"{__name__}.pin_package"
+
+
+def shadowing_folder() -> str | None:
+    """The driver's working folder, when something in it is named like this package and is not
+    it (``restorer/``, the clone of this repository, from its parent folder); else None.
+
+    Ray puts the driver's working folder first on every worker's ``sys.path`` (when the job
+    has no ``working_dir``), so there a clone's root folder - no ``__init__.py``, a ``jobs/``
+    folder - is imported as the package ``restorer`` (a namespace package, which wins over an
+    editable install's import hook) and ``restorer.jobs`` as its ``jobs/`` folder: "cannot
+    import name 'RestoreSpec' from 'restorer.jobs' (unknown location)" on every task.
+    """
+    folder = os.path.abspath(os.curdir)
+    ours = os.path.realpath(os.path.dirname(os.path.abspath(__file__)))
+    for name in (PACKAGE, f"{PACKAGE}.py"):
+        candidate = os.path.join(folder, name)
+        if os.path.exists(candidate) and os.path.realpath(candidate) != ours:
+            return folder
+    return None
+
+
+def pin_package() -> None:
+    """Ray's ``worker_process_setup_hook``: importing this module (done by Ray to find this
+    function, when a worker starts) put the installed package in ``sys.modules``, before the
+    driver's folder comes onto the worker's ``sys.path``; nothing more to do."""
 
 
 def _started_here() -> bool:

@@ -30,10 +30,13 @@ class JobState:
     first_result: float | None = None  # when the first records reached the driver
     first_count: int = 0  # records in that first batch
     last_result: float | None = None
+    arrivals: int = 0  # batches of processed records that reached the driver
     errors_by_class: dict[str, int] = field(default_factory=dict)
     notes: int = 0
     replaced: int = 0  # outputs found already written (in units a crash left uncommitted)
     abandoned: int = 0  # images in units left open by a stop
+    committed_images: int = 0  # images in the units this run committed
+    in_flight_written: int | None = None  # after a stop: outputs written in uncommitted units
     retries: int = 0  # transient failures retried (reads, writes) in this run
     transient: int = 0  # images still failing transiently: their units stay for the next run
     missing: int = 0  # inputs that vanished: their units wait MISSING_RUNS runs, then commit
@@ -65,17 +68,32 @@ def account(state: JobState, record: dict[str, Any]) -> None:
     state.replaced += record["replaced"]
 
 
+STEADY_MIN_ARRIVALS = 3  # batches of results (the first included) for a steady rate
+STEADY_MIN_SECONDS = 0.25  # ... spread over at least this: closer together they are one burst
+
+
+def steady_rate(state: JobState, elapsed: float) -> float | None:
+    """Images per second after start-up: from the first records that reached the driver to
+    the last, the first batch not counted. None when that says nothing about the pace: one
+    batch, or results that came in one burst (fewer than :data:`STEADY_MIN_ARRIVALS` batches,
+    or spread over under :data:`STEADY_MIN_SECONDS`), as when every image arrives at once at
+    the end."""
+    processed = state.succeeded + state.failed
+    if state.first_result is None or state.last_result is None:
+        return None
+    span = state.last_result - state.first_result
+    if (processed <= state.first_count or state.arrivals < STEADY_MIN_ARRIVALS
+            or span < STEADY_MIN_SECONDS):
+        return None
+    return round((processed - state.first_count) / span, 3)
+
+
 def summarize(state: JobState, elapsed: float) -> dict[str, Any]:
     """The run's figures. Rates count the images this run processed (restored or failed), not
-    the units it skipped; a run that processed none has no rate (``None``). The steady rate
-    runs from the first processed records to the last, so Ray's and the actors' start-up is
-    left out; it needs at least two batches of results."""
+    the units it skipped; a run that processed none has no rate (``None``). Start-up runs to
+    the first processed records (:func:`steady_rate` for the rate after it)."""
     processed = state.succeeded + state.failed
-    steady = None
-    if state.first_result is not None and state.last_result is not None:
-        span = state.last_result - state.first_result
-        if span > 0 and processed > state.first_count:
-            steady = round((processed - state.first_count) / span, 3)
+    steady = steady_rate(state, elapsed)
     status = "failed_images" if state.failed else "ok"
     if state.incomplete_units:
         status = "incomplete"
@@ -93,6 +111,7 @@ def summarize(state: JobState, elapsed: float) -> dict[str, Any]:
         "output_bytes": state.output_bytes, "errors_by_class": state.errors_by_class,
         "images_with_notes": state.notes,
         "replaced_outputs": state.replaced, "abandoned_images": state.abandoned,
+        "in_flight_written": state.in_flight_written,
         "retries": state.retries, "transient_failures": state.transient,
         "missing_inputs": state.missing, "incomplete_units": state.incomplete_units,
         "skipped_non_images": state.non_images,

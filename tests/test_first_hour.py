@@ -132,12 +132,13 @@ def test_dry_run_without_calibration_times_the_model(tmp_path, monkeypatch, tiny
 def test_progress_logs_done_total_rate_and_time_left_without_a_tty(caplog):
     with caplog.at_level(logging.INFO, logger="restorer.progress"):
         progress = Progress("restore", total=100, interval=0.0, tty=False)
-        progress.started -= 10.0  # as if it had run 10 s
-        progress.update(25, failed=1)
+        progress.update(5)
+        progress._first = (progress._first[0] - 10.0, 5)  # as if the first came 10 s ago
+        progress.update(20, failed=1)
         progress.close()
     line = caplog.records[-1].getMessage()
-    assert line.startswith("restore: 25/100 images (25%), 2.")
-    assert "about 30 s left" in line and "failed 1" in line
+    assert line.startswith("restore: 25/100 images (25%), 2.")  # 20 images in 10 s
+    assert "about 38 s left" in line and "failed 1" in line
 
 
 def test_progress_draws_a_bar_on_a_tty(capsys):

@@ -47,13 +47,26 @@ def errors_to_exit_codes(command):
         except SpecError as e:  # bad spec, flag, model name, input or resources: exit 2
             click.echo(f"Error: {e}", err=True)
             sys.exit(EXIT_USAGE)
-        except JobStopped as e:
-            click.echo(f"Error: {e}", err=True)
+        except JobStopped as e:  # asked for: a calm paragraph, the command to resume
+            message = str(e).replace("rerun the same command.", "run:")
+            click.echo(f"\n{click.wrap_text(message, width=100)}\n    {resume_command()}",
+                       err=True)
             sys.exit(EXIT_STOPPED)
         except RestorerError as e:
             raise click.ClickException(str(e)) from e
 
     return wrapper
+
+
+def resume_command() -> str:
+    """The command line this process was started with, as a user would type it again."""
+    import os
+    import shlex
+
+    program = os.path.basename(sys.argv[0]) if sys.argv else "restorer"
+    if program in ("__main__.py", "-c") or not program:
+        program = "restorer"
+    return shlex.join([program, *sys.argv[1:]])
 
 
 def _options(*decorators):
@@ -118,8 +131,12 @@ def print_summary(summary: dict[str, Any], as_json: bool) -> None:
             f"({summary['failed']} failed, {summary['skipped']} skipped as already done) "
             f"in {summary['elapsed_seconds']:.1f} s")
     if processed:
-        line += (f", {rate(summary['images_per_second'])} "
-                 f"({rate(summary['steady_images_per_second'])} after start-up)")
+        line += f", {rate(summary['images_per_second'])}"
+        steady, startup = summary.get("steady_images_per_second"), summary.get("startup_seconds")
+        if steady is not None:
+            line += f" ({rate(steady)} after a start-up of {startup:.1f} s)"
+        elif startup is not None:
+            line += f" (the first results came after {startup:.1f} s)"
     click.echo(line)
     job = summary.get("job")
     if job and summary["skipped"]:
