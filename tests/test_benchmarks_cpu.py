@@ -98,3 +98,39 @@ def test_gpu_check_without_cuda_says_so_and_exits_1():
     assert result.returncode == 1
     assert "no CUDA device" in result.stderr and "--cpu" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _bench_cpu_backends():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_cpu_backends",
+                                                  BENCHMARKS / "bench_cpu_backends.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_backends_pixel_check_finds_a_backend_off_by_levels(tmp_path):
+    bench = _bench_cpu_backends()
+    torch.manual_seed(0)
+    net = build_net({"arch": "unet", "channels": 3, "num_features": (8, 16),
+                     "num_blocks": 1}).eval()
+    backends = {name: bench.Prepared(name, net, 1, tmp_path)
+                for name in ("eager", "channels_last")}
+
+    class OffByTwoLevels(bench.Prepared):  # a backend that computes something else
+        def _prepare(self, x):
+            return lambda x: net(x) + 2 / 255
+
+    backends["off"] = OffByTwoLevels("eager", net, 1, tmp_path)
+    found = bench.pixels(backends, bench.test_images(None, 3), 64, 96)
+    assert found["eager"]["max_levels"] == 0 and found["eager"]["psnr_minus_eager"] == 0
+    assert found["channels_last"]["max_levels"] < 0.01
+    assert found["off"]["max_levels"] > 1.5 and found["off"]["max_levels_8bit"] >= 1
+    rows = [{"speedup_vs_eager": 1.5, **found["off"]}, {"speedup_vs_eager": 1.4, **found["off"]}]
+    assert bench.verdict(rows).endswith("do not adopt")
+    rows = [{"speedup_vs_eager": 1.5, **found["channels_last"]},
+            {"speedup_vs_eager": 1.2, **found["channels_last"]}]
+    assert "does not pay (1.20x" in bench.verdict(rows)
+    rows[1]["speedup_vs_eager"] = 1.3
+    assert bench.verdict(rows).endswith(": adopt")
