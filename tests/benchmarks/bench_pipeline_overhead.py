@@ -33,6 +33,8 @@ actor process, the task workers and Ray's own processes.
   Ray runs at a time.
 
 CPU ms per image there is that of every process of each case (``/proc``), not by stage.
+``--variant '--workers 1'`` adds a run with those flags, ``--src DIR`` one of the restorer
+package in DIR (another version of the code), each repeat running every case in turn.
 """
 
 import argparse
@@ -390,8 +392,8 @@ def main_as_cli(args: argparse.Namespace) -> None:
     cases = {"restorer restore": ([], "")}
     for variant in args.variant:
         cases[f"restorer restore {variant}"] = (variant.split(), "")
-    if args.baseline_src:
-        cases[f"restorer restore (code in {args.baseline_src})"] = ([], args.baseline_src)
+    for src in args.src:
+        cases[f"restorer restore (code in {src})"] = ([], src)
     rates: dict[str, list[float]] = {name: [] for name in ["plain", *cases]}
     cpu: dict[str, list[float]] = {name: [] for name in rates}
     with tempfile.TemporaryDirectory(prefix="bench-as-cli-") as scratch:
@@ -453,8 +455,9 @@ def main() -> None:
     parser.add_argument("--variant", action="append", default=[], metavar="FLAGS",
                         help="--as-cli: also run `restorer restore` with these flags, e.g. "
                         "'--workers 1' (repeatable)")
-    parser.add_argument("--baseline-src", default="", metavar="DIR",
-                        help="--as-cli: also run the restorer found in DIR (another checkout)")
+    parser.add_argument("--src", action="append", default=[], metavar="DIR",
+                        help="--as-cli: also run the restorer package found in DIR (e.g. "
+                        "`git archive OLD restorer | tar -x -C DIR`; repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.as_cli:
