@@ -210,6 +210,16 @@ def pixels(backends: dict[str, Prepared], images, height: int, width: int) -> di
             for name, f in found.items()}
 
 
+def default_data() -> Path:
+    """The shared test images: ``$RESTORER_SHARED_DIR/data``, else ``shared/data`` beside the
+    checkout, else inside it (a copy of the working tree on a leased machine)."""
+    repo = Path(__file__).resolve().parents[2]
+    candidates = [Path(os.environ["RESTORER_SHARED_DIR"]) / "data"] if os.environ.get(
+        "RESTORER_SHARED_DIR") else []
+    candidates += [repo.parent / "shared" / "data", repo / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -219,7 +229,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch / runtime threads")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--backends", nargs="+", default=list(BACKENDS), choices=BACKENDS)
-    parser.add_argument("--data", default=str(Path(__file__).parents[2].parent / "shared/data"))
+    parser.add_argument("--data", default=str(default_data()),
+                        help="folder with set12/ and set5/ (default $RESTORER_SHARED_DIR/data, "
+                        "../shared/data or ./shared/data, the first found)")
     parser.add_argument("--json", help="also write the figures to this file")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import sys
 import time
@@ -238,6 +239,16 @@ def print_tables(report: Report) -> None:
               f"| {q.bf16_minus_fp32_db:+.3f} | {q.max_levels} / {q.mean_levels:.3f} |")
 
 
+def default_data() -> Path:
+    """The shared test images: ``$RESTORER_SHARED_DIR/data``, else ``shared/data`` beside the
+    checkout, else inside it (a copy of the working tree on a leased machine)."""
+    repo = Path(__file__).resolve().parents[2]
+    candidates = [Path(os.environ["RESTORER_SHARED_DIR"]) / "data"] if os.environ.get(
+        "RESTORER_SHARED_DIR") else []
+    candidates += [repo.parent / "shared" / "data", repo / "shared" / "data"]
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,8 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, help="images per size (default 16; --cpu 2)")
     parser.add_argument("--batch", type=int, default=8, help="images per restore_arrays call")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--data", default=str(Path(__file__).parents[2].parent / "shared/data"),
-                        help="folder with set12/ and set5/ (default ../shared/data)")
+    parser.add_argument("--data", default=str(default_data()),
+                        help="folder with set12/ and set5/ (default $RESTORER_SHARED_DIR/data, "
+                        "../shared/data or ./shared/data, the first found)")
     parser.add_argument("--crop", type=int, help="quality check on central crops of this side "
                         "(default: whole images; --cpu 48)")
     parser.add_argument("--cpu", action="store_true", help="smoke run on the CPU, tiny sizes")
