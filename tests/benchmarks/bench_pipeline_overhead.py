@@ -35,6 +35,11 @@ actor process, the task workers and Ray's own processes.
 CPU ms per image there is that of every process of each case (``/proc``), not by stage.
 ``--variant '--workers 1'`` adds a run with those flags, ``--src DIR`` one of the restorer
 package in DIR (another version of the code), each repeat running every case in turn.
+
+``--in-process [--user-photos]``: no Ray; restorer's stage functions (``read_and_decode``,
+``RestoreActor.__call__``, ``encode_and_write``) and the plain pattern's, run one after the
+other on the same photos in this process with one torch thread: each stage's CPU per image,
+best of ``--repeats``. What Ray adds (transfers, task and actor overheads) is left out.
 """
 
 import argparse
@@ -51,6 +56,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray
 from PIL import Image
 
@@ -439,6 +445,86 @@ def main_as_cli(args: argparse.Namespace) -> None:
               f"{statistics.median(1000 * c / args.images for c in cpu[name]):.1f} |")
 
 
+def main_in_process(args: argparse.Namespace) -> None:
+    """Each stage's CPU per image without Ray: restorer's stage functions and the plain
+    pattern's on the same photos, in this process, one torch thread, best of ``--repeats``."""
+    import torch
+
+    from restorer import codec, storage
+    from restorer.actor import RestoreActor
+    from restorer.records import PLAN_FIELDS
+    from restorer.stages import encode_and_write, read_and_decode
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="bench-in-process-") as scratch:
+        root = Path(scratch)
+        source = root / "in"
+        sizes = user_photo_sizes(args.images) if args.user_photos else None
+        write_photos(source, args.images, sizes)
+        model = str(root / "cheap.safetensors")
+        save_model(model, build_net({"arch": "dncnn", "channels": 3, "num_features": 4,
+                                     "num_layers": 2}))
+        paths = sorted(source.iterdir())
+        plan = pa.Table.from_pylist([
+            {"key": p.name, "uri": str(p), "out_key": p.name, "format": "jpeg", "unit": "u",
+             "unit_size": len(paths), "status": "", "stage": "", "error_class": "",
+             "message": "", "size": p.stat().st_size, "data": b""} for p in paths],
+            schema=pa.schema(PLAN_FIELDS))
+        options = storage.StorageOptions()
+        encode = codec.EncodeOptions("same", 95, 3)
+        actor = RestoreActor(model=model, threads=1)
+        plain_net = PlainNet(model)
+        raw = {"path": np.array([str(p) for p in paths]),
+               "bytes": np.array([p.read_bytes() for p in paths] + [None], dtype=object)[:-1]}
+
+        def chunks(table_or_batch, size):
+            count = len(paths)
+            if isinstance(table_or_batch, pa.Table):
+                return [table_or_batch.slice(s, size) for s in range(0, count, size)]
+            return [{k: v[s:s + size] for k, v in table_or_batch.items()}
+                    for s in range(0, count, size)]
+
+        def joined(batches):
+            return {k: np.array([x for b in batches for x in b[k]] + [None], dtype=object)[:-1]
+                    for k in batches[0]}
+
+        stages = {}
+
+        def timed(name, fn):
+            fn()
+            best = min(_process_seconds(fn) for _ in range(args.repeats))
+            stages[name] = 1000 * best / len(paths)
+            return fn()
+
+        decoded = timed("restorer: read_and_decode", lambda: pa.concat_tables(
+            [read_and_decode(b, options, 10**9, 2**30) for b in chunks(plan, 8)]))
+        restored = timed("restorer: RestoreActor.__call__", lambda: pa.concat_tables(
+            [actor(b) for b in chunks(decoded, args.batch_size)]))
+        timed("restorer: encode_and_write", lambda: [encode_and_write(
+            b, str(root / "out"), encode, options) for b in chunks(restored, 8)])
+        images = timed("plain: decode", lambda: joined(
+            [plain_decode(b) for b in chunks(raw, 8)]))
+        outputs = timed("plain: net", lambda: joined([plain_net(b) for b in chunks(images, 8)]))
+        (root / "plain").mkdir()
+        timed("plain: encode + write", lambda: [plain_write(b, str(root / "plain"))
+                                                 for b in chunks(outputs, 8)])
+    print(f"\nCPU ms per image in one process, one torch thread, best of {args.repeats}, "
+          f"{len(paths)} images:\n")
+    print("| stage | CPU ms / image |\n| --- | --- |")
+    for name, ms in stages.items():
+        print(f"| {name} | {ms:.2f} |")
+    ours = sum(v for k, v in stages.items() if k.startswith("restorer"))
+    plain = sum(v for k, v in stages.items() if k.startswith("plain"))
+    print(f"| restorer, all stages | {ours:.2f} |\n| plain, all stages | {plain:.2f} |")
+    print(f"\nplain / restorer CPU per image: {plain / ours:.3f}")
+
+
+def _process_seconds(fn) -> float:
+    started = time.process_time()
+    fn()
+    return time.process_time() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -458,8 +544,13 @@ def main() -> None:
     parser.add_argument("--src", action="append", default=[], metavar="DIR",
                         help="--as-cli: also run the restorer package found in DIR (e.g. "
                         "`git archive OLD restorer | tar -x -C DIR`; repeatable)")
+    parser.add_argument("--in-process", action="store_true", help="no Ray: each stage's CPU "
+                        "per image, restorer's and the plain pattern's, in this process")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.in_process:
+        main_in_process(args)
+        return
     if args.as_cli:
         main_as_cli(args)
         return
