@@ -194,7 +194,9 @@ class RestoreActor:
                                                else np.uint8, copy=True))
         if self.device.type == "cuda":
             tensor = tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor.permute(2, 0, 1).float().div_(peak)
+        # CHW in memory too: tiles, the flat-region check and the audit read planes
+        return tensor.permute(2, 0, 1).to(torch.float32, memory_format=torch.contiguous_format
+                                          ).div_(peak)
 
     def restore_arrays(self, arrays: list[np.ndarray]) -> tuple[list[np.ndarray], list[dict]]:
         """Restore HWC uint8/uint16 arrays; returns same-dtype arrays and per-image stats."""
@@ -242,18 +244,20 @@ class RestoreActor:
                 base = source if self.scale == 1 else torch.nn.functional.interpolate(
                     source[None], scale_factor=self.scale, mode="bicubic")[0]
                 out = base + self.strength * (out - base)
-            out = out.clamp_(0, 1)
-            pairs.append((source, out))
-            # Round and narrow on the device: 1/4 (8-bit) of the float bytes cross to the host,
-            # already in the HWC order the encoder reads (one contiguous copy).
+            pairs.append((source, out.clamp_(0, 1)))
+        changes = self._changes(pairs) if pairs else None  # before the outputs are rounded
+        for index, (_, out) in enumerate(pairs):
+            # Round and narrow on the device, in place: 1/4 (8-bit) of the float bytes cross
+            # to the host, already in the HWC order the encoder reads (one contiguous copy).
             if arrays[index].dtype == np.uint16:
-                pixels = (out * 65535.0).round_().to(torch.int32)
+                pixels = out.mul_(65535.0).round_().permute(1, 2, 0).to(torch.int32)
             else:
-                pixels = (out * 255.0).round_().to(torch.uint8)
-            array = pixels.permute(1, 2, 0).contiguous().to("cpu").numpy()
+                pixels = out.mul_(255.0).round_().permute(1, 2, 0).to(
+                    torch.uint8, memory_format=torch.contiguous_format)
+            array = pixels.contiguous().to("cpu").numpy()
             results.append(array.astype(arrays[index].dtype, copy=False))
         names = ("change_mean", "change_p99", "noise_in", "noise_out", "residual_structure")
-        values = self._changes(pairs).tolist() if pairs else []  # one sync for the batch
+        values = changes.tolist() if changes is not None else []  # one sync for the batch
         return results, [dict(zip(names, row)) for row in values]
 
     def _changes(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -77,6 +79,9 @@ def read_and_decode(batch: pa.Table, storage_options: storage.StorageOptions, ma
     return to_table(rows, DECODED_SCHEMA)
 
 
+PUBLISH_THREADS = 8  # outputs of a batch published at once (their fsyncs overlap)
+
+
 def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOptions,
                      storage_options: storage.StorageOptions, layout: str = "files",
                      resumed: bool = False) -> pa.Table:
@@ -86,10 +91,16 @@ def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOpti
     the driver writes it into the unit's shard when the unit commits. In a ``resumed`` job an
     output that already exists (written before a crash, its unit never committed) is replaced
     and counted, so the summary reports the work that was redone.
+
+    The batch's images are encoded one by one, then published together by up to
+    :data:`PUBLISH_THREADS` threads: a local publish waits on the disk (the file is synced
+    before its rename), and waits that overlap cost a batch about one; on S3 the PUTs overlap.
+    Each publish is retried on transient failures on its own; as they run at once, a store
+    that is down costs the batch about one image's retries.
     """
-    records = []
-    attempts = RETRY_ATTEMPTS
-    for row in to_rows(batch):
+    rows = to_rows(batch)
+    encoded: dict[int, tuple[bytes, float]] = {}  # row index -> (bytes, seconds to encode)
+    for index, row in enumerate(rows):
         if row["status"] == "restored":
             started = time.perf_counter()
             try:
@@ -104,33 +115,45 @@ def encode_and_write(batch: pa.Table, output_uri: str, options: codec.EncodeOpti
                     source_jpeg = codec.JpegSettings(row["src_quality"], row["src_subsampling"])
                 data = codec.encode(pixels, alpha, row["format"], row["icc"] or None,
                                     row["exif"] or None, options, source_jpeg)
+                encoded[index] = (data, time.perf_counter() - started)
             except Exception as e:  # noqa: BLE001 - one image's failure is its record
-                records.append(fail(row, "write", e, _kind(e)))
-                continue
-            try:
-                if layout == "parquet":
-                    row["encoded"] = data
-                else:
-                    target = storage.join(output_uri, row["out_key"])
-
-                    def publish(target=target, data=data) -> int:
-                        replaced = int(resumed and storage.exists(target, storage_options))
-                        storage.write_bytes(target, data, storage_options)
-                        return replaced
-
-                    row["replaced"], retries = retrying(publish, attempts,
-                                                        what=f"write {row['out_key']}")
-                    row["retries"] += retries
-                row.update(status="ok", out_bytes=len(data),
-                           sha256=hashlib.sha256(data).hexdigest(),
-                           write_seconds=time.perf_counter() - started)
-            except Exception as e:  # noqa: BLE001 - classified: quarantine, retry or wait
-                if fail(row, "write", e)["status"] == "transient":
-                    attempts = 1
+                fail(row, "write", e, _kind(e))
         elif row["status"] not in ("failed", "skipped", "transient", "missing"):
             fail(row, "restore", RestorerError(f"row arrived with status {row['status']!r}"))
-        records.append(row)
-    return to_table(records, RECORD_SCHEMA)
+
+    def publish(row: dict[str, Any], data: bytes) -> tuple[int, int, float]:
+        """(replaced, retries, seconds) of one output's publish."""
+        target = storage.join(output_uri, row["out_key"])
+
+        def put() -> int:
+            replaced = int(resumed and storage.exists(target, storage_options))
+            storage.write_bytes(target, data, storage_options)
+            return replaced
+
+        started = time.perf_counter()
+        replaced, retries = retrying(put, RETRY_ATTEMPTS, what=f"write {row['out_key']}")
+        return replaced, retries, time.perf_counter() - started
+
+    if layout == "parquet" or not encoded:
+        outcomes = {index: None for index in encoded}
+    else:
+        with ThreadPoolExecutor(min(PUBLISH_THREADS, len(encoded))) as pool:
+            outcomes = {index: pool.submit(publish, rows[index], data)
+                        for index, (data, _) in encoded.items()}
+    for index, (data, seconds) in encoded.items():
+        row = rows[index]
+        try:
+            if outcomes[index] is None:
+                row["encoded"] = data
+            else:
+                row["replaced"], retries, published = outcomes[index].result()
+                row["retries"] += retries
+                seconds += published
+            row.update(status="ok", out_bytes=len(data), sha256=hashlib.sha256(data).hexdigest(),
+                       write_seconds=seconds)  # this image's encode and publish
+        except Exception as e:  # noqa: BLE001 - classified: quarantine, retry or wait
+            fail(row, "write", e)
+    return to_table(rows, RECORD_SCHEMA)
 
 
 def _kind(error: BaseException) -> str:

@@ -183,6 +183,104 @@ def _ramp(length: int, start: int, total: int, halo: int, overlap: int,
     return weight
 
 
+def _solid_spans(length: int, starts: Sequence[int], total: int, halo: int, overlap: int,
+                 device: torch.device) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+    """Along one side: each tile's 1-D blend weights (:func:`_ramp`), and the span
+    ``[first, last)`` of its positions (tile-local) where it alone has weight, and weight 1.
+
+    There the blend ``sum(out * w) / sum(w)`` is that tile's output exactly (the other tiles
+    add ``out * 0``, the weights sum to 1): :func:`run_tiled` copies such pixels and blends
+    only the rest. An empty span is ``(0, 0)``."""
+    ramps = [_ramp(length, start, total, halo, overlap, device) for start in starts]
+    covering = torch.zeros(total, dtype=torch.int32, device=device)
+    for start, ramp in zip(starts, ramps):
+        covering[start:start + length] += (ramp > 0).to(torch.int32)
+    spans = []
+    for start, ramp in zip(starts, ramps):
+        alone = ((ramp == 1) & (covering[start:start + length] == 1)).nonzero().flatten()
+        first, last = (int(alone[0]), int(alone[-1]) + 1) if len(alone) else (0, 0)
+        spans.append((first, last) if last - first == len(alone) else (0, 0))  # one run only
+    return ramps, spans
+
+
+@dataclass
+class _Stitch:
+    """One image's output as its tiles arrive (:func:`run_tiled`): pixels where one tile alone
+    has weight 1 are copied from it; the others (the overlap strips) are blended there."""
+
+    result: torch.Tensor  # C x H x W (output pixels), every pixel written once all tiles came
+    canvas: torch.Tensor  # sum of out * w, only the strips are read
+    weight: torch.Tensor  # 1 x H x W: sum of w, only the strips are read
+    rows: dict[int, tuple[torch.Tensor, tuple[int, int]]]  # tile top -> (weights, solid span)
+    columns: dict[int, tuple[torch.Tensor, tuple[int, int]]]
+    blend_rows: list[tuple[int, int]]  # [first, last) of output rows no tile owns alone
+    blend_columns: list[tuple[int, int]]
+
+    def add(self, out: torch.Tensor, y: int, x: int) -> None:
+        (wy, (y0, y1)), (wx, (x0, x1)) = self.rows[y], self.columns[x]
+        height, width = out.shape[-2:]
+        if y1 > y0 and x1 > x0:
+            self.result[:, y + y0:y + y1, x + x0:x + x1] = out[:, y0:y1, x0:x1]
+        # The rest of the tile, in up to four bands around its solid rectangle (all of it when
+        # it has none), is blended exactly as a whole-canvas blend would blend it.
+        if y1 <= y0 or x1 <= x0:
+            bands = [(0, height, 0, width)]
+        else:
+            bands = [(0, y0, 0, width), (y1, height, 0, width), (y0, y1, 0, x0),
+                     (y0, y1, x1, width)]
+        for top, bottom, left, right in bands:
+            if bottom <= top or right <= left:
+                continue
+            w = wy[top:bottom, None] * wx[None, left:right]
+            self.canvas[:, y + top:y + bottom, x + left:x + right] += out[:, top:bottom,
+                                                                          left:right] * w
+            self.weight[:, y + top:y + bottom, x + left:x + right] += w
+
+    def finish(self) -> torch.Tensor:
+        for first, last in self.blend_columns:
+            self.result[:, :, first:last] = self.canvas[:, :, first:last].div(
+                self.weight[:, :, first:last].clamp_min(1e-8))
+        for first, last in self.blend_rows:  # their crossings with the columns: once more
+            self.result[:, first:last] = self.canvas[:, first:last].div_(
+                self.weight[:, first:last].clamp_min_(1e-8))
+        return self.result
+
+
+def _blend_runs(spans: list[tuple[int, int]], starts: Sequence[int], total: int
+                ) -> list[tuple[int, int]]:
+    """The runs ``[first, last)`` of a side's positions that no tile's solid span covers."""
+    owned = sorted((start + first, start + last) for start, (first, last) in zip(starts, spans)
+                   if last > first)
+    runs, position = [], 0
+    for first, last in owned:
+        if first > position:
+            runs.append((position, first))
+        position = max(position, last)
+    if position < total:
+        runs.append((position, total))
+    return runs
+
+
+def _stitch(image: torch.Tensor, plan: TilePlan, scale: int, halo: int, overlap: int
+            ) -> _Stitch:
+    height, width = plan.height * scale, plan.width * scale
+    device = image.device
+    ys, xs = [y * scale for y in plan.ys], [x * scale for x in plan.xs]
+    wys, row_spans = _solid_spans(plan.tile_height * scale, ys, height, halo * scale,
+                                  overlap * scale, device)
+    wxs, column_spans = _solid_spans(plan.tile_width * scale, xs, width, halo * scale,
+                                     overlap * scale, device)
+    channels = image.shape[0]
+    return _Stitch(
+        result=torch.empty(channels, height, width, device=device),
+        canvas=torch.zeros(channels, height, width, device=device),
+        weight=torch.zeros(1, height, width, device=device),
+        rows={y: (w, span) for y, w, span in zip(ys, wys, row_spans)},
+        columns={x: (w, span) for x, w, span in zip(xs, wxs, column_spans)},
+        blend_rows=_blend_runs(row_spans, ys, height),
+        blend_columns=_blend_runs(column_spans, xs, width))
+
+
 def run_tiled(
     images: Sequence[torch.Tensor],
     forward: Callable[[torch.Tensor], torch.Tensor],
@@ -201,6 +299,10 @@ def run_tiled(
     ``batch_size`` is tiles per forward pass, or a function of the tile's (height, width).
     ``alignment`` is the net's (see the module docstring): tiles start on multiples of it.
     ``balanced``: see :func:`plan_tiles`. Returns float32 CHW tensors on the images' device, ``scale`` times the images' size.
+
+    Outputs are blended ``sum(out * w) / sum(w)`` over the tiles that cover a pixel, in tile
+    order; where one tile alone has weight (weight 1) that is its output, copied (the same
+    float values: only the overlap strips are blended).
     """
     if tile > 0 and overlap < 2 * halo + 1:
         raise ValueError(f"overlap {overlap} is smaller than the net's receptive field "
@@ -208,13 +310,10 @@ def run_tiled(
     plans = [plan_tiles(img.shape[-2], img.shape[-1], tile, overlap, alignment, balanced)
              for img in images]
     # An image of one tile is its tile's output (its blend weights are all ones): no canvas.
-    outputs: list[torch.Tensor | None] = [
-        None if plan.count == 1 else torch.zeros(img.shape[0], plan.height * scale,
-                                                 plan.width * scale, device=img.device)
-        for img, plan in zip(images, plans)]
-    weights = [None if plan.count == 1 else torch.zeros(1, plan.height * scale,
-                                                        plan.width * scale, device=img.device)
-               for img, plan in zip(images, plans)]
+    stitches: list[_Stitch | None] = [None if plan.count == 1 else
+                                      _stitch(img, plan, scale, halo, overlap)
+                                      for img, plan in zip(images, plans)]
+    outputs: list[torch.Tensor | None] = [None] * len(images)
     # Group every tile by shape so that each batch holds tiles of one shape.
     groups: dict[tuple[int, int, int], list[tuple[int, int, int]]] = defaultdict(list)
     for index, (image, plan) in enumerate(zip(images, plans)):
@@ -229,19 +328,13 @@ def run_tiled(
                                  for i, y, x in chunk])
             restored = forward(batch).float()
             for (i, y, x), out in zip(chunk, restored):
-                plan = plans[i]
-                if plan.count == 1:
+                if stitches[i] is None:
                     outputs[i] = out
-                    continue
-                wy = _ramp(tile_height * scale, y * scale, plan.height * scale, halo * scale,
-                           overlap * scale, out.device)
-                wx = _ramp(tile_width * scale, x * scale, plan.width * scale, halo * scale,
-                           overlap * scale, out.device)
-                w = wy[:, None] * wx[None, :]
-                ys = slice(y * scale, (y + tile_height) * scale)
-                xs = slice(x * scale, (x + tile_width) * scale)
-                outputs[i][:, ys, xs] += out * w
-                weights[i][:, ys, xs] += w
-    return [(out if weight is None else out.div_(weight.clamp_min_(1e-8)))
-            [:, :img.shape[-2] * scale, :img.shape[-1] * scale].contiguous()
-            for img, out, weight in zip(images, outputs, weights)]
+                else:
+                    stitches[i].add(out, y * scale, x * scale)
+    for i, stitch in enumerate(stitches):
+        if stitch is not None:
+            outputs[i] = stitch.finish()
+            stitches[i] = None
+    return [out[:, :img.shape[-2] * scale, :img.shape[-1] * scale].contiguous()
+            for img, out in zip(images, outputs)]

@@ -243,3 +243,56 @@ def test_noise_map_net_tiles_like_whole_images(shape, balanced):
         tiled = run_tiled([image], net, tile=60, overlap=rf + 3, halo=rf // 2, scale=1,
                           batch_size=3, alignment=net.alignment, balanced=balanced)[0]
     _assert_same_up_to_rounding(whole, tiled)
+
+
+def _blend_everywhere(images, forward, tile, overlap, halo, scale, alignment, balanced):
+    """The blend written out: every tile's ``out * w`` and ``w`` added over the whole canvas in
+    tile order, then ``canvas / max(weights, 1e-8)`` (run_tiled copies where one tile alone
+    has weight 1, and must give these very floats)."""
+    from restorer.tiling import _ramp, _cut
+
+    results = []
+    for image in images:
+        plan = plan_tiles(image.shape[-2], image.shape[-1], tile, overlap, alignment, balanced)
+        canvas = torch.zeros(image.shape[0], plan.height * scale, plan.width * scale)
+        weights = torch.zeros(1, plan.height * scale, plan.width * scale)
+        for y in plan.ys:
+            for x in plan.xs:
+                out = forward(_cut(image, y, x, plan.tile_height, plan.tile_width)[None])[0]
+                if plan.count == 1:
+                    canvas, weights = out, torch.ones(1)
+                    continue
+                wy = _ramp(plan.tile_height * scale, y * scale, plan.height * scale,
+                           halo * scale, overlap * scale, out.device)
+                wx = _ramp(plan.tile_width * scale, x * scale, plan.width * scale,
+                           halo * scale, overlap * scale, out.device)
+                w = wy[:, None] * wx[None, :]
+                rows = slice(y * scale, (y + plan.tile_height) * scale)
+                columns = slice(x * scale, (x + plan.tile_width) * scale)
+                canvas[:, rows, columns] += out * w
+                weights[:, rows, columns] += w
+        blended = canvas / weights.clamp_min(1e-8)
+        results.append(blended[:, :image.shape[-2] * scale, :image.shape[-1] * scale])
+    return results
+
+
+@pytest.mark.parametrize("spec,scale", [
+    ({"arch": "dncnn", "channels": 3, "num_features": 4, "num_layers": 2}, 1),
+    ({"arch": "unet", "channels": 3, "num_features": (8, 16), "num_blocks": 1}, 1),
+    ({"arch": "srnet", "channels": 1, "scale": 2, "num_features": 8, "num_blocks": 1}, 2)])
+@pytest.mark.parametrize("balanced", [False, True])
+def test_stitched_tiles_are_the_blend_to_the_last_bit(spec, scale, balanced):
+    torch.manual_seed(0)
+    net = build_net(spec).eval()
+    halo = net.receptive_field // 2
+    images = [torch.rand(net.channels, 97, 333), torch.rand(net.channels, 130, 100),
+              torch.rand(net.channels, 40, 41)]
+    for tile, overlap in ((48, 2 * halo + 1), (64, 2 * halo + 9)):
+        tile = max(tile, overlap + 16)
+        with torch.inference_mode():
+            tiled = run_tiled(images, net, tile, overlap, halo, scale, 1, net.alignment,
+                              balanced)
+            written_out = _blend_everywhere(images, net, tile, overlap, halo, scale,
+                                            net.alignment, balanced)
+        for got, want in zip(tiled, written_out):
+            assert got.shape == want.shape and torch.equal(got, want)

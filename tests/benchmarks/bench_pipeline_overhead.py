@@ -17,6 +17,29 @@ left out), as restorer's summary counts them. Restorer's CPU per image by stage 
 ``time.process_time`` around its stage functions inside the workers (a worker set-up hook
 wraps them; restorer itself is unchanged) and from ``/proc`` CPU times of the driver, the
 actor process, the task workers and Ray's own processes.
+
+``--as-cli``: the job as a user runs it, on photo JPEGs as users have them::
+
+    python tests/benchmarks/bench_pipeline_overhead.py --as-cli [--images 1100] [--repeats 3]
+
+- images: photo-like JPEGs (quality 90) with sides drawn from 384-768 px, never a multiple of
+  the 256 px tile (:func:`user_photo_sizes`);
+- **restorer**: ``restorer restore IN OUT --model cheap.safetensors`` in a subprocess, every
+  other setting at its default (its own embedded Ray with all CPUs and Ray's default object
+  store, the output format of the input, the default audit, plan and tile); its steady
+  images/s from the job's ``_restorer/summary.json``;
+- **plain**: the same pattern as above in a Ray started as the CLI starts its own (all CPUs,
+  Ray's default object store), started before and stopped after each repeat so that only one
+  Ray runs at a time.
+
+CPU ms per image there is that of every process of each case (``/proc``), not by stage.
+``--variant '--workers 1'`` adds a run with those flags, ``--src DIR`` one of the restorer
+package in DIR (another version of the code), each repeat running every case in turn.
+
+``--in-process [--user-photos]``: no Ray; restorer's stage functions (``read_and_decode``,
+``RestoreActor.__call__``, ``encode_and_write``) and the plain pattern's, run one after the
+other on the same photos in this process with one torch thread: each stage's CPU per image,
+best of ``--repeats``. What Ray adds (transfers, task and actor overheads) is left out.
 """
 
 import argparse
@@ -25,6 +48,7 @@ import json
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -32,6 +56,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import ray
 from PIL import Image
 
@@ -66,10 +91,18 @@ def photo(height: int, width: int, seed: int) -> np.ndarray:
     return np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)
 
 
-def write_photos(folder: Path, count: int) -> None:
+def user_photo_sizes(count: int, tile: int = 256, seed: int = 0) -> list[tuple[int, int]]:
+    """(height, width) of ``count`` user photos: each side drawn from 384-768 px, never a
+    multiple of ``tile`` (a photo's sides rarely are: tiling and padding cost what they cost)."""
+    rng = np.random.default_rng(seed)
+    sides = [int(s) for s in rng.integers(384, 769, 4 * count) if s % tile]
+    return list(zip(sides[0::2], sides[1::2]))[:count]
+
+
+def write_photos(folder: Path, count: int, sizes: list[tuple[int, int]] | None = None) -> None:
     folder.mkdir(parents=True)
     for i in range(count):
-        height, width = SIZES[i % len(SIZES)]
+        height, width = sizes[i] if sizes else SIZES[i % len(SIZES)]
         Image.fromarray(photo(height, width, i)).save(folder / f"img{i:05d}.jpg", quality=90)
 
 
@@ -341,6 +374,157 @@ def run_restorer(source: Path, output: Path, model: str, stages: Path,
     return summary["steady_images_per_second"], per_image
 
 
+def run_cli(source: Path, output: Path, model: str, extra: list[str] | None = None,
+            src: str = "") -> tuple[float, float]:
+    """``restorer restore SOURCE OUTPUT --model MODEL [EXTRA...]`` as a user runs it: its
+    steady images/s (from the job's summary.json) and the CPU seconds of all its processes.
+    ``src``: import restorer from this source folder instead (``PYTHONPATH``; Ray's workers
+    inherit it), to measure another version of the code in the same run."""
+    env = dict(os.environ, PYTHONPATH=src) if src else None
+    with ProcessCpu() as cpu:
+        done = subprocess.run([sys.executable, "-m", "restorer", "restore", str(source),
+                               str(output), "--model", model, *(extra or [])],
+                              capture_output=True, text=True, env=env)
+    if done.returncode != 0:
+        raise RuntimeError(f"restorer restore exited {done.returncode}: {done.stderr[-2000:]}")
+    summary = json.loads((output / "_restorer" / "summary.json").read_text())
+    if summary["failed"] or not summary["succeeded"]:
+        raise RuntimeError(f"restorer job failed: {summary['errors_by_class']}")
+    return summary["steady_images_per_second"], sum(cpu.by_kind.values())
+
+
+def main_as_cli(args: argparse.Namespace) -> None:
+    """Plain Ray Data vs ``restorer restore`` with its defaults, on user-like photo JPEGs."""
+    cases = {"restorer restore": ([], "")}
+    for variant in args.variant:
+        cases[f"restorer restore {variant}"] = (variant.split(), "")
+    for src in args.src:
+        cases[f"restorer restore (code in {src})"] = ([], src)
+    rates: dict[str, list[float]] = {name: [] for name in ["plain", *cases]}
+    cpu: dict[str, list[float]] = {name: [] for name in rates}
+    with tempfile.TemporaryDirectory(prefix="bench-as-cli-") as scratch:
+        root = Path(scratch)
+        source = root / "in"
+        sizes = user_photo_sizes(args.images)
+        write_photos(source, args.images, sizes)
+        net = build_net({"arch": "dncnn", "channels": 3, "num_features": 4, "num_layers": 2})
+        model = str(root / "cheap.safetensors")
+        save_model(model, net)
+        for repeat in range(args.repeats):
+            if not args.skip_plain:
+                ray.init(include_dashboard=False, logging_level=logging.WARNING)
+                ray.data.DataContext.get_current().enable_progress_bars = False
+                with ProcessCpu() as used:
+                    rates["plain"].append(run_plain(source, root / f"plain{repeat}", model))
+                cpu["plain"].append(sum(used.by_kind.values()) + used.driver)
+                ray.shutdown()
+            for index, (name, (extra, src)) in enumerate(cases.items()):
+                rate, seconds = run_cli(source, root / f"restored{repeat}-{index}", model,
+                                        extra, src)
+                rates[name].append(rate)
+                cpu[name].append(seconds)
+            print(f"repeat {repeat}: " + ", ".join(f"{name} {values[-1]:.1f}"
+                                                   for name, values in rates.items() if values)
+                  + " images/s", flush=True)
+    megapixels = sum(h * w for h, w in sizes) / 1e6
+    print(json.dumps({"images": args.images, "megapixels": round(megapixels, 1),
+                      "sides": [min(min(s) for s in sizes), max(max(s) for s in sizes)],
+                      "repeats": args.repeats, "images_per_second": rates}))
+    plain = statistics.median(rates["plain"]) if rates["plain"] else None
+    print(f"\nsteady images/s, median of {args.repeats}; CPU ms per image of all the case's "
+          "processes (median):\n")
+    print("| case | steady images/s | / plain (per repeat) | CPU ms / image |")
+    print("| --- | --- | --- | --- |")
+    for name, values in rates.items():
+        if not values:
+            continue
+        rate = statistics.median(values)
+        ratio = "" if plain is None else (
+            f"{rate / plain:.3f} ({', '.join(f'{v / p:.2f}' for v, p in zip(values, rates['plain']))})")
+        print(f"| {name} | {rate:.1f} | {ratio} | "
+              f"{statistics.median(1000 * c / args.images for c in cpu[name]):.1f} |")
+
+
+def main_in_process(args: argparse.Namespace) -> None:
+    """Each stage's CPU per image without Ray: restorer's stage functions and the plain
+    pattern's on the same photos, in this process, one torch thread, best of ``--repeats``."""
+    import torch
+
+    from restorer import codec, storage
+    from restorer.actor import RestoreActor
+    from restorer.records import PLAN_FIELDS
+    from restorer.stages import encode_and_write, read_and_decode
+
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory(prefix="bench-in-process-") as scratch:
+        root = Path(scratch)
+        source = root / "in"
+        sizes = user_photo_sizes(args.images) if args.user_photos else None
+        write_photos(source, args.images, sizes)
+        model = str(root / "cheap.safetensors")
+        save_model(model, build_net({"arch": "dncnn", "channels": 3, "num_features": 4,
+                                     "num_layers": 2}))
+        paths = sorted(source.iterdir())
+        plan = pa.Table.from_pylist([
+            {"key": p.name, "uri": str(p), "out_key": p.name, "format": "jpeg", "unit": "u",
+             "unit_size": len(paths), "status": "", "stage": "", "error_class": "",
+             "message": "", "size": p.stat().st_size, "data": b""} for p in paths],
+            schema=pa.schema(PLAN_FIELDS))
+        options = storage.StorageOptions()
+        encode = codec.EncodeOptions("same", 95, 3)
+        actor = RestoreActor(model=model, threads=1)
+        plain_net = PlainNet(model)
+        raw = {"path": np.array([str(p) for p in paths]),
+               "bytes": np.array([p.read_bytes() for p in paths] + [None], dtype=object)[:-1]}
+
+        def chunks(table_or_batch, size):
+            count = len(paths)
+            if isinstance(table_or_batch, pa.Table):
+                return [table_or_batch.slice(s, size) for s in range(0, count, size)]
+            return [{k: v[s:s + size] for k, v in table_or_batch.items()}
+                    for s in range(0, count, size)]
+
+        def joined(batches):
+            return {k: np.array([x for b in batches for x in b[k]] + [None], dtype=object)[:-1]
+                    for k in batches[0]}
+
+        stages = {}
+
+        def timed(name, fn):
+            fn()
+            best = min(_process_seconds(fn) for _ in range(args.repeats))
+            stages[name] = 1000 * best / len(paths)
+            return fn()
+
+        decoded = timed("restorer: read_and_decode", lambda: pa.concat_tables(
+            [read_and_decode(b, options, 10**9, 2**30) for b in chunks(plan, 8)]))
+        restored = timed("restorer: RestoreActor.__call__", lambda: pa.concat_tables(
+            [actor(b) for b in chunks(decoded, args.batch_size)]))
+        timed("restorer: encode_and_write", lambda: [encode_and_write(
+            b, str(root / "out"), encode, options) for b in chunks(restored, 8)])
+        images = timed("plain: decode", lambda: joined(
+            [plain_decode(b) for b in chunks(raw, 8)]))
+        outputs = timed("plain: net", lambda: joined([plain_net(b) for b in chunks(images, 8)]))
+        (root / "plain").mkdir()
+        timed("plain: encode + write", lambda: [plain_write(b, str(root / "plain"))
+                                                 for b in chunks(outputs, 8)])
+    print(f"\nCPU ms per image in one process, one torch thread, best of {args.repeats}, "
+          f"{len(paths)} images:\n")
+    print("| stage | CPU ms / image |\n| --- | --- |")
+    for name, ms in stages.items():
+        print(f"| {name} | {ms:.2f} |")
+    ours = sum(v for k, v in stages.items() if k.startswith("restorer"))
+    plain = sum(v for k, v in stages.items() if k.startswith("plain"))
+    print(f"| restorer, all stages | {ours:.2f} |\n| plain, all stages | {plain:.2f} |")
+    print(f"\nplain / restorer CPU per image: {plain / ours:.3f}")
+
+
+def _process_seconds(fn) -> float:
+    started = time.process_time()
+    fn()
+    return time.process_time() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -348,20 +532,39 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=16, help="restorer's images per "
                         "actor call (its default)")
-    parser.add_argument("--object-store-mb", type=int, default=300)
+    parser.add_argument("--object-store-mb", type=int, default=300, help="0: Ray's default")
+    parser.add_argument("--user-photos", action="store_true", help="the photos of --as-cli "
+                        "(sides of 384-768 px) instead of the mixed small sizes")
     parser.add_argument("--skip-plain", action="store_true", help="restorer only (profiling)")
+    parser.add_argument("--as-cli", action="store_true", help="run `restorer restore` with its "
+                        "defaults on photo JPEGs of 384-768 px (see the module docstring)")
+    parser.add_argument("--variant", action="append", default=[], metavar="FLAGS",
+                        help="--as-cli: also run `restorer restore` with these flags, e.g. "
+                        "'--workers 1' (repeatable)")
+    parser.add_argument("--src", action="append", default=[], metavar="DIR",
+                        help="--as-cli: also run the restorer package found in DIR (e.g. "
+                        "`git archive OLD restorer | tar -x -C DIR`; repeatable)")
+    parser.add_argument("--in-process", action="store_true", help="no Ray: each stage's CPU "
+                        "per image, restorer's and the plain pattern's, in this process")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.in_process:
+        main_in_process(args)
+        return
+    if args.as_cli:
+        main_as_cli(args)
+        return
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as scratch:
         root = Path(scratch)
         source = root / "in"
-        write_photos(source, args.images)
+        photo_sizes = user_photo_sizes(args.images) if args.user_photos else None
+        write_photos(source, args.images, photo_sizes)
         net = build_net({"arch": "dncnn", "channels": 3, "num_features": 4, "num_layers": 2})
         model = str(root / "cheap.safetensors")
         save_model(model, net)
         stages = root / "stages"
         stages.mkdir()
-        ray.init(num_cpus=2, object_store_memory=args.object_store_mb * 1024 * 1024,
+        ray.init(num_cpus=2, object_store_memory=args.object_store_mb * 1024 * 1024 or None,
                  include_dashboard=False, logging_level=logging.WARNING,
                  runtime_env={"env_vars": {"BENCH_STAGES": str(stages)},
                               "worker_process_setup_hook": instrument})
@@ -380,7 +583,8 @@ def main() -> None:
             print(f"repeat {repeat}: plain {plain[-1] if plain else float('nan'):.1f}, "
                   f"restorer {rate:.1f} images/s", flush=True)
         ray.shutdown()
-    sizes = sorted({f"{w}x{h}" for h, w in SIZES[:min(args.images, len(SIZES))]})
+    sizes = (["384-768 px sides (user_photo_sizes)"] if args.user_photos else
+             sorted({f"{w}x{h}" for h, w in SIZES[:min(args.images, len(SIZES))]}))
     result = {"images": args.images, "sizes": sizes, "repeats": args.repeats,
               "plain_images_per_second": plain, "restorer_images_per_second": ours}
     print(json.dumps(result))
