@@ -43,9 +43,9 @@ from restorer.unpickle import (
 
 log = logging.getLogger(__name__)
 
-# The nets whose shape the command-line flags describe (an opponent net's trunk is a net spec
-# of its own: build it from a converted gray net instead).
-FLAG_NETS = tuple(sorted(arch for arch in NETS if arch != "opponent"))
+# The nets whose shape the command-line flags describe (an opponent or noise-map net's trunk is
+# a net spec of its own: build it from a converted net instead).
+FLAG_NETS = tuple(sorted(arch for arch in NETS if arch not in ("opponent", "noisemap")))
 
 # Keys under which training scripts keep a state dict next to other things.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "params_ema", "params", "model", "net")

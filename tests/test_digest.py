@@ -106,7 +106,7 @@ def test_job_digest_reads_uncovered_units_once_and_flags_as_the_ledger_scan(
     assert (again.records, again.failed) == (9, 1)
     page = Path(write_report(output)).read_text("utf-8")
     assert OUTLIER_KEY in page and BLURRED_KEY in page and "Errors (1)" in page
-    for text in ("Residual structure = what the model removed", "residual (input - output)"):
+    for text in ("<b>Residual structure</b>: what the model removed", "(input - output)"):
         assert text in page and text in scanned_page
     seen = inspect_output(output)
     assert (seen["records"], seen["failed"]) == (9, 1)

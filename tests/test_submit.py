@@ -255,7 +255,7 @@ def test_stop_a_running_job(head, tmp_path, exclusive_ray):
     logs = next(jobs_api.job_logs(head, job_id))
     assert job.status == "STOPPED", logs
     # SIGTERM reached `restorer run`, which drained and recorded the stop before exiting.
-    assert "SIGTERM: draining" in logs
+    assert "SIGTERM: stopping" in logs
     summary = json.loads((output / "_restorer" / "summary.json").read_text())
     assert summary["status"] == "stopped"
     assert len(list(output.glob("*.png"))) < 400

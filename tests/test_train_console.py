@@ -74,7 +74,7 @@ def test_ctrl_c_checkpoints_says_where_and_the_rerun_resumes_there(ray_session, 
     stopped = re.search(r"step (\d+): checkpoint written \(stop;", console)
     assert stopped, console
     step = int(stopped.group(1))
-    said = re.search(r"stopped with the checkpoint of step (\d+) in (\S+)", console)
+    said = re.search(r"stopped with the checkpoint of step (\d+) in\s+(\S+)", console)
     assert said and int(said.group(1)) == step, console
     meta = json.loads((tmp_path / said.group(2) / "meta.json").read_text())
     assert meta["step"] == step

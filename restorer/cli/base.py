@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import sys
+import textwrap
 from typing import Any
 
 import click
@@ -49,8 +50,10 @@ def errors_to_exit_codes(command):
             sys.exit(EXIT_USAGE)
         except JobStopped as e:  # asked for: a calm paragraph, the command to resume
             message = str(e).replace("rerun the same command.", "run:")
-            click.echo(f"\n{click.wrap_text(message, width=100)}\n    {resume_command()}",
-                       err=True)
+            # wrapped between words only: paths and names in it stay whole (samples-denoise/)
+            text = textwrap.fill(message, width=100, break_on_hyphens=False,
+                                 break_long_words=False)
+            click.echo(f"\n{text}\n    {resume_command()}", err=True)
             sys.exit(EXIT_STOPPED)
         except RestorerError as e:
             raise click.ClickException(str(e)) from e
