@@ -179,11 +179,16 @@ def test_a_state_without_ema_starts_the_ema_from_the_restored_weights():
     assert all(torch.equal(ema[k], v) for k, v in state["net"].items())
 
 
-def test_trainer_on_a_ddp_net_keeps_unwrapped_state(tmp_path):
+def test_trainer_on_a_ddp_net_keeps_unwrapped_state(tmp_path, monkeypatch):
+    import datetime
+
     import torch.distributed as dist
 
+    # gloo on the loopback device, and a bounded wait: once (2026-12-06) this set-up hung in a
+    # full run while it passed alone, and a hang would hold CI to its limit
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1)
+                            world_size=1, timeout=datetime.timedelta(seconds=60))
     try:
         torch.manual_seed(0)
         net = torch.nn.parallel.DistributedDataParallel(build_net(TINY_NET))
