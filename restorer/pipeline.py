@@ -504,12 +504,8 @@ def _close_unit(spec: RestoreSpec, state: JobState, unit: str, records: list[dic
             state.incomplete_units += 1
             return False
         for record in missing:  # gone for MISSING_RUNS runs and this one: quarantine
-            record.update(status="failed", message=f"{record['message']} (missing in "
-                                                   f"{runs + 1} runs)"[:2000])
-            state.missing -= 1
-            state.failed += 1
-            state.errors_by_class[record["error_class"]] = (
-                state.errors_by_class.get(record["error_class"], 0) + 1)
+            _quarantine(state, record, f"{record['message']} (missing in {runs + 1} runs)",
+                        "missing")
     earlier = _earlier_records(spec, unit) if had_errors else None
     try:
         retrying(lambda: commit_unit(spec, unit, records, had_errors, fence), RETRY_ATTEMPTS,
@@ -552,12 +548,8 @@ def _quarantine_repeats(spec: RestoreSpec, state: JobState, unit: str,
             continue
         told = "; ".join(f"run {f['run']}: {f['stage']} {f['error_class']}: "
                          f"{f['message'][:160]}" for f in faults)
-        record.update(status="failed", message=f"failed transiently in {len(faults)} runs, "
-                                               f"quarantined: {told}"[:2000])
-        state.transient -= 1
-        state.failed += 1
-        state.errors_by_class[record["error_class"]] = (
-            state.errors_by_class.get(record["error_class"], 0) + 1)
+        _quarantine(state, record, f"failed transiently in {len(faults)} runs, quarantined: "
+                                   f"{told}", "transient")
     if waiting:
         note_transient(spec, unit, waiting)
         state.transient_units.add(unit)
@@ -587,6 +579,16 @@ def _audit(spec: RestoreSpec, summary: dict[str, Any], run: Digest | None = None
     except (RestorerError, OSError, ValueError) as e:
         log.warning("could not write the report page: %s", e)
         summary["report"] = None
+
+
+def _quarantine(state: JobState, record: dict[str, Any], message: str, counted_as: str) -> None:
+    """Turn a record that kept failing (a missing input, a transient fault) into a permanent
+    failure: its message says why, and it moves from ``state.<counted_as>`` to the failures."""
+    record.update(status="failed", message=message[:2000])
+    setattr(state, counted_as, getattr(state, counted_as) - 1)
+    state.failed += 1
+    state.errors_by_class[record["error_class"]] = (
+        state.errors_by_class.get(record["error_class"], 0) + 1)
 
 
 def _count_in_background(tasks: list[ListingTask], config: SourceConfig,
