@@ -126,6 +126,8 @@ log = logging.getLogger(__name__)
 # At the end of a job, how long the summary waits for the walk that counts a local folder's
 # inputs and non-image files (begun with the job) before it goes without the non-image count
 COUNT_WAIT_SECONDS = 30.0
+RESULTS_THREAD = "restorer-results"  # the thread pulling the pipeline's batches (_results)
+END_RAY_WAIT_SECONDS = 3.0  # a stop waits so long for that thread to leave Ray
 
 
 def run_restore(spec: RestoreSpec) -> dict[str, Any]:
@@ -453,8 +455,9 @@ def _results(ds: Any, stop: threading.Event,
     end = object()
 
     def pull() -> None:
+        pulled = iter(batches)
         try:
-            for batch in batches:
+            for batch in pulled:
                 while not stop.is_set():
                     with contextlib.suppress(queue.Full):
                         results.put(batch, timeout=0.2)
@@ -463,9 +466,15 @@ def _results(ds: Any, stop: threading.Event,
                     return
             results.put(end)
         except BaseException as e:  # noqa: BLE001 - handed to the driver thread, raised there
-            results.put(e)
+            if not stop.is_set():  # after a stop nobody reads the queue: end quietly
+                results.put(e)
+        finally:
+            # Ends Ray Data's execution here, while Ray is still up (a stop shuts Ray down next,
+            # :func:`_end_ray`, which waits for this thread first)
+            with contextlib.suppress(Exception):
+                pulled.close()
 
-    threading.Thread(target=pull, name="restorer-results", daemon=True).start()
+    threading.Thread(target=pull, name=RESULTS_THREAD, daemon=True).start()
     while not stop.is_set():
         try:
             item = results.get(timeout=0.2)
@@ -635,6 +644,30 @@ def _end_ray() -> None:
         import ray._private.auto_init_hook as auto_init  # (its ray.init resets those levels)
 
         auto_init.enable_auto_connect = False
+    with contextlib.suppress(ImportError, AttributeError):  # nor the lines its workers and
+        # raylet print about the actors ended below ("... will be retried. Error: The actor is
+        # dead because it was killed by `ray.kill`"): the forwarded worker logs and the
+        # cluster's error messages, both printed through this one function
+        import ray._private.worker as ray_worker
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+        global_worker_stdstream_dispatcher.remove_handler("ray_print_logs")
+        ray_worker.print_to_stdstream = lambda data, ignore_prefix: None
+    # Ray Data's execution ends first, while Ray is up: its actors are killed and its tasks
+    # cancelled, and the thread pulling results leaves Ray. A thread still inside Ray's client
+    # when ray.shutdown() runs makes Ray end the whole process with exit code 1 ("the core
+    # worker has already been shutdown"), so the stop would not exit 4.
+    with contextlib.suppress(ImportError):
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+
+        for thread in threading.enumerate():
+            if isinstance(thread, StreamingExecutor):
+                with contextlib.suppress(Exception):
+                    thread.shutdown(force=True)
+    deadline = time.monotonic() + END_RAY_WAIT_SECONDS
+    for thread in threading.enumerate():
+        if thread.name == RESULTS_THREAD:
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
     with contextlib.suppress(Exception):  # a stop must end calmly, whatever Ray says
         ray.shutdown()
 

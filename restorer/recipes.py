@@ -261,8 +261,12 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
                  device: str = "auto", init: str | None = None, lr: float | None = None,
                  seed: int = 0, val_seconds: float = 150.0, workers: int = 4,
                  command: str | None = None, batch: int | None = None,
-                 progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-    """Train recipe ``name`` for ``minutes`` of wall time; returns the provenance it saved."""
+                 progress: Callable[[dict[str, Any]], None] | None = None,
+                 keep_checkpoints: bool = False,
+                 estimator_lr_scale: float | None = None) -> dict[str, Any]:
+    """Train recipe ``name`` for ``minutes`` of wall time; returns the provenance it saved.
+    With ``keep_checkpoints`` every validation's weights also stay as ``NAME-stepN`` beside
+    the final file (a stage is then chosen by its whole history, not only its end)."""
     recipe = RECIPES[name]
     if recipe.trunk_of:
         raise ValueError(f"{name} is not trained itself: its net runs {recipe.trunk_of}'s on "
@@ -270,6 +274,8 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
                          f"restorer.recipes {name} --ship` its stage files")
     if batch:
         recipe = dataclasses.replace(recipe, batch=batch)
+    if estimator_lr_scale:
+        recipe = dataclasses.replace(recipe, estimator_lr_scale=estimator_lr_scale)
     data = Path(data)
     out = Path(out_dir) / f"{name}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -329,6 +335,9 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
                           steps_total=prior_steps + step,
                           wall_seconds_total=round(prior_wall + wall, 1), history=history)
         save_model(str(out), ema, provenance)
+        if keep_checkpoints:
+            save_model(str(out.with_name(f"{name}-step{step}.safetensors")), ema, provenance,
+                       dtype=torch.float16)
         log.info("%s step %d (%.0f s): %s", name, step, wall, json.dumps(record["validation"]))
         if progress:
             progress(record)
@@ -636,6 +645,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--val-seconds", type=float, default=150.0)
     parser.add_argument("--workers", type=int, default=4, help="processes that bank JPEGs")
+    parser.add_argument("--keep-checkpoints", action="store_true",
+                        help="keep every validation's weights (float16) as NAME-stepN too")
+    parser.add_argument("--estimator-lr-scale", type=float,
+                        help="a noise-map net's estimator learns at this multiple of --lr "
+                             "(default: the recipe's)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.ship:
@@ -645,6 +659,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("training needs --out and --minutes")
     train_recipe(args.name, args.data, args.out, args.minutes, args.device, args.init, args.lr,
                  args.seed, args.val_seconds, args.workers, batch=args.batch,
+                 keep_checkpoints=args.keep_checkpoints,
+                 estimator_lr_scale=args.estimator_lr_scale,
                  command=shlex.join(["python", "-m", "restorer.recipes"]
                                     + list(argv if argv is not None else sys.argv[1:])))
 

@@ -319,10 +319,20 @@ def test_practical_recipe_continues_a_unet_and_ships_with_its_stages(practical, 
          "wall_seconds": 3.0, "hardware": "NVIDIA H100"}]})
     out = tmp_path / "out"
     first = recipes.train_recipe("tinyreal", root, out, minutes=0.03, device="cpu",
-                                 init=str(start), workers=1)
+                                 init=str(start), workers=1, keep_checkpoints=True,
+                                 estimator_lr_scale=0.5, val_seconds=0.0)
     assert first["steps"] >= 1 and first["history"][-1]["validation"][0]["task"] == "pairs"
+    assert first["config"]["estimator_lr_scale"] == 0.5
     model = load_model(str(out / "tinyreal.safetensors"))
     assert model.spec["arch"] == "noisemap" and hasattr(model.net, "estimator")
+    # every validation's weights kept, float16, named by their step
+    kept = sorted(out.glob("tinyreal-step*.safetensors"))
+    assert sorted(int(p.stem.split("step")[1]) for p in kept) == sorted(
+        {h["step"] for h in first["history"]})
+    from safetensors import safe_open
+
+    with safe_open(str(kept[0]), "pt") as stored:
+        assert {stored.get_tensor(k).dtype for k in stored.keys()} == {torch.float16}
     zoo = tmp_path / "zoo"
     zoo.mkdir()
     path = recipes.ship("tinyreal", [start, out / "tinyreal.safetensors"], root, zoo_dir=zoo)
