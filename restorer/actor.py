@@ -18,6 +18,7 @@ import math
 import os
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -129,6 +130,9 @@ class RestoreActor:
         self._tile_batches: dict[tuple[int, int], int] = {}
         self.tile_batch = tile_batch or self._auto_tile_batch
         self.strength = strength
+        # called with the share of the current batch's tiles restored (set per batch by
+        # restorer.poison.IsolatingRestoreActor, for the driver's progress)
+        self.on_progress: Callable[[float], None] | None = None
         self.noise_aware = hasattr(self.net, "strength")  # a noise-map net: strength scales it
         check_strength(strength, self.noise_aware, loaded.source)
         if self.noise_aware:
@@ -230,7 +234,7 @@ class RestoreActor:
             owners.append((index, len(parts)))
         restored = run_tiled(planes, self._forward, self.tile, self.overlap, self.halo,
                              self.scale, self.tile_batch, self.alignment,
-                             balanced=self.device.type != "cuda")
+                             balanced=self.device.type != "cuda", progress=self.on_progress)
         results, pairs, cursor = [], [], 0
         for (index, count), source in zip(owners, tensors):
             parts = restored[cursor:cursor + count]

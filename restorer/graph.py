@@ -41,12 +41,14 @@ RESTORE_ACTOR = IsolatingRestoreActor  # the restore stage's class (restorer.poi
 
 
 def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
-                   done: frozenset[str], resumed: bool = False, model_sha256: str = "") -> Any:
+                   done: frozenset[str], resumed: bool = False, model_sha256: str = "",
+                   registry: Any = None) -> Any:
     """The Ray Data graph of a restore job (the one pipeline builder).
 
     With ``input.limit`` the (small) listing runs in the driver; otherwise each listing task
     runs in a Ray task and its rows stream on in small blocks, so decoding starts while
-    listing goes on.
+    listing goes on. ``registry``: the job's :class:`restorer.poison.PoisonRegistry` actor
+    (:func:`poison_registry`; made here if not given).
     """
     import ray.data
     from ray.data import ActorPoolStrategy
@@ -87,7 +89,8 @@ def build_pipeline(spec: RestoreSpec, plan, tasks: list, config: SourceConfig,
     # Bounded restarts (Ray Data's default is for ever, for actors and their batches): a batch
     # whose actor died is retried image by image and the image that kills it quarantined
     # (restorer.poison); the registry is a small actor of this job.
-    registry = poison_registry()
+    if registry is None:
+        registry = poison_registry()
     ds = ds.map_batches(
         RESTORE_ACTOR, batch_format="pyarrow", batch_size=spec.resources.batch_size,
         compute=ActorPoolStrategy(size=plan.workers), num_cpus=plan.cpus_per_worker,

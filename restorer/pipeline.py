@@ -77,6 +77,7 @@ from restorer.graph import (  # noqa: F401 - listing_dataset, source_config: as 
     build_pipeline,
     listing_dataset,
     output_inside_input,
+    poison_registry,
     source_config,
 )
 from restorer.jobs import RestoreSpec, replace_field, spec_from_flags
@@ -128,6 +129,7 @@ log = logging.getLogger(__name__)
 COUNT_WAIT_SECONDS = 30.0
 RESULTS_THREAD = "restorer-results"  # the thread pulling the pipeline's batches (_results)
 END_RAY_WAIT_SECONDS = 3.0  # a stop waits so long for that thread to leave Ray
+POLL_SECONDS = 1.0  # the driver asks how far the actors' batches are at most this often
 
 
 def run_restore(spec: RestoreSpec) -> dict[str, Any]:
@@ -253,10 +255,11 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
         counting = None
         if total is None and layout == "files" and not storage.is_remote(spec.input.uri):
             counting = _count_in_background(tasks, config, progress, state)
+        registry = poison_registry()
         try:
             _execute(spec, state, build_pipeline(spec, plan, tasks, config, frozenset(done),
-                                                 resumed, model_sha256),
-                     with_errors, stop, progress, lease)
+                                                 resumed, model_sha256, registry),
+                     with_errors, stop, progress, lease, _WorkerProgress(registry, progress))
         except LeaseLostError:
             stop.set()  # the pump thread of _results stops pulling batches
             raise
@@ -393,19 +396,24 @@ def _finish_without_ray(claimed: tuple, model_uri: str, model_sha256: str,
 
 def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
              stop: threading.Event | None = None, progress: Progress | None = None,
-             lease: Lease | None = None) -> None:
+             lease: Lease | None = None, idle: Callable[[], None] | None = None) -> None:
     """Consume the pipeline's records in the driver and commit units as they complete.
 
     Only the units in flight are held here, so driver memory does not grow with the job.
     Every commit is fenced by the ``lease`` (:meth:`Lease.check`): a job whose lease another
-    job took raises :class:`LeaseLostError` and commits nothing more.
+    job took raises :class:`LeaseLostError` and commits nothing more. ``idle`` is called while
+    no records come (default: ``progress.tick``).
     """
     open_units: dict[str, list[dict[str, Any]]] = {}
     flushed = time.time()
     if stop is None:
         stop = threading.Event()  # never set: the pump below still gives idle ticks
-    for batch in _results(ds, stop, progress.tick if progress is not None else None):
+    if idle is None and progress is not None:
+        idle = progress.tick
+    for batch in _results(ds, stop, idle):
         arrived = time.time()  # before this batch's commits: start-up ends at the first result
+        if isinstance(idle, _WorkerProgress):
+            idle.arrived()
         if lease is not None:
             lease.raise_if_lost()  # found by the heartbeat: stop without waiting for a commit
         processed = 0
@@ -442,6 +450,41 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
         return
     if open_units:
         raise JobError(f"{len(open_units)} work units did not complete; rerun to finish them")
+
+
+class _WorkerProgress:
+    """The idle tick of a job's progress that also shows the images restored in the batches
+    the actors are on (the registry's count, asked every :data:`POLL_SECONDS` without
+    waiting for the answer): the display moves image by image, not batch by batch. An answer
+    asked for before records last arrived is dropped: it may count images those records
+    brought."""
+
+    def __init__(self, registry: Any, progress: Progress):
+        self.registry, self.progress = registry, progress
+        self.pending: Any = None  # the ObjectRef of the question in flight
+        self.asked = 0.0
+        self.last_arrival = 0.0
+
+    def arrived(self) -> None:
+        self.last_arrival = time.monotonic()
+
+    def __call__(self) -> None:
+        import ray
+
+        now = time.monotonic()
+        if self.pending is not None:
+            ready, _ = ray.wait([self.pending], timeout=0)
+            if ready:
+                with contextlib.suppress(Exception):  # progress only: never fails the job
+                    restored = ray.get(self.pending)
+                    if self.asked > self.last_arrival:
+                        self.progress.ahead(restored)
+                self.pending = None
+        if self.pending is None and now - self.asked >= POLL_SECONDS:
+            self.asked = now
+            with contextlib.suppress(Exception):
+                self.pending = self.registry.restored_in_flight.remote()
+        self.progress.tick()
 
 
 def _results(ds: Any, stop: threading.Event,

@@ -16,7 +16,9 @@ restored:
    that died) and the rest of the batch goes on, image by image.
 
 So one killing image costs two restarts, and its batch's other images are restored. The
-registry holds only the batches in flight (a finished batch is forgotten).
+registry holds only the batches in flight (a finished batch is forgotten). It also holds how
+far each of them is (the share of its tiles restored, in images): the driver's progress moves
+image by image while a batch is restored, not only when the batch comes back.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import hashlib
 import logging
 import os
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pyarrow as pa
@@ -38,6 +42,7 @@ log = logging.getLogger(__name__)
 ACTOR_MAX_RESTARTS = 64  # restarts of one restore actor over a job (Ray Data's default: for
 # ever): each killing image costs two, so an actor outlives 32 of them, not a device that kills
 # every batch
+PROGRESS_SECONDS = 0.5  # an actor tells the registry how far its batch is at most this often
 ACTOR_MAX_TASK_RETRIES = -1  # a batch is retried while its actor can restart: after a death it
 # goes image by image and each further death quarantines one more image, so the retries of one
 # batch end by themselves; a finite count here fails a batch whose node was lost (a call to an
@@ -60,9 +65,10 @@ class PoisonRegistry:
         attempts left (``deaths``, ``killers``: key -> where it killed its process)."""
         state = self._batches.get(batch)
         if state is None:
-            self._batches[batch] = {"deaths": 0, "current": None, "killers": {}}
+            self._batches[batch] = {"deaths": 0, "current": None, "killers": {}, "restored": 0}
             return None
         state["deaths"] += 1
+        state["restored"] = 0  # a new attempt restores them again
         if state["current"] is not None:
             key, where = state["current"]
             state["killers"][key] = where
@@ -73,11 +79,20 @@ class PoisonRegistry:
         """``key`` of ``batch`` is being restored alone by the process ``where``."""
         self._batches[batch]["current"] = (key, where)
 
+    def restored(self, batch: str, images: int) -> None:
+        """``images`` of ``batch`` are restored (its attempt goes on)."""
+        if batch in self._batches:
+            self._batches[batch]["restored"] = images
+
     def end(self, batch: str) -> None:
         self._batches.pop(batch, None)
 
     def in_flight(self) -> int:
         return len(self._batches)
+
+    def restored_in_flight(self) -> int:
+        """Images restored in the batches not ended yet (their records are not on their way)."""
+        return sum(state["restored"] for state in self._batches.values())
 
 
 class IsolatingRestoreActor(RestoreActor):
@@ -105,13 +120,31 @@ class IsolatingRestoreActor(RestoreActor):
                         "without isolation", type(e).__name__, e)
             return super().__call__(batch)
         if earlier is None:
-            result = super().__call__(batch)
+            self.on_progress = self._reporter(batch_id, statuses.count("decoded"))
+            try:
+                result = super().__call__(batch)
+            finally:
+                self.on_progress = None
         else:
             log.warning("a restore process died on a batch of %d images (%d deaths): "
                         "restoring it image by image", len(keys), earlier["deaths"])
             result = self._one_by_one(batch, batch_id, earlier)
         self._registry.end.remote(batch_id)
         return result
+
+    def _reporter(self, batch_id: str, images: int) -> Callable[[float], None]:
+        """Tells the registry how many of the batch's ``images`` are restored, from the share
+        of its tiles done; at most every :data:`PROGRESS_SECONDS` (one small call, not
+        awaited)."""
+        last = [time.monotonic(), 0]
+
+        def report(share: float) -> None:
+            now, done = time.monotonic(), int(share * images)
+            if done > last[1] and (now - last[0] >= PROGRESS_SECONDS or done == images):
+                last[:] = [now, done]
+                self._registry.restored.remote(batch_id, done)
+
+        return report
 
     def _one_by_one(self, batch: pa.Table, batch_id: str, earlier: dict[str, Any]) -> pa.Table:
         import ray

@@ -58,7 +58,7 @@ class Progress:
         self.total = total
         self.unit = unit
         self.interval = interval
-        self.initial = self.done = initial
+        self.initial = self.done = self.shown = initial
         self._clock = clock
         self.started = clock()
         self._first: tuple[float, int] | None = None  # (when, done) at the first result
@@ -85,15 +85,36 @@ class Progress:
         return "{desc}: {n_fmt} " + self.unit + " [{elapsed}{postfix}]"
 
     def update(self, count: int = 1, **postfix: Any) -> None:
-        now = self._clock()
+        """``count`` more results came (:attr:`done`)."""
         self.done += count
-        if self._first is None:
-            self._first = (now, self.done)
         if postfix:
             self._postfix.update(postfix)
+        self._show(self.done)
+
+    def ahead(self, count: int) -> None:
+        """``count`` items are finished elsewhere and their results have not come yet (the
+        images restored in the batches the workers are on): the count shown (:attr:`shown`,
+        which the rate and time left use) moves on to ``done + count``, never back and never
+        past the total, while :attr:`done` counts the results that came."""
+        self._show(self.done + max(0, count))
+
+    def _show(self, count: int) -> None:
+        if self.total:
+            count = min(count, max(self.total, self.done))
+        now = self._clock()
+        moved = count - self.shown
+        if moved <= 0:
+            if self._bar is not None:
+                self._draw(now)
+            else:
+                self._log(now)
+            return
+        self.shown = count
+        if self._first is None:
+            self._first = (now, self.shown)
         if self._bar is not None:
             self._draw(now)
-            self._bar.update(count)
+            self._bar.update(moved)
             return
         self._log(now)
 
@@ -136,16 +157,16 @@ class Progress:
         if self._first is None:
             return None
         since, base = self._first
-        if now - since < MIN_RATE_SECONDS or self.done <= base:
+        if now - since < MIN_RATE_SECONDS or self.shown <= base:
             return None
-        return (self.done - base) / (now - since)
+        return (self.shown - base) / (now - since)
 
     def line(self) -> str:
         """The progress as one line: done/total, then rate and time left, or what it waits
         for."""
-        text = f"{self.description}: {self.done}"
+        text = f"{self.description}: {self.shown}"
         if self.total:
-            text += f"/{self.total} {self.unit} ({100.0 * self.done / self.total:.0f}%)"
+            text += f"/{self.total} {self.unit} ({100.0 * self.shown / self.total:.0f}%)"
         else:
             text += f" {self.unit}"
         return text + ", " + self._figures(self._clock())
@@ -159,8 +180,8 @@ class Progress:
                     "measuring the rate")
         else:
             text = f"{rate:.2f} {self.unit}/s"
-            if self.total and rate > 0 and self.done < self.total:
-                text += f", about {_duration((self.total - self.done) / rate)} left"
+            if self.total and rate > 0 and self.shown < self.total:
+                text += f", about {_duration((self.total - self.shown) / rate)} left"
         if self._postfix:
             text += ", " + ", ".join(f"{k} {v}" for k, v in self._postfix.items())
         return text

@@ -291,6 +291,7 @@ def run_tiled(
     batch_size: int | Callable[[int, int], int] = 8,
     alignment: int = 1,
     balanced: bool = False,
+    progress: Callable[[float], None] | None = None,
 ) -> list[torch.Tensor]:
     """Restore ``images`` (float32 CHW, any sizes) with ``forward`` on batches of tiles.
 
@@ -298,7 +299,9 @@ def run_tiled(
     net's receptive radius in input pixels; ``overlap`` must be at least ``2 * halo + 1``.
     ``batch_size`` is tiles per forward pass, or a function of the tile's (height, width).
     ``alignment`` is the net's (see the module docstring): tiles start on multiples of it.
-    ``balanced``: see :func:`plan_tiles`. Returns float32 CHW tensors on the images' device, ``scale`` times the images' size.
+    ``balanced``: see :func:`plan_tiles`. ``progress``, if given, is called after each forward
+    pass with the share of the tile pixels done so far (0-1]. Returns float32 CHW tensors on the
+    images' device, ``scale`` times the images' size.
 
     Outputs are blended ``sum(out * w) / sum(w)`` over the tiles that cover a pixel, in tile
     order; where one tile alone has weight (weight 1) that is its output, copied (the same
@@ -320,6 +323,8 @@ def run_tiled(
         for y in plan.ys:
             for x in plan.xs:
                 groups[(image.shape[0], plan.tile_height, plan.tile_width)].append((index, y, x))
+    work = sum(h * w * len(members) for (_, h, w), members in groups.items())
+    worked = 0
     for (_, tile_height, tile_width), members in groups.items():
         size = batch_size(tile_height, tile_width) if callable(batch_size) else batch_size
         for start in range(0, len(members), size):
@@ -332,6 +337,9 @@ def run_tiled(
                     outputs[i] = out
                 else:
                     stitches[i].add(out, y * scale, x * scale)
+            if progress is not None:
+                worked += tile_height * tile_width * len(chunk)
+                progress(worked / work)
     for i, stitch in enumerate(stitches):
         if stitch is not None:
             outputs[i] = stitch.finish()

@@ -235,6 +235,89 @@ def test_progress_bar_on_a_tty_shows_the_rate_after_start_up(capsys):
     assert "24/64" in err and "0.80 images/s, about 50 s left" in err
 
 
+def test_progress_moves_with_images_restored_in_batches_still_on_the_workers(caplog):
+    """A batch of 16 on a slow model: the count moves image by image from the workers' count
+    (never back, never past the total), while ``done`` counts the records that came."""
+    from restorer.progress import Progress
+
+    clock = FakeClock()
+    with caplog.at_level("INFO", logger="restorer.progress"):
+        progress = Progress("restore", total=32, interval=0.0, tty=False, clock=clock)
+        clock.now += 30.0
+        progress.ahead(3)  # three images of the first batch restored
+        assert _progress_lines(caplog)[-1].startswith("restore: 3/32 images (9%)")
+        clock.now += 3.0
+        progress.ahead(6)
+        progress.ahead(2)  # an answer about fewer (a batch ended meanwhile): not back
+        assert (progress.shown, progress.done) == (6, 0)
+        clock.now += 7.0
+        progress.update(16)  # the batch's records came
+        progress.ahead(4)  # and four of the next batch are restored
+        assert (progress.shown, progress.done) == (20, 16)
+        # from the first image: 17 more in 10 s; 12 left at 1.7 images/s
+        assert _progress_lines(caplog)[-1] == ("restore: 20/32 images (62%), 1.70 images/s, "
+                                               "about 7 s left")
+        progress.ahead(100)
+        assert progress.shown == 32
+
+
+def test_progress_bar_on_a_tty_moves_within_a_batch(capsys):
+    from restorer.progress import Progress
+
+    clock = FakeClock()
+    with Progress("restore", total=16, tty=True, clock=clock) as progress:
+        clock.now += 5.0
+        progress.ahead(5)
+        assert progress._bar.n == 5
+        progress.update(16)
+        assert progress._bar.n == 16
+    assert "16/16" in capsys.readouterr().err
+
+
+def test_the_registry_counts_the_images_restored_in_batches_in_flight():
+    from restorer.poison import PoisonRegistry
+
+    registry = PoisonRegistry()
+    registry.begin("a")
+    registry.restored("a", 3)
+    registry.begin("b")
+    registry.restored("b", 2)
+    assert registry.restored_in_flight() == 5
+    registry.end("a")  # its records are on their way to the driver
+    assert registry.restored_in_flight() == 2
+    registry.begin("b")  # b's actor died: the new attempt restores them again
+    assert registry.restored_in_flight() == 0
+    registry.restored("gone", 4)  # a late report of an ended batch is ignored
+    assert registry.restored_in_flight() == 0
+
+
+@pytest.mark.slow
+def test_a_job_of_one_batch_shows_its_images_restored_one_by_one(ray_session, tmp_path,
+                                                                 monkeypatch, caplog):
+    """Eight photos in one batch of 8 on the default U-Net: their records reach the driver all
+    at once at the end, yet the log counts them while the batch is restored."""
+    import functools
+
+    import restorer.pipeline as pipeline
+    from restorer.progress import Progress
+
+    rng = np.random.default_rng(0)
+    source = tmp_path / "in"
+    source.mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (192, 192, 3), dtype=np.uint8)).save(
+            source / f"{i}.png")
+    monkeypatch.setattr(pipeline, "Progress", functools.partial(Progress, interval=0.0,
+                                                                tty=False))
+    with caplog.at_level("INFO", logger="restorer.progress"):
+        summary = pipeline.restore(str(source), str(tmp_path / "out"), tile=64,
+                                   batch_size=8, workers=1)
+    assert summary["succeeded"] == 8
+    counts = [int(line.split(": ")[1].split("/")[0]) for line in _progress_lines(caplog)]
+    assert counts == sorted(counts) and counts[-1] == 8, counts
+    assert set(counts) & set(range(1, 8)), counts  # within the batch, before its records came
+
+
 def _state(**times):
     from restorer.jobs import RestoreSpec, spec_from_flags
     from restorer.summary import JobState

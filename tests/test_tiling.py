@@ -296,3 +296,22 @@ def test_stitched_tiles_are_the_blend_to_the_last_bit(spec, scale, balanced):
                                             net.alignment, balanced)
         for got, want in zip(tiled, written_out):
             assert got.shape == want.shape and torch.equal(got, want)
+
+
+def test_run_tiled_reports_the_share_of_tiles_done_after_each_forward_pass():
+    """The actor's progress within a batch: one call per forward pass, rising to 1.0, by tile
+    area (a 100x60 image's tiles and a 40x40 one's)."""
+    from restorer.tiling import run_tiled
+
+    images = [torch.rand(1, 100, 60), torch.rand(1, 40, 40)]
+    passes, shares = [], []
+
+    def forward(batch):
+        passes.append(batch.shape[0])
+        return batch
+
+    run_tiled(images, forward, tile=32, overlap=9, halo=4, batch_size=2,
+              progress=shares.append)
+    assert len(shares) == len(passes) > 2
+    assert shares == sorted(shares) and shares[-1] == pytest.approx(1.0)
+    assert 0 < shares[0] < 1
