@@ -49,7 +49,10 @@ def ensure_ray(address: str = "", num_cpus: int = 0, object_store_mb: int = 0) -
         kwargs["num_cpus"] = num_cpus
     if object_store_mb:
         kwargs["object_store_memory"] = object_store_mb * 1024 * 1024
-    ray.init(**kwargs)
+    # "local": a new Ray of this process's own, even where other Rays run on the machine. With
+    # no address Ray would connect to the one `ray start` made last (where num_cpus is refused)
+    # or fail with "Found multiple active Ray instances".
+    ray.init(address="local", **kwargs)
     return True
 
 

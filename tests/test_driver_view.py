@@ -427,3 +427,23 @@ def test_dry_run_estimates_per_model_and_scales_with_pixels(tmp_path, monkeypatc
     _images(tmp_path / "large", 4, size=(400, 300))
     large = _dry_run_plan(tmp_path / "large", "--model", tiny_model)
     assert large["estimated_seconds"] == pytest.approx(4 * tiny["estimated_seconds"], rel=0.01)
+
+
+def test_an_embedded_ray_is_always_a_new_one_of_its_own(monkeypatch):
+    """Another Ray on the machine (`ray start`, a second job, a test cluster) is neither joined
+    nor a reason to fail ("Found multiple active Ray instances"): the embedded Ray of `restorer
+    restore` / `restorer train` asks for a new local one, with its CPUs and object store."""
+    import ray
+
+    import restorer.runtime as runtime
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert runtime.ensure_ray("", num_cpus=2, object_store_mb=100) is True
+    assert calls[0]["address"] == "local"
+    assert calls[0]["num_cpus"] == 2 and calls[0]["object_store_memory"] == 100 * 1024 * 1024
+    calls.clear()
+    assert runtime.ensure_ray("10.0.0.1:6379") is False  # a cluster named: joined, as asked
+    assert calls[0]["address"] == "10.0.0.1:6379" and "num_cpus" not in calls[0]

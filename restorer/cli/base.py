@@ -99,7 +99,9 @@ worker_options = _options(
 resource_options = _options(
     worker_options,
     click.option("--address", default=None,
-                 help="Ray cluster address (default: an embedded local Ray)."))
+                 help="Ray cluster address; 'auto': the cluster `ray start` made on this "
+                      "machine (default: a new embedded local Ray of this job's own, even "
+                      "where other Rays run)."))
 # Overrides of a spec file's fields: `restorer run` and `restorer submit`.
 override_options = _options(
     click.option("--input", "input_uri", default=None, help="Override input.uri."),
