@@ -4,13 +4,16 @@ Lists the inputs (streaming, counting only), reads the headers of a random sampl
 megapixels (Pillow reads sizes without decoding pixels), and estimates wall time and GPU-hours
 from the ``restorer bench`` calibration (megapixels per second per worker) of this model (by
 sha256), on this kind of device, with this tile side; without one, from a quick timing of this
-model here. The estimate scales with the sampled megapixels.
+model here. The estimate scales with the sampled megapixels, counts only the workers that
+have an image to restore (one 12 MP photo keeps one worker busy, whatever ``--workers``), and
+adds the start-up of an embedded Ray (:data:`EMBEDDED_STARTUP_SECONDS`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import os
 import random
 from typing import Any
 
@@ -23,6 +26,12 @@ from restorer.pipeline import source_config
 from restorer.sources import detect_layout, expand, listing_tasks
 
 log = logging.getLogger(__name__)
+
+# Start-up of a job on an embedded Ray before its first image is restored: Ray, the actors,
+# torch and the model in them. Measured on the 2-core development machine (2026-12-06): the
+# README's main job (6 samples, 0.3 MP) had its first results after 11.6 s, of which ~1 s was
+# restoring. A connected cluster's start-up (its actors only, or nodes to add) is not estimated.
+EMBEDDED_STARTUP_SECONDS = 10.0
 
 
 def plan_job(spec: RestoreSpec, workers: int, sample_size: int = 200,
@@ -71,11 +80,18 @@ def plan_job(spec: RestoreSpec, workers: int, sample_size: int = 200,
         "model": model.source, "model_sha256": model.sha256, "device": device, "tile": tile,
     }
     if calibration:
-        rate = calibration["megapixels_per_second_per_worker"] * workers
-        seconds = megapixels / rate if rate else float("inf")
+        busy = max(1, min(workers, count))  # an image is restored by one worker
+        rate = calibration["megapixels_per_second_per_worker"] * busy
+        work = megapixels / rate if rate else float("inf")
+        embedded = not (spec.resources.address or os.environ.get("RAY_ADDRESS"))
+        startup = EMBEDDED_STARTUP_SECONDS if embedded else None
+        seconds = work + (startup or 0.0)
         plan.update(calibration_from=f"{calibration['machine']} on {calibration['date']} "
                                      f"({calibration['device']})",
-                    estimated_seconds=float(f"{seconds:.4g}"),  # 4 significant digits: small jobs too
+                    busy_workers=busy,
+                    work_seconds=float(f"{work:.4g}"),  # 4 significant digits: small jobs too
+                    startup_seconds=startup,
+                    estimated_seconds=float(f"{seconds:.4g}"),
                     estimated_hours=round(seconds / 3600, 2),
                     gpu_hours=round(seconds / 3600 * workers, 2)
                     if calibration["device"] == "cuda" else 0.0)

@@ -38,21 +38,23 @@ def test_dry_run_counts_and_estimates_from_the_calibration(tmp_path, monkeypatch
     assert plan["megapixels"] == pytest.approx(1.2)
     assert "quick timing" in plan["calibration_from"]  # no calibration: the model timed here
 
-    # 1.2 MP at 1e-4 MP/s on each of 2 workers: 6000 s, 1.67 h, 3.33 GPU-hours.
+    # 1.2 MP at 1e-4 MP/s on each of 2 workers: 6000 s (+ 10 s of start-up), 1.67 h, 3.34
+    # GPU-hours.
     key = {"model_sha256": plan["model_sha256"], "tile": plan["tile"]}
     bench.save_calibration({"megapixels_per_second_per_worker": 1e-4, "machine": "m",
                             "date": "d", "device": "cuda", **key})
     plan = _dry_run(tmp_path, "--workers", "2", "--gpus-per-worker", "1")
     assert plan["workers"] == 2
-    assert plan["estimated_seconds"] == pytest.approx(6000, abs=0.1)
+    assert plan["work_seconds"] == pytest.approx(6000, abs=0.1)
+    assert plan["estimated_seconds"] == pytest.approx(6000 + plan["startup_seconds"], abs=0.1)
     assert plan["estimated_hours"] == pytest.approx(1.67)
-    assert plan["gpu_hours"] == pytest.approx(3.33)
+    assert plan["gpu_hours"] == pytest.approx(3.34)
     assert plan["calibration_from"] == "m on d (cuda)"
     # A CPU calibration costs no GPU-hours; one worker takes twice as long.
     bench.save_calibration({"megapixels_per_second_per_worker": 1e-4, "machine": "m",
                             "date": "d", "device": "cpu", **key})
     plan = _dry_run(tmp_path, "--gpus-per-worker", "0")
-    assert plan["estimated_seconds"] == pytest.approx(12000, abs=0.1)
+    assert plan["work_seconds"] == pytest.approx(12000, abs=0.1)
     assert plan["gpu_hours"] == 0.0
     assert not (tmp_path / "out").exists()  # a dry run writes nothing
 

@@ -418,15 +418,23 @@ def test_dry_run_estimates_per_model_and_scales_with_pixels(tmp_path, monkeypatc
                             "tile": tile_settings(model.net, 256, 0)[0]})
     tiny = _dry_run_plan(tmp_path / "small", "--model", tiny_model)
     assert tiny["calibration_from"] == "m on d (cpu)"
-    assert tiny["estimated_seconds"] == pytest.approx(4 * 0.03 / 0.01, rel=0.01)
+    assert tiny["work_seconds"] == pytest.approx(4 * 0.03 / 0.01, rel=0.01)
+    # an embedded Ray's start-up comes first
+    assert tiny["estimated_seconds"] == pytest.approx(tiny["work_seconds"] + 10.0, rel=0.01)
     # another model with the same saved calibration: that one is not for it; it is timed here
     default = _dry_run_plan(tmp_path / "small", "--model", "restore-default")
     assert "quick timing" in default["calibration_from"]
-    assert default["estimated_seconds"] != pytest.approx(tiny["estimated_seconds"], rel=0.2)
+    assert default["work_seconds"] != pytest.approx(tiny["work_seconds"], rel=0.2)
     # four times the pixels, four times the time
     _images(tmp_path / "large", 4, size=(400, 300))
     large = _dry_run_plan(tmp_path / "large", "--model", tiny_model)
-    assert large["estimated_seconds"] == pytest.approx(4 * tiny["estimated_seconds"], rel=0.01)
+    assert large["work_seconds"] == pytest.approx(4 * tiny["work_seconds"], rel=0.01)
+    # one image keeps one of four workers busy: as long as on one worker
+    _images(tmp_path / "one", 1, size=(400, 300))
+    one = _dry_run_plan(tmp_path / "one", "--model", tiny_model, "--workers", "4")
+    alone = _dry_run_plan(tmp_path / "one", "--model", tiny_model, "--workers", "1")
+    assert one["busy_workers"] == 1 and one["work_seconds"] == alone["work_seconds"]
+    assert one["work_seconds"] == pytest.approx(large["work_seconds"] / 4, rel=0.01)
 
 
 def test_an_embedded_ray_is_always_a_new_one_of_its_own(monkeypatch):

@@ -103,10 +103,16 @@ def restore(uris, manifest, layout, include, exclude, dry_run, as_json, **fields
                    f"bytes), ~{plan['megapixels']:.1f} megapixels (mean "
                    f"{plan['mean_megapixels']:.3f} MP over {plan['sampled']} sampled)")
         if "estimated_seconds" in plan:
-            click.echo(f"estimated {duration(plan['estimated_seconds'])} on {plan['workers']} "
-                       f"worker{'s' if plan['workers'] != 1 else ''}"
-                       + (f" ({plan['gpu_hours']:.2f} GPU-hours)" if plan["gpu_hours"] else "")
-                       + f", calibrated on {plan['calibration_from']}")
+            busy = (f" ({plan['busy_workers']} with images)"
+                    if plan["busy_workers"] < plan["workers"] else "")
+            startup = (f"{duration(plan['startup_seconds'])} of start-up and "
+                       if plan["startup_seconds"] else "")
+            more = "" if plan["startup_seconds"] is not None else " plus the actors' start-up"
+            click.echo(f"estimated {duration(plan['estimated_seconds'])} ({startup}"
+                       f"{duration(plan['work_seconds'])} of restoring{more}) on "
+                       f"{plan['workers']} worker{'s' if plan['workers'] != 1 else ''}{busy}"
+                       + (f", {plan['gpu_hours']:.2f} GPU-hours" if plan["gpu_hours"] else "")
+                       + f"; calibrated on {plan['calibration_from']}")
         else:
             click.echo(plan["estimate"])
         return
