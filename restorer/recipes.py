@@ -168,7 +168,8 @@ RECIPES: dict[str, Recipe] = {
         lr=1e-4, warmup=100, map_true_share=0.0,
         practical=synth.PracticalMixture(clean=0.1, gaussian=0.15, jpeg=0.2, practical=0.55),
         validation=(Validation("cc15", "pairs"), Validation("set5", "denoise", sigma=25),
-                    Validation("classic5", "jpeg", quality=20))),
+                    Validation("classic5", "jpeg", quality=20),
+                    Validation("set5", "denoise", sigma=0))),  # clean photos left alone
 }
 
 
@@ -262,8 +263,8 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
                  seed: int = 0, val_seconds: float = 150.0, workers: int = 4,
                  command: str | None = None, batch: int | None = None,
                  progress: Callable[[dict[str, Any]], None] | None = None,
-                 keep_checkpoints: bool = False,
-                 estimator_lr_scale: float | None = None) -> dict[str, Any]:
+                 keep_checkpoints: bool = False, estimator_lr_scale: float | None = None,
+                 patch: int | None = None) -> dict[str, Any]:
     """Train recipe ``name`` for ``minutes`` of wall time; returns the provenance it saved.
     With ``keep_checkpoints`` every validation's weights also stay as ``NAME-stepN`` beside
     the final file (a stage is then chosen by its whole history, not only its end)."""
@@ -274,6 +275,8 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
                          f"restorer.recipes {name} --ship` its stage files")
     if batch:
         recipe = dataclasses.replace(recipe, batch=batch)
+    if patch:
+        recipe = dataclasses.replace(recipe, patch=patch)
     if estimator_lr_scale:
         recipe = dataclasses.replace(recipe, estimator_lr_scale=estimator_lr_scale)
     data = Path(data)
@@ -641,6 +644,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--init", help="a model file to continue from (weights only)")
     parser.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     parser.add_argument("--batch", type=int, help="crops per step (default: the recipe's)")
+    parser.add_argument("--patch", type=int, help="crop side in pixels (default: the recipe's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--val-seconds", type=float, default=150.0)
@@ -660,7 +664,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     train_recipe(args.name, args.data, args.out, args.minutes, args.device, args.init, args.lr,
                  args.seed, args.val_seconds, args.workers, batch=args.batch,
                  keep_checkpoints=args.keep_checkpoints,
-                 estimator_lr_scale=args.estimator_lr_scale,
+                 estimator_lr_scale=args.estimator_lr_scale, patch=args.patch,
                  command=shlex.join(["python", "-m", "restorer.recipes"]
                                     + list(argv if argv is not None else sys.argv[1:])))
 

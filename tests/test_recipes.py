@@ -320,9 +320,9 @@ def test_practical_recipe_continues_a_unet_and_ships_with_its_stages(practical, 
     out = tmp_path / "out"
     first = recipes.train_recipe("tinyreal", root, out, minutes=0.03, device="cpu",
                                  init=str(start), workers=1, keep_checkpoints=True,
-                                 estimator_lr_scale=0.5, val_seconds=0.0)
+                                 estimator_lr_scale=0.5, val_seconds=0.0, patch=24)
     assert first["steps"] >= 1 and first["history"][-1]["validation"][0]["task"] == "pairs"
-    assert first["config"]["estimator_lr_scale"] == 0.5
+    assert first["config"]["estimator_lr_scale"] == 0.5 and first["config"]["patch"] == 24
     model = load_model(str(out / "tinyreal.safetensors"))
     assert model.spec["arch"] == "noisemap" and hasattr(model.net, "estimator")
     # every validation's weights kept, float16, named by their step
