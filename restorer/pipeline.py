@@ -253,7 +253,7 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
     stop_signal: dict[str, str] = {}
     with _stop_on_signals(stop_signal) as stop, Progress("restore", total) as progress:
         counting = None
-        if total is None and layout == "files" and not storage.is_remote(spec.input.uri):
+        if total is None and layout == "files":  # a folder or a prefix of object storage
             counting = _count_in_background(tasks, config, progress, state)
         registry = poison_registry()
         try:
@@ -645,8 +645,11 @@ def _quarantine(state: JobState, record: dict[str, Any], message: str, counted_a
 
 def _count_in_background(tasks: list[ListingTask], config: SourceConfig,
                          progress: Progress, state: JobState) -> threading.Thread:
-    """Give a local folder's progress bar its total once a counting walk has finished, and
-    the summary the non-image files the listing skipped (``skipped_non_images``)."""
+    """Give a folder's (or an object store prefix's) progress bar its total once a counting
+    walk has finished, and the summary the non-image files the listing skipped
+    (``skipped_non_images``). On object storage the walk lists the prefix a second time (one
+    LIST request per 1,000 keys); the summary waits at most :data:`COUNT_WAIT_SECONDS` for
+    it."""
     def count() -> None:
         try:
             counted = count_listing(tasks, config)

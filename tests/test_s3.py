@@ -39,6 +39,8 @@ def test_s3_to_s3_and_s3_to_local(ray_session, s3, bucket, mixed_folder, tmp_pat
     summary = restore(f"s3://{bucket}/raw/", f"s3://{bucket}/restored/", model=tiny_model,
                       tile=64)
     assert (summary["succeeded"], summary["failed"]) == (5, 1)
+    # the prefix's non-image objects are counted and named, as a local folder's
+    assert (summary["skipped_non_images"], summary["non_image_examples"]) == (1, ["notes.txt"])
     written = _keys(s3, bucket, "restored/")
     for key, outcome in expected.items():
         assert (f"restored/{key}" in written) == (outcome == "ok"), key
