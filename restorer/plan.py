@@ -28,9 +28,10 @@ from restorer.sources import detect_layout, expand, listing_tasks
 log = logging.getLogger(__name__)
 
 # Start-up of a job on an embedded Ray before its first image is restored: Ray, the actors,
-# torch and the model in them. Measured on the 2-core development machine (2026-12-06): the
-# README's main job (6 samples, 0.3 MP) had its first results after 11.6 s, of which ~1 s was
-# restoring. A connected cluster's start-up (its actors only, or nodes to add) is not estimated.
+# torch and the model in them. Measured on the 2-core development machine (2026-12-06), the
+# README's main job (6 samples, 0.3 MP, ~1 s of restoring): first results after 11.6 s beside a
+# training process at nice 19, the whole job in 8.6 s on the quiet machine. A connected
+# cluster's start-up (its actors only, or nodes to add) is not estimated.
 EMBEDDED_STARTUP_SECONDS = 10.0
 
 
