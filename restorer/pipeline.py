@@ -412,8 +412,6 @@ def _execute(spec: RestoreSpec, state: JobState, ds: Any, with_errors: set[str],
         idle = progress.tick
     for batch in _results(ds, stop, idle):
         arrived = time.time()  # before this batch's commits: start-up ends at the first result
-        if isinstance(idle, _WorkerProgress):
-            idle.arrived()
         if lease is not None:
             lease.raise_if_lost()  # found by the heartbeat: stop without waiting for a commit
         processed = 0
@@ -456,17 +454,14 @@ class _WorkerProgress:
     """The idle tick of a job's progress that also shows the images restored in the batches
     the actors are on (the registry's count, asked every :data:`POLL_SECONDS` without
     waiting for the answer): the display moves image by image, not batch by batch. An answer
-    asked for before records last arrived is dropped: it may count images those records
-    brought."""
+    is dropped when records came after it was asked for (``progress.done`` moved): it may count
+    images those records brought."""
 
     def __init__(self, registry: Any, progress: Progress):
         self.registry, self.progress = registry, progress
         self.pending: Any = None  # the ObjectRef of the question in flight
         self.asked = 0.0
-        self.last_arrival = 0.0
-
-    def arrived(self) -> None:
-        self.last_arrival = time.monotonic()
+        self.done_when_asked = 0
 
     def __call__(self) -> None:
         import ray
@@ -477,11 +472,11 @@ class _WorkerProgress:
             if ready:
                 with contextlib.suppress(Exception):  # progress only: never fails the job
                     restored = ray.get(self.pending)
-                    if self.asked > self.last_arrival:
+                    if self.progress.done == self.done_when_asked:
                         self.progress.ahead(restored)
                 self.pending = None
         if self.pending is None and now - self.asked >= POLL_SECONDS:
-            self.asked = now
+            self.asked, self.done_when_asked = now, self.progress.done
             with contextlib.suppress(Exception):
                 self.pending = self.registry.restored_in_flight.remote()
         self.progress.tick()

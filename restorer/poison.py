@@ -42,11 +42,12 @@ log = logging.getLogger(__name__)
 ACTOR_MAX_RESTARTS = 64  # restarts of one restore actor over a job (Ray Data's default: for
 # ever): each killing image costs two, so an actor outlives 32 of them, not a device that kills
 # every batch
-PROGRESS_SECONDS = 0.5  # an actor tells the registry how far its batch is at most this often
 ACTOR_MAX_TASK_RETRIES = -1  # a batch is retried while its actor can restart: after a death it
 # goes image by image and each further death quarantines one more image, so the retries of one
 # batch end by themselves; a finite count here fails a batch whose node was lost (a call to an
 # actor that is not reachable yet counts as a retry: seen with 4 in tests/test_multinode.py)
+
+PROGRESS_SECONDS = 0.5  # an actor tells the registry how far its batch is at most this often
 
 
 class WorkerDiedError(RestorerError):
