@@ -97,6 +97,8 @@ class Recipe:
     rescales: tuple[float, ...] = ()  # extra bicubic-shrunk copies of each training image
     mixture: synth.Mixture = field(default_factory=synth.Mixture)
     practical: synth.PracticalMixture = field(default_factory=synth.PracticalMixture)
+    # parameter ranges of the practical crops' degradations (restorer.degrade)
+    degradation: degrade.PracticalConfig = field(default_factory=degrade.PracticalConfig)
     estimator_lr_scale: float = 3.0  # a noise-map net's estimator learns at this multiple
     # share of a noise-map net's batch restored with the true map (the rest with its estimate)
     map_true_share: float = 0.5
@@ -196,7 +198,7 @@ class Batches:
         self.recipe = recipe
         if recipe.task == "practical":  # made on the CPU (restorer.degrade), a batch ahead
             self.pairs = synth.PracticalPairs(images, recipe.patch, recipe.batch, seed,
-                                              recipe.practical)
+                                              recipe.practical, recipe.degradation)
             return
         variants: list[list[np.ndarray]] = []
         if recipe.task in ("jpeg", "mixture"):
@@ -258,17 +260,67 @@ def _optimizer(net: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.O
                               "lr_scale": recipe.estimator_lr_scale}], lr=lr)
 
 
+def _parsed_like(current: Any, text: str, key: str) -> Any:
+    """``text`` as a value of ``current``'s type (a tuple: comma-separated, like its items)."""
+    try:
+        if isinstance(current, bool):
+            if text.lower() not in ("true", "false"):
+                raise ValueError(text)
+            return text.lower() == "true"
+        if isinstance(current, tuple):
+            kinds = [type(item) for item in current] or [str]
+            return tuple(kinds[min(i, len(kinds) - 1)](item.strip())
+                         for i, item in enumerate(text.split(",")))
+        if current is None:
+            return text
+        return type(current)(text)
+    except ValueError:
+        raise ValueError(f"--set {key}={text}: not a {type(current).__name__} like "
+                         f"{current!r}") from None
+
+
+def override(recipe: Recipe, setting: str) -> Recipe:
+    """``recipe`` with one field changed by ``setting``, ``KEY=VALUE`` where KEY names a field
+    of the recipe or, dotted, of one of its parts (``practical.clean=0.25``,
+    ``degradation.blur_sigma=0.3,1.5``); unknown keys are refused with the known ones."""
+    key, sep, text = setting.partition("=")
+    if not sep or not key:
+        raise ValueError(f"--set {setting!r}: write KEY=VALUE, e.g. practical.clean=0.25")
+
+    def replaced(obj: Any, path: list[str]) -> Any:
+        names = [f.name for f in dataclasses.fields(obj)]
+        if path[0] not in names:
+            raise ValueError(f"--set {key}: {type(obj).__name__} has no field {path[0]!r}; "
+                             f"choose from {names}")
+        current = getattr(obj, path[0])
+        if len(path) > 1:
+            if not dataclasses.is_dataclass(current):
+                raise ValueError(f"--set {key}: {path[0]!r} has no fields")
+            value = replaced(current, path[1:])
+        elif dataclasses.is_dataclass(current) or isinstance(current, dict):
+            raise ValueError(f"--set {key}: set one of its fields, e.g. {key}.NAME=VALUE")
+        else:
+            value = _parsed_like(current, text, key)
+        return dataclasses.replace(obj, **{path[0]: value})
+
+    return replaced(recipe, key.split("."))
+
+
 def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: float,
                  device: str = "auto", init: str | None = None, lr: float | None = None,
                  seed: int = 0, val_seconds: float = 150.0, workers: int = 4,
                  command: str | None = None, batch: int | None = None,
                  progress: Callable[[dict[str, Any]], None] | None = None,
                  keep_checkpoints: bool = False, estimator_lr_scale: float | None = None,
-                 patch: int | None = None) -> dict[str, Any]:
+                 patch: int | None = None, settings: Sequence[str] = ()) -> dict[str, Any]:
     """Train recipe ``name`` for ``minutes`` of wall time; returns the provenance it saved.
     With ``keep_checkpoints`` every validation's weights also stay as ``NAME-stepN`` beside
-    the final file (a stage is then chosen by its whole history, not only its end)."""
+    the final file (a stage is then chosen by its whole history, not only its end).
+    ``settings`` change the recipe's fields first (:func:`override`); the provenance's config
+    records the recipe as trained."""
     recipe = RECIPES[name]
+    for setting in settings:
+        recipe = override(recipe, setting)
     if recipe.trunk_of:
         raise ValueError(f"{name} is not trained itself: its net runs {recipe.trunk_of}'s on "
                          f"opponent planes; train {recipe.trunk_of}, then `python -m "
@@ -654,6 +706,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--estimator-lr-scale", type=float,
                         help="a noise-map net's estimator learns at this multiple of --lr "
                              "(default: the recipe's)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a field of the recipe, dotted for its parts: "
+                             "practical.clean=0.25, degradation.blur=0.15, map_true_share=0.25 "
+                             "(repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.ship:
@@ -665,7 +721,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                  args.seed, args.val_seconds, args.workers, batch=args.batch,
                  keep_checkpoints=args.keep_checkpoints,
                  estimator_lr_scale=args.estimator_lr_scale, patch=args.patch,
-                 command=shlex.join(["python", "-m", "restorer.recipes"]
+                 settings=args.set, command=shlex.join(["python", "-m", "restorer.recipes"]
                                     + list(argv if argv is not None else sys.argv[1:])))
 
 
@@ -673,5 +729,5 @@ if __name__ == "__main__":
     main()
 
 
-__all__ = ["CARD_EVALS", "RECIPES", "Batches", "Recipe", "Validation", "main", "ship",
-           "train_recipe"]
+__all__ = ["CARD_EVALS", "RECIPES", "Batches", "Recipe", "Validation", "main", "override",
+           "ship", "train_recipe"]

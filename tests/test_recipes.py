@@ -307,6 +307,35 @@ def test_practical_batches_carry_a_noise_map(practical):
     batches.pairs.close()
 
 
+def test_settings_change_nested_recipe_fields_and_refuse_unknown_ones(practical):
+    recipe = recipes.RECIPES["tinyreal"]
+    changed = recipes.override(recipe, "practical.clean=1")
+    changed = recipes.override(changed, "degradation.blur_sigma=0.5,1.5")
+    changed = recipes.override(changed, "map_true_share=0.25")
+    assert changed.practical.clean == 1.0 and changed.practical.jpeg == recipe.practical.jpeg
+    assert changed.degradation.blur_sigma == (0.5, 1.5) and changed.map_true_share == 0.25
+    assert recipe.practical.clean != 1.0  # the registered recipe is left as it was
+    with pytest.raises(ValueError, match=r"no field 'cleen'.*'clean'"):
+        recipes.override(recipe, "practical.cleen=1")
+    with pytest.raises(ValueError, match="not a float"):
+        recipes.override(recipe, "degradation.blur=much")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        recipes.override(recipe, "practical.clean")
+    with pytest.raises(ValueError, match="set one of its fields"):
+        recipes.override(recipe, "degradation=1")
+    # the changed fields reach the pairs: all clean crops, so degraded == clean, map 0
+    root, _ = practical
+    images = recipes.load_training_images(root, changed)
+    only_clean = recipes.override(changed, "practical.gaussian=0")
+    only_clean = recipes.override(recipes.override(only_clean, "practical.jpeg=0"),
+                                  "practical.practical=0")
+    batches = recipes.Batches(only_clean, images, torch.device("cpu"), seed=0)
+    clean, degraded, noise_map = batches()
+    batches.pairs.close()
+    assert torch.equal(clean, degraded) and float(noise_map.abs().max()) == 0.0
+    assert batches.pairs.config.blur_sigma == (0.5, 1.5)
+
+
 @pytest.mark.slow  # trains for a few seconds of wall-clock time
 def test_practical_recipe_continues_a_unet_and_ships_with_its_stages(practical, tmp_path):
     root, trunk = practical
