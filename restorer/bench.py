@@ -1,11 +1,13 @@
 """Side-by-side throughput of one model on the same images, measured in one run.
 
-Three ways to restore the same images with the same model, batch size and precision:
+Three ways to restore the same images with the same model and batch size:
 
 1. **ceiling**: the net's forward pass alone on pre-decoded tensors, in this process, with as
-   many torch threads as the machine has cores;
+   many torch threads as the machine has cores, at the precision the job's actors run
+   (:func:`restorer.actor.resolve_precision`: bf16 autocast + channels_last where the CPU
+   has native bf16), so that ``efficiency`` compares like with like;
 2. **naive**: a plain sequential loop (Pillow decode -> model -> encode -> write), the same
-   threads;
+   threads, in eager fp32: what one writes without restorer;
 3. **restorer**: the full ``restore`` job on Ray, end to end; start-up (Ray, actors, model
    load) is reported apart from the steady state.
 
@@ -29,8 +31,8 @@ import numpy as np
 import torch
 
 from restorer import codec
+from restorer.actor import resolve_precision, tile_settings
 from restorer.errors import JobError, SpecError
-from restorer.actor import tile_settings
 from restorer.models import get_model
 from restorer.samples import noisy, scene
 
@@ -53,18 +55,29 @@ def make_images(folder: Path, count: int, size: int, channels: int = 1) -> list[
     return paths
 
 
-def ceiling(net: torch.nn.Module, arrays: list[np.ndarray], batch_size: int) -> float:
+def ceiling(net: torch.nn.Module, arrays: list[np.ndarray], batch_size: int,
+            precision: str = "fp32") -> float:
     """Images/s of the forward pass alone on pre-decoded float tensors (one warm-up batch).
 
-    ``batch_size`` is the number of images per forward pass, as the actor batches tiles.
+    ``batch_size`` is the number of images per forward pass, as the actor batches tiles;
+    ``precision`` ``bf16`` runs it as a CPU actor does (autocast, channels_last).
     """
+    import contextlib
+
     tensors = [torch.from_numpy(a.astype(np.float32) / 255.0).permute(2, 0, 1) for a in arrays]
     batches = [torch.stack(tensors[i:i + batch_size]) for i in range(0, len(tensors), batch_size)]
-    with torch.inference_mode():
+    low = precision == "bf16"
+    if low:
+        net = net.to(memory_format=torch.channels_last)
+        batches = [b.contiguous(memory_format=torch.channels_last) for b in batches]
+    with torch.inference_mode(), (torch.autocast("cpu", dtype=torch.bfloat16) if low
+                                  else contextlib.nullcontext()):
         net(batches[0])
         started = time.perf_counter()
         for batch in batches:
             net(batch)
+    if low:
+        net.to(memory_format=torch.contiguous_format)
     return len(tensors) / (time.perf_counter() - started)
 
 
@@ -118,9 +131,11 @@ def run_bench(count: int = 128, size: int = 256, model: str | None = None, batch
             arrays = [a[..., :1] if net.channels == 1 else np.repeat(a, 3, -1) for a in arrays]
         megapixels = arrays[0].shape[0] * arrays[0].shape[1] / 1e6
 
-        log.info("bench: ceiling (forward only, %d threads)", threads)
+        precision = resolve_precision("auto", False, net)  # the CPU job's, as resolved
+        log.info("bench: ceiling (forward only, %d threads, %s)", threads, precision)
         tile_batch = max(1, 65536 // (arrays[0].shape[0] * arrays[0].shape[1]))  # as the actor
-        ceiling_ips = max(ceiling(net, arrays, tile_batch) for _ in range(3))  # best of 3
+        ceiling_ips = max(ceiling(net, arrays, tile_batch, precision)
+                          for _ in range(3))  # best of 3
         log.info("bench: naive sequential loop")
         naive_result = naive(net, paths, scratch_path / "naive")
         log.info("bench: restorer job")
@@ -145,6 +160,7 @@ def run_bench(count: int = 128, size: int = 256, model: str | None = None, batch
         "images": len(paths), "image_shape": list(arrays[0].shape), "batch_size": batch_size,
         "tile_batch": tile_batch,
         "torch_threads": threads,
+        "precision": precision, "naive_precision": "fp32",
         "ceiling_images_per_second": round(ceiling_ips, 3),
         "naive_images_per_second": round(naive_result["images_per_second"], 3),
         "restorer_images_per_second": round(restorer_ips, 3),

@@ -64,7 +64,7 @@ class ModelSpec:
     # tiles do not mostly recompute their neighbours; the fingerprint keeps this value.
     tile: int = 256
     overlap: int = 0  # tile overlap in pixels; 0 = the net's receptive field, rounded up to 8
-    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on CUDA and bf16 CPUs, else fp32) | fp32 | bf16 | fp16
     channels_last: bool = True  # on CUDA only
     compile: bool = False  # torch.compile the net in each actor (CUDA; slower start-up)
     # A noise-aware model (restore-default) scales its noise map by it: 0 keeps the grain

@@ -84,9 +84,13 @@ def prepare_output(spec: RestoreSpec, fingerprint: dict[str, Any], model_uri: st
         changed = sorted(k for k in set(old) | set(ours) if old.get(k) != ours.get(k))
         if changed and not spec.output.overwrite:
             details = ", ".join(f"{k}: {old.get(k)!r} -> {ours.get(k)!r}" for k in changed)
+            same = "the same settings"
+            if "precision" in changed and old.get("precision"):  # e.g. fp32 from a CPU job
+                # made before bf16 became the default of CPUs that have it
+                same = f"the same settings (--precision {old['precision']})"
             raise OutputConflictError(
-                f"{spec.output.uri} holds a job with different settings ({details}); use the "
-                "same settings (or --model the old model file) to resume, another output, or "
+                f"{spec.output.uri} holds a job with different settings ({details}); use "
+                f"{same} (or --model the old model file) to resume, another output, or "
                 "--overwrite to redo everything")
     else:
         refuse_foreign_output(spec)

@@ -330,7 +330,7 @@ def _claim(spec: RestoreSpec, model_sha256: str, net: torch.nn.Module,
     from restorer import flat
 
     spec = replace_field(spec, "model", "precision",
-                         resolve_precision(spec.model.precision, on_gpu))
+                         resolve_precision(spec.model.precision, on_gpu, net))
     # Since fingerprint version 2, images are padded by reflection at their bottom/right edges
     # (version 1 replicated edge pixels): part of how outputs are made.
     fingerprint = {**spec.fingerprint(model_sha256), "edge_padding": "reflect"}

@@ -96,6 +96,40 @@ def _save(tmp_path, spec, name):
     return str(path), net
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_cpu_precision_auto_is_bf16_where_the_cpu_has_it_and_the_net_allows(
+        tmp_path, monkeypatch, native):
+    from restorer import actor as actor_module
+    from restorer.actor import resolve_precision
+
+    monkeypatch.setattr(actor_module, "cpu_has_bf16", lambda: native)
+    unet = build_net({"arch": "unet", "channels": 3, "features": (4, 8), "blocks": 1})
+    opponent = build_net({"arch": "opponent", "trunk": {"arch": "unet", "channels": 1,
+                                                        "features": (4, 8), "blocks": 1}})
+    assert resolve_precision("auto", False, unet) == ("bf16" if native else "fp32")
+    assert resolve_precision("auto", False, opponent) == "fp32"  # its Set5 moved 0.0102 dB
+    assert resolve_precision("bf16", False, opponent) == "bf16"  # asked for: kept
+    assert resolve_precision("fp16", False, unet) == "fp32"  # no fp16 autocast on CPUs
+    assert resolve_precision("auto", True, opponent) == "bf16"  # GPUs: always
+    assert resolve_precision("fp32", True, unet) == "fp32"
+    path = tmp_path / "unet.safetensors"
+    save_model(str(path), unet.eval())
+    auto = RestoreActor(model=str(path), tile=0, device="cpu")
+    assert auto.precision == ("bf16" if native else "fp32")
+    assert (auto.autocast_dtype is torch.bfloat16) == native and auto.channels_last == native
+    exact = RestoreActor(model=str(path), tile=0, device="cpu", precision="fp32")
+    assert exact.autocast_dtype is None and not exact.channels_last
+    image = np.random.default_rng(0).integers(0, 256, (40, 36, 3), dtype=np.uint8)
+    (low,), _ = auto.restore_arrays([image])
+    (high,), _ = exact.restore_arrays([image])
+    assert low.dtype == np.uint8 and low.shape == high.shape
+    difference = np.abs(low.astype(int) - high.astype(int))
+    if native:  # bf16 arithmetic: a few levels apart at most, not the same pixels
+        assert 0 < difference.max() <= 8
+    else:
+        assert difference.max() == 0
+
+
 def test_small_tiles_are_raised_to_four_overlaps_on_the_alignment(tmp_path, caplog):
     path, _ = _save(tmp_path, {"arch": "unet", "channels": 1}, "unet")  # 4 levels: rf 105
     with caplog.at_level("INFO", logger="restorer.actor"):

@@ -67,9 +67,9 @@ def test_bench_runs_the_three_measurements_side_by_side(ray_session, tmp_path, m
     seen: dict[str, list] = {"ceiling": [], "naive": [], "restore": []}
     real_ceiling, real_naive = bench.ceiling, bench.naive
 
-    def spy_ceiling(net, arrays, batch_size):
-        value = real_ceiling(net, arrays, batch_size)
-        seen["ceiling"].append(({a.shape for a in arrays}, len(arrays), value))
+    def spy_ceiling(net, arrays, batch_size, precision):
+        value = real_ceiling(net, arrays, batch_size, precision)
+        seen["ceiling"].append(({a.shape for a in arrays}, len(arrays), value, precision))
         return value
 
     def spy_naive(net, paths, out):
@@ -92,14 +92,17 @@ def test_bench_runs_the_three_measurements_side_by_side(ray_session, tmp_path, m
     result = bench.run_bench(count=96, size=32, batch_size=4)  # 3 blocks of 32
 
     assert len(seen["ceiling"]) == 3  # best of three
-    for shapes, count, _ in seen["ceiling"]:  # 96 images of one 32 x 32 shape, every time
+    for shapes, count, _, precision in seen["ceiling"]:  # 96 images of one 32 x 32 shape
         assert count == 96 and len(shapes) == 1 and next(iter(shapes))[:2] == (32, 32)
     [(names, naive)] = seen["naive"]
     [(folder, summary)] = seen["restore"]
+    # the ceiling at the precision the job's actors ran, which its fingerprint records
+    assert {p for *_, p in seen["ceiling"]} == {result["precision"]} \
+        == {summary["fingerprint"]["precision"]}
     assert len(names) == 96 and summary["succeeded"] == 96 and summary["failed"] == 0
     assert folder.endswith("/in")  # the naive loop's images, restored by the job
 
-    ceiling = max(value for _, _, value in seen["ceiling"])
+    ceiling = max(value for _, _, value, _ in seen["ceiling"])
     # 96 tiny images reach the driver in one burst: no steady rate, so the end-to-end one
     restorer_ips = summary["steady_images_per_second"] or summary["images_per_second"]
     assert result["restorer_rate"] == ("steady" if summary["steady_images_per_second"]

@@ -9,6 +9,7 @@ tiny net.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -86,8 +87,8 @@ def test_gpu_check_runs_on_cpu_without_ray(small_models, tmp_path):
             (noise_map, "set12"), (noise_map, "set5"), (gray, "set12")}
     else:
         assert {q["dataset"] for q in quality} == {"synthetic"}
-    # on a CPU the actor runs fp32 whatever the precision: the two outputs are the same pixels
-    assert all(q["max_levels"] == 0 and q["bf16_minus_fp32_db"] == 0.0 for q in quality)
+    # on a CPU too bf16 is bf16 autocast: outputs a few levels apart, measured, not equal
+    assert all(math.isfinite(q["bf16_minus_fp32_db"]) and q["max_levels"] > 0 for q in quality)
     assert "actor / ceiling" in result.stdout and "bf16 - fp32 dB" in result.stdout
 
 

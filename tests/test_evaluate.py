@@ -331,7 +331,9 @@ def test_through_actor_scores_what_restore_writes(odd_dir, tmp_path, monkeypatch
         return restore_arrays(self, arrays)
 
     monkeypatch.setattr(RestoreActor, "restore_arrays", spy)
-    result = ev.evaluate(str(path), odd_dir, sigma=25, through="actor", tile=48)
+    # fp32: the same arithmetic as the bare net (restore's CPU default may be bf16)
+    result = ev.evaluate(str(path), odd_dir, sigma=25, through="actor", tile=48,
+                         precision="fp32")
     assert result["through"] == "actor"
     assert calls[0][1:] == ([(101, 99, 1)], [np.uint8])  # the noisy image as saved, in 8 bits
     assert calls[0][0] >= 48  # tiled (raised to 4x the overlap, as restore does)

@@ -14,6 +14,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from restorer.actor import cpu_has_bf16
 from restorer.cli import main
 from restorer.errors import SpecError
 from restorer.progress import Progress
@@ -236,7 +237,9 @@ def test_summary_resolves_the_default_model_and_its_settings(ray_session, tmp_pa
     assert model["name"] == "restore-default"
     assert model["overlap"] == summary["fingerprint"]["overlap"] > 0  # the receptive field
     assert model["tile"] == summary["fingerprint"]["tile"] >= 4 * model["overlap"]
-    assert model["precision"] == summary["fingerprint"]["precision"] == "fp32"  # CPU
+    # resolved on this CPU: bf16 where it has native bf16, else fp32
+    cpu = "bf16" if cpu_has_bf16() else "fp32"
+    assert model["precision"] == summary["fingerprint"]["precision"] == cpu
     assert summary["input_bytes"] == sum(p.stat().st_size for p in (tmp_path / "in").iterdir())
     job = json.loads((tmp_path / "o" / "_restorer" / "job.json").read_text())
     assert job["fingerprint_version"] == 2 and job["fingerprint"] == summary["fingerprint"]
@@ -257,6 +260,25 @@ def test_fingerprint_mismatch_and_gpus_on_embedded_ray_exit_2(ray_session, tmp_p
     assert result.exit_code == 2 and "tile: 64 -> 96" in result.output, result.output
     result = runner.invoke(main, [*args, "--gpus-per-worker", "1"])
     assert result.exit_code == 2 and "--gpus-per-worker 0" in result.output, result.output
+
+
+@pytest.mark.slow
+def test_an_fp32_output_of_a_cpu_resumes_only_at_fp32_where_auto_became_bf16(
+        ray_session, tmp_path, tiny_model):
+    """Outputs made on CPUs before bf16 became their default hold precision fp32: a plain
+    rerun on a bf16 CPU is refused naming it (README's remedy: --precision fp32)."""
+    _images(tmp_path / "in", ["a.png"])
+    args = ["restore", str(tmp_path / "in"), str(tmp_path / "o"), "--model", tiny_model]
+    assert CliRunner().invoke(main, [*args, "--precision", "fp32"]).exit_code == 0
+    result = CliRunner().invoke(main, [*args, "--json"])
+    if cpu_has_bf16():
+        assert result.exit_code == 2, result.output
+        assert "precision: 'fp32' -> 'bf16'" in result.output  # what differs, and the fix
+        assert "--precision fp32" in result.output
+        result = CliRunner().invoke(main, [*args, "--precision", "fp32", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = _json(result.output)
+    assert summary["resumed"] and summary["skipped"] == 1
 
 
 @pytest.mark.slow

@@ -40,7 +40,9 @@ from restorer.errors import SpecError
 @click.option("--subsampling", "jpeg_subsampling",
               type=click.Choice(["same", "4:4:4", "4:2:2", "4:2:0"]), default=None,
               help="JPEG chroma subsampling (default same: a JPEG input's own; else 4:4:4).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None)
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default=None,
+              help="auto (default): bf16 autocast on GPUs and on CPUs with native bf16 "
+                   "(AVX512-BF16, AMX; ~2x faster, within 0.01 dB), else fp32.")
 @click.option("--strength", type=float, default=None,
               help="Noise-aware models (restore-default): scale of the noise they remove, 0 "
                    "keeps the grain, 1 (default) what they measure, up to 3 cleans harder; "

@@ -283,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         note = ""
     else:
         name = "CPU (smoke run)"
-        note = "On CPU the actor runs fp32 whatever the precision: bf16 rows equal fp32 rows."
+        from restorer.actor import cpu_has_bf16
+
+        note = ("This CPU has native bf16: bf16 rows are bf16 autocast." if cpu_has_bf16()
+                else "This CPU has no native bf16: the actor runs bf16 emulated (slow).")
     if data is None:
         note += f" No data folder at {args.data}: synthetic scenes stand in for Set12/Set5."
     report = Report(name, torch.__version__, note.strip())
