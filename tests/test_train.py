@@ -96,6 +96,9 @@ def test_precision_is_bf16_channels_last_on_cuda_only_in_auto():
     assert train.precision_for(torch.device("cpu")) == train.Precision(None, False)
     assert train.precision_for(torch.device("cuda")) == train.Precision(torch.bfloat16, True)
     assert train.precision_for(torch.device("cuda"), "fp32") == train.Precision(None, False)
+    # asked for: bf16 autocast on a CPU too (the recipes' default on CPUs with native bf16)
+    assert train.precision_for(torch.device("cpu"), "bf16") == train.Precision(torch.bfloat16,
+                                                                              True)
     with pytest.raises(ValueError, match="fp16"):
         train.precision_for(torch.device("cpu"), "fp16")
 
