@@ -83,6 +83,30 @@ def test_tiled_and_untiled_jobs_agree(ray_session, tmp_path, tiny_model):
         assert np.abs(a - b).max() <= 1, key
 
 
+def test_each_job_ends_its_registry_actor_in_a_ray_it_did_not_start(ray_session, tmp_path,
+                                                                     tiny_model, monkeypatch):
+    """In a long-lived Ray (a cluster) every job used to leave its registry process behind."""
+    import restorer.pipeline
+
+    made = []
+    real = restorer.pipeline.poison_registry
+
+    def spy():
+        made.append(real())
+        return made[-1]
+
+    monkeypatch.setattr(restorer.pipeline, "poison_registry", spy)
+    noisy = tmp_path / "noisy"
+    write_samples(str(noisy))
+    for run in range(2):
+        summary = restore(str(noisy), str(tmp_path / f"out{run}"), model=tiny_model)
+        assert summary["succeeded"] > 0 and ray_session.is_initialized()  # Ray stays up
+    assert len(made) == 2
+    for registry in made:  # ended: a call fails as on a dead actor
+        with pytest.raises(ray_session.exceptions.RayActorError):
+            ray_session.get(registry.restored_in_flight.remote(), timeout=30)
+
+
 def test_colliding_outputs_are_errors_never_overwrites(ray_session, tmp_path, tiny_model):
     source = tmp_path / "in"
     source.mkdir()
