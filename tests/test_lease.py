@@ -152,7 +152,9 @@ def test_the_heartbeat_finds_a_replaced_lease_and_never_writes_over_it(tmp_path)
     lease = Lease(str(uri), heartbeat_seconds=0.05)
     lease.acquire()
     try:
-        uri.write_text(json.dumps(dict(json.loads(uri.read_text()), job_id="intruder42")))
+        # published whole, as a job writes it: the heartbeat reads it every 0.05 s
+        storage.write_bytes(str(uri), json.dumps(
+            dict(json.loads(uri.read_text()), job_id="intruder42")).encode())
         deadline = time.time() + 10
         while not lease.lost and time.time() < deadline:
             time.sleep(0.02)
@@ -284,8 +286,10 @@ def test_a_job_whose_lease_is_replaced_commits_nothing_more_and_exits_1(
         time.sleep(0.02)
     assert ledger.exists(), "the job committed nothing"
     holder = json.loads(lease_file.read_text())
-    lease_file.write_text(json.dumps(dict(holder, job_id="intruder42", pid=4242,
-                                          heartbeat=time.time())))
+    # published whole (temp + rename), as another job writes it: a plain write_text left the
+    # running job a moment to read a half-written file (a CI run failed here once)
+    storage.write_bytes(str(lease_file), json.dumps(dict(
+        holder, job_id="intruder42", pid=4242, heartbeat=time.time())).encode())
     committed = len(list(ledger.iterdir()))
     job.join(timeout=300)
     result = results["result"]

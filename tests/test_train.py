@@ -182,48 +182,28 @@ def test_a_state_without_ema_starts_the_ema_from_the_restored_weights():
     assert all(torch.equal(ema[k], v) for k, v in state["net"].items())
 
 
-def test_trainer_on_a_ddp_net_keeps_unwrapped_state(tmp_path, monkeypatch):
-    import datetime
+def _ddp_check(name: str, tmp_path) -> None:
+    """Run one check of tests/ddp_checks.py in a child process with a gloo group of one, and
+    a time limit (in the pytest process this set-up hung two CI runs)."""
+    import subprocess
+    import sys
+    from pathlib import Path
 
-    import torch.distributed as dist
-
-    # gloo on the loopback device, and a bounded wait: once (2026-12-06) this set-up hung in a
-    # full run while it passed alone, and a hang would hold CI to its limit
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1, timeout=datetime.timedelta(seconds=60))
+    script = Path(__file__).with_name("ddp_checks.py")
     try:
-        torch.manual_seed(0)
-        net = torch.nn.parallel.DistributedDataParallel(build_net(TINY_NET))
-        trainer = train.Trainer(net, torch.optim.Adam(net.parameters(), lr=1e-2), "l1",
-                                train.Precision(), train.EMA(net, 0.9))
-        clean, noisy = _batch()
-        losses = [trainer.step(clean, noisy, lr=1e-2) for _ in range(5)]
-        assert losses[-1] < losses[0]
-        state = trainer.state_dict()
-        assert not any(k.startswith("module.") for k in (*state["net"], *state["ema"]))
-        assert trainer.averaged() is trainer.ema.net
-    finally:
-        dist.destroy_process_group()
+        done = subprocess.run([sys.executable, str(script), name, str(tmp_path / "store")],
+                              check=False, capture_output=True, text=True, timeout=180)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{name} hung for 180 s: {e.stdout} {e.stderr}")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"{name}: ok" in done.stdout
 
 
-def test_train_step_reads_the_scale_of_a_ddp_wrapped_net(tmp_path, monkeypatch):
+def test_trainer_on_a_ddp_net_keeps_unwrapped_state(tmp_path):
+    _ddp_check("trainer_on_a_ddp_net_keeps_unwrapped_state", tmp_path)
+
+
+def test_train_step_reads_the_scale_of_a_ddp_wrapped_net(tmp_path):
     """Ray Train wraps the net in DistributedDataParallel with several workers; the step reads
     the scale of the net inside (a wrapper has none: super-resolution training failed)."""
-    import datetime
-
-    import torch.distributed as dist
-
-    # as in the test above: this set-up (then over TCP, gloo on the host's own interface) hung
-    # in a full CI run on 2026-12-06 with the process idle; loopback and a bounded wait
-    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0,
-                            world_size=1, timeout=datetime.timedelta(seconds=60))
-    try:
-        net = torch.nn.parallel.DistributedDataParallel(
-            build_net({"arch": "srnet", "channels": 1, "num_features": 4, "num_blocks": 1}))
-        optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-        loss = train.train_step(net, optimizer, torch.rand(2, 1, 32, 32), torch.rand(2, 1, 16, 16))
-        assert loss > 0
-    finally:
-        dist.destroy_process_group()
+    _ddp_check("train_step_reads_the_scale_of_a_ddp_wrapped_net", tmp_path)
