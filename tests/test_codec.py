@@ -60,6 +60,29 @@ def test_a_jpeg_sources_quality_and_subsampling_are_read_from_its_header(quality
     assert codec.decode(_png(Image.fromarray(pixels))).jpeg is None
 
 
+def test_a_cameras_own_tables_read_as_the_nearest_ijg_quality(rng):
+    """Tables libjpeg never wrote (a camera's) take the quality of least absolute difference,
+    luma and chroma together (luma alone for gray), ties to the lower quality."""
+    from PIL import Image
+
+    def ijg(quality):
+        out = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(out, "JPEG", quality=quality)
+        tables = Image.open(out).quantization
+        return [np.array(tables[0]), np.array(tables[1])]
+
+    references = {q: ijg(q) for q in range(1, 101)}
+    for trial in range(20):
+        base = references[int(rng.integers(5, 98))]
+        tables = [np.clip(t + rng.integers(-3, 4, 64), 1, 255) for t in base]
+        for used in (tables, tables[:1]):
+            errors = {q: sum(int(np.abs(t - r).sum()) for t, r in zip(used, references[q]))
+                      for q in references}
+            nearest = min(errors, key=lambda q: (errors[q], q))
+            assert codec.estimate_quality(dict(enumerate(used))) == nearest
+    assert codec.estimate_quality({0: [1] * 10}) == codec.DEFAULT_QUALITY  # not a table
+
+
 def test_jpeg_output_matches_its_source_unless_told(rng):
     pixels = rng.integers(0, 255, (32, 32, 3)).astype(np.uint8)
     source = codec.JpegSettings(75, "4:2:0")
