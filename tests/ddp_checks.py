@@ -10,6 +10,7 @@ process with a time limit a hang fails one test instead of holding CI to its lim
 from __future__ import annotations
 
 import datetime
+import faulthandler
 import os
 import sys
 
@@ -51,6 +52,8 @@ CHECKS = {f.__name__: f for f in (trainer_on_a_ddp_net_keeps_unwrapped_state,
 
 if __name__ == "__main__":
     check, store = CHECKS[sys.argv[1]], sys.argv[2]
+    # a hang prints where every thread stands and exits 1 (the caller shows it)
+    faulthandler.dump_traceback_later(90, exit=True)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))

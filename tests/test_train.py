@@ -183,18 +183,25 @@ def test_a_state_without_ema_starts_the_ema_from_the_restored_weights():
 
 
 def _ddp_check(name: str, tmp_path) -> None:
-    """Run one check of tests/ddp_checks.py in a child process with a gloo group of one, and
-    a time limit (in the pytest process this set-up hung two CI runs)."""
+    """Run one check of tests/ddp_checks.py in a child process with a gloo group of one.
+
+    In the pytest process this set-up hung two CI runs with the process idle (never here,
+    alone or in full runs): the child dumps its stacks and exits after 90 s; a child that hung
+    so is run once more, and its stacks are shown as a warning. Any other failure fails."""
     import subprocess
     import sys
+    import warnings
     from pathlib import Path
 
     script = Path(__file__).with_name("ddp_checks.py")
-    try:
-        done = subprocess.run([sys.executable, str(script), name, str(tmp_path / "store")],
-                              check=False, capture_output=True, text=True, timeout=180)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{name} hung for 180 s: {e.stdout} {e.stderr}")
+    for attempt in (1, 2):
+        done = subprocess.run(
+            [sys.executable, str(script), name, str(tmp_path / f"store-{attempt}")],
+            check=False, capture_output=True, text=True, timeout=150)
+        if "Timeout (0:01:30)!" not in done.stderr or attempt == 2:
+            break
+        warnings.warn(f"{name}: gloo set-up hung, run again; its stacks:\n{done.stderr}",
+                      stacklevel=1)
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"{name}: ok" in done.stdout
 
