@@ -62,7 +62,8 @@ def jpeg_compress(img_uint8: np.ndarray, quality: int, subsampling: str = "4:2:0
     squeeze = img_uint8.ndim == 3 and img_uint8.shape[2] == 1
     arr = img_uint8[..., 0] if squeeze else img_uint8
     if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
-        raise ValueError(f"jpeg_compress takes HW, HWx1 or HWx3 images, got shape {img_uint8.shape}")
+        raise ValueError(
+            f"jpeg_compress takes HW, HWx1 or HWx3 images, got shape {img_uint8.shape}")
     buffer = io.BytesIO()
     Image.fromarray(arr).save(buffer, format="JPEG", quality=int(quality), subsampling=subsampling)
     out = np.asarray(Image.open(io.BytesIO(buffer.getvalue()), formats=("JPEG",)))
@@ -370,13 +371,19 @@ def jpeg_float(img: np.ndarray, quality: int) -> np.ndarray:
 
 def camera_noise(img: np.ndarray, rng: np.random.Generator, shot: float, read: float,
                  pattern: str, gains: tuple[float, float], colour_matrix: np.ndarray,
-                 gamma: float, contrast: float, noise: bool = True) -> np.ndarray:
+                 gamma: float, contrast: float, noise: bool = True, luma_sigma: float = 0.0,
+                 chroma_sigma: float = 0.0, chroma_keep: float = 1.0) -> np.ndarray:
     """An sRGB-like image (float HWx3 ``[0, 1]``) through a camera at high ISO: undo the tone
     curve, the colour matrix and the white balance (``gains``: red, blue), sample the Bayer
     mosaic, add shot/read noise (:func:`add_poisson_gaussian_noise` on the raw signal), then
     demosaic, white-balance, colour-correct and tone-map again. ``noise=False`` runs the same
     steps without the noise (the reference that makes the noise map). float32, clipped to
     ``[0, 1]`` (the tone curve clips), not rounded.
+
+    ``luma_sigma`` / ``chroma_sigma`` > 0: the camera's own processing shapes the noise
+    (:func:`isp_shape_noise`: the noise's luma spread over ``luma_sigma`` px at its variance,
+    its chroma smoothed over ``chroma_sigma`` px and kept at ``chroma_keep`` of its std), on the
+    tone-mapped noise only, so that the signal keeps its sharpness.
     """
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"camera_noise takes HWx3 images, got {img.shape}")
@@ -384,10 +391,53 @@ def camera_noise(img: np.ndarray, rng: np.random.Generator, shot: float, read: f
     linear = inverse_tone_curve(img, gamma, contrast)
     camera = linear @ np.linalg.inv(colour_matrix).T.astype(np.float32) / gain
     raw = np.clip(mosaic(camera, pattern), 0.0, 1.0)
-    if noise:
-        raw = add_poisson_gaussian_noise(raw, shot, read, rng)
-    rgb = demosaic_bilinear(raw, pattern) * gain
-    return tone_curve(rgb @ colour_matrix.T, gamma, contrast)
+
+    def develop(mosaicked: np.ndarray) -> np.ndarray:
+        rgb = demosaic_bilinear(mosaicked, pattern) * gain
+        return tone_curve(rgb @ colour_matrix.T, gamma, contrast)
+
+    if not noise:
+        return develop(raw)
+    noisy = develop(add_poisson_gaussian_noise(raw, shot, read, rng))
+    if luma_sigma <= 0 and chroma_sigma <= 0 and chroma_keep == 1.0:
+        return noisy
+    clean = develop(raw)
+    return np.clip(clean + isp_shape_noise(noisy - clean, luma_sigma, chroma_sigma, chroma_keep),
+                   0.0, 1.0).astype(np.float32)
+
+
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
+
+
+def isp_shape_noise(noise: np.ndarray, luma_sigma: float, chroma_sigma: float,
+                    chroma_keep: float) -> np.ndarray:
+    """Noise (float HWx3) as a camera's processing leaves it: split into luma (``_LUMA``
+    weights) and the three planes' differences from it (chroma); the luma smoothed by a
+    Gaussian of ``luma_sigma`` px and scaled back to its std (noise reduction and sharpening
+    spread it over neighbours without removing it), the chroma smoothed by ``chroma_sigma`` px
+    and scaled to ``chroma_keep`` times its std (chroma noise reduction removes most of it).
+
+    Measured on ``cc15`` (15 real camera photos, residual = shot - mean of ~500 shots): the
+    residual's channels correlate by +0.2..+0.7, luma carries 46-79% of its variance, and its
+    autocorrelation is 0.6-0.76 at 1 px, 0.23-0.47 at 2, 0.15-0.3 at 3 px. Bilinear demosaicing
+    with a colour matrix alone gives -0.1..-0.5, 13-20% and 0.55 / 0.16 / 0.03: the noise it
+    makes is chroma, fine-grained. ``luma_sigma`` in 0.3-0.9 and ``chroma_keep`` in 0.15-0.5
+    bring both into the measured ranges. A ``sigma`` of 0 leaves that part's shape as it is.
+    """
+    luma = noise @ _LUMA
+    chroma = noise - luma[..., None]
+
+    def smooth(plane: np.ndarray, sigma: float) -> np.ndarray:
+        return ndimage.gaussian_filter(plane, sigma, mode="mirror") if sigma > 0 else plane
+
+    def rescaled(shaped: np.ndarray, original: np.ndarray, keep: float) -> np.ndarray:
+        scale = keep * float(original.std()) / max(float(shaped.std()), 1e-12)
+        return shaped * np.float32(scale)
+
+    shaped_luma = rescaled(smooth(luma, luma_sigma), luma, 1.0)
+    shaped_chroma = np.stack([smooth(chroma[..., c], chroma_sigma) for c in range(3)], axis=-1)
+    shaped_chroma = rescaled(shaped_chroma, chroma, chroma_keep)
+    return (shaped_luma[..., None] + shaped_chroma).astype(np.float32)
 
 
 def local_rms(residual: np.ndarray, window: int = 7) -> np.ndarray:
@@ -417,6 +467,12 @@ class PracticalConfig:
     noise: float = 0.9  # probability of a first-round noise
     camera: float = 0.55  # share of noises made by the camera pipeline (the rest in sRGB)
     camera_shot: tuple[float, float] = (1e-4, 1.2e-2)
+    # share of camera noises shaped by the camera's own processing (isp_shape_noise): luma
+    # spread over luma_sigma px, chroma smoothed over chroma_sigma px and kept at chroma_keep
+    isp: float = 0.8
+    isp_luma_sigma: tuple[float, float] = (0.3, 0.9)
+    isp_chroma_sigma: tuple[float, float] = (1.0, 3.0)
+    isp_chroma_keep: tuple[float, float] = (0.15, 0.5)
     srgb_shot: tuple[float, float] = (1e-4, 1e-2)
     srgb_read: tuple[float, float] = (0.0, 4e-4)
     gaussian: tuple[float, float] = (1.0, 30.0)
@@ -433,11 +489,16 @@ def _draw_noise(rng: np.random.Generator, config: PracticalConfig, gray: bool,
     if not gray and rng.random() < config.camera:
         shot = float(np.exp(rng.uniform(*np.log(config.camera_shot))))
         read = float(np.exp(2.18 * np.log(shot) + 1.2 + rng.normal(0, 0.26)))
-        return {"op": "camera", "seed": seed, "shot": shot, "read": read,
+        step = {"op": "camera", "seed": seed, "shot": shot, "read": read,
                 "pattern": BAYER_PATTERNS[int(rng.integers(4))],
                 "gains": (float(rng.uniform(1.6, 2.4)), float(rng.uniform(1.4, 2.2))),
                 "colour_matrix": random_colour_matrix(rng),
                 "gamma": float(rng.uniform(1.8, 2.6)), "contrast": float(rng.uniform(0, 1))}
+        if rng.random() < config.isp:
+            step.update(luma_sigma=float(rng.uniform(*config.isp_luma_sigma)),
+                        chroma_sigma=float(rng.uniform(*config.isp_chroma_sigma)),
+                        chroma_keep=float(rng.uniform(*config.isp_chroma_keep)))
+        return step
     if rng.random() < 0.5:
         shot = float(np.exp(rng.uniform(*np.log(config.srgb_shot))))
         return {"op": "poisson_gaussian", "seed": seed, "shot": shot,
@@ -511,7 +572,9 @@ def apply_practical_plan(img: np.ndarray, plan: Sequence[dict], noise: bool = Tr
         elif op == "camera":
             out = camera_noise(out, np.random.default_rng(step["seed"]), step["shot"],
                                step["read"], step["pattern"], step["gains"],
-                               step["colour_matrix"], step["gamma"], step["contrast"], noise)
+                               step["colour_matrix"], step["gamma"], step["contrast"], noise,
+                               step.get("luma_sigma", 0.0), step.get("chroma_sigma", 0.0),
+                               step.get("chroma_keep", 1.0))
         elif noise and op == "poisson_gaussian":
             out = add_poisson_gaussian_noise(out, step["shot"], step["read"],
                                              np.random.default_rng(step["seed"]), step["shared"])
@@ -596,6 +659,7 @@ __all__ = [
     "draw_practical_plan",
     "gaussian_kernel",
     "inverse_tone_curve",
+    "isp_shape_noise",
     "jpeg_float",
     "local_rms",
     "mosaic",

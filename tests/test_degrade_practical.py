@@ -113,6 +113,68 @@ def test_camera_noise_is_signal_dependent_and_correlated_across_channels():
     assert right > 0.1  # demosaicing spreads it over neighbours
 
 
+def _noise_statistics(residual: np.ndarray) -> dict:
+    """Cross-channel correlation (R-G, G-B, R-B mean), luma's share of the variance and the
+    autocorrelation along rows at 1-3 px (mean over channels) of an HWx3 residual."""
+    g = residual - residual.mean(axis=(0, 1))
+    variance = (g * g).mean(axis=(0, 1))
+
+    def lag(k):
+        return float(((g[:, :-k] * g[:, k:]).mean(axis=(0, 1)) / variance).mean())
+
+    cross = np.mean([(g[..., i] * g[..., j]).mean() / np.sqrt(variance[i] * variance[j])
+                     for i, j in ((0, 1), (1, 2), (0, 2))])
+    return {"cross": float(cross), "luma": float(g.mean(2).var() / variance.mean()),
+            "lags": [lag(1), lag(2), lag(3)]}
+
+
+def test_camera_processing_leaves_luma_noise_spread_over_neighbours():
+    """Real camera noise (cc15: shot minus the mean of ~500 shots) is mostly luma (46-79% of
+    the variance), positively correlated across channels (+0.2..+0.7) and spread over 3-4 px
+    (autocorrelation 0.6-0.76 / 0.23-0.47 / 0.15-0.3 at 1 / 2 / 3 px); demosaicing and a colour
+    matrix alone make chroma noise, anti-correlated and fine (isp_shape_noise's docstring)."""
+    rng = np.random.default_rng(11)
+    matrix = degrade.random_colour_matrix(rng)
+    args = {"shot": 0.004, "read": 1e-5, "pattern": "RGGB", "gains": (2.0, 1.8),
+            "colour_matrix": matrix, "gamma": 2.2, "contrast": 0.3}
+    image = _flat(0.45, 192)
+    reference = degrade.camera_noise(image, rng, noise=False, **args)
+    plain = degrade.camera_noise(image, np.random.default_rng(12), **args) - reference
+    shaped = degrade.camera_noise(image, np.random.default_rng(12), luma_sigma=0.6,
+                                  chroma_sigma=2.0, chroma_keep=0.3, **args) - reference
+    before, after = _noise_statistics(plain), _noise_statistics(shaped)
+    assert before["cross"] < 0 and before["luma"] < 0.3 and before["lags"][2] < 0.08
+    assert after["cross"] > 0.3 and 0.45 < after["luma"] < 0.95
+    assert 0.55 < after["lags"][0] < 0.9 and after["lags"][1] > 0.25 and after["lags"][2] > 0.1
+    luma = np.array([0.299, 0.587, 0.114], np.float32)
+    # the luma keeps its level; the chroma is cut to chroma_keep of its std
+    assert (shaped @ luma).std() == pytest.approx((plain @ luma).std(), rel=0.02)
+    chroma = [n - (n @ luma)[..., None] for n in (plain, shaped)]
+    assert chroma[1].std() == pytest.approx(0.3 * chroma[0].std(), rel=0.05)
+    noise = np.random.default_rng(13).standard_normal((32, 32, 3)).astype(np.float32)
+    assert np.allclose(degrade.isp_shape_noise(noise, 0.0, 0.0, 1.0), noise, atol=1e-6)
+
+
+def test_a_share_of_camera_noises_is_shaped_within_its_ranges():
+    config = degrade.PracticalConfig(camera=1.0, isp=0.7)
+    rng = np.random.default_rng(14)
+    steps = [degrade._draw_noise(rng, config, False, (0, 0)) for _ in range(400)]
+    shaped = [s for s in steps if "luma_sigma" in s]
+    assert all(s["op"] == "camera" for s in steps)
+    assert 0.62 < len(shaped) / len(steps) < 0.78
+    for step in shaped:
+        assert config.isp_luma_sigma[0] <= step["luma_sigma"] <= config.isp_luma_sigma[1]
+        assert config.isp_chroma_sigma[0] <= step["chroma_sigma"] <= config.isp_chroma_sigma[1]
+        assert config.isp_chroma_keep[0] <= step["chroma_keep"] <= config.isp_chroma_keep[1]
+    # an unshaped step (a plan drawn before the shaping existed) applies as it did
+    image = _flat(0.5, 32)
+    plain = next(s for s in steps if "luma_sigma" not in s)
+    direct = degrade.camera_noise(image, np.random.default_rng(plain["seed"]), plain["shot"],
+                                  plain["read"], plain["pattern"], plain["gains"],
+                                  plain["colour_matrix"], plain["gamma"], plain["contrast"])
+    assert np.array_equal(degrade.apply_practical_plan(image, [plain]), degrade.to_8bit(direct))
+
+
 def test_gaussian_kernel_has_the_asked_stds_along_its_axes():
     theta = math.pi / 6
     kernel = degrade.gaussian_kernel(2.0, 0.8, theta)
