@@ -219,7 +219,7 @@ class PracticalPairs:
     ``images``: uint8 HWx3 arrays (gray images as three equal planes, see
     :func:`restorer.degrade.is_gray`); each crop is ``patch`` px, flipped/rotated at random
     (:func:`restorer.degrade.sample_patches`). The noise map of a Gaussian crop is its
-    :func:`restorer.degrade.local_rms` noise, of a clean or JPEG-only crop zero.
+    :func:`restorer.degrade.noise_level_map`, of a clean or JPEG-only crop zero.
     """
 
     def __init__(self, images: Sequence[np.ndarray], patch: int, batch: int, seed: int,
@@ -258,7 +258,7 @@ class PracticalPairs:
             shared = degrade.is_gray(clean)
             noisy = degrade.add_poisson_gaussian_noise(clean, 0.0, (sigma / 255) ** 2, self.rng,
                                                        shared=shared)
-            return clean, noisy, degrade.local_rms(noisy - clean)
+            return clean, noisy, degrade.noise_level_map(noisy - clean)
         if kind == 2:
             quality = int(self.rng.integers(mix.quality_range[0], mix.quality_range[1] + 1))
             return clean, degrade.jpeg_float(clean, quality), zero

@@ -175,6 +175,27 @@ def test_a_share_of_camera_noises_is_shaped_within_its_ranges():
     assert np.array_equal(degrade.apply_practical_plan(image, [plain]), degrade.to_8bit(direct))
 
 
+def test_the_noise_level_map_is_the_std_of_white_noise_and_higher_for_spread_noise():
+    from scipy import ndimage
+
+    rng = np.random.default_rng(15)
+    white = 0.05 * rng.standard_normal((131, 129, 3)).astype(np.float32)
+    level = degrade.noise_level_map(white)
+    assert level.shape == white.shape and level.dtype == np.float32
+    assert level.mean() == pytest.approx(0.05, rel=0.03)
+    assert degrade.noise_level_map(white[..., 0]).shape == (131, 129)  # HW too
+    spread = np.stack([ndimage.gaussian_filter(white[..., c], 0.8) for c in range(3)], axis=-1)
+    spread *= 0.05 / spread.std()
+    assert degrade.local_rms(spread).mean() == pytest.approx(0.05, rel=0.05)  # same std...
+    assert degrade.noise_level_map(spread).mean() > 1.5 * 0.05  # ...more power per block
+    # and it follows the level where the level changes (the left half twice as noisy)
+    halves = white.copy()
+    halves[:, :64] *= 2
+    level = degrade.noise_level_map(halves)
+    assert level[:, 8:56].mean() == pytest.approx(0.1, rel=0.05)
+    assert level[:, 72:120].mean() == pytest.approx(0.05, rel=0.05)
+
+
 def test_gaussian_kernel_has_the_asked_stds_along_its_axes():
     theta = math.pi / 6
     kernel = degrade.gaussian_kernel(2.0, 0.8, theta)

@@ -3,8 +3,10 @@ and a U-Net restores the image seeing that noise map beside it (CBDNet, Guo et a
 noise-map input of FFDNet, Zhang et al. 2018).
 
 ``estimate(x)`` is the noise level map: per pixel and plane, the standard deviation of the
-noise on the ``[0, 1]`` scale (``restorer.degrade.practical_degradation`` makes the training
-targets: the local RMS of the noise left after demosaicing, tone curve and JPEG). The
+noise on the ``[0, 1]`` scale, white-equivalent (``restorer.degrade.practical_degradation``
+makes the training targets: :func:`restorer.degrade.noise_level_map` of the noise left after
+demosaicing, the camera's processing, tone curve and JPEG; noise spread over neighbours reads
+higher than its std). The
 estimator runs at half resolution (a stride-2 convolution, 3x3 convolutions, bilinear x2 back
 up): noise levels vary slowly, and so it costs about 1% of the U-Net per pixel.
 
