@@ -185,9 +185,10 @@ def test_a_state_without_ema_starts_the_ema_from_the_restored_weights():
 def _ddp_check(name: str, tmp_path) -> None:
     """Run one check of tests/ddp_checks.py in a child process with a gloo group of one.
 
-    In the pytest process this set-up hung two CI runs with the process idle (never here,
-    alone or in full runs): the child dumps its stacks and exits after 90 s; a child that hung
-    so is run once more, and its stacks are shown as a warning. Any other failure fails."""
+    In the pytest process this set-up hung full runs with the process idle (over TCP, then on
+    a file store over loopback; never alone): the child dumps its stacks and exits after 90 s;
+    a child that hung so is run once more, and its stacks are shown as a warning. Any other
+    failure fails."""
     import subprocess
     import sys
     import warnings
