@@ -103,6 +103,10 @@ class Recipe:
     estimator_lr_scale: float = 3.0  # a noise-map net's estimator learns at this multiple
     # share of a noise-map net's batch restored with the true map (the rest with its estimate)
     map_true_share: float = 0.5
+    # parts of the net (its attributes, e.g. "trunk") that keep their weights: no gradient and
+    # not in the optimizer (a tiny learning rate is no freeze: Adam moves every weight by ~lr a
+    # step whatever its gradient); ``--set freeze=trunk``
+    freeze: tuple[str, ...] = ()
     # the zoo name its shipped file takes (its card and evaluations are that name's), when it is
     # the next version of a bundled model; None = the recipe's own name
     ships_as: str | None = None
@@ -247,18 +251,32 @@ def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return (f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}, "
                 f"{platform.system()}")
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), torch {torch.__version__}"
+    return (f"{platform.machine()} CPU, {torch.get_num_threads()} thread(s), "
+            f"torch {torch.__version__}")
+
+
+def _freeze(net: torch.nn.Module, parts: Sequence[str]) -> None:
+    """Stop the gradient of each named part of ``net`` (``Recipe.freeze``)."""
+    children = [name for name, _ in net.named_children()]
+    for name in (part for part in parts if part):
+        if name not in children:
+            raise ValueError(f"freeze: {type(net).__name__} has no part {name!r}; its parts: "
+                             f"{children}")
+        getattr(net, name).requires_grad_(False)
 
 
 def _optimizer(net: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.Optimizer:
-    """Adam; a noise-map net's new estimator at ``recipe.estimator_lr_scale`` times the rate."""
-    estimator = getattr(net, "estimator", None)
-    if estimator is None:
-        return torch.optim.Adam(net.parameters(), lr=lr)
-    others = [p for name, p in net.named_parameters() if not name.startswith("estimator.")]
-    return torch.optim.Adam([{"params": others},
-                             {"params": list(estimator.parameters()),
-                              "lr_scale": recipe.estimator_lr_scale}], lr=lr)
+    """Adam over the parameters that train (see :func:`_freeze`); a noise-map net's new
+    estimator at ``recipe.estimator_lr_scale`` times the rate."""
+    training = [(name, p) for name, p in net.named_parameters() if p.requires_grad]
+    if not training:
+        raise ValueError(f"freeze {list(recipe.freeze)} leaves nothing of the net to train")
+    if getattr(net, "estimator", None) is None:
+        return torch.optim.Adam([p for _, p in training], lr=lr)
+    groups = [{"params": [p for name, p in training if not name.startswith("estimator.")]},
+              {"params": [p for name, p in training if name.startswith("estimator.")],
+               "lr_scale": recipe.estimator_lr_scale}]
+    return torch.optim.Adam([g for g in groups if g["params"]], lr=lr)
 
 
 def _parsed_like(current: Any, text: str, key: str) -> Any:
@@ -359,6 +377,7 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
     # bf16 autocast and channels_last on CUDA, and on CPUs with native bf16 (2x the steps)
     precision = precision_for(device, precision_name or (
         "bf16" if device.type == "cpu" and cpu_has_bf16() else "auto"))
+    _freeze(net, recipe.freeze)
     net = net.to(device)
     if precision.channels_last:
         net = net.to(memory_format=torch.channels_last)

@@ -336,6 +336,37 @@ def test_settings_change_nested_recipe_fields_and_refuse_unknown_ones(practical)
     assert batches.pairs.config.blur_sigma == (0.5, 1.5)
 
 
+def test_a_frozen_part_keeps_every_weight_while_the_rest_trains(practical):
+    """``--set freeze=trunk``: the trunk's weights stay bit for bit through Adam steps (a tiny
+    learning rate would still move them) while the estimator learns; unknown parts and a
+    freeze of everything are refused naming what there is."""
+    from restorer.train import noise_map_step
+
+    recipe = recipes.override(recipes.RECIPES["tinyreal"], "freeze=trunk")
+    assert recipe.freeze == ("trunk",)
+    torch.manual_seed(0)
+    net = build_net(recipe.net)
+    recipes._freeze(net, recipe.freeze)
+    optimizer = recipes._optimizer(net, recipe, 1e-2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    clean = torch.rand(4, 3, 16, 16)
+    degraded = clean + 0.1 * torch.randn(clean.shape)
+    for _ in range(3):
+        noise_map_step(net, optimizer, clean, degraded, torch.full_like(clean, 0.1))
+    after = net.state_dict()
+    assert all(torch.equal(after[k], before[k]) for k in after if k.startswith("trunk."))
+    assert any(not torch.equal(after[k], before[k])
+               for k in after if k.startswith("estimator."))
+    with pytest.raises(ValueError, match="no part 'trunc'") as error:
+        recipes._freeze(build_net(recipe.net), ("trunc",))
+    assert "'trunk'" in str(error.value) and "'estimator'" in str(error.value)
+    everything = recipes.override(recipe, "freeze=trunk,estimator")
+    whole = build_net(recipe.net)
+    recipes._freeze(whole, everything.freeze)
+    with pytest.raises(ValueError, match="nothing of the net to train"):
+        recipes._optimizer(whole, everything, 1e-2)
+
+
 @pytest.mark.slow  # trains for a few seconds of wall-clock time
 def test_practical_recipe_continues_a_unet_and_ships_with_its_stages(practical, tmp_path):
     root, trunk = practical
