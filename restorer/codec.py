@@ -30,6 +30,7 @@ against each other.
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 import zlib
@@ -117,23 +118,19 @@ class EncodeOptions:
         return JpegSettings(quality, subsampling)
 
 
-_IJG_TABLES: list[np.ndarray] = []  # [qualities 1..100, luma/chroma, 64], int32
-
-
+@functools.cache
 def _ijg_tables() -> np.ndarray:
     """The quantisation tables libjpeg writes at qualities 1..100, as one ``(100, 2, 64)``
-    array (made through Pillow, so that the coefficient order is the one
+    int32 array (made through Pillow once, so that the coefficient order is the one
     ``Image.quantization`` reports)."""
-    if not _IJG_TABLES:
-        gray = Image.new("RGB", (8, 8))
-        tables = []
-        for quality in range(1, 101):
-            out = io.BytesIO()
-            gray.save(out, "JPEG", quality=quality)
-            written = Image.open(out).quantization
-            tables.append([written[0], written[1]])
-        _IJG_TABLES.append(np.array(tables, dtype=np.int32))
-    return _IJG_TABLES[0]
+    gray = Image.new("RGB", (8, 8))
+    tables = []
+    for quality in range(1, 101):
+        out = io.BytesIO()
+        gray.save(out, "JPEG", quality=quality)
+        written = Image.open(out).quantization
+        tables.append([written[0], written[1]])
+    return np.array(tables, dtype=np.int32)
 
 
 def estimate_quality(quantization: dict[int, Any]) -> int:

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from restorer.pixels import is_gray  # the gray/colour rule, kept importable from here
+from restorer.pixels import LUMA, is_gray  # is_gray: the gray/colour rule, importable here too
 
 DEGRADATIONS = ("noise", "jpeg", "blur", "downscale")
 BAYER_PATTERNS = ("RGGB", "BGGR", "GRBG", "GBRG")
@@ -406,16 +406,14 @@ def camera_noise(img: np.ndarray, rng: np.random.Generator, shot: float, read: f
                    0.0, 1.0).astype(np.float32)
 
 
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)
-
-
 def isp_shape_noise(noise: np.ndarray, luma_sigma: float, chroma_sigma: float,
                     chroma_keep: float) -> np.ndarray:
-    """Noise (float HWx3) as a camera's processing leaves it: split into luma (``_LUMA``
-    weights) and the three planes' differences from it (chroma); the luma smoothed by a
-    Gaussian of ``luma_sigma`` px and scaled back to its std (noise reduction and sharpening
-    spread it over neighbours without removing it), the chroma smoothed by ``chroma_sigma`` px
-    and scaled to ``chroma_keep`` times its std (chroma noise reduction removes most of it).
+    """Noise (float HWx3) as a camera's processing leaves it: split into luma
+    (:data:`restorer.pixels.LUMA` weights) and the three planes' differences from it (chroma);
+    the luma smoothed by a Gaussian of ``luma_sigma`` px and scaled back to its std (noise
+    reduction and sharpening spread it over neighbours without removing it), the chroma
+    smoothed by ``chroma_sigma`` px and scaled to ``chroma_keep`` times its std (chroma noise
+    reduction removes most of it).
 
     Measured on ``cc15`` (15 real camera photos, residual = shot - mean of ~500 shots): the
     residual's channels correlate by +0.2..+0.7, luma carries 46-79% of its variance, and its
@@ -424,7 +422,7 @@ def isp_shape_noise(noise: np.ndarray, luma_sigma: float, chroma_sigma: float,
     makes is chroma, fine-grained. ``luma_sigma`` in 0.3-0.9 and ``chroma_keep`` in 0.15-0.5
     bring both into the measured ranges. A ``sigma`` of 0 leaves that part's shape as it is.
     """
-    luma = noise @ _LUMA
+    luma = noise @ np.asarray(LUMA, np.float32)
     chroma = noise - luma[..., None]
 
     def smooth(plane: np.ndarray, sigma: float) -> np.ndarray:
@@ -463,8 +461,7 @@ def noise_level_map(residual: np.ndarray, window: int = 7) -> np.ndarray:
     """
     height, width = residual.shape[:2]
     pad = ((0, height % 2), (0, width % 2)) + ((0, 0),) * (residual.ndim - 2)
-    even = np.pad(residual.astype(np.float32), pad, mode="reflect") if any(
-        p[1] for p in pad) else residual.astype(np.float32)
+    even = np.pad(residual.astype(np.float32, copy=False), pad, mode="reflect")
     blocks = even.reshape(even.shape[0] // 2, 2, even.shape[1] // 2, 2, *even.shape[2:])
     level = 2.0 * local_rms(blocks.mean(axis=(1, 3)), window)
     return np.repeat(np.repeat(level, 2, axis=0), 2, axis=1)[:height, :width]

@@ -4,7 +4,7 @@ A gloo process group set up inside the pytest process hung two full CI runs (202
 once over TCP and once on a file store over loopback, while it passed alone; in a child
 process with a time limit a hang fails one test instead of holding CI to its limit.
 
-    python tests/ddp_checks.py CHECK STORE_DIR
+    python tests/ddp_checks.py CHECK STORE_DIR HANG_SECONDS
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ import sys
 
 import torch
 import torch.distributed as dist
+from test_train import TINY_NET, _batch  # this folder is on the path of a script run in it
 
 from restorer import train
 from restorer.nets import build_net
-
-TINY_NET = {"arch": "dncnn", "channels": 1, "num_features": 8, "num_layers": 3,
-            "batch_norm": False}
 
 
 def trainer_on_a_ddp_net_keeps_unwrapped_state() -> None:
@@ -29,9 +27,7 @@ def trainer_on_a_ddp_net_keeps_unwrapped_state() -> None:
     net = torch.nn.parallel.DistributedDataParallel(build_net(TINY_NET))
     trainer = train.Trainer(net, torch.optim.Adam(net.parameters(), lr=1e-2), "l1",
                             train.Precision(), train.EMA(net, 0.9))
-    clean = torch.rand(4, 1, 1, 1, generator=torch.Generator().manual_seed(1))
-    clean = clean.expand(4, 1, 16, 16).contiguous()
-    noisy = clean + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(2))
+    clean, noisy = _batch()
     losses = [trainer.step(clean, noisy, lr=1e-2) for _ in range(5)]
     assert losses[-1] < losses[0], losses
     state = trainer.state_dict()
@@ -51,9 +47,9 @@ CHECKS = {f.__name__: f for f in (trainer_on_a_ddp_net_keeps_unwrapped_state,
                                   train_step_reads_the_scale_of_a_ddp_wrapped_net)}
 
 if __name__ == "__main__":
-    check, store = CHECKS[sys.argv[1]], sys.argv[2]
+    check, store, hang_seconds = CHECKS[sys.argv[1]], sys.argv[2], float(sys.argv[3])
     # a hang prints where every thread stands and exits 1 (the caller shows it)
-    faulthandler.dump_traceback_later(90, exit=True)
+    faulthandler.dump_traceback_later(hang_seconds, exit=True)
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1,
                             timeout=datetime.timedelta(seconds=60))

@@ -189,17 +189,21 @@ def _ddp_check(name: str, tmp_path) -> None:
     a file store over loopback; never alone): the child dumps its stacks and exits after 90 s;
     a child that hung so is run once more, and its stacks are shown as a warning. Any other
     failure fails."""
+    import datetime
     import subprocess
     import sys
     import warnings
     from pathlib import Path
 
     script = Path(__file__).with_name("ddp_checks.py")
+    hang_seconds = 90
+    hung = f"Timeout ({datetime.timedelta(seconds=hang_seconds)})!"  # faulthandler's words
     for attempt in (1, 2):
         done = subprocess.run(
-            [sys.executable, str(script), name, str(tmp_path / f"store-{attempt}")],
-            check=False, capture_output=True, text=True, timeout=150)
-        if "Timeout (0:01:30)!" not in done.stderr or attempt == 2:
+            [sys.executable, str(script), name, str(tmp_path / f"store-{attempt}"),
+             str(hang_seconds)], check=False, capture_output=True, text=True,
+            timeout=hang_seconds + 60)
+        if hung not in done.stderr or attempt == 2:
             break
         warnings.warn(f"{name}: gloo set-up hung, run again; its stacks:\n{done.stderr}",
                       stacklevel=1)
