@@ -103,6 +103,9 @@ class Recipe:
     estimator_lr_scale: float = 3.0  # a noise-map net's estimator learns at this multiple
     # share of a noise-map net's batch restored with the true map (the rest with its estimate)
     map_true_share: float = 0.5
+    # the image loss's gradient reaches a noise-map net's estimator through its map (end to end,
+    # as CBDNet); False: the estimator learns from the map loss alone (train.noise_map_step)
+    map_grad: bool = True
     # parts of the net (its attributes, e.g. "trunk") that keep their weights: no gradient and
     # not in the optimizer (a tiny learning rate is no freeze: Adam moves every weight by ~lr a
     # step whatever its gradient); ``--set freeze=trunk``
@@ -429,7 +432,7 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
             break
         clean, degraded, *noise_map = batches()
         loss = trainer.step(clean, degraded, schedule(elapsed / budget, step), *noise_map,
-                            true_share=recipe.map_true_share)
+                            true_share=recipe.map_true_share, map_grad=recipe.map_grad)
         if not math.isfinite(loss):  # diverged: back to the last good weights, half the rate
             base_lr /= 2
             log.warning("%s: loss %s at step %d; back to step %d's weights, peak lr %.1e",

@@ -131,19 +131,23 @@ def asymmetric_map_loss(estimate: torch.Tensor, target: torch.Tensor, alpha: flo
 
 def noise_map_step(net: nn.Module, optimizer: torch.optim.Optimizer, clean: torch.Tensor,
                    degraded: torch.Tensor, noise_map: torch.Tensor, map_weight: float = 1.0,
-                   true_share: float = 0.5, autocast_dtype: torch.dtype | None = None) -> float:
+                   true_share: float = 0.5, autocast_dtype: torch.dtype | None = None,
+                   map_grad: bool = True) -> float:
     """One gradient step of a noise-map net (:class:`restorer.nets.noisemap.NoiseMapNet`):
     L1 of the restored image against ``clean`` plus ``map_weight`` times
     :func:`asymmetric_map_loss` of its estimate against ``noise_map`` (the true noise level,
     N x C x H x W like the images). The first ``true_share`` of the batch is restored with the
     true map, the rest with the estimate, so that the net learns what a map means (the
-    ``strength`` control relies on it) and to work with its own estimates. Returns the loss."""
+    ``strength`` control relies on it) and to work with its own estimates. ``map_grad=False``
+    stops the image loss at the map: the estimator then learns from the map loss alone and its
+    map stays a noise level (end to end, as CBDNet trains, the image loss may teach it any map
+    the restoration likes). Returns the loss."""
     net.train()
     inner = unwrap(net)
     with torch.autocast(degraded.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
         estimate = inner.estimate(degraded)
-        given = estimate.clone()
+        given = estimate.clone() if map_grad else estimate.detach().clone()
         split = int(round(true_share * degraded.shape[0]))
         given[:split] = noise_map[:split]
         restored = net(degraded, given)
@@ -218,10 +222,12 @@ class Trainer:
         self.ema = ema
 
     def step(self, clean: torch.Tensor, degraded: torch.Tensor, lr: float,
-             noise_map: torch.Tensor | None = None, true_share: float = 0.5) -> float:
+             noise_map: torch.Tensor | None = None, true_share: float = 0.5,
+             map_grad: bool = True) -> float:
         """One step at learning rate ``lr`` on a batch already on the net's device; returns
         the loss before the step (not finite when training diverged). With ``noise_map`` (a
-        noise-map net's true noise levels) it is a :func:`noise_map_step`. A parameter group
+        noise-map net's true noise levels) it is a :func:`noise_map_step` (``true_share`` and
+        ``map_grad`` are its own). A parameter group
         with an ``lr_scale`` runs at that multiple of ``lr``."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -230,7 +236,7 @@ class Trainer:
         if noise_map is not None:
             loss = noise_map_step(self.net, self.optimizer, clean, degraded, noise_map,
                                   true_share=true_share,
-                                  autocast_dtype=self.precision.autocast)
+                                  autocast_dtype=self.precision.autocast, map_grad=map_grad)
         else:
             loss = train_step(self.net, self.optimizer, clean, degraded, self.loss,
                               self.precision.autocast)

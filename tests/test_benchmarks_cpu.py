@@ -141,7 +141,7 @@ def test_cpu_backends_pixel_check_finds_a_backend_off_by_levels(tmp_path):
     assert bench.verdict(rows, "channels_last").endswith(": adopt")
 
 
-def test_user_photos_of_the_as_cli_benchmark_are_never_tile_multiples():
+def _overhead_benchmark():
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("bench_pipeline_overhead",
@@ -152,6 +152,29 @@ def test_user_photos_of_the_as_cli_benchmark_are_never_tile_multiples():
         spec.loader.exec_module(bench)
     finally:
         sys.path.remove(str(BENCHMARKS))
+    return bench
+
+
+def test_the_crops_set_is_ten_crops_to_one_photo_and_the_flags_pick_the_sizes():
+    import argparse
+
+    bench = _overhead_benchmark()
+    sizes = bench.crop_photo_sizes(1100)
+    assert sizes.count((384, 384)) == 1000 and sizes.count((500, 500)) == 100
+    assert sizes[:11] == [(384, 384)] * 10 + [(500, 500)]  # interleaved, not 100 at the end
+
+    def flags(**given):
+        return argparse.Namespace(**{"images": 22, "crops": False, "user_photos": False,
+                                     "as_cli": False, **given})
+
+    assert bench.photo_sizes(flags()) is None  # the mixed small SIZES
+    assert bench.photo_sizes(flags(crops=True, as_cli=True)) == bench.crop_photo_sizes(22)
+    assert bench.photo_sizes(flags(as_cli=True)) == bench.user_photo_sizes(22)
+    assert bench.photo_sizes(flags(user_photos=True)) == bench.user_photo_sizes(22)
+
+
+def test_user_photos_of_the_as_cli_benchmark_are_never_tile_multiples():
+    bench = _overhead_benchmark()
     sizes = bench.user_photo_sizes(500)
     assert len(sizes) == 500 and sizes == bench.user_photo_sizes(500)  # deterministic
     sides = [side for size in sizes for side in size]

@@ -367,6 +367,37 @@ def test_a_frozen_part_keeps_every_weight_while_the_rest_trains(practical):
         recipes._optimizer(whole, everything, 1e-2)
 
 
+def test_without_map_grad_the_estimator_learns_from_the_map_loss_alone(practical):
+    """``map_grad = False``: the image loss stops at the map, so the estimator's gradient is
+    the map loss's alone (the same as a step on the map loss by hand); end to end (the default)
+    the image loss adds to it. The trunk learns either way."""
+    from restorer.train import asymmetric_map_loss, noise_map_step
+
+    recipe = recipes.override(recipes.RECIPES["tinyreal"], "map_grad=false")
+    assert recipe.map_grad is False
+    torch.manual_seed(0)
+    clean = torch.rand(4, 3, 16, 16)
+    degraded = clean + 0.1 * torch.randn(clean.shape)
+    target = torch.full_like(clean, 0.1)
+
+    def estimator_grads(net, map_grad):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+        noise_map_step(net, optimizer, clean, degraded, target, true_share=0.0,
+                       map_grad=map_grad)
+        return [p.grad.clone() for p in net.estimator.parameters()], net.trunk
+
+    net = build_net(recipe.net)
+    detached, trunk = estimator_grads(net, map_grad=False)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trunk.parameters()
+               if p.requires_grad and p.dim() > 1)
+    net.zero_grad()
+    asymmetric_map_loss(net.estimate(degraded), target).backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-7)
+               for a, p in zip(detached, net.estimator.parameters()))
+    end_to_end, _ = estimator_grads(net, map_grad=True)
+    assert any(not torch.allclose(a, b, atol=1e-7) for a, b in zip(detached, end_to_end))
+
+
 @pytest.mark.slow  # trains for a few seconds of wall-clock time
 def test_practical_recipe_continues_a_unet_and_ships_with_its_stages(practical, tmp_path):
     root, trunk = practical

@@ -23,7 +23,8 @@ actor process, the task workers and Ray's own processes.
     python tests/benchmarks/bench_pipeline_overhead.py --as-cli [--images 1100] [--repeats 3]
 
 - images: photo-like JPEGs (quality 90) with sides drawn from 384-768 px, never a multiple of
-  the 256 px tile (:func:`user_photo_sizes`);
+  the 256 px tile (:func:`user_photo_sizes`); with ``--crops``, 384 x 384 crops and one
+  500 x 500 photo in 11 (:func:`crop_photo_sizes`: the set the throughput issue measured);
 - **restorer**: ``restorer restore IN OUT --model cheap.safetensors`` in a subprocess, every
   other setting at its default (its own embedded Ray with all CPUs and Ray's default object
   store, the output format of the input, the default audit, plan and tile); its steady
@@ -97,6 +98,19 @@ def user_photo_sizes(count: int, tile: int = 256, seed: int = 0) -> list[tuple[i
     rng = np.random.default_rng(seed)
     sides = [int(s) for s in rng.integers(384, 769, 4 * count) if s % tile]
     return list(zip(sides[0::2], sides[1::2]))[:count]
+
+
+def crop_photo_sizes(count: int) -> list[tuple[int, int]]:
+    """(height, width) of the crops-and-photos set the throughput issue measured with: ten 384 x
+    384 crops to one whole 500 x 500 photo (1,000 and 100 in 1,100 images), interleaved."""
+    return [(500, 500) if i % 11 == 10 else (384, 384) for i in range(count)]
+
+
+def photo_sizes(args: argparse.Namespace) -> list[tuple[int, int]] | None:
+    """The image sizes the flags ask for (None: the mixed small :data:`SIZES`)."""
+    if args.crops:
+        return crop_photo_sizes(args.images)
+    return user_photo_sizes(args.images) if args.user_photos or args.as_cli else None
 
 
 def write_photos(folder: Path, count: int, sizes: list[tuple[int, int]] | None = None) -> None:
@@ -405,7 +419,7 @@ def main_as_cli(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-as-cli-") as scratch:
         root = Path(scratch)
         source = root / "in"
-        sizes = user_photo_sizes(args.images)
+        sizes = photo_sizes(args)
         write_photos(source, args.images, sizes)
         net = build_net({"arch": "dncnn", "channels": 3, "num_features": 4, "num_layers": 2})
         model = str(root / "cheap.safetensors")
@@ -459,8 +473,7 @@ def main_in_process(args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-in-process-") as scratch:
         root = Path(scratch)
         source = root / "in"
-        sizes = user_photo_sizes(args.images) if args.user_photos else None
-        write_photos(source, args.images, sizes)
+        write_photos(source, args.images, photo_sizes(args))
         model = str(root / "cheap.safetensors")
         save_model(model, build_net({"arch": "dncnn", "channels": 3, "num_features": 4,
                                      "num_layers": 2}))
@@ -538,6 +551,9 @@ def main() -> None:
     parser.add_argument("--skip-plain", action="store_true", help="restorer only (profiling)")
     parser.add_argument("--as-cli", action="store_true", help="run `restorer restore` with its "
                         "defaults on photo JPEGs of 384-768 px (see the module docstring)")
+    parser.add_argument("--crops", action="store_true", help="--as-cli: 384 x 384 crops with "
+                        "one 500 x 500 photo in 11 (crop_photo_sizes) instead of 384-768 px "
+                        "sides")
     parser.add_argument("--variant", action="append", default=[], metavar="FLAGS",
                         help="--as-cli: also run `restorer restore` with these flags, e.g. "
                         "'--workers 1' (repeatable)")
@@ -557,8 +573,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-overhead-") as scratch:
         root = Path(scratch)
         source = root / "in"
-        photo_sizes = user_photo_sizes(args.images) if args.user_photos else None
-        write_photos(source, args.images, photo_sizes)
+        sizes = photo_sizes(args)
+        write_photos(source, args.images, sizes)
         net = build_net({"arch": "dncnn", "channels": 3, "num_features": 4, "num_layers": 2})
         model = str(root / "cheap.safetensors")
         save_model(model, net)
@@ -583,9 +599,9 @@ def main() -> None:
             print(f"repeat {repeat}: plain {plain[-1] if plain else float('nan'):.1f}, "
                   f"restorer {rate:.1f} images/s", flush=True)
         ray.shutdown()
-    sizes = (["384-768 px sides (user_photo_sizes)"] if args.user_photos else
-             sorted({f"{w}x{h}" for h, w in SIZES[:min(args.images, len(SIZES))]}))
-    result = {"images": args.images, "sizes": sizes, "repeats": args.repeats,
+    shown = (["384-768 px sides (user_photo_sizes)"] if args.user_photos and not args.crops else
+             sorted({f"{w}x{h}" for h, w in sizes or SIZES[:min(args.images, len(SIZES))]}))
+    result = {"images": args.images, "sizes": shown, "repeats": args.repeats,
               "plain_images_per_second": plain, "restorer_images_per_second": ours}
     print(json.dumps(result))
     restorer_rate = statistics.median(ours)
