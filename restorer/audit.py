@@ -86,18 +86,28 @@ AUDIT_SIDE = 128  # px: the actor measures noise and residual structure on the c
 # of this side (the score was calibrated on 128 px crops), the change on a strided view of it
 
 
+MAD_GAUSSIAN = 0.6745  # median absolute value of a unit Gaussian: MAD / this = its std
+
+
+def haar_diagonal(x: torch.Tensor) -> torch.Tensor:
+    """The finest-scale diagonal Haar coefficients of ``x`` (``...HW``; an odd last row or
+    column is left out), float32: ``(a - b - c + d) / 2`` of each 2x2 block. For white noise
+    of std s they are white with std s, and a smooth image adds little to them: the basis of
+    :func:`noise_sigma` and of the flat fill's ``restorer.flat.noise_level``."""
+    height, width = (x.shape[-2] // 2) * 2, (x.shape[-1] // 2) * 2
+    x = x[..., :height, :width].float()
+    return (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2]
+            + x[..., 1::2, 1::2]) / 2
+
+
 def noise_sigma(plane: torch.Tensor) -> torch.Tensor:
     """Std of white Gaussian noise in ``plane`` (``...HW``: one value per plane), by Donoho's
-    robust estimator: the median absolute finest-scale diagonal Haar coefficient over 0.6745
-    (``skimage``'s ``estimate_sigma`` does the same with a db2 wavelet, on the CPU). Image
-    edges inflate it a little; a plane under 8 pixels on a side gives 0."""
-    height, width = (plane.shape[-2] // 2) * 2, (plane.shape[-1] // 2) * 2
-    if min(height, width) < 8:
+    robust estimator: the median absolute :func:`haar_diagonal` coefficient over
+    :data:`MAD_GAUSSIAN` (``skimage``'s ``estimate_sigma`` does the same with a db2 wavelet, on
+    the CPU). Image edges inflate it a little; a plane under 8 pixels on a side gives 0."""
+    if min(plane.shape[-2] // 2 * 2, plane.shape[-1] // 2 * 2) < 8:
         return plane.new_zeros(plane.shape[:-2])
-    x = plane[..., :height, :width].float()
-    diagonal = (x[..., 0::2, 0::2] - x[..., 0::2, 1::2] - x[..., 1::2, 0::2]
-                + x[..., 1::2, 1::2]) / 2
-    return diagonal.abs().flatten(-2).median(-1).values / 0.6745
+    return haar_diagonal(plane).abs().flatten(-2).median(-1).values / MAD_GAUSSIAN
 
 
 def audit_crop(height: int, width: int) -> tuple[int, int]:

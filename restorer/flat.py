@@ -38,6 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from restorer.audit import MAD_GAUSSIAN, haar_diagonal
+
 FLAT_WINDOW = 9  # px: a clean flat region holds windows of this side with one value
 SEED = 0  # of the fill's noise: the same image gets the same fill, run after run
 MODES = ("auto", "on", "off")
@@ -83,17 +85,17 @@ def flat_regions(image: torch.Tensor, window: int = FLAT_WINDOW
 
 def noise_level(image: torch.Tensor, exclude: torch.Tensor) -> torch.Tensor:
     """Per-channel noise std (C11) of a CHW image outside the ``exclude`` mask (1HW): the
-    median absolute diagonal Haar coefficient over 0.6745 of the 2x2 blocks that ``exclude``
-    does not touch; 0 where fewer than 16 such blocks remain."""
+    estimator of :func:`restorer.audit.noise_sigma` (median absolute diagonal Haar coefficient
+    over 0.6745) on the 2x2 blocks that ``exclude`` does not touch; 0 where fewer than 16 such
+    blocks remain."""
     height, width = image.shape[-2] // 2 * 2, image.shape[-1] // 2 * 2
-    x = image[:, :height, :width].float()
-    diagonal = (x[:, 0::2, 0::2] - x[:, 0::2, 1::2] - x[:, 1::2, 0::2] + x[:, 1::2, 1::2]) / 2
+    diagonal = haar_diagonal(image)
     touched = F.max_pool2d(exclude[None, :, :height, :width].float(), 2)[0, 0] > 0
     keep = ~touched
     if int(keep.sum()) < 16:
         return image.new_zeros(image.shape[0], 1, 1)
     values = diagonal[:, keep].abs()
-    return (values.median(1).values / 0.6745)[:, None, None]
+    return (values.median(1).values / MAD_GAUSSIAN)[:, None, None]
 
 
 def fill_flat(image: torch.Tensor, window: int = FLAT_WINDOW

@@ -48,6 +48,24 @@ def test_unknown_mode_is_refused():
         flat.wanted("yes", {})
 
 
+def test_the_fill_and_the_audit_read_noise_with_one_estimator(rng):
+    """flat.noise_level with nothing excluded is audit.noise_sigma plane by plane (one Haar
+    estimator for both), and both find white noise's std on a smooth image, odd sides too."""
+    from restorer.audit import noise_sigma
+
+    y, x = np.mgrid[0:65, 0:91] / 91.0
+    smooth = np.stack([0.3 + 0.4 * x, 0.5 - 0.2 * y, 0.4 + 0.1 * x * y])
+    image = torch.from_numpy(smooth + rng.normal(0, 10 / 255, smooth.shape)).float()
+    nothing = torch.zeros(1, 65, 91, dtype=torch.bool)
+    filled = flat.noise_level(image, nothing).flatten()
+    audited = noise_sigma(image)
+    assert torch.equal(filled, audited)
+    assert torch.allclose(audited * 255, torch.full((3,), 10.0), atol=1.0)
+    half = torch.zeros_like(nothing)
+    half[:, :, :45] = True  # the blocks it touches are left out, as the fill needs
+    assert torch.equal(flat.noise_level(image, half).flatten(), noise_sigma(image[:, :, 46:]))
+
+
 def test_a_photo_without_flat_regions_is_left_alone(rng):
     noisy = np.clip(_photo(rng, 64, 70) + rng.normal(0, 0.05, (64, 70)), 0, 1)
     assert flat.fill_flat(torch.from_numpy(noisy).float()[None]) is None
