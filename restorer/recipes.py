@@ -283,16 +283,17 @@ def _optimizer(net: torch.nn.Module, recipe: Recipe, lr: float) -> torch.optim.O
 
 
 def _parsed_like(current: Any, text: str, key: str) -> Any:
-    """``text`` as a value of ``current``'s type (a tuple: comma-separated, like its items)."""
+    """``text`` as a value of ``current``'s type (a tuple or a net spec's list:
+    comma-separated, like its items)."""
     try:
         if isinstance(current, bool):
             if text.lower() not in ("true", "false"):
                 raise ValueError(text)
             return text.lower() == "true"
-        if isinstance(current, tuple):
+        if isinstance(current, tuple | list):
             kinds = [type(item) for item in current] or [str]
-            return tuple(kinds[min(i, len(kinds) - 1)](item.strip())
-                         for i, item in enumerate(text.split(",")))
+            return type(current)(kinds[min(i, len(kinds) - 1)](item.strip())
+                                 for i, item in enumerate(text.split(",")))
         if current is None:
             return text
         return type(current)(text)
@@ -304,25 +305,29 @@ def _parsed_like(current: Any, text: str, key: str) -> Any:
 def override(recipe: Recipe, setting: str) -> Recipe:
     """``recipe`` with one field changed by ``setting``, ``KEY=VALUE`` where KEY names a field
     of the recipe or, dotted, of one of its parts (``practical.clean=0.25``,
-    ``degradation.blur_sigma=0.3,1.5``); unknown keys are refused with the known ones."""
+    ``degradation.blur_sigma=0.3,1.5``) or of the net's spec (``net.estimator_layers=8``);
+    unknown keys are refused with the known ones."""
     key, sep, text = setting.partition("=")
     if not sep or not key:
         raise ValueError(f"--set {setting!r}: write KEY=VALUE, e.g. practical.clean=0.25")
 
     def replaced(obj: Any, path: list[str]) -> Any:
-        names = [f.name for f in dataclasses.fields(obj)]
+        is_spec = isinstance(obj, dict)
+        names = list(obj) if is_spec else [f.name for f in dataclasses.fields(obj)]
         if path[0] not in names:
-            raise ValueError(f"--set {key}: {type(obj).__name__} has no field {path[0]!r}; "
-                             f"choose from {names}")
-        current = getattr(obj, path[0])
+            raise ValueError(f"--set {key}: {'the net spec' if is_spec else type(obj).__name__}"
+                             f" has no field {path[0]!r}; choose from {names}")
+        current = obj[path[0]] if is_spec else getattr(obj, path[0])
         if len(path) > 1:
-            if not dataclasses.is_dataclass(current):
+            if not (dataclasses.is_dataclass(current) or isinstance(current, dict)):
                 raise ValueError(f"--set {key}: {path[0]!r} has no fields")
             value = replaced(current, path[1:])
         elif dataclasses.is_dataclass(current) or isinstance(current, dict):
             raise ValueError(f"--set {key}: set one of its fields, e.g. {key}.NAME=VALUE")
         else:
             value = _parsed_like(current, text, key)
+        if is_spec:
+            return {**obj, path[0]: value}
         return dataclasses.replace(obj, **{path[0]: value})
 
     return replaced(recipe, key.split("."))

@@ -323,6 +323,16 @@ def test_settings_change_nested_recipe_fields_and_refuse_unknown_ones(practical)
         recipes.override(recipe, "practical.clean")
     with pytest.raises(ValueError, match="set one of its fields"):
         recipes.override(recipe, "degradation=1")
+    # the net's spec too, nested, lists as lists; the net then builds with it
+    wider = recipes.override(recipes.override(recipe, "net.estimator_layers=5"),
+                             "net.trunk.features=4,8,16")
+    assert wider.net["estimator_layers"] == 5 and wider.net["trunk"]["features"] == [4, 8, 16]
+    assert recipe.net["estimator_layers"] == 3 and recipe.net["trunk"]["features"] == [4, 8]
+    assert len(build_net(wider.net).estimator) == 2 * 5 - 1
+    with pytest.raises(ValueError, match=r"net spec has no field 'estimator_layer'"):
+        recipes.override(recipe, "net.estimator_layer=5")
+    with pytest.raises(ValueError, match="set one of its fields"):
+        recipes.override(recipe, "net.trunk=1")
     # the changed fields reach the pairs: all clean crops, so degraded == clean, map 0
     root, _ = practical
     images = recipes.load_training_images(root, changed)
