@@ -276,6 +276,106 @@ def _actor_runner(model: str | LoadedModel | nn.Module | None, tile: int, precis
     return run
 
 
+def _check_evaluate_args(task: str, sigma: float, quality: int | None, scale: int | None,
+                         baseline: str | None, sheet_rows: int, sheet: str | Path | None,
+                         trim: tuple[int, int], frame: float | None, through: str,
+                         measure: str) -> None:
+    """Refuse :func:`evaluate`'s arguments that do not go together, naming the fix."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; choose from {list(TASKS)}")
+    if task == "jpeg" and (quality is None or not 1 <= quality <= 100):
+        raise ValueError(f"task 'jpeg' needs quality in [1, 100], got {quality}")
+    if task == "sr" and not (isinstance(scale, int) and scale >= 2):
+        raise ValueError(f"task 'sr' needs an integer scale >= 2, got {scale!r}")
+    if task in ("denoise", "noise+jpeg", "blur+noise") and not sigma >= 0:
+        raise ValueError(f"sigma must be >= 0, got {sigma}")
+    if task == "noise+jpeg" and (quality is None or not 1 <= quality <= 100):
+        raise ValueError(f"task 'noise+jpeg' needs quality in [1, 100], got {quality}")
+    if measure not in MEASURES:
+        raise ValueError(f"Unknown measure {measure!r}; choose from {list(MEASURES)}")
+    if baseline is not None and (baseline not in BASELINES or task != "denoise"):
+        raise ValueError(f"Unknown baseline {baseline!r} for task {task!r}; "
+                         f"denoising offers {list(BASELINES)}")
+    if sheet is not None and sheet_rows < 1:
+        raise ValueError(f"sheet_rows must be >= 1, got {sheet_rows}")
+    if len(trim) != 2 or min(trim) < 0:
+        raise ValueError(f"trim must be (rows, columns) >= 0, got {trim}")
+    if frame is not None and (task == "sr" or not 0 <= frame <= 255):
+        raise ValueError(f"frame must be a gray level in [0, 255] for denoising or JPEG, got "
+                         f"{frame} for task {task!r}")
+    if through not in THROUGH:
+        raise ValueError(f"Unknown through {through!r}; choose from {list(THROUGH)}")
+
+
+def _degraded(clean8: np.ndarray, name: str, task: str, sigma: float, quality: int | None,
+              scale: int | None, shot: float, read: float, blur: float) -> np.ndarray:
+    """What :func:`evaluate` restores for ``task``: the float degraded image of the clean
+    uint8 ``clean8`` (noise drawn from the image's name, :func:`image_seed`)."""
+    clean = clean8.astype(np.float32) / 255.0
+    if task == "denoise":
+        return degrade.add_gaussian_noise(clean, sigma, np.random.default_rng(image_seed(name)))
+    if task in PHOTO_TASKS:
+        return photo_degradation(clean, task, np.random.default_rng(image_seed(name)),
+                                 sigma=sigma, quality=quality, shot=shot, read=read, blur=blur)
+    if task == "jpeg":
+        return degrade.jpeg_compress(clean8, quality).astype(np.float32) / 255.0
+    return degrade.bicubic_downscale(clean, scale)
+
+
+def _image_row(name: str, clean8: np.ndarray, restored8: np.ndarray, degraded8: np.ndarray,
+               baseline8: np.ndarray | None, task: str, scale: int | None, measure: str,
+               edges: bool, framed: bool) -> dict[str, Any]:
+    """One image's row of :func:`evaluate`: PSNR and SSIM of the output, the input's PSNR, the
+    baseline's, and the band and interior PSNRs with ``edges`` or a frame."""
+    target = _measured(clean8, task, scale, measure)
+    measured = _measured(restored8, task, scale, measure)
+    row = {"name": name, "psnr": metrics.psnr(measured, target),
+           "ssim": metrics.ssim(measured, target),
+           "input_psnr": metrics.psnr(_measured(degraded8, task, scale, measure), target)}
+    if baseline8 is not None:
+        row["baseline_psnr"] = metrics.psnr(baseline8, clean8)
+    if edges or framed:
+        band, inner = (FRAME_BAND, FRAME_BAND) if framed else (EDGE_BAND, EDGE_INNER)
+        box = (0, 0) + target.shape[:2]
+        row["band_psnr"], row["interior_psnr"] = band_psnrs(measured, target, box, band, inner)
+        if baseline8 is not None:
+            row["baseline_band_psnr"], row["baseline_interior_psnr"] = band_psnrs(
+                baseline8, clean8, box, band, inner)
+    return row
+
+
+def _summary(rows: list[dict[str, Any]], task: str, sigma: float, quality: int | None,
+             scale: int | None, shot: float, read: float, blur: float, measure: str,
+             colour: bool) -> dict[str, Any]:
+    """:func:`evaluate`'s result before its timing and rows: the task's settings, what was
+    measured, and the means over ``rows`` (with the band gaps where rows have bands)."""
+    result: dict[str, Any] = {"task": task}
+    if task in ("denoise", "noise+jpeg", "blur+noise"):
+        result["sigma"] = sigma
+    if task in ("jpeg", "noise+jpeg"):
+        result["quality"] = quality
+    if task == "sr":
+        result["scale"] = scale
+    if task == "poisson":
+        result.update(shot=shot, read=read)
+    if task == "blur+noise":
+        result["blur"] = blur
+    luma = task in ("jpeg", "sr") if measure == "auto" else measure == "y"
+    result["measured_on"] = "Y" if luma and colour else "RGB" if colour else "gray"
+    result["count"] = len(rows)
+    for key in ("psnr", "ssim", "input_psnr", "baseline_psnr", "band_psnr", "interior_psnr",
+                "baseline_band_psnr", "baseline_interior_psnr"):
+        if key in rows[0]:
+            result[key] = float(np.mean([row[key] for row in rows]))
+    if "band_psnr" in rows[0]:
+        gaps = [row["interior_psnr"] - row["band_psnr"] for row in rows]
+        result["band_gap_mean"], result["band_gap_max"] = float(np.mean(gaps)), float(max(gaps))
+    if "baseline_band_psnr" in rows[0]:
+        result["baseline_band_gap_mean"] = float(np.mean(
+            [row["baseline_interior_psnr"] - row["baseline_band_psnr"] for row in rows]))
+    return result
+
+
 def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
              task: str = "denoise", sigma: float = 25, quality: int | None = None,
              scale: int | None = None, baseline: str | None = None,
@@ -316,30 +416,8 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
     largest over the images (and ``baseline_band_gap_mean``). With ``sheet``, ``"sheet"`` is its
     path.
     """
-    if task not in TASKS:
-        raise ValueError(f"Unknown task {task!r}; choose from {list(TASKS)}")
-    if task == "jpeg" and (quality is None or not 1 <= quality <= 100):
-        raise ValueError(f"task 'jpeg' needs quality in [1, 100], got {quality}")
-    if task == "sr" and not (isinstance(scale, int) and scale >= 2):
-        raise ValueError(f"task 'sr' needs an integer scale >= 2, got {scale!r}")
-    if task in ("denoise", "noise+jpeg", "blur+noise") and not sigma >= 0:
-        raise ValueError(f"sigma must be >= 0, got {sigma}")
-    if task == "noise+jpeg" and (quality is None or not 1 <= quality <= 100):
-        raise ValueError(f"task 'noise+jpeg' needs quality in [1, 100], got {quality}")
-    if measure not in MEASURES:
-        raise ValueError(f"Unknown measure {measure!r}; choose from {list(MEASURES)}")
-    if baseline is not None and (baseline not in BASELINES or task != "denoise"):
-        raise ValueError(f"Unknown baseline {baseline!r} for task {task!r}; "
-                         f"denoising offers {list(BASELINES)}")
-    if sheet is not None and sheet_rows < 1:
-        raise ValueError(f"sheet_rows must be >= 1, got {sheet_rows}")
-    if len(trim) != 2 or min(trim) < 0:
-        raise ValueError(f"trim must be (rows, columns) >= 0, got {trim}")
-    if frame is not None and (task == "sr" or not 0 <= frame <= 255):
-        raise ValueError(f"frame must be a gray level in [0, 255] for denoising or JPEG, got "
-                         f"{frame} for task {task!r}")
-    if through not in THROUGH:
-        raise ValueError(f"Unknown through {through!r}; choose from {list(THROUGH)}")
+    _check_evaluate_args(task, sigma, quality, scale, baseline, sheet_rows, sheet, trim, frame,
+                         through, measure)
     net = _as_net(model, flat_fill)
     channels = getattr(net, "channels", 1)
     net_scale = getattr(net, "scale", 1)
@@ -366,18 +444,7 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
         if task == "sr":
             height, width = clean8.shape[:2]
             clean8 = clean8[: height - height % scale, : width - width % scale]
-        clean = clean8.astype(np.float32) / 255.0
-        if task == "denoise":
-            degraded = degrade.add_gaussian_noise(clean, sigma, np.random.default_rng(
-                image_seed(path.name)))
-        elif task in PHOTO_TASKS:
-            degraded = photo_degradation(clean, task, np.random.default_rng(
-                image_seed(path.name)), sigma=sigma, quality=quality, shot=shot, read=read,
-                blur=blur)
-        elif task == "jpeg":
-            degraded = degrade.jpeg_compress(clean8, quality).astype(np.float32) / 255.0
-        else:
-            degraded = degrade.bicubic_downscale(clean, scale)
+        degraded = _degraded(clean8, path.name, task, sigma, quality, scale, shot, read, blur)
         if task == "sr" and net_scale == 1:
             degraded = degrade.bicubic_resize(degraded, float(scale))
         height, width = clean8.shape[:2]  # of the image inside the frame, with a frame
@@ -405,53 +472,16 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
             inside = (slice(FRAME, FRAME + height), slice(FRAME, FRAME + width))
             clean8, restored8, degraded8 = clean8[inside], restored8[inside], degraded8[inside]
             baseline8 = None if baseline8 is None else baseline8[inside]
-        target = _measured(clean8, task, scale, measure)
-        measured = _measured(restored8, task, scale, measure)
-        row = {"name": path.name, "psnr": metrics.psnr(measured, target),
-               "ssim": metrics.ssim(measured, target),
-               "input_psnr": metrics.psnr(_measured(degraded8, task, scale, measure), target)}
-        if baseline8 is not None:
-            row["baseline_psnr"] = metrics.psnr(baseline8, clean8)
-        if edges or frame is not None:
-            band, inner = (FRAME_BAND, FRAME_BAND) if frame is not None else (EDGE_BAND,
-                                                                                EDGE_INNER)
-            box = (0, 0) + target.shape[:2]
-            row["band_psnr"], row["interior_psnr"] = band_psnrs(measured, target, box, band,
-                                                                inner)
-            if baseline8 is not None:
-                row["baseline_band_psnr"], row["baseline_interior_psnr"] = band_psnrs(
-                    baseline8, clean8, box, band, inner)
+        row = _image_row(path.name, clean8, restored8, degraded8, baseline8, task, scale,
+                         measure, edges, frame is not None)
         log.debug("%s: %s", path.name, row)
         rows.append(row)
         progress.update(1, psnr=f"{np.mean([r['psnr'] for r in rows]):.2f}")
         if sheet is not None and len(sheet_samples) < sheet_rows:
             sheet_samples.append(SheetRow(path.name, degraded8, restored8, clean8,
                                           row["input_psnr"], row["psnr"]))
-    result: dict[str, Any] = {"task": task}
-    if task in ("denoise", "noise+jpeg", "blur+noise"):
-        result["sigma"] = sigma
-    if task in ("jpeg", "noise+jpeg"):
-        result["quality"] = quality
-    if task == "sr":
-        result["scale"] = scale
-    if task == "poisson":
-        result.update(shot=shot, read=read)
-    if task == "blur+noise":
-        result["blur"] = blur
-    luma = task in ("jpeg", "sr") if measure == "auto" else measure == "y"
-    result["measured_on"] = "Y" if luma and colour else "RGB" if colour else "gray"
     progress.close()
-    result["count"] = len(rows)
-    for key in ("psnr", "ssim", "input_psnr", "baseline_psnr", "band_psnr", "interior_psnr",
-                "baseline_band_psnr", "baseline_interior_psnr"):
-        if key in rows[0]:
-            result[key] = float(np.mean([row[key] for row in rows]))
-    if "band_psnr" in rows[0]:
-        gaps = [row["interior_psnr"] - row["band_psnr"] for row in rows]
-        result["band_gap_mean"], result["band_gap_max"] = float(np.mean(gaps)), float(max(gaps))
-    if "baseline_band_psnr" in rows[0]:
-        result["baseline_band_gap_mean"] = float(np.mean(
-            [row["baseline_interior_psnr"] - row["baseline_band_psnr"] for row in rows]))
+    result = _summary(rows, task, sigma, quality, scale, shot, read, blur, measure, colour)
     result["seconds"] = time.perf_counter() - started
     result["through"] = through
     result["trim"] = list(trim)
