@@ -333,6 +333,52 @@ def override(recipe: Recipe, setting: str) -> Recipe:
     return replaced(recipe, key.split("."))
 
 
+def _as_trained(name: str, settings: Sequence[str], batch: int | None, patch: int | None,
+                estimator_lr_scale: float | None) -> Recipe:
+    """Recipe ``name`` as :func:`train_recipe` trains it: its ``settings`` (:func:`override`)
+    and the command line's batch, patch and estimator rate applied; a recipe that is not
+    trained itself (an opponent net runs another's trunk) is refused naming what to train."""
+    recipe = RECIPES[name]
+    for setting in settings:
+        recipe = override(recipe, setting)
+    if recipe.trunk_of:
+        raise ValueError(f"{name} is not trained itself: its net runs {recipe.trunk_of}'s on "
+                         f"opponent planes; train {recipe.trunk_of}, then `python -m "
+                         f"restorer.recipes {name} --ship` its stage files")
+    if batch:
+        recipe = dataclasses.replace(recipe, batch=batch)
+    if patch:
+        recipe = dataclasses.replace(recipe, patch=patch)
+    if estimator_lr_scale:
+        recipe = dataclasses.replace(recipe, estimator_lr_scale=estimator_lr_scale)
+    return recipe
+
+
+def _starting_net(recipe: Recipe, init: str | None
+                  ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
+    """The recipe's net, with ``init``'s weights when given (a U-Net becomes a noise-map
+    net's trunk, :func:`restorer.nets.noisemap.from_unet`), and what the provenance records
+    of ``init`` (None without one)."""
+    net = build_net(recipe.net)
+    if not init:
+        return net, None
+    start = load_model(init)
+    if recipe.net["arch"] == "noisemap" and start.spec["arch"] == "unet":
+        start = dataclasses.replace(start, net=from_unet(start.net.float(), net.config))
+    if start.net.state_dict().keys() != net.state_dict().keys():
+        raise ValueError(f"{init} holds net {start.spec}, not the recipe's {recipe.net}")
+    net.load_state_dict(start.net.state_dict())
+    return net, {"uri": str(init), "sha256": start.sha256,
+                 "steps": start.provenance.get("steps_total", start.provenance.get("steps")),
+                 "wall_seconds": start.provenance.get("wall_seconds_total")}
+
+
+def _snapshot(step: int, net: torch.nn.Module, ema: torch.nn.Module) -> dict[str, Any]:
+    """Copies of the net's and the EMA's weights at ``step``: where a diverged run goes back."""
+    return {"step": step, "net": {k: v.clone() for k, v in net.state_dict().items()},
+            "ema": {k: v.clone() for k, v in ema.state_dict().items()}}
+
+
 def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: float,
                  device: str = "auto", init: str | None = None, lr: float | None = None,
                  seed: int = 0, val_seconds: float = 150.0, workers: int = 4,
@@ -348,19 +394,7 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
     records the recipe as trained. ``precision_name`` (auto, fp32, bf16; default: bf16 on
     CUDA and on CPUs with native bf16) is how the steps compute
     (:func:`restorer.train.precision_for`)."""
-    recipe = RECIPES[name]
-    for setting in settings:
-        recipe = override(recipe, setting)
-    if recipe.trunk_of:
-        raise ValueError(f"{name} is not trained itself: its net runs {recipe.trunk_of}'s on "
-                         f"opponent planes; train {recipe.trunk_of}, then `python -m "
-                         f"restorer.recipes {name} --ship` its stage files")
-    if batch:
-        recipe = dataclasses.replace(recipe, batch=batch)
-    if patch:
-        recipe = dataclasses.replace(recipe, patch=patch)
-    if estimator_lr_scale:
-        recipe = dataclasses.replace(recipe, estimator_lr_scale=estimator_lr_scale)
+    recipe = _as_trained(name, settings, batch, patch, estimator_lr_scale)
     data = Path(data)
     out = Path(out_dir) / f"{name}.safetensors"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -370,18 +404,7 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
     setup_started = time.perf_counter()
     images = load_training_images(data, recipe)
     batches = Batches(recipe, images, device, seed, workers)
-    net = build_net(recipe.net)
-    init_info = None
-    if init:
-        start = load_model(init)
-        if recipe.net["arch"] == "noisemap" and start.spec["arch"] == "unet":
-            start = dataclasses.replace(start, net=from_unet(start.net.float(), net.config))
-        if start.net.state_dict().keys() != net.state_dict().keys():
-            raise ValueError(f"{init} holds net {start.spec}, not the recipe's {recipe.net}")
-        net.load_state_dict(start.net.state_dict())
-        init_info = {"uri": str(init), "sha256": start.sha256,
-                     "steps": start.provenance.get("steps_total", start.provenance.get("steps")),
-                     "wall_seconds": start.provenance.get("wall_seconds_total")}
+    net, init_info = _starting_net(recipe, init)
     # bf16 autocast and channels_last on CUDA, and on CPUs with native bf16 (2x the steps)
     precision = precision_for(device, precision_name or (
         "bf16" if device.type == "cpu" and cpu_has_bf16() else "auto"))
@@ -410,8 +433,7 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
     started = time.perf_counter()
     last_val = started
     step, running = 0, 0.0
-    good = {"step": 0, "net": {k: v.clone() for k, v in net.state_dict().items()},
-            "ema": {k: v.clone() for k, v in ema.state_dict().items()}}
+    good = _snapshot(0, net, ema)
     prior_steps = (init_info or {}).get("steps") or 0
     prior_wall = (init_info or {}).get("wall_seconds") or 0.0
 
@@ -450,8 +472,7 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
         running += loss
         step += 1
         if step % LOG_EVERY == 0:
-            good = {"step": step, "net": {k: v.clone() for k, v in net.state_dict().items()},
-                    "ema": {k: v.clone() for k, v in ema.state_dict().items()}}
+            good = _snapshot(step, net, ema)
             log.info("%s step %d loss %.5f lr %.2e %.1f steps/s", name, step, running / LOG_EVERY,
                      trainer.optimizer.param_groups[0]["lr"],
                      step / (time.perf_counter() - started))
