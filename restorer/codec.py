@@ -295,6 +295,16 @@ def _read_tiff(data: bytes, max_pixels: int, name: str,
         icc = page.tags.valueof("InterColorProfile")
         orientation = page.tags.valueof("Orientation", 1)
         planar = page.planarconfig == 2
+    return _tiff_decoded(array, planar, photometric, photometric_name, extra, bits, icc,
+                         orientation, note, name), None
+
+
+def _tiff_decoded(array: np.ndarray, planar: bool, photometric: int, photometric_name: str,
+                  extra: tuple[int, ...], bits: int, icc: bytes | None, orientation: int,
+                  note: str, name: str) -> Decoded:
+    """A TIFF page's samples as tifffile read them (:func:`_read_tiff`), as restorer's pixels:
+    planes last, alpha split off (un-premultiplied when associated, further extra samples
+    dropped), min-is-white inverted, CMYK to RGB, the orientation applied."""
     if array.ndim == 3 and planar:
         array = np.moveaxis(array, 0, -1)
     if array.ndim == 2:
@@ -326,7 +336,7 @@ def _read_tiff(data: bytes, max_pixels: int, name: str,
         notes.append(cmyk_note)
     pixels = orient(pixels, orientation)
     alpha = None if alpha is None else orient(alpha, orientation)
-    return Decoded(pixels, alpha, "TIFF", mode, icc, None, _join(*notes)), None
+    return Decoded(pixels, alpha, "TIFF", mode, icc, None, _join(*notes))
 
 
 def _cmyk_to_rgb(image: Image.Image, icc: bytes | None) -> tuple[Image.Image, bytes | None, str]:
@@ -441,7 +451,15 @@ def decode(data: bytes, max_pixels: int = 100_000_000, name: str = "image") -> D
         pixels = orient(pixels, orientation)
         alpha = None if alpha is None else orient(alpha, orientation)
         return Decoded(pixels, alpha, source_format, source_mode, icc, exif_bytes, note)
-    image = oriented
+    return _from_pillow(oriented, name, source_format, source_mode, icc, exif_bytes, note, jpeg)
+
+
+def _from_pillow(image: Image.Image, name: str, source_format: str, source_mode: str,
+                 icc: bytes | None, exif_bytes: bytes | None, note: str,
+                 jpeg: JpegSettings | None) -> Decoded:
+    """:func:`decode`'s result from the loaded, oriented Pillow image: palettes, bilevel, CMYK
+    (through its profile), YCbCr/LAB/HSV and premultiplied modes converted; 16- and 32-bit
+    integer planes as uint16; float images refused."""
     mode = image.mode
     if mode == "P":
         image = image.convert("RGBA" if "transparency" in image.info else "RGB")
