@@ -265,6 +265,14 @@ def _run_leased(spec: RestoreSpec, model_uri: str, model_sha256: str, net: torch
             raise
         if counting is not None:  # the walk began with the job: it is done, or nearly
             counting.join(timeout=COUNT_WAIT_SECONDS)
+    return _end_of_job(spec, state, resumed, stop, stop_signal, registry, ours)
+
+
+def _end_of_job(spec: RestoreSpec, state: JobState, resumed: bool, stop: threading.Event,
+                stop_signal: dict[str, str], registry: Any, ours: bool) -> dict[str, Any]:
+    """The job's summary once its pipeline ended: audited and written in full when it ran to
+    the end; from the counters in hand (within a pod's grace period) when it was stopped, its
+    Ray ended first if the job started it, and then :class:`JobStopped` raised with it."""
     if not stop.is_set():
         _release(registry)  # every batch is in: no actor asks it any more
     state.total = state.succeeded + state.failed + state.skipped

@@ -419,8 +419,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from restorer.nets import net_spec
-
     spec: TrainSpec = config["spec"]
     options = spec.storage.options()
     if config["threads"]:
@@ -429,15 +427,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank = context.get_world_rank()
     device = ray.train.torch.get_device()
     torch.manual_seed(spec.optim.seed)  # same initial weights on every rank
-    net = build_net(spec.net)
-    if spec.output.init:
-        from restorer.models import get_model
-
-        start = get_model(spec.output.init, options)
-        if start.spec != net_spec(build_net(spec.net)):
-            raise JobError(f"{spec.output.init} holds net {start.spec}, not {spec.net}; "
-                           "fine-tuning needs the same net spec")
-        net.load_state_dict(start.net.state_dict())
+    net = _starting_net(spec, options)
     channels = net.channels
     images, _ = load_clean_images(spec.data.uri, channels, options,
                                   min_side=spec.optim.patch_size)
@@ -490,23 +480,49 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if resumed_from is not None:  # the first record after a resume says where from
                 metrics["resumed_from"], resumed_from = resumed_from, None
             running, count = 0.0, 0
-            if rank == 0:
-                model = build_net(spec.net)  # on the CPU, where validation runs
-                model.load_state_dict(trainer.averaged().state_dict())
-                if val_images:
-                    metrics.update(validate_net(model, val_images, spec.degradation,
-                                                spec.data.val_crop))
-                history.append(metrics)
-                with tempfile.TemporaryDirectory() as folder:
-                    write_checkpoint(folder, spec, model, trainer, step, history,
-                                     context.get_world_size())
-                    ray.train.report(metrics,
-                                     checkpoint=ray.train.Checkpoint.from_directory(folder))
-            else:
-                ray.train.report(metrics, checkpoint=None)
+            _report(spec, trainer, metrics, history, val_images, rank, context.get_world_size())
             control.checkpointed(metrics, why)
             if why == "stop":
                 break
+
+
+def _starting_net(spec: TrainSpec, options: storage.StorageOptions) -> torch.nn.Module:
+    """The spec's net, with the weights of ``output.init`` when given (the same net spec, or a
+    ``JobError`` naming both)."""
+    from restorer.nets import net_spec
+
+    net = build_net(spec.net)
+    if spec.output.init:
+        from restorer.models import get_model
+
+        start = get_model(spec.output.init, options)
+        if start.spec != net_spec(build_net(spec.net)):
+            raise JobError(f"{spec.output.init} holds net {start.spec}, not {spec.net}; "
+                           "fine-tuning needs the same net spec")
+        net.load_state_dict(start.net.state_dict())
+    return net
+
+
+def _report(spec: TrainSpec, trainer: Trainer, metrics: dict[str, Any],
+            history: list[dict[str, Any]], val_images: list[np.ndarray], rank: int,
+            world_size: int) -> None:
+    """Report a checkpoint to Ray Train at the same step on every rank: rank 0 validates the
+    averaged weights on the CPU, adds the figures to ``metrics`` and ``history`` and hands a
+    checkpoint folder over; the other ranks report ``metrics`` alone."""
+    import ray.train
+
+    if rank != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    model = build_net(spec.net)  # on the CPU, where validation runs
+    model.load_state_dict(trainer.averaged().state_dict())
+    if val_images:
+        metrics.update(validate_net(model, val_images, spec.degradation, spec.data.val_crop))
+    history.append(metrics)
+    step = metrics["step"]
+    with tempfile.TemporaryDirectory() as folder:
+        write_checkpoint(folder, spec, model, trainer, step, history, world_size)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
 class _Control:
