@@ -765,8 +765,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="how steps compute (default: bf16 autocast on CUDA and on CPUs "
                              "with native bf16, else fp32)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="change a field of the recipe, dotted for its parts: "
-                             "practical.clean=0.25, degradation.blur=0.15, map_true_share=0.25 "
+                        help="change a field of the recipe, dotted for its parts and its "
+                             "net's spec: practical.clean=0.25, degradation.blur=0.15, "
+                             "map_true_share=0.25, map_grad=false, net.estimator_layers=8 "
                              "(repeatable)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
