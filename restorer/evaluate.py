@@ -229,6 +229,11 @@ def _bm3d_baseline(noisy: np.ndarray, sigma_255: float) -> np.ndarray:
     return bm3d.bm3d(noisy, sigma_psd=sigma_255 / 255.0)
 
 
+def _baseline(name: str, noisy: np.ndarray, sigma_255: float) -> np.ndarray:
+    """The classical denoiser ``name`` (one of ``BASELINES``) on ``noisy``, told ``sigma_255``."""
+    return (_bm3d_baseline if name == "bm3d" else _nlm_baseline)(noisy, sigma_255)
+
+
 def band_psnrs(restored: np.ndarray, clean: np.ndarray, box: tuple[int, int, int, int],
                band: int, inner: int) -> tuple[float, float]:
     """PSNR (dB, ``[0, 255]`` scale) of a band along the sides of a box, and of its interior.
@@ -305,6 +310,21 @@ def _check_evaluate_args(task: str, sigma: float, quality: int | None, scale: in
                          f"{frame} for task {task!r}")
     if through not in THROUGH:
         raise ValueError(f"Unknown through {through!r}; choose from {list(THROUGH)}")
+
+
+def _clean_image(path: Path, channels: int, task: str, trim: tuple[int, int],
+                 scale: int | None) -> np.ndarray:
+    """The uint8 ground truth :func:`evaluate` measures against: the test image less ``trim``
+    rows and columns, cropped to a multiple of ``scale`` for super-resolution."""
+    clean8 = _read_test_image(path, channels, task)
+    height, width = clean8.shape[:2]
+    if trim[0] >= height or trim[1] >= width:
+        raise ValueError(f"trim {trim} leaves nothing of {path.name} ({height}x{width})")
+    clean8 = clean8[: height - trim[0], : width - trim[1]]
+    if task == "sr":
+        height, width = clean8.shape[:2]
+        clean8 = clean8[: height - height % scale, : width - width % scale]
+    return clean8
 
 
 def _degraded(clean8: np.ndarray, name: str, task: str, sigma: float, quality: int | None,
@@ -435,15 +455,8 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
     progress = Progress(f"eval {task}", len(paths))
     colour = False  # any colour image measured
     for path in paths:
-        clean8 = _read_test_image(path, channels, task)
+        clean8 = _clean_image(path, channels, task, trim, scale)
         colour = colour or clean8.ndim == 3
-        height, width = clean8.shape[:2]
-        if trim[0] >= height or trim[1] >= width:
-            raise ValueError(f"trim {trim} leaves nothing of {path.name} ({height}x{width})")
-        clean8 = clean8[: height - trim[0], : width - trim[1]]
-        if task == "sr":
-            height, width = clean8.shape[:2]
-            clean8 = clean8[: height - height % scale, : width - width % scale]
         degraded = _degraded(clean8, path.name, task, sigma, quality, scale, shot, read, blur)
         if task == "sr" and net_scale == 1:
             degraded = degrade.bicubic_resize(degraded, float(scale))
@@ -463,11 +476,7 @@ def evaluate(model: str | LoadedModel | nn.Module | None, data_dir: str | Path,
             degraded8 = to_uint8(degraded)
         else:  # LR input of an SR net: measure the bicubic upscale
             degraded8 = to_uint8(degrade.bicubic_resize(degraded, float(scale)))
-        baseline8 = None
-        if baseline == "nlm":
-            baseline8 = to_uint8(_nlm_baseline(given, sigma))
-        elif baseline == "bm3d":
-            baseline8 = to_uint8(_bm3d_baseline(given, sigma))
+        baseline8 = None if baseline is None else to_uint8(_baseline(baseline, given, sigma))
         if frame is not None:  # measure the image inside the frame
             inside = (slice(FRAME, FRAME + height), slice(FRAME, FRAME + width))
             clean8, restored8, degraded8 = clean8[inside], restored8[inside], degraded8[inside]
@@ -594,7 +603,7 @@ def evaluate_pairs(model: str | LoadedModel | nn.Module | None, folder: str | Pa
         if baseline is not None:
             sigma = estimated_sigma(noisy8)
             given = noisy8.astype(np.float32) / 255.0
-            denoised = (_bm3d_baseline if baseline == "bm3d" else _nlm_baseline)(given, sigma)
+            denoised = _baseline(baseline, given, sigma)
             row["baseline_psnr"] = metrics.psnr(to_uint8(denoised), clean8)
             row["baseline_sigma"] = sigma
         rows.append(row)
