@@ -379,6 +379,19 @@ def _snapshot(step: int, net: torch.nn.Module, ema: torch.nn.Module) -> dict[str
             "ema": {k: v.clone() for k, v in ema.state_dict().items()}}
 
 
+def _provenance(name: str, recipe: Recipe, command: str | None, lr: float, seed: int,
+                images: int, device: torch.device, net: torch.nn.Module,
+                init_info: dict[str, Any] | None, bf16: bool) -> dict[str, Any]:
+    """What a stage's model file says of how it was made, before its steps and history."""
+    return {
+        "recipe": name, "command": command or shlex.join([sys.executable] + sys.argv),
+        "config": {**asdict(recipe), "lr": lr, "seed": seed},
+        "data": {"train": list(recipe.train), "train_images": images},
+        "hardware": hardware(device), "parameters": count_parameters(net), "init": init_info,
+        "precision": "bf16" if bf16 else "fp32",
+    }
+
+
 def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: float,
                  device: str = "auto", init: str | None = None, lr: float | None = None,
                  seed: int = 0, val_seconds: float = 150.0, workers: int = 4,
@@ -418,13 +431,8 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
                       precision, EMA(net, recipe.ema, buffers=False))
     schedule = Schedule(base_lr, recipe.min_lr, recipe.warmup)  # by wall time, warm-up by step
     ema = trainer.averaged()
-    provenance: dict[str, Any] = {
-        "recipe": name, "command": command or shlex.join([sys.executable] + sys.argv),
-        "config": {**asdict(recipe), "lr": base_lr, "seed": seed},
-        "data": {"train": list(recipe.train), "train_images": len(images)},
-        "hardware": hardware(device), "parameters": count_parameters(net), "init": init_info,
-        "precision": "bf16" if precision.autocast is not None else "fp32",
-    }
+    provenance = _provenance(name, recipe, command, base_lr, seed, len(images), device, net,
+                             init_info, precision.autocast is not None)
     history: list[dict[str, Any]] = []
     setup_seconds = time.perf_counter() - setup_started
     log.info("%s: %s, %d parameters, %d training images, setup %.0f s on %s", name, recipe.net,
