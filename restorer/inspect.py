@@ -9,17 +9,8 @@ from typing import Any
 
 from restorer import digest, storage
 from restorer.errors import JobError, SpecError
-from restorer.report import (
-    DEFAULT_OPTIONS,
-    MIN_RECORDS,
-    MIN_SPREAD,
-    OUTLIER_K,
-    flag_outliers,
-    ledger_records,
-    meta_uri,
-    report_uri,
-    table_batches,
-)
+from restorer.ledger import DEFAULT_OPTIONS, ledger_records, meta_uri, table_batches
+from restorer.report import MIN_RECORDS, MIN_SPREAD, OUTLIER_K, flag_outliers, report_uri
 
 MAX_ERRORS = 100  # error records returned; all of them are in _restorer/errors.parquet
 SORT_COLUMNS = ("change_mean", "change_p99", "residual_structure")  # what `top` can rank by
