@@ -227,8 +227,8 @@ class Trainer:
         """One step at learning rate ``lr`` on a batch already on the net's device; returns
         the loss before the step (not finite when training diverged). With ``noise_map`` (a
         noise-map net's true noise levels) it is a :func:`noise_map_step` (``true_share`` and
-        ``map_grad`` are its own). A parameter group
-        with an ``lr_scale`` runs at that multiple of ``lr``."""
+        ``map_grad`` are its own). A parameter group with an ``lr_scale`` runs at that
+        multiple of ``lr``."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.precision.channels_last:

@@ -551,9 +551,9 @@ def main() -> None:
     parser.add_argument("--skip-plain", action="store_true", help="restorer only (profiling)")
     parser.add_argument("--as-cli", action="store_true", help="run `restorer restore` with its "
                         "defaults on photo JPEGs of 384-768 px (see the module docstring)")
-    parser.add_argument("--crops", action="store_true", help="--as-cli: 384 x 384 crops with "
-                        "one 500 x 500 photo in 11 (crop_photo_sizes) instead of 384-768 px "
-                        "sides")
+    parser.add_argument("--crops", action="store_true", help="384 x 384 crops with one "
+                        "500 x 500 photo in 11 (crop_photo_sizes), in any mode, instead of "
+                        "its own sizes")
     parser.add_argument("--variant", action="append", default=[], metavar="FLAGS",
                         help="--as-cli: also run `restorer restore` with these flags, e.g. "
                         "'--workers 1' (repeatable)")
