@@ -6,6 +6,7 @@ Token authentication (Ray's default for local clusters since 2.59) stays on unle
 set the variable already, or imported Ray before restorer.
 """
 
+import importlib
 import os
 import sys
 
@@ -16,19 +17,28 @@ if "ray" not in sys.modules:
 
 __version__ = "0.1.0"
 
-# The public API: ``restorer.restore("photos/", "restored/", model="denoise-gray")``; the
-# driver lives in ``restorer.pipeline``, the actor class in ``restorer.actor`` (also importable
-# from ``restorer.pipeline``).
-# Imported on first use, so that the Ray-free parts (nets, training steps, checkpoints) import
-# where Ray is not installed (a bare GPU box that runs ``python -m restorer.recipes``).
+# The package is grouped in wings, each importing only the wings below it (README, "Layout";
+# tests/test_layers.py keeps the order): errors < image < io, nets < weights < job < output <
+# report < pipeline < quality < train < launch < cli. Each wing's ``__init__`` names its public
+# faces, imported from their modules on first use (:func:`faces`), so that the Ray-free wings
+# (nets, image, weights, train's core) import where Ray is not installed (a bare GPU box that
+# runs ``python -m restorer.train.recipes``).
+#
+# The public API: ``restorer.restore("photos/", "restored/", model="denoise-gray")``, and
+# ``restore``, ``run_restore`` and ``RestoreActor`` from :mod:`restorer.pipeline`.
 
 
-def __getattr__(name):
-    if name == "restore":
-        from restorer.pipeline import restore
+def faces(package: str, homes: dict[str, str]):
+    """A wing's module ``__getattr__`` (PEP 562): ``homes`` maps each public name to the module
+    of ``package`` that defines it, imported when the name is first asked for."""
 
-        return restore
-    raise AttributeError(f"module 'restorer' has no attribute {name!r}")
+    def __getattr__(name: str):
+        if name not in homes:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(f"{package}.{homes[name]}"), name)
+
+    return __getattr__
 
 
-__all__ = ["__version__", "restore"]
+__getattr__ = faces(__name__, {"restore": "pipeline"})
+__all__ = ["__version__", "faces", "restore"]

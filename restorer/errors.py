@@ -103,7 +103,7 @@ def classify(error: BaseException) -> str:
     allocate memory"), device errors (CUDA, cuDNN, cuBLAS) and a full, failing or stale disk
     (``ENOSPC``, ``EDQUOT``, ``EIO``, ``ESTALE``): every stage uses this one classifier, and
     a transient fault that repeats for one image in ``limits.transient_runs`` runs is
-    quarantined by the driver (:func:`restorer.pipeline._close_unit`).
+    quarantined by the driver (:func:`restorer.pipeline.driver._close_unit`).
     """
     seen: set[int] = set()
     chain: BaseException | None = error

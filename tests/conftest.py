@@ -34,8 +34,8 @@ import pytest
 import torch
 from PIL import Image
 
-from restorer.checkpoint import save_model
 from restorer.nets import build_net
+from restorer.weights.checkpoint import save_model
 
 # --- markers: derived from fixtures, never set by hand ---------------------------------------
 

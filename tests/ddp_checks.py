@@ -1,4 +1,4 @@
-"""DDP checks of restorer.train, each run by tests/test_train.py in a process of its own.
+"""DDP checks of restorer.train.core, each run by tests/test_train.py in a process of its own.
 
 A gloo process group set up inside the pytest process hung two full CI runs (2026-12-06),
 once over TCP and once on a file store over loopback, while it passed alone; in a child
@@ -18,15 +18,15 @@ import torch
 import torch.distributed as dist
 from test_train import TINY_NET, _batch  # this folder is on the path of a script run in it
 
-from restorer import train
 from restorer.nets import build_net
+from restorer.train import core
 
 
 def trainer_on_a_ddp_net_keeps_unwrapped_state() -> None:
     torch.manual_seed(0)
     net = torch.nn.parallel.DistributedDataParallel(build_net(TINY_NET))
-    trainer = train.Trainer(net, torch.optim.Adam(net.parameters(), lr=1e-2), "l1",
-                            train.Precision(), train.EMA(net, 0.9))
+    trainer = core.Trainer(net, torch.optim.Adam(net.parameters(), lr=1e-2), "l1",
+                            core.Precision(), core.EMA(net, 0.9))
     clean, noisy = _batch()
     losses = [trainer.step(clean, noisy, lr=1e-2) for _ in range(5)]
     assert losses[-1] < losses[0], losses
@@ -39,7 +39,7 @@ def train_step_reads_the_scale_of_a_ddp_wrapped_net() -> None:
     net = torch.nn.parallel.DistributedDataParallel(
         build_net({"arch": "srnet", "channels": 1, "num_features": 4, "num_blocks": 1}))
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
-    loss = train.train_step(net, optimizer, torch.rand(2, 1, 32, 32), torch.rand(2, 1, 16, 16))
+    loss = core.train_step(net, optimizer, torch.rand(2, 1, 32, 32), torch.rand(2, 1, 16, 16))
     assert loss > 0, loss
 
 

@@ -30,12 +30,12 @@ def free_port() -> int:
 # --- ledger records --------------------------------------------------------------------------
 
 def record(key: str, unit: str, **values) -> dict:
-    """One row of ``restorer.pipeline.RECORD_SCHEMA``: every field empty or zero, then ``key``
-    (also the output key), ``unit``, ``status="ok"``, ``unit_size=1``, ``format="png"`` and
+    """One row of ``restorer.pipeline.driver.RECORD_SCHEMA``: every field empty or zero, then
+    ``key`` (also the output key), ``unit``, ``status="ok"``, ``unit_size=1``, ``format="png"`` and
     ``values`` (which override any of them)."""
     import pyarrow as pa
 
-    from restorer.pipeline import RECORD_SCHEMA
+    from restorer.output.records import RECORD_SCHEMA
 
     row = {f.name: ("" if pa.types.is_string(f.type) else b"" if pa.types.is_binary(f.type)
                     or pa.types.is_large_binary(f.type) else 0) for f in RECORD_SCHEMA}

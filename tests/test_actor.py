@@ -8,11 +8,10 @@ import pytest
 import torch
 
 import restorer
-from restorer import pipeline
-from restorer.checkpoint import save_model
 from restorer.errors import SpecError
 from restorer.nets import build_net
-from restorer.pipeline import RestoreActor
+from restorer.pipeline import RestoreActor, driver
+from restorer.weights.checkpoint import save_model
 
 
 def _model(tmp_path, channels):
@@ -65,12 +64,12 @@ def test_strength_blends_with_the_input_and_16_bit_stays_16_bit(tmp_path):
 
 def test_public_api_is_restorer_restore(tmp_path, tiny_model):
     # Imported on first use: the Ray-free layers import without the pipeline (or Ray).
-    code = ("import sys, restorer, restorer.nets, restorer.checkpoint, restorer.train; "
-            "print(sorted(m for m in ('ray', 'restorer.pipeline') if m in sys.modules))")
+    code = ("import sys, restorer, restorer.nets, restorer.weights.checkpoint, restorer.train.core; "
+            "print(sorted(m for m in ('ray', 'restorer.pipeline.driver') if m in sys.modules))")
     imported = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                               check=True)
     assert imported.stdout.strip() == "[]", imported.stdout
-    assert restorer.restore is pipeline.restore
+    assert restorer.restore is driver.restore
     # Its options are the spec's fields by name, checked before any work or Ray start.
     source, out = str(tmp_path / "in"), str(tmp_path / "out")
     with pytest.raises(SpecError, match="Unknown option 'tilee'"):
@@ -99,8 +98,8 @@ def _save(tmp_path, spec, name):
 @pytest.mark.parametrize("native", [True, False])
 def test_cpu_precision_auto_is_bf16_where_the_cpu_has_it_and_the_net_allows(
         tmp_path, monkeypatch, native):
-    from restorer import actor as actor_module
-    from restorer.actor import resolve_precision
+    from restorer.pipeline import actor as actor_module
+    from restorer.pipeline.actor import resolve_precision
 
     monkeypatch.setattr(actor_module, "cpu_has_bf16", lambda: native)
     unet = build_net({"arch": "unet", "channels": 3, "features": (4, 8), "blocks": 1})
@@ -132,7 +131,7 @@ def test_cpu_precision_auto_is_bf16_where_the_cpu_has_it_and_the_net_allows(
 
 def test_small_tiles_are_raised_to_four_overlaps_on_the_alignment(tmp_path, caplog):
     path, _ = _save(tmp_path, {"arch": "unet", "channels": 1}, "unet")  # 4 levels: rf 105
-    with caplog.at_level("INFO", logger="restorer.actor"):
+    with caplog.at_level("INFO", logger="restorer.pipeline.actor"):
         actor = RestoreActor(model=path, tile=256)
     assert (actor.overlap, actor.alignment, actor.tile) == (112, 8, 448)
     assert "tile 256 raised to 448" in caplog.text
@@ -218,7 +217,7 @@ def test_one_tile_images_match_the_tiled_path_batched_or_alone(tmp_path, spec):
 
 
 def test_audit_p99_is_the_nearest_rank_percentile():
-    from restorer.actor import p99 as _p99
+    from restorer.pipeline.actor import p99 as _p99
 
     for size in (1, 7, 100, 65536):
         values = torch.from_numpy(np.random.default_rng(size).exponential(5.0, size)).float()
@@ -227,22 +226,23 @@ def test_audit_p99_is_the_nearest_rank_percentile():
 
 
 def test_read_and_write_tasks_import_the_pipeline_without_torch():
-    """Ray workers that run the read/decode and encode/write tasks import restorer.pipeline;
-    torch must load only where the actor (or the driver) needs it: ~1.7 s of CPU a process."""
+    """Ray workers that run the read/decode and encode/write tasks import restorer.pipeline's
+    stages and graph (the driver's neighbours); torch must load only where the actor (or the
+    driver) needs it: ~1.7 s of CPU a process."""
     import subprocess
     import sys
 
-    code = ("import sys, restorer.pipeline as p, restorer.stages as s; "
-            "p.read_and_decode, s.read_and_decode, s.encode_and_write; "
+    code = ("import sys, restorer.pipeline.driver, restorer.pipeline.graph, "
+            "restorer.pipeline.stages as s; s.read_and_decode, s.encode_and_write; "
             "sys.exit(int('torch' in sys.modules))")
     assert subprocess.run([sys.executable, "-c", code], timeout=120, check=False).returncode == 0
 
 
 def test_residual_structure_is_measured_on_the_central_crop(tmp_path):
-    """The ledger's residual_structure is restorer.audit's score on the central crop of
+    """The ledger's residual_structure is restorer.image.audit's score on the central crop of
     AUDIT_SIDE (128) px, the size the score was calibrated on."""
-    from restorer.audit import residual_structure
-    from restorer.pipeline import AUDIT_SIDE as side
+    from restorer.image.audit import AUDIT_SIDE as side
+    from restorer.image.audit import residual_structure
 
     path, _ = _model(tmp_path, 1)
     rng = np.random.default_rng(4)

@@ -1,12 +1,13 @@
-"""The residual-structure score (restorer.audit): its maths, and that it tells noise removed from
-detail removed, on images made at run time.
+"""The residual-structure score (restorer.image.audit): its maths, and that it tells noise removed
+from detail removed, on images made at run time.
 
 Noise-like group: noisy crops (sigma 15-50, gray and colour) restored by the zoo's denoisers
 through :class:`RestoreActor` (the score is the one the actor puts in the ledger). Detail-
 destroying group: clean and noisy crops through Gaussian blur, a median filter, JPEG q5 and
 blur of the denoised output; text and fine textures blurred away. Crops come from
 ``../shared/data`` (Set12, Set5; or ``$RESTORER_DATA``) when present, else from generated
-scenes (:func:`restorer.samples.scene`). ROC AUC by the rank (Mann-Whitney) formula must be >= 0.95.
+scenes (:func:`restorer.io.samples.scene`). ROC AUC by the rank (Mann-Whitney) formula must be >=
+0.95.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import pytest
 import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from restorer.audit import energy_colocation, residual_structure, whiteness_defect
+from restorer.image.audit import energy_colocation, residual_structure, whiteness_defect
+from restorer.io.samples import scene
 from restorer.pipeline import RestoreActor
-from restorer.samples import scene
 
 DATA = Path(os.environ.get("RESTORER_DATA", Path(__file__).parents[1].parent / "shared" / "data"))
 SIZE = 128  # crop side: small enough for a CPU test, large enough for the statistics

@@ -1,4 +1,4 @@
-"""``restorer restore --dry-run`` (restorer.plan) and ``restorer bench`` (restorer.bench)."""
+"""``restorer restore --dry-run`` (restorer.quality.forecast) and ``restorer bench`` (restorer.quality.bench)."""
 
 import json
 
@@ -7,8 +7,8 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from restorer import bench
 from restorer.cli import main
+from restorer.quality import bench
 
 # Three inputs of 0.6 + 0.2 + 0.4 = 1.2 megapixels (width x height), and one file that is not
 # an image, which the listing skips.
@@ -77,9 +77,9 @@ def test_bench_runs_the_three_measurements_side_by_side(ray_session, tmp_path, m
         seen["naive"].append(([p.name for p in paths], value))
         return value
 
-    import restorer.pipeline
+    import restorer.pipeline.driver
 
-    real_restore = restorer.pipeline.restore
+    real_restore = restorer.pipeline.driver.restore
 
     def spy_restore(input, output, **options):
         summary = real_restore(input, output, **options)
@@ -88,7 +88,7 @@ def test_bench_runs_the_three_measurements_side_by_side(ray_session, tmp_path, m
 
     monkeypatch.setattr(bench, "ceiling", spy_ceiling)
     monkeypatch.setattr(bench, "naive", spy_naive)
-    monkeypatch.setattr(restorer.pipeline, "restore", spy_restore)
+    monkeypatch.setattr(restorer.pipeline.driver, "restore", spy_restore)
     result = bench.run_bench(count=96, size=32, batch_size=4)  # 3 blocks of 32
 
     assert len(seen["ceiling"]) == 3  # best of three

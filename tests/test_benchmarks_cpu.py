@@ -18,8 +18,8 @@ import pytest
 import torch
 from helpers import shared_dir
 
-from restorer.checkpoint import save_model
 from restorer.nets import build_net
+from restorer.weights.checkpoint import save_model
 
 BENCHMARKS = Path(__file__).parent / "benchmarks"
 NOISE_MAP = {"arch": "noisemap", "channels": 3, "estimator_features": 4, "estimator_layers": 3,

@@ -5,10 +5,10 @@ import pytest
 import torch
 from safetensors.torch import save as save_tensors
 
-from restorer.checkpoint import load_model, model_bytes, save_model
 from restorer.errors import ModelError
-from restorer.models import DEFAULT_MODEL, get_model, resolve_model_uri, zoo
 from restorer.nets import build_net
+from restorer.weights.checkpoint import load_model, model_bytes, save_model
+from restorer.weights.zoo import DEFAULT_MODEL, bundled, get_model, resolve_model_uri
 
 
 def test_round_trip_keeps_weights_spec_and_provenance(tmp_path):
@@ -65,7 +65,7 @@ def test_bare_or_mismatched_safetensors_are_refused(tmp_path):
 
 
 def test_default_model_is_bundled_and_loads():
-    assert DEFAULT_MODEL in zoo()
+    assert DEFAULT_MODEL in bundled()
     loaded = get_model(None)
     assert loaded.spec["arch"] == "unet" and loaded.spec["channels"] == 3 and loaded.provenance
     with pytest.raises(ModelError, match="Unknown model 'no-such-model'"):

@@ -17,21 +17,21 @@ def test_models_lists_the_default():
 
 
 def test_models_say_what_each_is_for_and_which_to_pick():
-    from restorer.models import card, choices, zoo
+    from restorer.weights.zoo import bundled, card, choices
 
     result = CliRunner().invoke(main, ["models"])
     assert result.exit_code == 0, result.output
-    for name in zoo():
+    for name in bundled():
         assert card(name).purpose in result.output  # the card's paragraph, as the card has it
         assert f"\n{name}" in result.output
-    assert result.output.count("learnt: ") == len(zoo())
-    assert result.output.count("GMAC per megapixel") == len(zoo())
+    assert result.output.count("learnt: ") == len(bundled())
+    assert result.output.count("GMAC per megapixel") == len(bundled())
     assert "set12 sigma 15/25/50: 24.68/20.35/14.77 -> " in result.output  # from the cards
     picks = result.output[result.output.index("which to pick"):]
     for need in ("noise, colour", "noise, gray", "noise, then JPEG", "JPEG artifacts", "scans",
                  "upscaling"):
         assert need in picks, need
-    assert {c.model for c in choices()} <= set(zoo())
+    assert {c.model for c in choices()} <= set(bundled())
 
 
 def test_models_by_name_and_unknown_names_exit_2_with_the_list():
@@ -48,18 +48,18 @@ def test_models_by_name_and_unknown_names_exit_2_with_the_list():
 
 def test_models_text_follows_the_card(tmp_path, monkeypatch):
     """A retrained model's card (recipes --ship rewrites it) is what `restorer models` says."""
-    from restorer import models
+    from restorer.weights import zoo
 
-    for path in models.ZOO_DIR.iterdir():
+    for path in zoo.ZOO_DIR.iterdir():
         (tmp_path / path.name).symlink_to(path)
     (tmp_path / "restore-default.md").unlink()
-    text = (models.ZOO_DIR / "restore-default.md").read_text()
+    text = (zoo.ZOO_DIR / "restore-default.md").read_text()
     first = text.splitlines()[2]
     text = text.replace(first, "A **camera-photo denoiser**, retrained.")
     text = text.replace("| set12 | sigma 15 | 12 | 24.68 | **31.94**", "| set12 | sigma 15 | 12 "
                         "| 24.68 | **33.33**")
     (tmp_path / "restore-default.md").write_text(text)
-    monkeypatch.setattr(models, "ZOO_DIR", tmp_path)
+    monkeypatch.setattr(zoo, "ZOO_DIR", tmp_path)
     result = CliRunner().invoke(main, ["models", "restore-default"])
     assert result.exit_code == 0, result.output
     assert "restore-default (default): A camera-photo denoiser, retrained." in result.output

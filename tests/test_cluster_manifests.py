@@ -562,7 +562,7 @@ def test_rayjob_driver_takes_no_gpu():
 def test_rayjob_gives_a_stopped_job_time_to_drain():
     import yaml
 
-    from restorer.submit import submit
+    from restorer.launch.submit import submit
 
     spec = read_yaml(KUBERAY_MANIFESTS["RayJob"])["spec"]
     env = yaml.safe_load(spec["runtimeEnvYAML"])["env_vars"]

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageOps
 
-from restorer import codec
 from restorer.errors import ImageError
+from restorer.io import codec
 
 
 def _png(image: Image.Image, **kwargs) -> bytes:

@@ -17,12 +17,12 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-from restorer.checkpoint import load_model
 from restorer.cli import main
 from restorer.errors import ModelError
-from restorer.metrics import psnr
+from restorer.image.metrics import psnr
 from restorer.nets import build_net
-from restorer.unpickle import UnsafePickleError, read_torch_file
+from restorer.weights.checkpoint import load_model
+from restorer.weights.unpickle import UnsafePickleError, read_torch_file
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PEER_MODEL = SHARED / "peer-models" / "dncnn-pytorch-sigma25" / "model.pth"

@@ -4,10 +4,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from restorer.checkpoint import load_model
 from restorer.cli import main
+from restorer.io.samples import scene
 from restorer.nets import build_net
-from restorer.samples import scene
+from restorer.weights.checkpoint import load_model
 
 
 def test_convert_imports_renamed_weights_and_refuses_mismatches(tmp_path):

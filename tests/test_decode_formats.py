@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import EpsImagePlugin, Image
 
-from restorer import codec
 from restorer.errors import ImageError
+from restorer.io import codec
 
 EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n"
        b"newpath 0 0 moveto 8 0 lineto 8 8 lineto closepath fill\nshowpage\n%%EOF\n")

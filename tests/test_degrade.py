@@ -1,9 +1,9 @@
-"""Tests of restorer.degrade: shapes, reproducibility and the statistics of each degradation."""
+"""Tests of restorer.image.degrade: shapes, reproducibility and the statistics of each degradation."""
 
 import numpy as np
 import pytest
 
-from restorer import degrade, metrics
+from restorer.image import degrade, metrics
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests of the practical (camera and web) degradations of restorer.degrade: each operation's
+"""Tests of the practical (camera and web) degradations of restorer.image.degrade: each operation's
 statistics, and the pipeline that chains them with its noise map."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from restorer import degrade
+from restorer.image import degrade
 
 
 def _flat(level: float, size: int = 256, channels: int = 3) -> np.ndarray:

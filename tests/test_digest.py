@@ -9,18 +9,12 @@ import numpy as np
 import pytest
 from test_report import BLURRED_KEY, OUTLIER_KEY, job_output  # noqa: F401 - the fixture
 
-from restorer import digest
-from restorer.inspect import inspect_output
-from restorer.report import (
-    MIN_RECORDS,
-    MIN_SPREAD,
-    MIN_SPREAD_STRUCTURE,
-    OUTLIER_K,
-    _robust,
-    flag_outliers,
-    ledger_records,
-    write_report,
-)
+from restorer.output import digest
+from restorer.output.digest import MIN_SPREAD_STRUCTURE
+from restorer.output.ledger import ledger_records
+from restorer.report import MIN_RECORDS, MIN_SPREAD, OUTLIER_K, flag_outliers, write_report
+from restorer.report.inspection import inspect_output
+from restorer.report.stats import _robust
 
 
 def _ok(key: str, unit: str, mean: float, p99: float | None = None) -> dict:
@@ -100,8 +94,8 @@ def test_job_digest_reads_uncovered_units_once_and_flags_as_the_ledger_scan(
 
     # The recovered units were saved as a digest: from now on no unit file is read.
     monkeypatch.setattr(digest, "unit_records", no_reads)
-    monkeypatch.setattr("restorer.report.ledger_records", no_reads)
-    monkeypatch.setattr("restorer.inspect.ledger_records", no_reads)
+    monkeypatch.setattr("restorer.report.page.ledger_records", no_reads)
+    monkeypatch.setattr("restorer.report.inspection.ledger_records", no_reads)
     again = digest.job_digest(output, digest.storage.StorageOptions())
     assert (again.records, again.failed) == (9, 1)
     page = Path(write_report(output)).read_text("utf-8")

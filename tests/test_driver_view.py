@@ -74,7 +74,7 @@ def test_a_job_on_a_connected_ray_runs_from_the_folder_that_holds_a_clone(
 
 def test_shadowing_folder_names_only_a_foreign_folder_named_like_the_package(tmp_path,
                                                                              monkeypatch):
-    from restorer.runtime import shadowing_folder
+    from restorer.pipeline.runtime import shadowing_folder
 
     monkeypatch.chdir(tmp_path)
     assert shadowing_folder() is None
@@ -94,7 +94,7 @@ def test_a_refused_fingerprint_and_a_rerun_with_nothing_to_do_start_no_ray(
         ray_session, tmp_path, tiny_model, monkeypatch):
     from click.testing import CliRunner
 
-    import restorer.runtime
+    import restorer.pipeline.runtime
     from restorer.cli import main
     from restorer.pipeline import restore
 
@@ -107,7 +107,7 @@ def test_a_refused_fingerprint_and_a_rerun_with_nothing_to_do_start_no_ray(
 
     # as in a fresh `restorer` process: no Ray in it, and none may start
     monkeypatch.setattr(ray_session, "is_initialized", lambda: False)
-    monkeypatch.setattr(restorer.runtime, "ensure_ray", refuse)
+    monkeypatch.setattr(restorer.pipeline.runtime, "ensure_ray", refuse)
     args = ["restore", str(tmp_path / "in"), str(tmp_path / "out"), "--model", tiny_model]
     result = CliRunner().invoke(main, [*args, "--tile", "96"])
     assert result.exit_code == 2 and "tile: 64 -> 96" in result.output, result.output
@@ -175,14 +175,14 @@ class FakeClock:
 
 
 def _progress_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.name == "restorer.progress"]
+    return [r.getMessage() for r in caplog.records if r.name == "restorer.job.progress"]
 
 
 def test_progress_logs_every_interval_while_no_result_comes(caplog):
-    from restorer.progress import Progress
+    from restorer.job.progress import Progress
 
     clock = FakeClock()
-    with caplog.at_level("INFO", logger="restorer.progress"):
+    with caplog.at_level("INFO", logger="restorer.job.progress"):
         progress = Progress("restore", total=32, interval=10.0, tty=False, clock=clock)
         for _ in range(25):  # 25 s of silence, ticked every second as the driver does
             clock.now += 1.0
@@ -193,10 +193,10 @@ def test_progress_logs_every_interval_while_no_result_comes(caplog):
 
 
 def test_progress_rate_and_time_left_count_from_the_first_result(caplog):
-    from restorer.progress import Progress
+    from restorer.job.progress import Progress
 
     clock = FakeClock()
-    with caplog.at_level("INFO", logger="restorer.progress"):
+    with caplog.at_level("INFO", logger="restorer.job.progress"):
         progress = Progress("restore", total=64, interval=0.0, tty=False, clock=clock)
         clock.now += 60.0  # a minute of start-up, then a batch of 16
         progress.update(16)
@@ -209,10 +209,10 @@ def test_progress_rate_and_time_left_count_from_the_first_result(caplog):
 
 
 def test_progress_gives_no_rate_from_one_burst(caplog):
-    from restorer.progress import Progress
+    from restorer.job.progress import Progress
 
     clock = FakeClock()
-    with caplog.at_level("INFO", logger="restorer.progress"):
+    with caplog.at_level("INFO", logger="restorer.job.progress"):
         progress = Progress("restore", total=32, interval=0.0, tty=False, clock=clock)
         clock.now += 74.76
         progress.update(16)
@@ -223,7 +223,7 @@ def test_progress_gives_no_rate_from_one_burst(caplog):
 
 
 def test_progress_bar_on_a_tty_shows_the_rate_after_start_up(capsys):
-    from restorer.progress import Progress
+    from restorer.job.progress import Progress
 
     clock = FakeClock()
     with Progress("restore", total=64, tty=True, clock=clock) as progress:
@@ -238,10 +238,10 @@ def test_progress_bar_on_a_tty_shows_the_rate_after_start_up(capsys):
 def test_progress_moves_with_images_restored_in_batches_still_on_the_workers(caplog):
     """A batch of 16 on a slow model: the count moves image by image from the workers' count
     (never back, never past the total), while ``done`` counts the records that came."""
-    from restorer.progress import Progress
+    from restorer.job.progress import Progress
 
     clock = FakeClock()
-    with caplog.at_level("INFO", logger="restorer.progress"):
+    with caplog.at_level("INFO", logger="restorer.job.progress"):
         progress = Progress("restore", total=32, interval=0.0, tty=False, clock=clock)
         clock.now += 30.0
         progress.ahead(3)  # three images of the first batch restored
@@ -262,7 +262,7 @@ def test_progress_moves_with_images_restored_in_batches_still_on_the_workers(cap
 
 
 def test_progress_bar_on_a_tty_moves_within_a_batch(capsys):
-    from restorer.progress import Progress
+    from restorer.job.progress import Progress
 
     clock = FakeClock()
     with Progress("restore", total=16, tty=True, clock=clock) as progress:
@@ -275,7 +275,7 @@ def test_progress_bar_on_a_tty_moves_within_a_batch(capsys):
 
 
 def test_the_registry_counts_the_images_restored_in_batches_in_flight():
-    from restorer.poison import PoisonRegistry
+    from restorer.pipeline.poison import PoisonRegistry
 
     registry = PoisonRegistry()
     registry.begin("a")
@@ -298,8 +298,8 @@ def test_a_job_of_one_batch_shows_its_images_restored_one_by_one(ray_session, tm
     at once at the end, yet the log counts them while the batch is restored."""
     import functools
 
-    import restorer.pipeline as pipeline
-    from restorer.progress import Progress
+    import restorer.pipeline.driver as pipeline
+    from restorer.job.progress import Progress
 
     rng = np.random.default_rng(0)
     source = tmp_path / "in"
@@ -309,7 +309,7 @@ def test_a_job_of_one_batch_shows_its_images_restored_one_by_one(ray_session, tm
             source / f"{i}.png")
     monkeypatch.setattr(pipeline, "Progress", functools.partial(Progress, interval=0.0,
                                                                 tty=False))
-    with caplog.at_level("INFO", logger="restorer.progress"):
+    with caplog.at_level("INFO", logger="restorer.job.progress"):
         summary = pipeline.restore(str(source), str(tmp_path / "out"), tile=64,
                                    batch_size=8, workers=1)
     assert summary["succeeded"] == 8
@@ -319,8 +319,8 @@ def test_a_job_of_one_batch_shows_its_images_restored_one_by_one(ray_session, tm
 
 
 def _state(**times):
-    from restorer.jobs import RestoreSpec, spec_from_flags
-    from restorer.summary import JobState
+    from restorer.job.specs import RestoreSpec, spec_from_flags
+    from restorer.report.summary import JobState
 
     state = JobState(spec_from_flags(RestoreSpec, input="in", output="out"), "m", "0" * 64, {},
                      started=0.0)
@@ -330,7 +330,7 @@ def _state(**times):
 
 
 def test_summary_has_no_steady_rate_from_results_that_came_at_once():
-    from restorer.summary import summarize
+    from restorer.report.summary import summarize
 
     # as reported: every image reached the driver in batches 30 ms apart, at the end
     state = _state(succeeded=32, first_result=74.763, first_count=8, last_result=74.79,
@@ -349,7 +349,7 @@ def test_printed_summary_never_says_none_images_per_second():
     from click.testing import CliRunner
 
     import restorer.cli.base as base
-    from restorer.summary import summarize
+    from restorer.report.summary import summarize
 
     state = _state(succeeded=32, first_result=74.763, first_count=16, last_result=74.79,
                    arrivals=2)
@@ -374,8 +374,8 @@ def test_the_driver_logs_progress_while_the_first_batch_is_still_coming(tmp_path
 
     import pyarrow as pa
 
-    from restorer.pipeline import _execute
-    from restorer.progress import Progress
+    from restorer.job.progress import Progress
+    from restorer.pipeline.driver import _execute
 
     class SlowDataset:
         def iter_batches(self, **kwargs):
@@ -383,7 +383,7 @@ def test_the_driver_logs_progress_while_the_first_batch_is_still_coming(tmp_path
             yield pa.Table.from_pylist([{"status": "skipped", "unit_size": 3, "unit": "u"}])
 
     state = _state()
-    with caplog.at_level("INFO", logger="restorer.progress"):
+    with caplog.at_level("INFO", logger="restorer.job.progress"):
         with Progress("restore", total=3, interval=0.0, tty=False) as progress:
             _execute(state.spec, state, SlowDataset(), set(), threading.Event(), progress)
     waiting = [line for line in _progress_lines(caplog) if "waiting for the first" in line]
@@ -405,11 +405,11 @@ def _dry_run_plan(folder: Path, *flags: str) -> dict:
 
 
 def test_dry_run_estimates_per_model_and_scales_with_pixels(tmp_path, monkeypatch, tiny_model):
-    from restorer import bench
+    from restorer.quality import bench
 
     monkeypatch.setattr(bench, "CALIBRATION", tmp_path / "bench.json")
-    from restorer.actor import tile_settings
-    from restorer.models import get_model
+    from restorer.pipeline.actor import tile_settings
+    from restorer.weights.zoo import get_model
 
     _images(tmp_path / "small", 4, size=(200, 150))
     model = get_model(tiny_model)
@@ -443,7 +443,7 @@ def test_an_embedded_ray_is_always_a_new_one_of_its_own(monkeypatch):
     restore` / `restorer train` asks for a new local one, with its CPUs and object store."""
     import ray
 
-    import restorer.runtime as runtime
+    import restorer.pipeline.runtime as runtime
 
     calls = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)

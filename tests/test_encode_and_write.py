@@ -8,10 +8,10 @@ import threading
 import numpy as np
 import pytest
 
-from restorer import codec, storage
 from restorer.errors import TransientError
-from restorer.records import RESTORED_SCHEMA, to_table
-from restorer.stages import encode_and_write
+from restorer.io import codec, storage
+from restorer.output.records import RESTORED_SCHEMA, to_table
+from restorer.pipeline.stages import encode_and_write
 
 
 def restored_batch(count: int):

@@ -1,4 +1,4 @@
-"""Tests of restorer.evaluate, and of the bundled model ``denoise-gray`` on generated images."""
+"""Tests of restorer.quality.evaluate, and of the bundled model ``denoise-gray`` on generated images."""
 
 import io
 import os
@@ -10,9 +10,9 @@ import torch
 from helpers import matlab_imresize
 from PIL import Image
 
-from restorer import evaluate as ev
-from restorer.models import get_model
 from restorer.nets import build_net
+from restorer.quality import evaluate as ev
+from restorer.weights.zoo import get_model
 
 ROW_KEYS = {"name", "psnr", "ssim", "input_psnr"}
 
@@ -144,7 +144,7 @@ class PlaneRecorder(torch.nn.Module):
 
 @pytest.fixture
 def rgb_dir(tmp_path):
-    from restorer.samples import scene
+    from restorer.io.samples import scene
 
     for i in range(2):
         pixels = (scene(48, 40, 3, seed=i) * 255).round().astype(np.uint8)
@@ -153,7 +153,7 @@ def rgb_dir(tmp_path):
 
 
 def test_gray_net_on_colour_jpeg_restores_each_plane_and_measures_y(rgb_dir):
-    from restorer import degrade, metrics
+    from restorer.image import degrade, metrics
 
     net = PlaneRecorder()
     result = ev.evaluate(net, rgb_dir, task="jpeg", quality=20)
@@ -221,7 +221,7 @@ def odd_dir(tmp_path):
 
 
 def _noisy(folder, name, sigma):
-    from restorer import degrade
+    from restorer.image import degrade
 
     clean8 = ev.read_image(folder / name, 1)
     noisy = degrade.add_gaussian_noise(clean8.astype(np.float32) / 255, sigma,
@@ -315,9 +315,9 @@ def test_frame_is_clean_and_flat_and_the_band_next_to_it_is_measured(odd_dir, le
 
 
 def test_through_actor_scores_what_restore_writes(odd_dir, tmp_path, monkeypatch):
-    from restorer import metrics
-    from restorer.checkpoint import save_model
+    from restorer.image import metrics
     from restorer.pipeline import RestoreActor
+    from restorer.weights.checkpoint import save_model
 
     torch.manual_seed(0)
     unet = build_net({"arch": "unet", "channels": 1, "features": (4, 8, 8), "blocks": 1}).eval()

@@ -9,10 +9,10 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from restorer import evaluate as ev
 from restorer.cli import main
 from restorer.nets import build_net
 from restorer.nets.noisemap import from_unet
+from restorer.quality import evaluate as ev
 
 
 class Identity(torch.nn.Module):

@@ -15,8 +15,6 @@ import torch
 from fault_proxy import FaultProxy
 from PIL import Image
 
-from restorer import storage
-from restorer.codec import decode
 from restorer.errors import (
     MISSING,
     PERMANENT,
@@ -28,9 +26,15 @@ from restorer.errors import (
     is_device_fatal,
     retrying,
 )
-from restorer.jobs import RestoreSpec, spec_from_flags
-from restorer.pipeline import MISSING_RUNS, JobState, RestoreActor, _close_unit, read_and_decode
-from restorer.records import DECODED_SCHEMA, RECORD_SCHEMA, _defaults
+from restorer.io import storage
+from restorer.io.codec import decode
+from restorer.job.specs import RestoreSpec, spec_from_flags
+from restorer.output.ledger import MISSING_RUNS
+from restorer.output.records import DECODED_SCHEMA, RECORD_SCHEMA, _defaults
+from restorer.pipeline import RestoreActor
+from restorer.pipeline.driver import _close_unit
+from restorer.pipeline.stages import read_and_decode
+from restorer.report.summary import JobState
 
 
 def _client_error(code: str, status: int):

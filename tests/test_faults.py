@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from restorer.codec import decode
+from restorer.io.codec import decode
 from restorer.pipeline import restore
 
 pytestmark = pytest.mark.slow
@@ -247,10 +247,10 @@ def test_killed_training_resumes_from_its_newest_checkpoint(ray_session, tmp_pat
     """A `restorer train` SIGKILLed after its third checkpoint: the rerun resumes at the newest
     complete checkpoint folder on disk (not Ray's older snapshot) and leaves output.keep
     folders."""
-    from restorer.jobs import spec_from_dict
-    from restorer.samples import write_samples
-    from restorer.storage import StorageOptions
-    from restorer.train_job import checkpoint_folders, run_train
+    from restorer.io.samples import write_samples
+    from restorer.io.storage import StorageOptions
+    from restorer.job.specs import spec_from_dict
+    from restorer.train.distributed import checkpoint_folders, run_train
 
     write_samples(str(tmp_path / "train"), sigma=0)
     spec = {"kind": "train", "name": "killed",

@@ -14,11 +14,11 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from restorer.actor import cpu_has_bf16
 from restorer.cli import main
 from restorer.errors import SpecError
-from restorer.progress import Progress
-from restorer.runtime import plan_workers
+from restorer.job.progress import Progress
+from restorer.job.sizing import size_workers
+from restorer.pipeline.actor import cpu_has_bf16
 
 
 def _images(folder: Path, names: list[str], seed: int = 0, size: tuple[int, int] = (24, 20)):
@@ -37,12 +37,12 @@ def _json(output: str) -> dict:
 @pytest.fixture
 def no_ray(monkeypatch):
     """Fails the test if the code under test asks for Ray (``runtime.ensure_ray``)."""
-    import restorer.runtime
+    import restorer.pipeline.runtime
 
     def refuse(*args, **kwargs):
         raise AssertionError("Ray was asked for")
 
-    monkeypatch.setattr(restorer.runtime, "ensure_ray", refuse)
+    monkeypatch.setattr(restorer.pipeline.runtime, "ensure_ray", refuse)
 
 
 # --- exit codes: usage and spec problems are 2, before Ray starts ----------------------------
@@ -96,25 +96,25 @@ def test_several_inputs_must_be_files(tmp_path):
 
 def test_gpus_on_an_embedded_ray_are_refused_with_the_fix():
     with pytest.raises(SpecError, match="no autoscaler.*--gpus-per-worker 0"):
-        plan_workers(1, 1.0, 0.0, 0, total_cpus=2, total_gpus=0, node_cpus=2, nodes=1,
+        size_workers(1, 1.0, 0.0, 0, total_cpus=2, total_gpus=0, node_cpus=2, nodes=1,
                      can_autoscale=False)
     # a cluster that can autoscale may wait for GPU nodes
-    assert plan_workers(1, 1.0, 0.0, 0, total_cpus=2, total_gpus=0, node_cpus=2, nodes=1
+    assert size_workers(1, 1.0, 0.0, 0, total_cpus=2, total_gpus=0, node_cpus=2, nodes=1
                         ).gpus_per_worker == 1.0
 
 
 def test_refused_cpu_plan_without_reserve_names_the_real_limit():
     with pytest.raises(SpecError) as error:
-        plan_workers(3, 0.0, 1.0, 0, total_cpus=2, total_gpus=0, node_cpus=2, nodes=1,
+        size_workers(3, 0.0, 1.0, 0, total_cpus=2, total_gpus=0, node_cpus=2, nodes=1,
                      reserve_cpus=0.0)
     assert "fewer than 0" not in str(error.value)
     assert "need more than the cluster's 2 CPUs" in str(error.value)
 
 
 def test_dry_run_without_calibration_times_the_model(tmp_path, monkeypatch, tiny_model):
-    import restorer.bench
+    import restorer.quality.bench
 
-    monkeypatch.setattr(restorer.bench, "CALIBRATION", tmp_path / "none" / "calibration.json")
+    monkeypatch.setattr(restorer.quality.bench, "CALIBRATION", tmp_path / "none" / "calibration.json")
     _images(tmp_path / "in", [f"{i}.png" for i in range(3)], size=(40, 50))
     result = CliRunner().invoke(main, ["restore", str(tmp_path / "in"), str(tmp_path / "o"),
                                        "--model", tiny_model, "--dry-run", "--json"])
@@ -131,7 +131,7 @@ def test_dry_run_without_calibration_times_the_model(tmp_path, monkeypatch, tiny
 # --- progress and console ---------------------------------------------------------------------
 
 def test_progress_logs_done_total_rate_and_time_left_without_a_tty(caplog):
-    with caplog.at_level(logging.INFO, logger="restorer.progress"):
+    with caplog.at_level(logging.INFO, logger="restorer.job.progress"):
         progress = Progress("restore", total=100, interval=0.0, tty=False)
         progress.update(5)
         progress._first = (progress._first[0] - 10.0, 5)  # as if the first came 10 s ago
@@ -152,7 +152,7 @@ def test_progress_draws_a_bar_on_a_tty(capsys):
 def test_quiet_console_drops_only_known_harmless_ray_lines():
     script = (
         "import os\n"
-        "from restorer.console import quiet_ray\n"
+        "from restorer.job.console import quiet_ray\n"
         "quiet_ray()\n"
         "os.write(2, b'[2026 E 1 1] core_worker.cc:2465: Actor with class name: X has "
         "constructor arguments in the object store and max_restarts > 0. If...\\n')\n"
@@ -243,7 +243,8 @@ def test_summary_resolves_the_default_model_and_its_settings(ray_session, tmp_pa
     assert summary["input_bytes"] == sum(p.stat().st_size for p in (tmp_path / "in").iterdir())
     job = json.loads((tmp_path / "o" / "_restorer" / "job.json").read_text())
     assert job["fingerprint_version"] == 2 and job["fingerprint"] == summary["fingerprint"]
-    # a blind denoiser: its actors fill clean flat regions (restorer.flat), part of the outputs
+    # a blind denoiser: its actors fill clean flat regions (restorer.image.flat), part of the
+    # outputs
     assert summary["fingerprint"]["flat_fill"] == "noise-9"
     assert summary["spec"]["model"]["flat_fill"] == "auto"
 

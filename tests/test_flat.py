@@ -1,15 +1,15 @@
-"""Flat-region fill for blind denoisers (restorer.flat): detection, noise level, the actor and
+"""Flat-region fill for blind denoisers (restorer.image.flat): detection, noise level, the actor and
 eval, and the measured effect next to a clean frame with a bundled blind denoiser."""
 
 import numpy as np
 import pytest
 import torch
 
-from restorer import evaluate as ev
-from restorer import flat
-from restorer.checkpoint import save_model
+from restorer.image import flat
 from restorer.nets import build_net
 from restorer.pipeline import RestoreActor
+from restorer.quality import evaluate as ev
+from restorer.weights.checkpoint import save_model
 
 
 def _photo(rng, height, width):
@@ -51,7 +51,7 @@ def test_unknown_mode_is_refused():
 def test_the_fill_and_the_audit_read_noise_with_one_estimator(rng):
     """flat.noise_level with nothing excluded is audit.noise_sigma plane by plane (one Haar
     estimator for both), and both find white noise's std on a smooth image, odd sides too."""
-    from restorer.audit import noise_sigma
+    from restorer.image.audit import noise_sigma
 
     y, x = np.mgrid[0:65, 0:91] / 91.0
     smooth = np.stack([0.3 + 0.4 * x, 0.5 - 0.2 * y, 0.4 + 0.1 * x * y])

@@ -48,7 +48,7 @@ def write_hostile_folder(root, seed: int = 7) -> dict[str, tuple[str, str]]:
     add("gray-alpha.png", _encoded(Image.fromarray(_noise(rng, (20, 30, 2)), "LA"), "PNG"))
     add("rgba.png", _encoded(Image.fromarray(_noise(rng, (20, 30, 4)), "RGBA"), "PNG"))
     add("gray16.png", _encoded(Image.fromarray(_noise(rng, (20, 30), np.uint16)), "PNG"))
-    from restorer.codec import encode
+    from restorer.io.codec import encode
 
     add("rgb16.png", encode(_noise(rng, (20, 30, 3), np.uint16), None, "png"))
     add("rgb16.tif", encode(_noise(rng, (20, 30, 3), np.uint16), None, "tiff"))
@@ -115,7 +115,7 @@ def test_every_hostile_input_gets_its_stated_outcome(ray_session, tmp_path, tiny
     assert Image.open(out / "palette-transparent.png").mode == "RGBA"
     assert Image.open(out / "gray-alpha.png").mode == "LA"
     assert np.asarray(Image.open(out / "gray16.png")).dtype == np.uint16
-    from restorer.codec import decode
+    from restorer.io.codec import decode
 
     assert decode((out / "rgb16.png").read_bytes()).pixels.dtype == np.uint16
     assert decode((out / "rgb16.tif").read_bytes()).pixels.dtype == np.uint16

@@ -4,22 +4,22 @@ from pathlib import Path
 
 import pytest
 
-from restorer import jobs
 from restorer.errors import SpecError
+from restorer.job import specs
 
 JOBS = Path(__file__).resolve().parents[1] / "jobs"
 
 
 @pytest.mark.parametrize("path", sorted(JOBS.glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_specs_load_and_validate(path):
-    spec = jobs.load_spec(path)
+    spec = specs.load_spec(path)
     assert spec.kind == path.name.split("-")[0]  # restore-*.toml, train-*.toml
     assert spec.validate() is not None  # restore and train specs alike
 
 
 def test_the_train_kind_needs_no_import_of_the_training_layer():
-    code = ("import sys; from restorer import jobs; "
-            "spec = jobs.spec_from_dict({'kind': 'train', 'data': {'uri': 'x'}}); "
+    code = ("import sys; from restorer.job import specs; "
+            "spec = specs.spec_from_dict({'kind': 'train', 'data': {'uri': 'x'}}); "
             "print(type(spec).__name__, spec.validate().name, "
             "any(m.startswith(('restorer.train', 'ray')) for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -35,43 +35,43 @@ def test_unknown_keys_are_named(tmp_path):
     spec = tmp_path / "s.toml"
     spec.write_text('kind = "restore"\n[input]\nuri = "a"\nlimt = 3\n')
     with pytest.raises(SpecError, match=r"Unknown keys \['limt'\] in \[input\]"):
-        jobs.load_spec(spec)
+        specs.load_spec(spec)
     spec.write_text('kind = "restore"\ncolour = 1\n')
     with pytest.raises(SpecError, match=r"Unknown keys \['colour'\]"):
-        jobs.load_spec(spec)
+        specs.load_spec(spec)
 
 
 def test_types_are_checked(tmp_path):
     spec = tmp_path / "s.toml"
     spec.write_text('kind = "restore"\n[model]\ntile = "big"\n')
     with pytest.raises(SpecError, match="model.tile = 'big' must be of type int"):
-        jobs.load_spec(spec)
+        specs.load_spec(spec)
     spec.write_text('kind = "restore"\n[resources]\nworkers = true\n')
     with pytest.raises(SpecError, match="resources.workers"):
-        jobs.load_spec(spec)
+        specs.load_spec(spec)
     spec.write_text('kind = "restoration"\n')
     with pytest.raises(SpecError, match="kind = 'restoration'"):
-        jobs.load_spec(spec)
+        specs.load_spec(spec)
 
 
 def test_only_named_fields_may_be_overridden():
-    spec = jobs.spec_from_dict({"kind": "restore", "input": {"uri": "a"}, "output": {"uri": "b"}})
-    spec = jobs.apply_overrides(spec, workers=3, gpus_per_worker=0.5, limit=7, model="m",
+    spec = specs.spec_from_dict({"kind": "restore", "input": {"uri": "a"}, "output": {"uri": "b"}})
+    spec = specs.apply_overrides(spec, workers=3, gpus_per_worker=0.5, limit=7, model="m",
                                 address=None)
     assert (spec.resources.workers, spec.resources.gpus_per_worker, spec.input.limit,
             spec.model.name) == (3, 0.5, 7, "m")
     with pytest.raises(SpecError, match="cannot be overridden"):
-        jobs.apply_overrides(spec, tile=3)
+        specs.apply_overrides(spec, tile=3)
 
 
 def test_jpeg_quality_matches_the_source_by_default_and_a_flag_chooses(tmp_path):
-    spec = jobs.spec_from_dict({"kind": "restore", "input": {"uri": "a"}, "output": {"uri": "b"}})
+    spec = specs.spec_from_dict({"kind": "restore", "input": {"uri": "a"}, "output": {"uri": "b"}})
     assert (spec.output.jpeg_quality, spec.output.jpeg_subsampling) == (0, "same")
-    assert jobs.apply_overrides(spec, quality=80).output.jpeg_quality == 80  # run --quality
+    assert specs.apply_overrides(spec, quality=80).output.jpeg_quality == 80  # run --quality
     path = tmp_path / "job.toml"
     path.write_text('kind = "restore"\n[input]\nuri = "a"\n[output]\nuri = "b"\n'
                     'jpeg_quality = 85\njpeg_subsampling = "4:2:0"\n')
-    loaded = jobs.load_spec(path)
+    loaded = specs.load_spec(path)
     assert (loaded.output.jpeg_quality, loaded.output.jpeg_subsampling) == (85, "4:2:0")
     assert loaded.fingerprint("x") != spec.fingerprint("x")
 
@@ -83,13 +83,13 @@ def test_jpeg_quality_matches_the_source_by_default_and_a_flag_chooses(tmp_path)
     ({"jpeg_quality": 101}, "jpeg_quality"), ({"jpeg_subsampling": "4:1:1"}, "jpeg_subsampling"),
 ])
 def test_validation_names_the_field(flags, match):
-    spec = jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", **flags)
+    spec = specs.spec_from_flags(specs.RestoreSpec, input="a", output="b", **flags)
     with pytest.raises(SpecError, match=match):
         spec.validate()
 
 
 def test_fingerprint_ignores_workers_but_not_pixels():
-    a = jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", workers=1)
-    b = jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", workers=8, batch_size=2)
-    c = jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", strength=0.5)
+    a = specs.spec_from_flags(specs.RestoreSpec, input="a", output="b", workers=1)
+    b = specs.spec_from_flags(specs.RestoreSpec, input="a", output="b", workers=8, batch_size=2)
+    c = specs.spec_from_flags(specs.RestoreSpec, input="a", output="b", strength=0.5)
     assert a.fingerprint("x") == b.fingerprint("x") != c.fingerprint("x")

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from restorer import storage
 from restorer.cli import main
 from restorer.errors import OutputConflictError
-from restorer.lease import Lease
+from restorer.io import storage
+from restorer.output.lease import Lease
 
 
 def test_second_lease_on_a_live_output_is_refused_naming_the_holder(tmp_path):
@@ -168,7 +168,7 @@ def test_the_heartbeat_finds_a_replaced_lease_and_never_writes_over_it(tmp_path)
 def test_the_heartbeat_survives_errors_other_than_storage_errors(tmp_path, monkeypatch):
     """A botocore timeout surfacing as a plain OSError/TimeoutError must not end the
     heartbeat (the lease would go stale under a live job and be taken over)."""
-    import restorer.lease as lease_module
+    import restorer.output.lease as lease_module
 
     failures = {"left": 3}
 

@@ -7,10 +7,10 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import record
 
-from restorer import report, storage
 from restorer.errors import StorageError
-from restorer.jobs import RestoreSpec, spec_from_flags
-from restorer.pipeline import commit_unit
+from restorer.io import storage
+from restorer.job.specs import RestoreSpec, spec_from_flags
+from restorer.output.ledger import READ_AHEAD, commit_unit, table_batches
 
 
 def test_a_ledger_entry_is_created_once_unless_the_unit_is_redone_for_errors(tmp_path):
@@ -43,11 +43,11 @@ def test_ledger_folders_are_read_file_by_file(tmp_path, monkeypatch):
         return read_bytes(uri, options)
 
     monkeypatch.setattr(storage, "read_bytes", counting_read)
-    batches = report.table_batches(str(folder), ["key", "status"])
+    batches = table_batches(str(folder), ["key", "status"])
     rows = next(batches).to_pylist()
     # streamed: the first batch comes after at most READ_AHEAD + 1 files were asked for
     assert rows == [{"key": "00a", "status": "ok"}, {"key": "00b", "status": "failed"}]
-    assert len(reads) <= report.READ_AHEAD + 1
+    assert len(reads) <= READ_AHEAD + 1
     rows += [row for batch in batches for row in batch.to_pylist()]
     assert len(rows) == 81 and rows[-1] == {"key": "old"}
     assert [row["key"] for row in rows[:-1]] == sorted(row["key"] for row in rows[:-1])

@@ -1,11 +1,11 @@
-"""Tests of restorer.metrics against values worked out by hand."""
+"""Tests of restorer.image.metrics against values worked out by hand."""
 
 import math
 
 import numpy as np
 import pytest
 
-from restorer import metrics
+from restorer.image import metrics
 
 
 @pytest.fixture

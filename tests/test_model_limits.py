@@ -18,11 +18,11 @@ from packaging.requirements import Requirement
 from PIL import Image
 from safetensors.torch import save as save_tensors
 
-from restorer import storage
-from restorer.checkpoint import MODEL_FORMAT, MODEL_FORMAT_VERSION, load_model_bytes
 from restorer.errors import ModelError
+from restorer.io import storage
 from restorer.nets import build_net
-from restorer.unpickle import read_torch_file
+from restorer.weights.checkpoint import MODEL_FORMAT, MODEL_FORMAT_VERSION, load_model_bytes
+from restorer.weights.unpickle import read_torch_file
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def test_a_job_on_a_store_without_create_only_writes_warns_what_exactly_once_mea
         tmp_path, tiny_model, monkeypatch, caplog):
     """Checked at start, before the lease: stopped here by a live lease (no Ray needed)."""
     from restorer.errors import OutputConflictError
-    from restorer.lease import Lease
+    from restorer.output.lease import Lease
     from restorer.pipeline import restore
 
     source = tmp_path / "in"

@@ -48,7 +48,7 @@ def _write_images(root: Path, count: int, size: int, seed: int) -> list[str]:
 
 
 def _restore_spec(input_uri: str, output_uri: str, shared_filesystem: bool = True):
-    from restorer.jobs import spec_from_dict
+    from restorer.job.specs import spec_from_dict
 
     return spec_from_dict({
         "kind": "restore", "name": "multinode",
@@ -97,8 +97,8 @@ def run_cluster(work: Path) -> dict:
         # 0. Local paths: refused without --shared-filesystem; with it, every other node must
         # read the driver's marker (here they do: one disk), and a marker they cannot read
         # (written elsewhere than the path they are given) fails the check naming a node.
-        from restorer import runtime
         from restorer.errors import SpecError
+        from restorer.pipeline import runtime
 
         _write_images(work / "in0", 5, 16, seed=2)
         try:

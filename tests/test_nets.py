@@ -6,10 +6,15 @@ import pytest
 import torch
 from safetensors.torch import save as save_tensors
 
-from restorer.checkpoint import MODEL_FORMAT, MODEL_FORMAT_VERSION, load_model, load_model_bytes
 from restorer.errors import ModelError
-from restorer.models import zoo
 from restorer.nets import ALIASES, NETS, RestorationNet, build_net, net_spec
+from restorer.weights.checkpoint import (
+    MODEL_FORMAT,
+    MODEL_FORMAT_VERSION,
+    load_model,
+    load_model_bytes,
+)
+from restorer.weights.zoo import bundled
 
 SMALL = {
     "dncnn": {"num_features": 8, "num_layers": 5},
@@ -142,11 +147,11 @@ def test_a_model_file_with_the_former_names_loads_unchanged(tmp_path):
         assert torch.equal(loaded.net(x), net.eval()(x))
 
 
-@pytest.mark.parametrize("name", sorted(zoo()))
+@pytest.mark.parametrize("name", sorted(bundled()))
 def test_every_zoo_file_loads_unchanged(name):
     """The bundled files are not rewritten: each loads as it is, under the sha256 its card
     names, whichever config names its header holds (the U-Nets keep the former ones)."""
-    entry = zoo()[name]
+    entry = bundled()[name]
     data = entry.path.read_bytes()
     loaded = load_model_bytes(data, str(entry.path))
     assert loaded.sha256 == hashlib.sha256(data).hexdigest()
@@ -203,7 +208,7 @@ def test_opponent_trunk_must_be_one_plane_at_scale_one():
 
 def test_the_colour_denoiser_is_the_gray_one_on_opponent_planes():
     """denoise-color ships denoise-gray's weights as its trunk (its provenance names them)."""
-    from restorer.models import get_model
+    from restorer.weights.zoo import get_model
 
     color, gray = get_model("denoise-color"), get_model("denoise-gray")
     assert color.spec["arch"] == "opponent" and color.net.channels == 3

@@ -12,10 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from restorer import sources
-from restorer.jobs import RestoreSpec, spec_from_flags
-from restorer.pipeline import source_config
-from restorer.sources import MANIFEST_CHUNK_ROWS, SHARD_CHUNK_ROWS, expand, listing_tasks
+from restorer.job.specs import RestoreSpec, spec_from_flags
+from restorer.pipeline import sources
+from restorer.pipeline.graph import source_config
+from restorer.pipeline.sources import (
+    MANIFEST_CHUNK_ROWS,
+    SHARD_CHUNK_ROWS,
+    expand,
+    listing_tasks,
+)
+from restorer.pipeline.sources.claims import OutputClaims
 
 
 def _listed(uri: str, layout: str, **flags):
@@ -68,8 +74,8 @@ def test_manifest_uris_spanning_buckets_keep_the_bucket_in_their_keys(tmp_path):
 
 
 def test_an_older_job_of_a_manifest_spanning_buckets_is_not_resumed_with_other_keys(tmp_path):
-    from restorer.ledger import refuse_older_units
     from restorer.errors import JobError
+    from restorer.pipeline.sources import refuse_older_units
 
     manifest = tmp_path / "todo.txt"
     manifest.write_text("s3://one/x.png\ns3://two/x.png\n")
@@ -108,7 +114,7 @@ def test_a_shard_collision_across_chunks_fails_both_rows(tmp_path):
 
 def test_the_collision_table_holds_no_rows_in_memory(tmp_path):
     """The tally lives in SQLite (on disk): only the colliding outputs come back."""
-    claims = sources._OutputClaims()
+    claims = OutputClaims()
     try:
         claims.tally({"key": f"{i}.png", "out_key": f"{i % 50000}.png", "status": ""}
                      for i in range(50001))
@@ -122,7 +128,7 @@ def test_a_job_over_a_manifest_flags_both_rows_of_a_collision_across_chunks(
         ray_session, tmp_path, tiny_model, monkeypatch):
     """End to end: the listing tasks (in Ray) get the driver's findings; neither colliding
     row is written, both are error records, every other image is restored."""
-    monkeypatch.setattr(sources, "MANIFEST_CHUNK_ROWS", 4)  # 12 rows: 3 listing tasks
+    monkeypatch.setattr("restorer.pipeline.sources.manifest.MANIFEST_CHUNK_ROWS", 4)  # 12 rows: 3 listing tasks
     folder = tmp_path / "in"
     folder.mkdir()
     uris = []

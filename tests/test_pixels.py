@@ -1,9 +1,11 @@
-"""restorer.pixels: the image conventions every module shares."""
+"""restorer.image.pixels: the image conventions every module shares."""
 
 import numpy as np
 import pytest
 
-from restorer import codec, degrade, evaluate, pixels
+from restorer.image import degrade, pixels
+from restorer.io import codec
+from restorer.quality import evaluate
 
 
 def test_to_float_spans_0_to_1_for_both_depths():

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from restorer.poison import IsolatingRestoreActor, PoisonRegistry
+from restorer.pipeline.poison import IsolatingRestoreActor, PoisonRegistry
 
 pytestmark = pytest.mark.slow
 
@@ -45,8 +45,7 @@ def test_an_image_that_kills_its_actor_is_quarantined_alone(ray_session, tmp_pat
                                                             tiny_model, monkeypatch):
     import ray.cloudpickle
 
-    from restorer import graph
-    from restorer.pipeline import restore
+    from restorer.pipeline import graph, restore
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import us
     monkeypatch.setattr(graph, "RESTORE_ACTOR", KillingActor)
@@ -74,8 +73,8 @@ def test_an_image_that_kills_its_actor_is_quarantined_alone(ray_session, tmp_pat
 
 def test_actor_restarts_are_bounded(monkeypatch):
     """Ray Data restarts a dead actor for ever unless told otherwise."""
-    from restorer import graph
-    from restorer.jobs import RestoreSpec, spec_from_flags
+    from restorer.job.specs import RestoreSpec, spec_from_flags
+    from restorer.pipeline import graph
 
     captured = {}
 

@@ -1,5 +1,5 @@
-"""Tests of the on-device batch synthesis (restorer.synth) and the zoo recipes (restorer.recipes),
-on CPU with generated images."""
+"""Tests of the on-device batch synthesis (restorer.train.synth) and the zoo recipes
+(restorer.train.recipes), on CPU with generated images."""
 
 import json
 from pathlib import Path
@@ -9,12 +9,13 @@ import pytest
 import torch
 from PIL import Image
 
-from restorer import degrade, recipes, synth
-from restorer.checkpoint import load_model
-from restorer.evaluate import to_uint8
-from restorer.models import get_model
+from restorer.image import degrade
+from restorer.io.samples import scene
 from restorer.nets import build_net, canonical_spec, net_spec
-from restorer.samples import scene
+from restorer.quality.evaluate import to_uint8
+from restorer.train import recipes, synth
+from restorer.weights.checkpoint import load_model
+from restorer.weights.zoo import get_model
 
 
 def _images(count, height, width, channels, seed=0):
@@ -229,7 +230,7 @@ def test_every_zoo_recipe_builds_its_net_and_has_a_card_entry(name):
 def test_card_templates_are_package_data_and_fill_every_field():
     import tomllib
 
-    root = Path(recipes.__file__).resolve().parents[1]
+    root = Path(recipes.__file__).resolve().parents[2]
     globs = tomllib.loads((root / "pyproject.toml").read_text())[
         "tool"]["setuptools"]["package-data"]["restorer"]
     shipped = {path for pattern in globs for path in (root / "restorer").glob(pattern)}
@@ -350,7 +351,7 @@ def test_a_frozen_part_keeps_every_weight_while_the_rest_trains(practical):
     """``--set freeze=trunk``: the trunk's weights stay bit for bit through Adam steps (a tiny
     learning rate would still move them) while the estimator learns; unknown parts and a
     freeze of everything are refused naming what there is."""
-    from restorer.train import noise_map_step
+    from restorer.train.core import noise_map_step
 
     recipe = recipes.override(recipes.RECIPES["tinyreal"], "freeze=trunk")
     assert recipe.freeze == ("trunk",)
@@ -381,7 +382,7 @@ def test_without_map_grad_the_estimator_learns_from_the_map_loss_alone(practical
     """``map_grad = False``: the image loss stops at the map, so the estimator's gradient is
     the map loss's alone (the same as a step on the map loss by hand); end to end (the default)
     the image loss adds to it. The trunk learns either way."""
-    from restorer.train import asymmetric_map_loss, noise_map_step
+    from restorer.train.core import asymmetric_map_loss, noise_map_step
 
     recipe = recipes.override(recipes.RECIPES["tinyreal"], "map_grad=false")
     assert recipe.map_grad is False
@@ -413,10 +414,10 @@ def test_practical_recipe_continues_a_unet_and_ships_with_its_stages(practical, 
     root, trunk = practical
     start = tmp_path / "start.safetensors"
     torch.manual_seed(0)
-    from restorer.checkpoint import save_model
+    from restorer.weights.checkpoint import save_model
 
     save_model(str(start), build_net(trunk), {"recipe": "tinyreal", "stages": [
-        {"command": "python -m restorer.recipes tinyreal --gpu", "steps": 7,
+        {"command": "python -m restorer.train.recipes tinyreal --gpu", "steps": 7,
          "wall_seconds": 3.0, "hardware": "NVIDIA H100"}]})
     out = tmp_path / "out"
     first = recipes.train_recipe("tinyreal", root, out, minutes=0.03, device="cpu",
@@ -438,7 +439,7 @@ def test_practical_recipe_continues_a_unet_and_ships_with_its_stages(practical, 
     zoo.mkdir()
     path = recipes.ship("tinyreal", [start, out / "tinyreal.safetensors"], root, zoo_dir=zoo)
     card = path.with_suffix(".md").read_text()
-    assert "1. `python -m restorer.recipes tinyreal --gpu` — 7 steps" in card  # the prior stage
+    assert "1. `python -m restorer.train.recipes tinyreal --gpu` — 7 steps" in card  # the prior stage
     assert "2. `" in card and "real camera noise" in card
     assert "restorer eval --model tinyreal --pairs DATA/pairs" in card
     assert [s["steps"] for s in load_model(str(path)).provenance["stages"]][0] == 7

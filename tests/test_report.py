@@ -26,17 +26,12 @@ import torch
 from helpers import record
 from PIL import Image, ImageDraw, ImageFilter
 
-from restorer.audit import residual_structure
-from restorer.inspect import inspect_output
-from restorer.pipeline import ERROR_COLUMNS, RECORD_SCHEMA
-from restorer.report import (
-    DEFAULT_OPTIONS,
-    estimate_noise,
-    flag_outliers,
-    ledger_records,
-    scan_outliers,
-    write_report,
-)
+from restorer.image.audit import residual_structure
+from restorer.output.ledger import DEFAULT_OPTIONS, ledger_records
+from restorer.output.records import ERROR_COLUMNS, RECORD_SCHEMA
+from restorer.report import flag_outliers, scan_outliers, write_report
+from restorer.report.crops import estimate_noise
+from restorer.report.inspection import inspect_output
 
 HOSTILE_KEY = "<script>x.png"
 HOSTILE_MESSAGE = "<img src=x onerror=alert(1)> is not an image"
@@ -200,11 +195,11 @@ def test_estimate_noise_finds_the_added_noise():
 def test_report_noise_is_the_actors_noise_in(tmp_path, dtype, shape):
     """One noise estimator: the input noise the report shows for an image is the ledger's
     ``noise_in``, as the restore actor measured it (central crop, first plane, 8-bit levels)."""
-    from restorer import codec
-    from restorer.checkpoint import save_model
+    from restorer.io import codec
     from restorer.nets import build_net
     from restorer.pipeline import RestoreActor
     from restorer.report.crops import crops
+    from restorer.weights.checkpoint import save_model
 
     torch.manual_seed(0)
     model = tmp_path / "net.safetensors"

@@ -8,9 +8,10 @@ import pytest
 from PIL import Image
 
 from restorer.errors import JobError
-from restorer.pipeline import RestoreActor, restore, source_config
-from restorer.samples import write_samples
-from restorer.sources import expand, listing_tasks
+from restorer.io.samples import write_samples
+from restorer.pipeline import RestoreActor, restore
+from restorer.pipeline.graph import source_config
+from restorer.pipeline.sources import expand, listing_tasks
 
 
 def _psnr(a, b):
@@ -86,16 +87,16 @@ def test_tiled_and_untiled_jobs_agree(ray_session, tmp_path, tiny_model):
 def test_each_job_ends_its_registry_actor_in_a_ray_it_did_not_start(ray_session, tmp_path,
                                                                      tiny_model, monkeypatch):
     """In a long-lived Ray (a cluster) every job used to leave its registry process behind."""
-    import restorer.pipeline
+    import restorer.pipeline.driver
 
     made = []
-    real = restorer.pipeline.poison_registry
+    real = restorer.pipeline.driver.poison_registry
 
     def spy():
         made.append(real())
         return made[-1]
 
-    monkeypatch.setattr(restorer.pipeline, "poison_registry", spy)
+    monkeypatch.setattr(restorer.pipeline.driver, "poison_registry", spy)
     noisy = tmp_path / "noisy"
     write_samples(str(noisy))
     for run in range(2):
@@ -144,7 +145,7 @@ def test_non_empty_foreign_output_and_input_as_output_are_refused(tmp_path, tiny
 
 
 def test_units_are_deterministic_and_bounded(tmp_path):
-    from restorer.jobs import RestoreSpec, spec_from_flags
+    from restorer.job.specs import RestoreSpec, spec_from_flags
 
     for i in range(150):
         (tmp_path / f"img{i:03d}.png").write_bytes(b"x")
@@ -188,8 +189,8 @@ def test_actor_class_in_a_users_own_pipeline(ray_session, tmp_path, tiny_model):
 def test_jpeg_outputs_match_their_sources_settings(ray_session, tmp_path):
     """A q75 4:2:0 photo comes back as a 4:2:0 JPEG near its own size, within 40 dB of the
     restored pixels (the PNG job's output is those pixels, losslessly); --quality chooses."""
-    from restorer import codec
-    from restorer.samples import noisy, scene
+    from restorer.io import codec
+    from restorer.io.samples import noisy, scene
 
     source = tmp_path / "in"
     source.mkdir()

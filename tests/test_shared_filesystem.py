@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+
 def test_local_paths_on_a_multinode_cluster_are_refused_without_shared_filesystem(
         tmp_path, monkeypatch):
     import ray
 
     from restorer.errors import SpecError
-    from restorer.runtime import refuse_unshared_paths
+    from restorer.pipeline.runtime import refuse_unshared_paths
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "NodeID": "a"},
                                                {"Alive": True, "NodeID": "b"}])

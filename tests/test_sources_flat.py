@@ -8,10 +8,11 @@ import random
 import boto3
 import pytest
 
-from restorer import sources, storage
-from restorer.jobs import RestoreSpec, spec_from_flags
-from restorer.pipeline import source_config
-from restorer.sources import expand, listing_tasks
+from restorer.io import storage
+from restorer.job.specs import RestoreSpec, spec_from_flags
+from restorer.pipeline import sources
+from restorer.pipeline.graph import source_config
+from restorer.pipeline.sources import expand, listing_tasks, units
 
 NAMES = [f"img{i:04d}.png" for i in range(300)] + ["a.png", "A.bmp", "b.PNG", "b.png"]
 
@@ -73,10 +74,10 @@ def test_small_flat_folder_makes_the_units_of_one_sorted_listing(tmp_path):
     assert [(t.partition, t.partitions) for t in tasks] == [(0, 1)]
     keys = [k for _, k, _, _ in rows]
     assert keys == sorted(NAMES)
-    old = [dict(r) for r in (sources._row(e.key, e.uri, config, e.size) for e in next(
+    old = [dict(r) for r in (units.input_row(e.key, e.uri, config, e.size) for e in next(
         storage.walk_files(str(tmp_path), recursive=False)))]
-    sources._mark_collisions(old)
-    assert [r[0] for r in rows] == [r["unit"] for u in sources._units(old, frozenset())
+    units.mark_collisions(old)
+    assert [r[0] for r in rows] == [r["unit"] for u in units.cut_units(old, frozenset())
                                     for r in u]
 
 
@@ -247,8 +248,8 @@ def test_s3_folders_differing_only_in_case_share_a_task(s3_server, bucket):
 
 def test_an_older_ledger_is_refused_only_where_its_units_differ(tmp_path):
     from restorer.errors import JobError
-    from restorer.ledger import refuse_older_units as _refuse_older_units
-    from restorer.sources import ListingTask
+    from restorer.pipeline.sources import ListingTask
+    from restorer.pipeline.sources import refuse_older_units as _refuse_older_units
 
     out = tmp_path / "out"
     (out / "_restorer").mkdir(parents=True)
@@ -274,7 +275,7 @@ def _job(out, version: int) -> None:
 
 def test_an_older_ledger_of_a_big_s3_prefix_is_refused(s3_server, bucket, tmp_path):
     from restorer.errors import JobError
-    from restorer.ledger import refuse_older_units as _refuse_older_units
+    from restorer.pipeline.sources import refuse_older_units as _refuse_older_units
 
     client = boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1")
     _put(client, bucket, NAMES)
@@ -308,8 +309,8 @@ def test_s3_rows_leave_the_listing_task_while_it_still_lists(ray_session, s3_ser
 
     from moto.s3.models import S3Backend
 
-    from restorer import graph
-    from restorer.pipeline import listing_dataset
+    from restorer.pipeline import graph
+    from restorer.pipeline.graph import listing_dataset
 
     monkeypatch.setattr(graph, "BLOCK_BYTES", 4096)
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 from PIL import Image
 
-from restorer.checkpoint import save_model
-from restorer.inspect import inspect_output
 from restorer.nets import build_net
 from restorer.pipeline import restore
+from restorer.report.inspection import inspect_output
+from restorer.weights.checkpoint import save_model
 
 
 def _save_net(tmp_path, spec):

@@ -3,8 +3,8 @@ import os
 
 import pytest
 
-from restorer import storage
 from restorer.errors import StorageError
+from restorer.io import storage
 
 
 @pytest.mark.parametrize("key", ["../x.png", "a/../../x.png", "/etc/passwd", "a\\b.png",

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from restorer import jobs
-from restorer.actor import RestoreActor
-from restorer.checkpoint import save_model
 from restorer.errors import ModelError, SpecError
+from restorer.job import specs
 from restorer.nets import build_net
+from restorer.pipeline.actor import RestoreActor
+from restorer.weights.checkpoint import save_model
 
 NOISE_MAP = {"arch": "noisemap", "channels": 3, "estimator_features": 4, "estimator_layers": 3,
              "trunk": {"arch": "unet", "channels": 3, "num_features": (8, 16, 32),
@@ -47,10 +47,10 @@ def test_a_noise_aware_model_takes_strength_as_its_map_scale(noise_map_model):
 
 
 def test_spec_strength_range():
-    ok = jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", strength=2.0)
+    ok = specs.spec_from_flags(specs.RestoreSpec, input="a", output="b", strength=2.0)
     assert ok.validate().model.strength == 2.0
     with pytest.raises(SpecError, match="0..3"):
-        jobs.spec_from_flags(jobs.RestoreSpec, input="a", output="b", strength=3.5).validate()
+        specs.spec_from_flags(specs.RestoreSpec, input="a", output="b", strength=3.5).validate()
 
 
 def test_eval_draws_a_strength_sheet_of_the_first_pair(tmp_path, noise_map_model):

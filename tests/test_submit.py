@@ -25,9 +25,9 @@ import pytest
 from helpers import free_port
 from PIL import Image
 
-from restorer import submit as jobs_api
 from restorer.errors import JobError, ModelError, SpecError
-from restorer.launch import load_spec
+from restorer.launch import submit as jobs_api
+from restorer.launch.local import load_spec
 
 HEAD_START_TIMEOUT_S = 90
 JOB_TIMEOUT_S = 120
@@ -265,7 +265,7 @@ def test_stop_a_running_job(head, tmp_path, exclusive_ray):
 
 @_on_head
 def test_submit_train_job(head, tmp_path, monkeypatch, exclusive_ray):
-    from restorer.samples import write_samples
+    from restorer.io.samples import write_samples
 
     write_samples(str(tmp_path / "data"), sigma=0)
     monkeypatch.chdir(tmp_path)  # both paths are relative: submit makes them absolute

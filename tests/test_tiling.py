@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from restorer.nets import build_net
-from restorer.tiling import (
+from restorer.image.tiling import (
     balanced_tile,
     effective_tile,
     pad_reflect,
@@ -14,6 +13,7 @@ from restorer.tiling import (
     run_tiled,
     tile_positions,
 )
+from restorer.nets import build_net
 
 
 @pytest.fixture(scope="module")
@@ -249,7 +249,7 @@ def _blend_everywhere(images, forward, tile, overlap, halo, scale, alignment, ba
     """The blend written out: every tile's ``out * w`` and ``w`` added over the whole canvas in
     tile order, then ``canvas / max(weights, 1e-8)`` (run_tiled copies where one tile alone
     has weight 1, and must give these very floats)."""
-    from restorer.tiling import _ramp, _cut
+    from restorer.image.tiling import _cut, _ramp
 
     results = []
     for image in images:
@@ -301,7 +301,7 @@ def test_stitched_tiles_are_the_blend_to_the_last_bit(spec, scale, balanced):
 def test_run_tiled_reports_the_share_of_tiles_done_after_each_forward_pass():
     """The actor's progress within a batch: one call per forward pass, rising to 1.0, by tile
     area (a 100x60 image's tiles and a 40x40 one's)."""
-    from restorer.tiling import run_tiled
+    from restorer.image.tiling import run_tiled
 
     images = [torch.rand(1, 100, 60), torch.rand(1, 40, 40)]
     passes, shares = [], []

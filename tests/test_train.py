@@ -1,10 +1,10 @@
-"""Tests of restorer.train: the step maths shared by every training loop."""
+"""Tests of restorer.train.core: the step maths shared by every training loop."""
 
 import pytest
 import torch
 
-from restorer import train
 from restorer.nets import build_net
+from restorer.train import core
 
 TINY_NET = {"arch": "dncnn", "channels": 1, "num_features": 8, "num_layers": 3,
             "batch_norm": False}
@@ -17,9 +17,9 @@ def test_train_step_reduces_the_loss():
     # Flat patches: the noise is learnable away, so the loss must fall well below the noise's.
     clean = torch.rand(4, 1, 1, 1, generator=torch.Generator().manual_seed(1)).expand(4, 1, 16, 16)
     noisy = clean + 0.1 * torch.randn(clean.shape, generator=torch.Generator().manual_seed(2))
-    losses = [train.train_step(net, optimizer, clean, noisy) for _ in range(50)]
+    losses = [core.train_step(net, optimizer, clean, noisy) for _ in range(50)]
     assert losses[-1] < 0.6 * losses[0]
-    mse = train.train_step(net, optimizer, clean, noisy, loss="mse")
+    mse = core.train_step(net, optimizer, clean, noisy, loss="mse")
     assert isinstance(mse, float) and mse > 0
 
 
@@ -27,9 +27,9 @@ def test_train_step_rejects_bad_inputs():
     net = build_net(TINY_NET)
     optimizer = torch.optim.Adam(net.parameters())
     with pytest.raises(ValueError, match="huber"):
-        train.train_step(net, optimizer, torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), "huber")
+        core.train_step(net, optimizer, torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 8), "huber")
     with pytest.raises(ValueError, match="does not match"):
-        train.train_step(net, optimizer, torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 9))
+        core.train_step(net, optimizer, torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8, 9))
 
 
 def test_train_step_on_a_super_resolution_net():
@@ -37,10 +37,10 @@ def test_train_step_on_a_super_resolution_net():
     net = build_net({"arch": "srnet", "scale": 2, "num_features": 4, "num_blocks": 1})
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     low = torch.rand(2, 1, 8, 8)
-    loss = train.train_step(net, optimizer, torch.rand(2, 1, 16, 16), low)
+    loss = core.train_step(net, optimizer, torch.rand(2, 1, 16, 16), low)
     assert loss > 0
     with pytest.raises(ValueError, match="scale 2"):
-        train.train_step(net, optimizer, torch.rand(2, 1, 8, 8), low)
+        core.train_step(net, optimizer, torch.rand(2, 1, 8, 8), low)
 
 
 def test_train_step_under_bf16_autocast_keeps_float32_weights():
@@ -48,15 +48,15 @@ def test_train_step_under_bf16_autocast_keeps_float32_weights():
     net = build_net(TINY_NET)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     clean = torch.rand(2, 1, 16, 16)
-    loss = train.train_step(net, optimizer, clean, clean + 0.05, autocast_dtype=torch.bfloat16)
+    loss = core.train_step(net, optimizer, clean, clean + 0.05, autocast_dtype=torch.bfloat16)
     assert loss > 0 and all(p.dtype == torch.float32 for p in net.parameters())
 
 
 def test_cosine_lr_runs_from_lr_to_min_lr():
-    assert train.cosine_lr(1e-3, 1e-5, 0.0) == pytest.approx(1e-3)
-    assert train.cosine_lr(1e-3, 1e-5, 0.5) == pytest.approx((1e-3 + 1e-5) / 2)
-    assert train.cosine_lr(1e-3, 1e-5, 1.0) == pytest.approx(1e-5)
-    assert train.cosine_lr(1e-3, 1e-5, 7.0) == pytest.approx(1e-5)
+    assert core.cosine_lr(1e-3, 1e-5, 0.0) == pytest.approx(1e-3)
+    assert core.cosine_lr(1e-3, 1e-5, 0.5) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert core.cosine_lr(1e-3, 1e-5, 1.0) == pytest.approx(1e-5)
+    assert core.cosine_lr(1e-3, 1e-5, 7.0) == pytest.approx(1e-5)
 
 
 # --- the training core: schedule, precision, EMA, Trainer and its state ----------------------
@@ -73,40 +73,40 @@ def _batch(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _trainer(net_spec=TINY_NET, ema: float = 0.0, buffers: bool = True, seed: int = 0
-             ) -> train.Trainer:
+             ) -> core.Trainer:
     torch.manual_seed(seed)
     net = build_net(net_spec)
-    return train.Trainer(net, torch.optim.Adam(net.parameters(), lr=1e-2), "l1",
-                         train.Precision(), train.EMA(net, ema, buffers) if ema else None)
+    return core.Trainer(net, torch.optim.Adam(net.parameters(), lr=1e-2), "l1",
+                         core.Precision(), core.EMA(net, ema, buffers) if ema else None)
 
 
 def test_schedule_warms_up_linearly_then_follows_the_cosine():
-    warm = train.Schedule(lr=1e-3, min_lr=1e-5, warmup=4)
+    warm = core.Schedule(lr=1e-3, min_lr=1e-5, warmup=4)
     assert warm(0.0, 0) == pytest.approx(1e-3 / 4)
     assert warm(0.0, 2) == pytest.approx(1e-3 * 3 / 4)
     assert warm(0.5, 3) == pytest.approx((1e-3 + 1e-5) / 2)  # warm-up over: the cosine's
     assert warm(0.5, 100) == pytest.approx((1e-3 + 1e-5) / 2)
-    plain = train.Schedule(lr=1e-3, min_lr=1e-5)  # the Ray job's: no warm-up
+    plain = core.Schedule(lr=1e-3, min_lr=1e-5)  # the Ray job's: no warm-up
     assert [plain(p, 0) for p in (0.0, 0.5, 1.0)] == [
-        train.cosine_lr(1e-3, 1e-5, p) for p in (0.0, 0.5, 1.0)]
+        core.cosine_lr(1e-3, 1e-5, p) for p in (0.0, 0.5, 1.0)]
     assert plain(0.25, 0) == pytest.approx(1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + 2 ** -0.5))
 
 
 def test_precision_is_bf16_channels_last_on_cuda_only_in_auto():
-    assert train.precision_for(torch.device("cpu")) == train.Precision(None, False)
-    assert train.precision_for(torch.device("cuda")) == train.Precision(torch.bfloat16, True)
-    assert train.precision_for(torch.device("cuda"), "fp32") == train.Precision(None, False)
+    assert core.precision_for(torch.device("cpu")) == core.Precision(None, False)
+    assert core.precision_for(torch.device("cuda")) == core.Precision(torch.bfloat16, True)
+    assert core.precision_for(torch.device("cuda"), "fp32") == core.Precision(None, False)
     # asked for: bf16 autocast on a CPU too (the recipes' default on CPUs with native bf16)
-    assert train.precision_for(torch.device("cpu"), "bf16") == train.Precision(torch.bfloat16,
+    assert core.precision_for(torch.device("cpu"), "bf16") == core.Precision(torch.bfloat16,
                                                                               True)
     with pytest.raises(ValueError, match="fp16"):
-        train.precision_for(torch.device("cpu"), "fp16")
+        core.precision_for(torch.device("cpu"), "fp16")
 
 
 def test_ema_moves_each_weight_by_one_minus_decay_towards_the_net():
     torch.manual_seed(0)
     net = build_net(BN_NET)
-    everything, parameters = train.EMA(net, 0.9), train.EMA(net, 0.9, buffers=False)
+    everything, parameters = core.EMA(net, 0.9), core.EMA(net, 0.9, buffers=False)
     before = {k: v.clone() for k, v in net.state_dict().items()}
     with torch.no_grad():
         for value in net.state_dict().values():
@@ -128,7 +128,7 @@ def test_ema_moves_each_weight_by_one_minus_decay_towards_the_net():
     assert torch.equal(averaged[mean], before[mean])  # parameters only: buffers stay
     assert torch.equal(averaged[count], before[count])
     with pytest.raises(ValueError, match="decay 1.0"):
-        train.EMA(net, 1.0)
+        core.EMA(net, 1.0)
 
 
 def test_trainer_steps_lower_the_loss_and_set_the_rate():
@@ -155,8 +155,8 @@ def test_state_round_trips_through_state_pt_exactly(tmp_path, buffers):
     first = _trainer(BN_NET, ema=0.9, buffers=buffers)
     for _ in range(3):
         first.step(clean, noisy, lr=1e-2)
-    train.save_state(first.state_dict(), str(tmp_path / "state.pt"))
-    state = train.load_state((tmp_path / "state.pt").read_bytes())
+    core.save_state(first.state_dict(), str(tmp_path / "state.pt"))
+    state = core.load_state((tmp_path / "state.pt").read_bytes())
     assert list(state) == ["optimizer", "ema", "net"]  # the layout of state.pt on disk
     second = _trainer(BN_NET, ema=0.9, buffers=buffers, seed=1)  # other initial weights
     second.load_state_dict(state)

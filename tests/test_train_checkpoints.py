@@ -1,4 +1,4 @@
-"""Checkpoint folders of a training run (restorer.train_checkpoints), without Ray."""
+"""Checkpoint folders of a training run (restorer.train.checkpoints), without Ray."""
 
 import json
 import logging
@@ -6,31 +6,31 @@ import zipfile
 
 import torch
 
-from restorer import train
-from restorer.checkpoint import load_model
-from restorer.jobs import spec_from_dict
+from restorer.io.storage import StorageOptions
+from restorer.job.specs import spec_from_dict
 from restorer.nets import build_net
-from restorer.storage import StorageOptions
-from restorer.train_checkpoints import (
+from restorer.train import core
+from restorer.train.checkpoints import (
     checkpoint_folders,
     read_checkpoint,
     resume_state,
     write_checkpoint,
 )
+from restorer.weights.checkpoint import load_model
 
 NET = {"arch": "dncnn", "channels": 1, "num_features": 8, "num_layers": 3}
 SPEC = spec_from_dict({"kind": "train", "name": "run", "net": NET, "data": {"uri": "data"},
                        "optim": {"ema": 0.9}})
 
 
-def _trainer(seed: int = 0) -> train.Trainer:
+def _trainer(seed: int = 0) -> core.Trainer:
     torch.manual_seed(seed)
     net = build_net(NET)
-    return train.Trainer(net, torch.optim.Adam(net.parameters(), lr=1e-2), "l1",
-                         train.Precision(), train.EMA(net, 0.9))
+    return core.Trainer(net, torch.optim.Adam(net.parameters(), lr=1e-2), "l1",
+                         core.Precision(), core.EMA(net, 0.9))
 
 
-def _steps(trainer: train.Trainer, count: int) -> None:
+def _steps(trainer: core.Trainer, count: int) -> None:
     generator = torch.Generator().manual_seed(7)
     for _ in range(count):
         clean = torch.rand(2, 1, 16, 16, generator=generator)

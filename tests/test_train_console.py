@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from restorer.models import get_model
+from restorer.weights.zoo import get_model
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]

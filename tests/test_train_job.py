@@ -11,11 +11,11 @@ import time
 import numpy as np
 import pytest
 
-from restorer.jobs import spec_from_dict
-from restorer.models import get_model
+from restorer.io.samples import write_samples
+from restorer.job.specs import spec_from_dict
 from restorer.pipeline import RestoreActor
-from restorer.samples import write_samples
-from restorer.train_job import run_train
+from restorer.train.distributed import run_train
+from restorer.weights.zoo import get_model
 
 pytestmark = pytest.mark.slow
 

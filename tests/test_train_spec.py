@@ -6,10 +6,10 @@ import torch
 from helpers import matlab_imresize
 
 from restorer.errors import SpecError
-from restorer.jobs import spec_from_dict
+from restorer.io.samples import scene
+from restorer.job.specs import spec_from_dict
 from restorer.nets import build_net
-from restorer.samples import scene
-from restorer.train_job import Degradation, degrade_batch, validate_net
+from restorer.train.distributed import Degradation, degrade_batch, validate_net
 
 SR_NET = {"arch": "srnet", "scale": 2, "num_features": 4, "num_blocks": 1}
 

@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import record
 
-from restorer import codec, stages
 from restorer.errors import PERMANENT, TRANSIENT, ImageError, classify
-from restorer.jobs import RestoreSpec, spec_from_flags
-from restorer.records import PLAN_FIELDS, RESTORED_SCHEMA, to_table
+from restorer.io import codec
+from restorer.job.specs import RestoreSpec, spec_from_flags
+from restorer.output.records import PLAN_FIELDS, RESTORED_SCHEMA, to_table
+from restorer.pipeline import stages
 
 TRANSIENT_FAULTS = {
     "MemoryError": MemoryError(),
@@ -85,9 +86,9 @@ def test_an_encoder_on_a_full_disk_leaves_the_image_transient(monkeypatch, tmp_p
 
 
 def test_a_fault_repeating_in_n_runs_quarantines_the_image_with_its_history(tmp_path):
-    from restorer.digest import Digest
-    from restorer.pipeline import _close_unit
-    from restorer.summary import JobState
+    from restorer.output.digest import Digest
+    from restorer.pipeline.driver import _close_unit
+    from restorer.report.summary import JobState
 
     spec = spec_from_flags(RestoreSpec, input=str(tmp_path / "in"), output=str(tmp_path / "out"),
                            transient_runs=3)
@@ -95,7 +96,7 @@ def test_a_fault_repeating_in_n_runs_quarantines_the_image_with_its_history(tmp_
     ledger = tmp_path / "out" / "_restorer" / "ledger" / "unit-u1.parquet"
 
     def run(number: int) -> tuple[bool, JobState, list[dict]]:
-        from restorer.ledger import transient_units
+        from restorer.output.ledger import transient_units
 
         state = JobState(spec, "m", "sha", {}, digest=Digest(run=f"run{number}"))
         state.transient_units = transient_units(spec)
@@ -123,10 +124,10 @@ def test_a_fault_repeating_in_n_runs_quarantines_the_image_with_its_history(tmp_
 
 
 def test_an_image_that_recovers_leaves_no_history(tmp_path):
-    from restorer.digest import Digest
-    from restorer.ledger import transient_units
-    from restorer.pipeline import _close_unit
-    from restorer.summary import JobState
+    from restorer.output.digest import Digest
+    from restorer.output.ledger import transient_units
+    from restorer.pipeline.driver import _close_unit
+    from restorer.report.summary import JobState
 
     spec = spec_from_flags(RestoreSpec, input=str(tmp_path / "in"), output=str(tmp_path / "out"))
     state = JobState(spec, "m", "sha", {}, digest=Digest(run="r1"))

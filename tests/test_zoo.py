@@ -1,6 +1,6 @@
 """The bundled models: each loads, its card describes the file shipped, and it restores.
 
-The quick tests run every model on generated images (restorer.samples.scene) with its own
+The quick tests run every model on generated images (restorer.io.samples.scene) with its own
 degradation and check a gain over the degraded input with a margin below what was measured
 (2-core CPU, 3 images of 96x128: denoise-gray +11.0 dB at sigma 25, denoise-color +9.0,
 jpeg +2.1 at quality 10, sr-x2 +4.9 over bicubic, sr-x4 +2.5, restore-default +8.7 RGB /
@@ -15,22 +15,22 @@ import numpy as np
 import pytest
 from helpers import shared_path
 
-from restorer import degrade, metrics
-from restorer.evaluate import evaluate, run_net, to_uint8
-from restorer.models import DEFAULT_MODEL, get_model, zoo
-from restorer.samples import scene
+from restorer.image import degrade, metrics
+from restorer.io.samples import scene
+from restorer.quality.evaluate import evaluate, run_net, to_uint8
+from restorer.weights.zoo import DEFAULT_MODEL, bundled, get_model
 
 ZOO = ("denoise-gray", "denoise-color", "jpeg", "sr-x2", "sr-x4", "restore-default")
 
 
 def test_the_zoo_is_complete_and_default_is_bundled():
-    assert set(ZOO) <= set(zoo())
+    assert set(ZOO) <= set(bundled())
     assert DEFAULT_MODEL == "restore-default"
 
 
 @pytest.mark.parametrize("name", ZOO)
 def test_card_describes_the_shipped_file(name):
-    entry = zoo()[name]
+    entry = bundled()[name]
     assert entry.card is not None, f"{name} has no card"
     card = entry.card.read_text()
     sha256 = hashlib.sha256(entry.path.read_bytes()).hexdigest()

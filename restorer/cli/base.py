@@ -9,8 +9,8 @@ that vanished, and were not committed; a plain rerun redoes exactly those.
 
 Options that several commands take are declared once below (``json_option``,
 ``worker_options``, ``resource_options``, ``override_options``, ``num_cpus_option``,
-``dashboard_option``). Names: ``specs`` is :mod:`restorer.jobs` (the job spec dataclasses);
-``jobs_api`` is :mod:`restorer.submit` (the Ray Jobs API client), which the ``restorer
+``dashboard_option``). Names: ``specs`` is :mod:`restorer.job.specs` (the job spec dataclasses);
+``jobs_api`` is :mod:`restorer.launch.submit` (the Ray Jobs API client), which the ``restorer
 submit`` command and the ``restorer jobs`` group drive.
 """
 
@@ -204,6 +204,6 @@ def main(verbose: bool) -> None:
     """Restore images with CNNs on Ray: locally, or on a cluster."""
     setup_logging(verbose)
     if not verbose:
-        from restorer.console import quiet_ray
+        from restorer.job.console import quiet_ray
 
         quiet_ray()

@@ -1,5 +1,5 @@
 """``restorer submit`` and the ``restorer jobs`` group: jobs on a Ray cluster through its Jobs
-API (:mod:`restorer.submit`, imported as ``jobs_api``)."""
+API (:mod:`restorer.launch.submit`, imported as ``jobs_api``)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def _job_exit_code(job) -> int:
 def submit(spec_path, address, input_uri, output_uri, model, limit, quality, workers,
            gpus_per_worker, pip, follow):
     """Submit SPEC to a Ray cluster through the Jobs API (entrypoint: restorer run SPEC)."""
-    from restorer import submit as jobs_api
+    from restorer.launch import submit as jobs_api
 
     job_id = jobs_api.submit(spec_path, address, overrides={
         "input": input_uri, "output": output_uri, "model": model, "limit": limit,
@@ -60,7 +60,7 @@ def jobs_group():
 @errors_to_exit_codes
 def jobs_list(address):
     """The cluster's jobs, newest last."""
-    from restorer import submit as jobs_api
+    from restorer.launch import submit as jobs_api
 
     for job in jobs_api.list_jobs(address):
         click.echo(f"{job.job_id}  {job.status:9s}  {job.metadata.get('kind', '-'):7s}  "
@@ -73,7 +73,7 @@ def jobs_list(address):
 @errors_to_exit_codes
 def jobs_status(job_id, address):
     """One job's status, message, exit code and metadata."""
-    from restorer import submit as jobs_api
+    from restorer.launch import submit as jobs_api
 
     job = jobs_api.job_status(address, job_id)
     click.echo(json.dumps({"job_id": job.job_id, "status": job.status, "message": job.message,
@@ -88,7 +88,7 @@ def jobs_status(job_id, address):
 @errors_to_exit_codes
 def jobs_logs(job_id, address, follow):
     """A job's logs."""
-    from restorer import submit as jobs_api
+    from restorer.launch import submit as jobs_api
 
     for chunk in jobs_api.job_logs(address, job_id, follow=follow):
         click.echo(chunk, nl=False)
@@ -101,6 +101,6 @@ def jobs_logs(job_id, address, follow):
 @errors_to_exit_codes
 def jobs_stop(job_id, address, wait):
     """Stop a job: SIGTERM, so a restore drains and commits its finished units."""
-    from restorer import submit as jobs_api
+    from restorer.launch import submit as jobs_api
 
     click.echo(jobs_api.stop_job(address, job_id, wait=wait).status)

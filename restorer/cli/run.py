@@ -7,7 +7,6 @@ import json
 
 import click
 
-from restorer import jobs as specs
 from restorer.cli.base import (
     duration,
     errors_to_exit_codes,
@@ -19,6 +18,7 @@ from restorer.cli.base import (
     resource_options,
 )
 from restorer.errors import SpecError
+from restorer.job import specs
 
 
 @main.command()
@@ -74,9 +74,9 @@ def restore(uris, manifest, layout, include, exclude, dry_run, as_json, **fields
     INPUT is a folder, an s3:// prefix, a prefix of Parquet shards (detected), or one or more
     image files (written under their names, or their paths below the files' common folder).
     """
-    # ``fields``: the options named as fields of the restore spec (restorer.jobs.RestoreSpec),
+    # ``fields``: the options named as fields of the restore spec (restorer.job.specs.RestoreSpec),
     # from --model to --address; those not given are None and keep the spec's defaults.
-    from restorer.launch import run_spec
+    from restorer.launch.local import run_spec
 
     if manifest and len(uris) != 1 or not manifest and len(uris) < 2:
         raise click.UsageError("give INPUT and OUTPUT (INPUT: a folder, a prefix, or one or "
@@ -95,9 +95,9 @@ def restore(uris, manifest, layout, include, exclude, dry_run, as_json, **fields
     if layout:
         spec = specs.replace_field(spec, "output", "layout", layout)
     if dry_run:
-        from restorer.plan import plan_job
+        from restorer.quality.forecast import forecast_job
 
-        plan = plan_job(spec, fields["workers"] or 1)
+        plan = forecast_job(spec, fields["workers"] or 1)
         if as_json:
             click.echo(json.dumps(plan, indent=2))
             return
@@ -130,7 +130,7 @@ def restore(uris, manifest, layout, include, exclude, dry_run, as_json, **fields
 def run(spec_path, input_uri, output_uri, model, limit, quality, workers, gpus_per_worker,
         address, as_json):
     """Run the job in a TOML spec file (kind = "restore" or "train")."""
-    from restorer.launch import load_spec, run_spec
+    from restorer.launch.local import load_spec, run_spec
 
     spec = load_spec(spec_path)
     spec = specs.apply_overrides(spec, input=input_uri, output=output_uri, model=model,
@@ -150,7 +150,7 @@ def train(spec_path, workers, gpus_per_worker, address, as_json):
 
     Rerunning the same spec (same name and storage path) resumes from the latest checkpoint.
     """
-    from restorer.launch import load_spec, run_spec
+    from restorer.launch.local import load_spec, run_spec
 
     spec = load_spec(spec_path)
     if spec.kind != "train":

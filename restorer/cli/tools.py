@@ -23,8 +23,8 @@ from restorer.errors import SpecError
 def _strength_sheet(model, pairs_dir, strengths, sheet, tile) -> None:
     from PIL import Image
 
-    from restorer.evaluate import pair_files, read_image, strength_sheet
-    from restorer.models import DEFAULT_MODEL
+    from restorer.quality.evaluate import pair_files, read_image, strength_sheet
+    from restorer.weights.zoo import DEFAULT_MODEL
 
     try:
         _, noisy, clean = pair_files(pairs_dir)[0]
@@ -104,7 +104,7 @@ def evaluate_command(model, data_dir, pairs_dir, task, sigma, quality, scale, sh
                      flat_fill, sheet, sheet_rows, sheet_strengths, as_json):
     """Measure a model in the reference conventions (PSNR/SSIM on 8-bit, seeded noise), or on
     real noisy/clean pairs (--pairs)."""
-    from restorer.evaluate import evaluate, evaluate_pairs
+    from restorer.quality.evaluate import evaluate, evaluate_pairs
 
     if (data_dir is None) == (pairs_dir is None):
         raise click.UsageError("give --data (clean images to degrade) or --pairs (real "
@@ -198,7 +198,7 @@ def convert(source, target, arch, channels, num_features, num_layers, batch_norm
     (depth, width, channels, BatchNorm, biases) is inferred from the file, so no shape flags
     are needed; flags that are given must agree with it.
     """
-    from restorer.convert import convert_weights
+    from restorer.weights.convert import convert_weights
 
     spec = {"arch": arch or "dncnn"}
     for name, value in (("channels", channels), ("num_features", num_features),
@@ -216,9 +216,9 @@ def convert(source, target, arch, channels, num_features, num_layers, batch_norm
 def models(names, as_json):
     """What each bundled model is for, what it learnt, its measured quality and cost, and which
     to pick; or only the models NAMEd (bundled names, or paths of model files)."""
-    from restorer import models as zoo_models
+    from restorer.weights import zoo as zoo_models
 
-    bundled = zoo_models.zoo()
+    bundled = zoo_models.bundled()
     rows = []
     for name in names or bundled:
         if name in bundled:
@@ -244,7 +244,7 @@ def models(names, as_json):
 
 
 def _bundled_row(name, entry):
-    from restorer import models as zoo_models
+    from restorer.weights import zoo as zoo_models
 
     card = zoo_models.card(name)
     row = {"name": name, "default": name == zoo_models.DEFAULT_MODEL,
@@ -318,7 +318,7 @@ def _echo_model(row):
 @errors_to_exit_codes
 def inspect(output_uri, as_json, top, sort, rebuild_report):
     """Summarise a restore job's OUTPUT: summary, errors, flagged and top-ranked images."""
-    from restorer.inspect import inspect_output
+    from restorer.report.inspection import inspect_output
 
     if rebuild_report:
         from restorer.report import write_report
@@ -372,7 +372,7 @@ def inspect(output_uri, as_json, top, sort, rebuild_report):
 @errors_to_exit_codes
 def bench(images, size, model, batch_size, data, num_cpus, as_json):
     """Measure forward-only ceiling, a naive loop and a restorer job side by side."""
-    from restorer.bench import CALIBRATION, run_bench
+    from restorer.quality.bench import CALIBRATION, run_bench
 
     result = run_bench(images, size, model, batch_size, data, num_cpus or 0)
     if as_json:
@@ -402,7 +402,7 @@ def shard():
 @errors_to_exit_codes
 def shard_pack(source, target, rows_per_shard):
     """Pack the images under SOURCE into Parquet shards under TARGET."""
-    from restorer.shards import pack
+    from restorer.io.shards import pack
 
     report = pack(source, target, rows_per_shard)
     click.echo(f"packed {report.files} images ({report.bytes} bytes) into {report.shards} shards")
@@ -414,7 +414,7 @@ def shard_pack(source, target, rows_per_shard):
 @errors_to_exit_codes
 def shard_unpack(source, target):
     """Write the images in the Parquet shards under SOURCE to files under TARGET."""
-    from restorer.shards import unpack
+    from restorer.io.shards import unpack
 
     report = unpack(source, target)
     click.echo(f"unpacked {report.files} images from {report.shards} shards "
@@ -428,7 +428,7 @@ def shard_unpack(source, target):
 @errors_to_exit_codes
 def samples(folder, sigma, clean_folder):
     """Write a few noisy synthetic sample images (gray, RGB, RGBA, 16-bit) into FOLDER."""
-    from restorer.samples import write_samples
+    from restorer.io.samples import write_samples
 
     keys = write_samples(folder, sigma, clean_folder)
     click.echo(f"wrote {len(keys)} sample images to {folder}")

@@ -10,7 +10,10 @@ evaluation rely on (:class:`RestorationNet`; every class in ``NETS`` provides al
   a plain convolution stack, ``2 ** (levels - 1)`` for a U-Net), so tiles start on multiples
   of it;
 - ``receptive_field``: width in input pixels of what one output pixel sees; tiles overlap by at
-  least this much so that tiled and whole-image outputs agree.
+  least this much so that tiled and whole-image outputs agree;
+- ``runs_per_pixel``: how many times the net's layers run per input pixel (1; an opponent net's
+  trunk runs once per plane, 3), for the cost a worker plan reads
+  (:func:`restorer.job.sizing.macs_per_pixel`).
 
 A net spec is a plain mapping ``{"arch": NAME, **config fields}``; it is stored inside every
 checkpoint, so a checkpoint rebuilds its own net. Config fields use torch's vocabulary
@@ -40,6 +43,7 @@ class RestorationNet(Protocol):
     channels: int  # planes in and out: 1 gray, 3 RGB
     scale: int  # output side / input side
     alignment: int  # tiles start on multiples of this many input pixels
+    runs_per_pixel: int  # times the layers run per input pixel (an opponent net's trunk: 3)
 
     @property
     def receptive_field(self) -> int:

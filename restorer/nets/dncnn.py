@@ -24,6 +24,7 @@ class DnCNN(nn.Module):
     config_class = DnCNNConfig
     scale = 1
     alignment = 1
+    runs_per_pixel = 1
 
     def __init__(self, config: DnCNNConfig):
         super().__init__()

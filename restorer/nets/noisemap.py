@@ -3,8 +3,8 @@ and a U-Net restores the image seeing that noise map beside it (CBDNet, Guo et a
 noise-map input of FFDNet, Zhang et al. 2018).
 
 ``estimate(x)`` is the noise level map: per pixel and plane, the standard deviation of the
-noise on the ``[0, 1]`` scale, white-equivalent (``restorer.degrade.practical_degradation``
-makes the training targets: :func:`restorer.degrade.noise_level_map` of the noise left after
+noise on the ``[0, 1]`` scale, white-equivalent (``restorer.image.degrade.practical_degradation``
+makes the training targets: :func:`restorer.image.degrade.noise_level_map` of the noise left after
 demosaicing, the camera's processing, tone curve and JPEG; noise spread over neighbours reads
 higher than its std). The
 estimator runs at half resolution (a stride-2 convolution, 3x3 convolutions, bilinear x2 back
@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from restorer.tiling import pad_reflect
+from restorer.image.tiling import pad_reflect
 
 MAP_SCALE = 0.05  # the estimator's softplus output times this: noise std on [0, 1]
 
@@ -55,6 +55,7 @@ class NoiseMapConfig:
 class NoiseMapNet(nn.Module):
     config_class = NoiseMapConfig
     scale = 1
+    runs_per_pixel = 1  # the estimator and the trunk, once each
 
     def __init__(self, config: NoiseMapConfig):
         super().__init__()

@@ -42,6 +42,7 @@ class _Block(nn.Module):
 class SRNet(nn.Module):
     config_class = SRNetConfig
     alignment = 1
+    runs_per_pixel = 1
 
     def __init__(self, config: SRNetConfig):
         super().__init__()

@@ -3,7 +3,7 @@ skip connections by concatenation, and a residual output ``x - body(x)`` as DnCN
 
 Input and output are float32 ``[0, 1]`` NCHW with ``channels`` planes. Any height and width
 work: the input is padded to a multiple of ``alignment`` on the bottom and right with its
-mirror image (:func:`restorer.tiling.pad_reflect`, which works down to 1x1), and the output
+mirror image (:func:`restorer.image.tiling.pad_reflect`, which works down to 1x1), and the output
 cropped back. Pooling makes the net translation-equivariant only in steps
 of ``alignment`` pixels, so the tiler starts tiles on multiples of it.
 """
@@ -14,7 +14,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from restorer.tiling import pad_reflect
+from restorer.image.tiling import pad_reflect
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,7 @@ def _stage(width_in: int, width: int, blocks: int) -> nn.Sequential:
 class UNet(nn.Module):
     config_class = UNetConfig
     scale = 1
+    runs_per_pixel = 1
 
     def __init__(self, config: UNetConfig):
         super().__init__()

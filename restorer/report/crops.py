@@ -4,9 +4,9 @@
 where the output changed most (:func:`crop_origin`), and returns the three crops as PNG
 ``data:`` URIs (shown at 1:1) with the input's and the output's noise levels, and a ``ZOOM``
 px window inside it, where the crop changed most, for a before/after slider shown ``ZOOM_FACTOR``
-times enlarged (pixels as squares: at 1:1 a denoised photo and its input look alike). The noise level is the restore actor's own
-estimate (:func:`restorer.audit.input_noise`, the ledger's ``noise_in``): one estimator for
-the ledger and the page.
+times enlarged (pixels as squares: at 1:1 a denoised photo and its input look alike). The noise
+level is the restore actor's own estimate (:func:`restorer.image.audit.input_noise`, the ledger's
+``noise_in``): one estimator for the ledger and the page.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from restorer import codec, storage
-from restorer.audit import input_noise, noise_sigma
 from restorer.errors import RestorerError
-from restorer.pixels import peak, to_8bit
+from restorer.image.audit import input_noise, noise_sigma
+from restorer.image.pixels import peak, to_8bit
+from restorer.io import codec, storage
 
 CROP = 192  # side of the before/after crops, in input pixels
 MAX_CROP_DISPLAY = 384  # crops are shown at most this wide (super-resolution outputs are larger)
@@ -35,7 +35,7 @@ ZOOM_FACTOR = 4  # ... shown this many times enlarged
 
 def estimate_noise(gray: np.ndarray) -> float:
     """The noise standard deviation of a 2-D image, in the array's units:
-    :func:`restorer.audit.noise_sigma` (Donoho's robust estimate, the one the restore actor
+    :func:`restorer.image.audit.noise_sigma` (Donoho's robust estimate, the one the restore actor
     records) on ``gray`` (HW, any real dtype). Texture and edges raise it a little; an image
     under 8 pixels on a side gives 0."""
     import torch

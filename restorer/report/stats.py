@@ -6,7 +6,7 @@
   (mean and 99th percentile of ``|output - input|`` in 8-bit levels, measured by the restore
   actor) is far above the job's typical change: a net that hallucinated, a tile that blew up,
   an input unlike the others; and those whose residual (input - output) carries far more image
-  structure than the job's typical image (``residual_structure``, :mod:`restorer.audit`): a
+  structure than the job's typical image (``residual_structure``, :mod:`restorer.image.audit`): a
   net that smoothed away texture, text or fine detail along with the noise.
 
 Both keep bounded state (reservoir samples, top-N heaps), so they work on jobs of millions of
@@ -24,9 +24,9 @@ from typing import Any
 
 import numpy as np
 
-from restorer.digest import MIN_SPREAD_STRUCTURE, MIN_STRUCTURE_CHANGE, outlier_reasons
 from restorer.errors import SpecError
-from restorer.ledger import meta_uri
+from restorer.output.digest import MIN_SPREAD_STRUCTURE, MIN_STRUCTURE_CHANGE, outlier_reasons
+from restorer.output.ledger import meta_uri
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +39,11 @@ REPORT_NAME = "report.html"
 # identical images (MAD ~ 0) from flagging an image that changed by a fraction of a level more.
 OUTLIER_K = 5.0
 MIN_SPREAD = 0.5
-# residual_structure (restorer.audit, 0-1) is flagged the same way, with its own floor of the
+# residual_structure (restorer.image.audit, 0-1) is flagged the same way, with its own floor of the
 # spread, MIN_SPREAD_STRUCTURE = 0.05: a twentieth of its range (noise-like residuals score
 # ~0.06 +- 0.03). An image changed by under MIN_STRUCTURE_CHANGE = 1 level on average is not
 # flagged for it: a structured residual that small is invisible (clean images through a denoiser
-# score 0.1-0.5 at 0-1.5 levels). Both live in restorer.digest, which flags from run digests.
+# score 0.1-0.5 at 0-1.5 levels). Both live in restorer.output.digest, which flags from run digests.
 OUTLIER_COLUMNS = ("change_mean", "change_p99", "residual_structure")
 MIN_RECORDS = 3  # below this many successful images there is no "typical" change to compare to
 RESERVOIR = 20_000  # values kept to estimate medians (exact below this many images)
@@ -172,7 +172,7 @@ def flag_outliers(records: Iterable[dict[str, Any]], k: float = OUTLIER_K,
 
     - ``change_mean`` or ``change_p99`` > median + ``k`` * max(1.4826 * MAD, ``min_spread``)
       of that column over the job (only with at least ``MIN_RECORDS`` images), or
-    - ``residual_structure`` (0-1, :mod:`restorer.audit`) > median + ``k`` * max(1.4826 * MAD,
+    - ``residual_structure`` (0-1, :mod:`restorer.image.audit`) > median + ``k`` * max(1.4826 * MAD,
       ``MIN_SPREAD_STRUCTURE``) over the job's images that have it, and ``change_mean`` >=
       ``MIN_STRUCTURE_CHANGE``: the model removed detail, not noise, or
     - ``change_mean`` > ``threshold``, when an absolute threshold is given.

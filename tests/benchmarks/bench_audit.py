@@ -6,7 +6,7 @@ Run:  python tests/benchmarks/bench_audit.py [--model restore-default] [--images
 Side by side in one run, each batch timed both ways back to back (in alternating order), so
 that machine load hits both alike:
 - with: ``RestoreActor.restore_arrays`` as shipped (the per-image audit includes
-  :func:`restorer.audit.residual_structure` on the central 128 px crop);
+  :func:`restorer.image.audit.residual_structure` on the central 128 px crop);
 - without: the same actor with the score replaced by a constant (the audit as it was before).
 Prints the median seconds per batch of each (wall clock and, robust to other processes on a
 shared machine, this process's CPU time), their ratios, the medians of the paired per-batch
@@ -21,10 +21,10 @@ import time
 import numpy as np
 import torch
 
-from restorer import audit
-from restorer.actor import RestoreActor
-from restorer.audit import residual_structure
-from restorer.samples import noisy, scene
+from restorer.image import audit
+from restorer.image.audit import residual_structure
+from restorer.io.samples import noisy, scene
+from restorer.pipeline.actor import RestoreActor
 
 
 def main() -> None:

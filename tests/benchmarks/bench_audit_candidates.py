@@ -1,5 +1,5 @@
 """Benchmark: candidate residual-structure scores compared by ROC AUC (the figures in
-restorer/audit.py's docstring).
+restorer/image/audit.py's docstring).
 
 Run:  python tests/benchmarks/bench_audit_candidates.py [--data ../shared/data] [--size 128]
 
@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from scipy import ndimage
 
-from restorer import audit
-from restorer.models import get_model
+from restorer.image import audit
+from restorer.weights.zoo import get_model
 
 
 def cases(data: str, size: int):
@@ -169,7 +169,7 @@ def main():
     torch.set_num_threads(1)
     made = cases(args.data, args.size)
     labels = np.array([g for *_, g in made])
-    scores = {name: [] for name in [*CANDIDATES, "shipped: restorer.audit.residual_structure"]}
+    scores = {name: [] for name in [*CANDIDATES, "shipped: restorer.image.audit.residual_structure"]}
     for _, x, y, _ in made:
         source = torch.from_numpy(x / 255).permute(2, 0, 1)[None].float()
         output = torch.from_numpy(y / 255).permute(2, 0, 1)[None].float()
@@ -177,7 +177,7 @@ def main():
             1, keepdim=True)
         for name, fn in CANDIDATES.items():
             scores[name].append(float(fn(r, o)[0]))
-        scores["shipped: restorer.audit.residual_structure"].append(
+        scores["shipped: restorer.image.audit.residual_structure"].append(
             float(audit.residual_structure(source, output)[0]))
     print(f"{(labels == 0).sum()} noise-like, {(labels == 1).sum()} detail-destroying cases, "
           f"{args.size}px crops")
@@ -188,7 +188,7 @@ def main():
         low, high = v[labels == 0], v[labels == 1]
         print(f"{name:48s} {auc(low, high):6.3f} {np.median(low):15.3f} ({low.max():6.3f}) "
               f"{np.median(high):11.3f} ({high.min():6.3f})")
-    shipped = np.array(scores["shipped: restorer.audit.residual_structure"])
+    shipped = np.array(scores["shipped: restorer.image.audit.residual_structure"])
     print("\nshipped score by case kind: median [min, max]")
     for kind in sorted({n for n, *_ in made}):
         v = shipped[[i for i, (n, *_) in enumerate(made) if n == kind]]

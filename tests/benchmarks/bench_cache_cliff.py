@@ -10,7 +10,7 @@ shape repeats, ~100-150 ns at 700-768 px; with shapes changing from call to call
 stream of photos of mixed sizes (this script interleaves them), 70-100 ns from 384 px up,
 while restorer's tiles stay near 45-60 ns. So the plain pattern's rate on 384-768 px photos
 depends on the CPU (its caches) far more than restorer's. For each size: the forward on the
-whole image and on the tiles ``restorer.tiling.run_tiled`` cuts on a CPU (balanced tiles of
+whole image and on the tiles ``restorer.image.tiling.run_tiled`` cuts on a CPU (balanced tiles of
 256 px with the net's overlap), ns per image pixel, median of ``--repeats`` after a warm-up,
 the two interleaved repeat by repeat.
 """
@@ -23,10 +23,10 @@ import time
 
 import torch
 
-from restorer.actor import tile_settings
-from restorer.models import get_model
+from restorer.image.tiling import run_tiled
 from restorer.nets import build_net
-from restorer.tiling import run_tiled
+from restorer.pipeline.actor import tile_settings
+from restorer.weights.zoo import get_model
 
 
 def _net(name: str) -> torch.nn.Module:

@@ -43,12 +43,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from restorer import degrade
-from restorer.evaluate import image_files, image_seed, read_image
-from restorer.metrics import psnr
-from restorer.models import get_model
-from restorer.samples import scene
-from restorer.tiling import pad_reflect
+from restorer.image import degrade
+from restorer.image.metrics import psnr
+from restorer.image.tiling import pad_reflect
+from restorer.io.samples import scene
+from restorer.quality.evaluate import image_files, image_seed, read_image
+from restorer.weights.zoo import get_model
 
 log = logging.getLogger("bench_cpu_backends")
 

@@ -6,7 +6,7 @@ no Ray, no model: only the ledger matters here), then times, side by side:
 
 - *ledger*: the end of a job before digests: the whole-job counts and outliers from a scan
   of every unit file, then the report page (which scanned it again);
-- *digests*: ``pipeline._audit`` as a run now calls it, with the run's digest built by
+- *digests*: ``driver._audit`` as a run now calls it, with the run's digest built by
   ``Digest.add``/``commit`` as ``_execute`` does while committing.
 
 It prints the seconds and how many ledger unit files and error files each read (the report
@@ -37,11 +37,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from restorer import storage
-from restorer.digest import Digest
-from restorer.jobs import RestoreSpec, spec_from_flags, spec_to_dict
-from restorer.pipeline import ERROR_COLUMNS, RECORD_SCHEMA, _audit
-from restorer.report import flag_outliers, ledger_records, write_report
+from restorer.io import storage
+from restorer.job.specs import RestoreSpec, spec_from_flags, spec_to_dict
+from restorer.output.digest import Digest
+from restorer.output.ledger import ledger_records
+from restorer.output.records import ERROR_COLUMNS, RECORD_SCHEMA
+from restorer.pipeline.driver import _audit
+from restorer.report import flag_outliers, write_report
 
 UNIT = 16
 
@@ -108,12 +110,12 @@ def _jobs(counts: list[int]) -> None:
     import ray
     from PIL import Image
 
-    from restorer import pipeline
-    from restorer.checkpoint import save_model
     from restorer.nets import build_net
+    from restorer.pipeline import driver
+    from restorer.weights.checkpoint import save_model
 
     audit_seconds = []
-    real_audit = pipeline._audit
+    real_audit = driver._audit
 
     def timed_audit(*args, **kwargs):
         started = time.perf_counter()
@@ -122,7 +124,7 @@ def _jobs(counts: list[int]) -> None:
         finally:
             audit_seconds.append(time.perf_counter() - started)
 
-    pipeline._audit = timed_audit
+    driver._audit = timed_audit
     ray.init(num_cpus=2, object_store_memory=300 * 1024 * 1024, include_dashboard=False,
              logging_level=logging.WARNING)
     rng = np.random.default_rng(0)
@@ -138,7 +140,7 @@ def _jobs(counts: list[int]) -> None:
                 Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
                     source / f"img{i:07d}.png")
             started = time.time()
-            summary = pipeline.restore(str(source), str(output), model=model, format="png")
+            summary = driver.restore(str(source), str(output), model=model, format="png")
             wall = time.time() - started
             meta = output / "_restorer"
             last_commit = max(p.stat().st_mtime for p in (meta / "ledger").iterdir())

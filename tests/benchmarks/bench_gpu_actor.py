@@ -18,8 +18,8 @@ import time
 import numpy as np
 import torch
 
+from restorer.io.samples import scene
 from restorer.pipeline import RestoreActor
-from restorer.samples import scene
 
 
 def _timed(fn, repeats: int) -> float:

@@ -3,8 +3,9 @@
 Writes Parquet manifests of 100k and 1M synthetic URIs (the objects need not exist:
 every row becomes a 'does not exist' error record, which is fine for this measurement), starts
 the listing stage of the restore pipeline on each, and measures the time until its first rows
-exist (when the first read tasks can be dispatched), and the driver's peak memory meanwhile. A driver that expanded every key
-first (as Ray's read_images does, ray-project/ray#40686) would grow with the manifest.
+exist (when the first read tasks can be dispatched), and the driver's peak memory meanwhile. A
+driver that expanded every key first (as Ray's read_images does, ray-project/ray#40686) would grow
+with the manifest.
 
 Flat folders (``--flat-local``, empty files directly in one local folder) and flat S3 prefixes
 (``--flat-s3``, empty objects under one prefix of a moto server run as its own process, so its
@@ -37,9 +38,9 @@ import ray
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import PeakMemory, _rss_bytes
 
-from restorer.graph import listing_dataset, source_config
-from restorer.jobs import RestoreSpec, spec_from_flags
-from restorer.sources import listing_tasks
+from restorer.job.specs import RestoreSpec, spec_from_flags
+from restorer.pipeline.graph import listing_dataset, source_config
+from restorer.pipeline.sources import listing_tasks
 
 
 def main() -> None:

@@ -64,9 +64,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import _descendants
 
-from restorer.checkpoint import save_model
 from restorer.nets import build_net
 from restorer.pipeline import restore
+from restorer.weights.checkpoint import save_model
 
 TICKS = os.sysconf("SC_CLK_TCK")
 SIZES = [(384, 384)] * 9 + [(192, 256)] * 9 + [(480, 640)] * 2  # (height, width), cycled
@@ -131,7 +131,7 @@ class PlainNet:
     def __init__(self, model: str):
         import torch
 
-        from restorer.models import get_model
+        from restorer.weights.zoo import get_model
 
         self.torch = torch
         self.net = get_model(model).net.eval()
@@ -185,9 +185,9 @@ def instrument() -> None:
     """Worker set-up hook: time restorer's stage functions (CPU seconds, rows) in this worker,
     appending ``stage cpu_seconds rows`` lines to ``$BENCH_STAGES/<pid>`` per call.
 
-    The wrappers go in when ``restorer.stages`` / ``restorer.actor`` are first imported (a meta
-    path finder), so a worker that never runs a restorer stage does not import them (nor
-    torch) because of this."""
+    The wrappers go in when ``restorer.pipeline.stages`` / ``restorer.pipeline.actor`` are first
+    imported (a meta path finder), so a worker that never runs a restorer stage does not import them
+    (nor torch) because of this."""
     import importlib.abc
     import time as clock
 
@@ -203,7 +203,7 @@ def instrument() -> None:
         return wrapper
 
     def patch(module) -> None:
-        if module.__name__ == "restorer.stages":
+        if module.__name__ == "restorer.pipeline.stages":
             module.read_and_decode = timed("decode", module.read_and_decode,
                                            lambda a: a[0].num_rows)
             module.encode_and_write = timed("encode_write", module.encode_and_write,
@@ -240,7 +240,7 @@ def instrument() -> None:
         sys.meta_path.insert(0, PatchOnImport())
 
 
-PATCHED = ("restorer.stages", "restorer.actor")  # where the stage functions and the actor live
+PATCHED = ("restorer.pipeline.stages", "restorer.pipeline.actor")  # where the stage functions and the actor live
 
 
 def cpu_seconds(pid: int) -> float:
@@ -330,7 +330,7 @@ def read_stages(folder: Path) -> dict[str, tuple[float, int]]:
 def driver_timers() -> dict[str, float]:
     """Time the driver's record loop (its own thread: ``thread_time``) and the end-of-job audit
     and report (the whole process) by wrapping them in this process."""
-    from restorer import pipeline
+    from restorer.pipeline import driver
 
     spent = {"execute": 0.0, "audit": 0.0}
 
@@ -343,8 +343,8 @@ def driver_timers() -> dict[str, float]:
                 spent[name] += clock() - started
         return wrapper
 
-    pipeline._execute = timed("execute", pipeline._execute, time.thread_time)
-    pipeline._audit = timed("audit", pipeline._audit, time.process_time)
+    driver._execute = timed("execute", driver._execute, time.thread_time)
+    driver._audit = timed("audit", driver._audit, time.process_time)
     return spent
 
 
@@ -464,10 +464,10 @@ def main_in_process(args: argparse.Namespace) -> None:
     pattern's on the same photos, in this process, one torch thread, best of ``--repeats``."""
     import torch
 
-    from restorer import codec, storage
-    from restorer.actor import RestoreActor
-    from restorer.records import PLAN_FIELDS
-    from restorer.stages import encode_and_write, read_and_decode
+    from restorer.io import codec, storage
+    from restorer.output.records import PLAN_FIELDS
+    from restorer.pipeline.actor import RestoreActor
+    from restorer.pipeline.stages import encode_and_write, read_and_decode
 
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory(prefix="bench-in-process-") as scratch:

@@ -2,8 +2,8 @@
 
 Run (on a CUDA machine):  python tests/benchmarks/bench_precision.py --data ../shared/data
 
-Prints, per model, the mean PSNR of ``restorer.evaluate`` (reference conventions) with the net
-in fp32 and under bf16 autocast with channels_last, as the restore actor runs it on CUDA.
+Prints, per model, the mean PSNR of ``restorer.quality.evaluate`` (reference conventions) with the
+net in fp32 and under bf16 autocast with channels_last, as the restore actor runs it on CUDA.
 """
 
 import argparse
@@ -11,8 +11,8 @@ import json
 
 import torch
 
-from restorer.evaluate import evaluate
-from restorer.models import get_model
+from restorer.quality.evaluate import evaluate
+from restorer.weights.zoo import get_model
 
 CASES = [
     ("denoise-gray", "set12", {"task": "denoise", "sigma": 25}),

@@ -8,7 +8,7 @@ import argparse
 import json
 import logging
 
-from restorer.bench import run_bench
+from restorer.quality.bench import run_bench
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)

@@ -45,11 +45,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from restorer import degrade
-from restorer.actor import RestoreActor
-from restorer.evaluate import image_files, image_seed, read_image
-from restorer.metrics import psnr
-from restorer.samples import scene
+from restorer.image import degrade
+from restorer.image.metrics import psnr
+from restorer.io.samples import scene
+from restorer.pipeline.actor import RestoreActor
+from restorer.quality.evaluate import image_files, image_seed, read_image
 
 log = logging.getLogger("gpu_check")
 
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         note = ""
     else:
         name = "CPU (smoke run)"
-        from restorer.actor import cpu_has_bf16
+        from restorer.pipeline.actor import cpu_has_bf16
 
         note = ("This CPU has native bf16: bf16 rows are bf16 autocast." if cpu_has_bf16()
                 else "This CPU has no native bf16: the actor runs bf16 emulated (slow).")

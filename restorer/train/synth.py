@@ -1,0 +1,296 @@
+"""Training pairs made on the training device, so that a GPU never waits on Python.
+
+The CPU functions of :mod:`restorer.image.degrade` define the degradations; this module makes
+batches of them in bulk with torch. Clean images are loaded once into an :class:`ImageBank` (uint8,
+on the device, padded to one shape); each batch is one gather of random crops, with one of the 8
+flips/rotations per crop built into the gather's indices. Degradations that are cheap in torch
+(Gaussian noise) are drawn per batch; the others are computed once per image on the CPU with
+:mod:`restorer.image.degrade` and banked beside the clean images: JPEG at every quality of a range
+(Pillow, exactly as evaluation does it) and MATLAB bicubic downscales for super-resolution
+(low-resolution crops aligned with their high-resolution crops). Random numbers come from a
+``torch.Generator`` seeded by the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from restorer.image import degrade
+
+
+def _padded(images: Sequence[np.ndarray], dtype: np.dtype, height: int, width: int,
+            channels: int) -> np.ndarray:
+    out = np.zeros((len(images), height, width, channels), dtype)
+    for index, image in enumerate(images):
+        image = image if image.ndim == 3 else image[..., None]
+        out[index, : image.shape[0], : image.shape[1]] = image
+    return out
+
+
+class ImageBank:
+    """Images of one channel count on one device, padded to one shape, for random crops.
+
+    ``images``: HW or HWC arrays (uint8 or float32, all of one dtype). ``variants``: optional
+    extra versions of every image, aligned pixel for pixel (a list per variant, e.g. the JPEG
+    of each image at one quality). ``scale``: the images are ``scale`` times larger than
+    ``low`` (low-resolution versions for super-resolution).
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], device: torch.device | str,
+                 variants: Sequence[Sequence[np.ndarray]] = (),
+                 low: Sequence[np.ndarray] | None = None, scale: int = 1):
+        if not images:
+            raise ValueError("ImageBank needs at least one image")
+        self.device = torch.device(device)
+        self.scale = scale
+        shapes = np.array([image.shape[:2] for image in images])
+        self.channels = images[0].shape[2] if images[0].ndim == 3 else 1
+        height, width = shapes.max(0)
+        self.sizes = torch.as_tensor(shapes, device=self.device)
+        self.clean = torch.from_numpy(_padded(images, images[0].dtype, height, width,
+                                              self.channels)).to(self.device)
+        self.variants = [torch.from_numpy(_padded(v, v[0].dtype, height, width, self.channels)
+                                          ).to(self.device) for v in variants]
+        self.low = None
+        if low is not None:
+            self.low = torch.from_numpy(_padded(low, low[0].dtype, height // scale,
+                                                width // scale, self.channels)).to(self.device)
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def _grids(self, size: int, count: int, flips: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Row and column offsets (count, size, size) inside a crop, per flip/rotation code."""
+        axis = torch.arange(size, device=self.device)
+        rows, cols = torch.meshgrid(axis, axis, indexing="ij")
+        rows, cols = rows.expand(count, -1, -1), cols.expand(count, -1, -1)
+        flip_rows = (flips & 1).bool()[:, None, None]
+        flip_cols = (flips & 2).bool()[:, None, None]
+        transpose = (flips & 4).bool()[:, None, None]
+        rows = torch.where(flip_rows, size - 1 - rows, rows)
+        cols = torch.where(flip_cols, size - 1 - cols, cols)
+        return torch.where(transpose, cols, rows), torch.where(transpose, rows, cols)
+
+    def sample(self, size: int, count: int, generator: torch.Generator,
+               permute_channels: bool = False) -> dict[str, torch.Tensor]:
+        """``count`` random ``size`` x ``size`` crops, each with a random flip/rotation.
+
+        Images are picked with probability proportional to the number of crop positions they
+        offer (images smaller than ``size`` are never picked). For a bank with ``low``, ``size``
+        is the low-resolution side and the clean crops are ``scale`` times larger, aligned.
+        ``permute_channels`` shuffles the colour planes per crop (an augmentation for colour
+        nets). Returns ``{"image": index (count,), "clean": uint8 (count, C, S, S), "variant":
+        (V, count, C, size, size) of the banked variants, "low": (count, C, size, size)}``.
+        """
+        scale = self.scale
+        clean_size = size * scale
+        room = (self.sizes - clean_size + 1).clamp_min(0)
+        weights = (room[:, 0] * room[:, 1]).double()
+        if not bool((weights > 0).any()):
+            raise ValueError(f"no image in the bank is at least {clean_size} pixels on a side")
+        image = torch.multinomial(weights, count, replacement=True, generator=generator)
+        top = (torch.rand(count, device=self.device, generator=generator)
+               * (room[image, 0] // scale)).long()
+        left = (torch.rand(count, device=self.device, generator=generator)
+                * (room[image, 1] // scale)).long()
+        flips = torch.randint(8, (count,), device=self.device, generator=generator)
+        channel = torch.arange(self.channels, device=self.device).expand(count, -1)
+        if permute_channels and self.channels > 1:
+            channel = torch.argsort(torch.rand(count, self.channels, device=self.device,
+                                               generator=generator), dim=1)
+        channel = channel[:, None, None, :]
+
+        def gather(bank: torch.Tensor, crop: int, factor: int) -> torch.Tensor:
+            rows, cols = self._grids(crop, count, flips)
+            rows = rows + (top * factor)[:, None, None]
+            cols = cols + (left * factor)[:, None, None]
+            index = image[:, None, None, None]
+            return bank[index, rows[..., None], cols[..., None], channel].permute(0, 3, 1, 2)
+
+        out = {"image": image, "clean": gather(self.clean, clean_size, scale)}
+        if self.variants:
+            out["variant"] = torch.stack([gather(v, size, 1) for v in self.variants])
+        if self.low is not None:
+            out["low"] = gather(self.low, size, 1)
+        return out
+
+
+def float_batch(batch: torch.Tensor) -> torch.Tensor:
+    """A batch of crops on the training device, uint8 -> float32 ``[0, 1]``; float crops (super-
+    resolution's low images) pass as float32. (:func:`restorer.image.pixels.to_float` is the
+    I/O boundary's: numpy, integer pixels only.)"""
+    if batch.dtype == torch.uint8:
+        return batch.float().div_(255.0)
+    return batch.float()
+
+
+def add_noise(clean: torch.Tensor, sigma_range: tuple[float, float], generator: torch.Generator,
+              shared_planes: torch.Tensor | None = None) -> torch.Tensor:
+    """``clean`` (float NCHW) plus unclipped white Gaussian noise, sigma (0-255 scale) uniform
+    in ``sigma_range`` per image. Where ``shared_planes`` (bool, N) is set, every plane gets
+    the same noise (a gray image shown to a colour net as three equal planes)."""
+    count = clean.shape[0]
+    low, high = sigma_range
+    sigma = low + (high - low) * torch.rand(count, device=clean.device, generator=generator)
+    noise = torch.randn(clean.shape, device=clean.device, generator=generator)
+    if shared_planes is not None:
+        noise = torch.where(shared_planes[:, None, None, None], noise[:, :1].expand_as(noise),
+                            noise)
+    return clean + noise * (sigma / 255.0)[:, None, None, None]
+
+
+def _jpeg_versions(args: tuple[np.ndarray, Sequence[int]]) -> list[np.ndarray]:
+    image, qualities = args
+    return [degrade.jpeg_compress(image, q) for q in qualities]
+
+
+def jpeg_variants(images: Sequence[np.ndarray], qualities: Sequence[int], workers: int = 4
+                  ) -> list[list[np.ndarray]]:
+    """Per quality, the Pillow JPEG of every uint8 image (``degrade.jpeg_compress``), made in
+    ``workers`` processes. A gray image stored as three equal planes is compressed as gray and
+    expanded again, as a gray file would be."""
+    def as_stored(image: np.ndarray) -> np.ndarray:
+        if image.ndim == 3 and image.shape[2] == 3 and degrade.is_gray(image):
+            return image[..., 0]
+        return image
+
+    jobs = [(as_stored(image), list(qualities)) for image in images]
+    with ProcessPoolExecutor(workers) as pool:
+        per_image = list(pool.map(_jpeg_versions, jobs, chunksize=8))
+    result = []
+    for q in range(len(qualities)):
+        versions = []
+        for image, done in zip(images, per_image):
+            version = done[q]
+            if image.ndim == 3 and version.ndim == 2:
+                version = np.repeat(version[..., None], image.shape[2], axis=2)
+            versions.append(version)
+        result.append(versions)
+    return result
+
+
+def bicubic_lows(images: Sequence[np.ndarray], scale: int) -> tuple[list[np.ndarray], ...]:
+    """(clean, low) per uint8 image: cropped to a multiple of ``scale`` (``modcrop``), and its
+    MATLAB bicubic downscale as float32 ``[0, 1]``, unclipped, unrounded (as evaluation)."""
+    cleans, lows = [], []
+    for image in images:
+        height, width = image.shape[:2]
+        image = image[: height - height % scale, : width - width % scale]
+        cleans.append(image)
+        lows.append(degrade.bicubic_downscale(image.astype(np.float32) / 255.0, scale))
+    return cleans, lows
+
+
+@dataclass(frozen=True)
+class Mixture:
+    """Blind mixture for a ``restore-default`` style net: per crop, one of clean (identity),
+    Gaussian noise or one banked JPEG quality, with these probabilities (normalised)."""
+    clean: float = 0.1
+    noise: float = 0.5
+    jpeg: float = 0.4
+
+
+
+
+@dataclass(frozen=True)
+class PracticalMixture:
+    """Per crop of a noise-aware net's batch: clean (identity), white Gaussian noise in the
+    reference convention (unclipped, sigma uniform in ``sigma_range``), JPEG alone at a
+    quality uniform in ``quality_range``, or :func:`restorer.image.degrade.practical_degradation`
+    (camera and web degradations), with these probabilities (normalised). ``gray`` is the
+    share of crops drawn from gray images (shown as three equal planes)."""
+    clean: float = 0.08
+    gaussian: float = 0.12
+    jpeg: float = 0.10
+    practical: float = 0.70
+    gray: float = 0.2
+    sigma_range: tuple[float, float] = (0.0, 50.0)
+    quality_range: tuple[int, int] = (10, 90)
+
+
+class PracticalPairs:
+    """Batches ``(clean, degraded, noise_map)`` (float32 NCHW on the CPU) for a noise-aware
+    net, made on the CPU with :mod:`restorer.image.degrade` in a background thread (numpy, Pillow
+    and scipy release the GIL for most of it), one batch ahead of the training step.
+
+    ``images``: uint8 HWx3 arrays (gray images as three equal planes, see
+    :func:`restorer.image.degrade.is_gray`); each crop is ``patch`` px, flipped/rotated at random
+    (:func:`restorer.image.degrade.sample_patches`). The noise map of a Gaussian crop is its
+    :func:`restorer.image.degrade.noise_level_map`, of a clean or JPEG-only crop zero.
+    """
+
+    def __init__(self, images: Sequence[np.ndarray], patch: int, batch: int, seed: int,
+                 mixture: PracticalMixture = PracticalMixture(),
+                 config: degrade.PracticalConfig = degrade.PracticalConfig(), prefetch: int = 2):
+        import queue
+        import threading
+
+        usable = [image for image in images if min(image.shape[:2]) >= patch]
+        self.gray = [image for image in usable if degrade.is_gray(image)]
+        self.colour = [image for image in usable if not degrade.is_gray(image)]
+        if not self.colour and not self.gray:
+            raise ValueError(f"no training image is at least {patch} px on a side")
+        self.patch, self.batch, self.mixture, self.config = patch, batch, mixture, config
+        self.rng = np.random.default_rng(seed)
+        self._queue: queue.Queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._fill, daemon=True, name="practical-pairs")
+        self._thread.start()
+
+    def _crop(self) -> np.ndarray:
+        gray = bool(self.gray) and (not self.colour or self.rng.random() < self.mixture.gray)
+        pool = self.gray if gray else self.colour
+        return degrade.sample_patches(pool, self.patch, 1, self.rng)[0].astype(np.float32) / 255
+
+    def _pair(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        mix = self.mixture
+        clean = self._crop()
+        weights = np.array([mix.clean, mix.gaussian, mix.jpeg, mix.practical], np.float64)
+        kind = int(self.rng.choice(4, p=weights / weights.sum()))
+        zero = np.zeros_like(clean)
+        if kind == 0:
+            return clean, clean, zero
+        if kind == 1:
+            sigma = float(self.rng.uniform(*mix.sigma_range))
+            shared = degrade.is_gray(clean)
+            noisy = degrade.add_poisson_gaussian_noise(clean, 0.0, (sigma / 255) ** 2, self.rng,
+                                                       shared=shared)
+            return clean, noisy, degrade.noise_level_map(noisy - clean)
+        if kind == 2:
+            quality = int(self.rng.integers(mix.quality_range[0], mix.quality_range[1] + 1))
+            return clean, degrade.jpeg_float(clean, quality), zero
+        degraded, noise_map = degrade.practical_degradation(clean, self.rng, self.config)
+        return clean, degraded, noise_map
+
+    def _make(self) -> tuple[torch.Tensor, ...]:
+        pairs = [self._pair() for _ in range(self.batch)]
+        return tuple(torch.from_numpy(np.stack([p[i] for p in pairs])).permute(0, 3, 1, 2)
+                     .contiguous() for i in range(3))
+
+    def _fill(self) -> None:
+        while not self._stop.is_set():
+            try:
+                batch = self._make()
+            except Exception as e:  # noqa: BLE001 - handed to the consumer, raised there
+                batch = e
+            self._queue.put(batch)
+
+    def __call__(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        batch = self._queue.get()
+        if isinstance(batch, Exception):
+            raise batch
+        return batch
+
+    def close(self) -> None:
+        self._stop.set()
+        while not self._queue.empty():
+            self._queue.get_nowait()
+
+
+__all__ = ["ImageBank", "Mixture", "PracticalMixture", "PracticalPairs", "add_noise",
+           "bicubic_lows", "jpeg_variants", "float_batch"]
