@@ -250,7 +250,8 @@ def test_killed_training_resumes_from_its_newest_checkpoint(ray_session, tmp_pat
     from restorer.io.samples import write_samples
     from restorer.io.storage import StorageOptions
     from restorer.job.specs import spec_from_dict
-    from restorer.train.distributed import checkpoint_folders, run_train
+    from restorer.train.checkpoints import checkpoint_folders
+    from restorer.train.distributed import run_train
 
     write_samples(str(tmp_path / "train"), sigma=0)
     spec = {"kind": "train", "name": "killed",

@@ -101,3 +101,18 @@ def test_each_wing_names_its_public_faces_and_they_resolve():
             continue  # resolving imports Ray and torch: checked by their own tests
         for name in module.__all__:
             assert getattr(module, name) is not None, f"restorer.{wing}.{name}"
+
+
+def test_the_documented_public_names_keep_working():
+    """README's public names: ``restorer.restore``, and ``restore``, ``run_restore``,
+    ``RestoreActor`` from ``restorer.pipeline`` (each the one object of its module)."""
+    import restorer.pipeline
+    from restorer.pipeline import RestoreActor, restore, run_restore
+    from restorer.pipeline.actor import RestoreActor as actor_class
+    from restorer.pipeline.driver import restore as driver_restore
+    from restorer.pipeline.driver import run_restore as driver_run
+
+    assert restorer.restore is restore is driver_restore
+    assert run_restore is driver_run and RestoreActor is actor_class
+    with pytest.raises(AttributeError, match="no attribute 'listing_dataset'"):
+        restorer.pipeline.listing_dataset  # noqa: B018 - a former re-export, gone

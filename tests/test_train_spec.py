@@ -7,9 +7,9 @@ from helpers import matlab_imresize
 
 from restorer.errors import SpecError
 from restorer.io.samples import scene
-from restorer.job.specs import spec_from_dict
+from restorer.job.specs import Degradation, spec_from_dict
 from restorer.nets import build_net
-from restorer.train.distributed import Degradation, degrade_batch, validate_net
+from restorer.train.data import degrade_batch, validate_net
 
 SR_NET = {"arch": "srnet", "scale": 2, "num_features": 4, "num_blocks": 1}
 

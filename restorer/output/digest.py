@@ -36,7 +36,7 @@ import pyarrow as pa
 
 from restorer.errors import JobError
 from restorer.io import storage
-from restorer.output.ledger import ledger_units, meta_uri, unit_records  # noqa: F401 - as before
+from restorer.output.ledger import ledger_units, meta_uri, unit_records
 
 log = logging.getLogger(__name__)
 

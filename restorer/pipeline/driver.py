@@ -67,14 +67,7 @@ from restorer.errors import (
 from restorer.io import storage
 from restorer.job.progress import Progress
 from restorer.job.specs import RestoreSpec, replace_field, spec_from_flags
-from restorer.output.digest import (
-    FLUSH_SECONDS,
-    RECORD_COLUMNS,
-    Digest,
-    flag,
-    job_digest,
-    unit_records,
-)
+from restorer.output.digest import FLUSH_SECONDS, RECORD_COLUMNS, Digest, flag, job_digest
 from restorer.output.digest import write as write_digest
 from restorer.output.lease import Lease
 from restorer.output.ledger import (
@@ -92,6 +85,7 @@ from restorer.output.ledger import (
     refuse_foreign_output,
     transient_history,
     transient_units,
+    unit_records,
     write_summary,
 )
 from restorer.output.records import (

@@ -53,7 +53,7 @@ from restorer.image import degrade
 from restorer.io import storage
 from restorer.job import console
 from restorer.job.progress import Progress
-from restorer.job.specs import (  # the spec classes live in jobs; re-exported here
+from restorer.job.specs import (
     TRAIN_DEGRADATIONS,
     Degradation,
     Optim,
