@@ -9,11 +9,11 @@ finished run's controller goes away, and Ray Data's per-operator progress log bl
 this package replaces with one progress bar (:mod:`restorer.job.progress`).
 
 :func:`quiet_ray` filters exactly those: Ray's console log handlers show warnings and errors
-only (:func:`console_worthy`, installed by
-:mod:`restorer.pipeline.graph` when it configures Ray Data) and the two C++/worker lines are dropped
-from the process's stderr (file descriptor 2, where Ray's C++ core and its forwarded worker logs
-write) by a small filter thread. Everything else passes unchanged; ``restorer --verbose`` installs
-nothing. Ray's log files keep every line.
+only (:func:`console_worthy`, installed by :mod:`restorer.pipeline.graph` when it configures
+Ray Data) and the two C++/worker lines are dropped from the process's stderr (file descriptor
+2, where Ray's C++ core and its forwarded worker logs write) by a small filter thread.
+Everything else passes unchanged; ``restorer --verbose`` installs nothing. Ray's log files keep
+every line.
 """
 
 from __future__ import annotations

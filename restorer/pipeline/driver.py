@@ -2,12 +2,11 @@
 
 The graph, top to bottom (:func:`run_restore`):
 
-1. **List** (listing tasks, streaming; see :mod:`restorer.pipeline.sources`): input keys become
-rows,
-   grouped into *work units* of up to 64 keys of one folder (or one hash partition of a flat
-   folder). Unit boundaries depend on the keys alone, so a rerun over the same input makes the
-   same units. Two inputs that would write one output key become error records here, and
-   neither is written.
+1. **List** (listing tasks, streaming; see :mod:`restorer.pipeline.sources`): input keys
+   become rows, grouped into *work units* of up to 64 keys of one folder (or one hash
+   partition of a flat folder). Unit boundaries depend on the keys alone, so a rerun over the
+   same input makes the same units. Two inputs that would write one output key become error
+   records here, and neither is written.
 2. **Read + decode** (CPU tasks, :func:`read_and_decode`): bytes -> pixels; any failure becomes
    an error record on that row and the row flows on.
 3. **Restore** (a pool of :class:`RestoreActor`, one model per actor on its GPU or CPU): tiles

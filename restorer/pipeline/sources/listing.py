@@ -22,7 +22,6 @@ from restorer.pipeline.sources.tasks import (
     flat_partitions,
     is_input,
 )
-from restorer.pipeline.sources.units import input_row
 
 
 def detect_layout(uri: str, layout: str, options: storage.StorageOptions) -> str:
@@ -76,20 +75,12 @@ def plan_outputs(tasks: list[ListingTask], config: SourceConfig) -> SourceConfig
     if config.layout not in ("manifest", "parquet"):
         return config
     if config.layout == "manifest":
-        buckets: set[str] = set()
-        for task in tasks:
-            uris, keys = manifest.manifest_entries(task, config)
-            buckets.update(manifest.bucket_of(u) for u, k in zip(uris, keys) if k is None)
-            if len(buckets) > 1:
-                config = replace(config, bucket_keys=True)
-                break
+        config = manifest.with_bucket_keys(tasks, config)
+    layout = LAYOUTS[config.layout]
     claims = OutputClaims()
     try:
         for task in tasks:
-            if task.layout == "manifest":
-                claims.tally(manifest.manifest_rows(task, config))
-            else:
-                claims.tally(input_row(key, "", config) for key in parquet.shard_keys(task, config))
+            claims.tally(layout.planned_rows(task, config))
         collisions = tuple(claims.shared())
     finally:
         claims.close()

@@ -8,6 +8,7 @@ the URIs span buckets it keeps the bucket (``s3://a/x.png`` -> ``a/x.png``), so 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import Any
 
 import pyarrow.parquet as pq
@@ -51,7 +52,7 @@ def bucket_of(uri: str) -> str:
 
 
 def manifest_entries(task: ListingTask, config: SourceConfig
-                      ) -> tuple[list[str], list[str | None]]:
+                     ) -> tuple[list[str], list[str | None]]:
     """(uris, keys: None where the manifest names none) of one manifest task's rows."""
     if task.row_group >= 0:
         fs, path = storage.filesystem(task.uri, config.options)
@@ -74,10 +75,26 @@ def manifest_entries(task: ListingTask, config: SourceConfig
 
 
 def manifest_rows(task: ListingTask, config: SourceConfig) -> list[dict[str, Any]]:
+    """The rows of one manifest task (the images are not read)."""
     uris, keys = manifest_entries(task, config)
     return [input_row(key if key is not None else manifest_key(uri, config.bucket_keys), uri,
                       config)
             for uri, key in zip(uris, keys)]
+
+
+planned_rows = manifest_rows  # what plan_outputs tallies: the rows themselves
+
+
+def with_bucket_keys(tasks: list[ListingTask], config: SourceConfig) -> SourceConfig:
+    """``config`` with :attr:`SourceConfig.bucket_keys` set when the URIs that name no key span
+    more than one bucket (their default keys must then keep the bucket)."""
+    buckets: set[str] = set()
+    for task in tasks:
+        uris, keys = manifest_entries(task, config)
+        buckets.update(bucket_of(u) for u, k in zip(uris, keys) if k is None)
+        if len(buckets) > 1:
+            return replace(config, bucket_keys=True)
+    return config
 
 
 def expand(task: ListingTask, config: SourceConfig,

@@ -44,13 +44,15 @@ def listing_tasks(uri: str, config: SourceConfig) -> list[ListingTask]:
     return tasks
 
 
-def shard_keys(task: ListingTask, config: SourceConfig) -> list[str]:
-    """The key column of one shard task's rows (the bytes are not read)."""
+def planned_rows(task: ListingTask, config: SourceConfig) -> Iterator[dict[str, Any]]:
+    """What plan_outputs tallies of one shard task: its rows from the key column alone (the
+    bytes are not read)."""
     fs, path = storage.filesystem(task.uri, config.options)
     with fs.open(path, "rb") as f:
         table = task_rows(pq.ParquetFile(f).read_row_group(task.row_group,
                                                         columns=[config.key_column]), task)
-    return [key or "" for key in table.column(config.key_column).to_pylist()]
+    return (input_row(key or "", "", config)
+            for key in table.column(config.key_column).to_pylist())
 
 
 def expand(task: ListingTask, config: SourceConfig,

@@ -113,4 +113,5 @@ def row_groups(uri: str, options: storage.StorageOptions) -> list[int]:
 
 
 def task_rows(table, task: ListingTask):
+    """The rows of a row group's ``table`` that ``task`` lists (its offset and length)."""
     return table.slice(task.offset, task.length or None)

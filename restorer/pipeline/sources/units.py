@@ -1,10 +1,10 @@
 """How listed rows become work units.
 
 A *work unit* is up to 64 consecutive rows of one listing task (folder, flat partition or S3
-stream, row group or text file); its id depends only on its keys, so a rerun over the same input
-makes the same units. Units that the output's ledger already holds are not expanded again: they come
-through as one
-``skipped`` marker row, so the driver can count them without the job holding every key.
+stream, row group or text file); its id depends only on its keys, so a rerun over the same
+input makes the same units. Units that the output's ledger already holds are not expanded
+again: they come through as one ``skipped`` marker row, so the driver can count them without
+the job holding every key.
 
 Rows of every layout have one shape (``key``, ``uri`` or inline ``data``, ``out_key``,
 ``format``, ``status``..., then ``unit``, ``unit_size``): :func:`input_row` makes one, naming
