@@ -92,6 +92,20 @@ def test_gpu_check_runs_on_cpu_without_ray(small_models, tmp_path):
     assert "actor / ceiling" in result.stdout and "bf16 - fp32 dB" in result.stdout
 
 
+def test_practical_pairs_benchmark_runs_without_ray_and_compares_its_arms():
+    """bench_practical_pairs.py runs on a GPU host before a training stage (no Ray there)."""
+    result = run_script(str(BENCHMARKS / "bench_practical_pairs.py"), "--data", "/nonexistent",
+                        "--workers", "1", "--batches", "1", "--repeats", "2", "--patch", "32",
+                        "--batch", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 24 generated scenes" in result.stdout  # no training photos there: made ones
+    rows = json.loads(result.stdout.strip().splitlines()[-1])
+    assert [(r["workers"], len(r["rounds"])) for r in rows] == [(0, 2), (1, 2)]
+    assert rows[0]["ratio_to_thread"] == 1.0
+    assert all(r["crops_per_s"] > 0 for r in rows)
+    assert rows[1]["ratio_to_thread"] == rows[1]["crops_per_s"] / rows[0]["crops_per_s"]
+
+
 def test_gpu_check_without_cuda_says_so_and_exits_1():
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: the script would run its GPU check")

@@ -308,6 +308,61 @@ def test_practical_batches_carry_a_noise_map(practical):
     batches.pairs.close()
 
 
+def _photos(count: int = 3, side: int = 48) -> list[np.ndarray]:
+    return [to_uint8(scene(side, side, 3, 40 + i)) for i in range(count)]
+
+
+def test_worker_processes_make_the_pairs_reproducibly_and_stop_on_close():
+    """workers = N: N processes make the batches (a DataLoader, what a GPU run needs); the same
+    seed and count give the same batches, another seed others; close() ends the processes."""
+    import multiprocessing
+
+    before = len(multiprocessing.active_children())
+    runs = []
+    for seed in (5, 5, 6):
+        pairs = synth.PracticalPairs(_photos(), 24, 3, seed, workers=2)
+        assert len(multiprocessing.active_children()) == before + 2
+        runs.append([pairs() for _ in range(3)])
+        pairs.close()
+        assert len(multiprocessing.active_children()) == before
+    for clean, degraded, noise_map in runs[0]:
+        assert clean.shape == degraded.shape == noise_map.shape == (3, 3, 24, 24)
+        assert clean.dtype == torch.float32 and 0 <= float(clean.min()) <= float(clean.max()) <= 1
+        assert float(noise_map.min()) >= 0 and torch.isfinite(degraded).all()
+    for first, again in zip(runs[0], runs[1]):
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    # the two processes draw differently (batches 0 and 1 come from one each), as do seeds
+    assert not torch.equal(runs[0][0][0], runs[0][1][0])
+    assert not torch.equal(runs[0][0][0], runs[2][0][0])
+
+
+def test_a_worker_process_failure_reaches_the_training_loop(monkeypatch):
+    def broken(clean, rng, config):
+        raise ValueError("the degradation broke")
+
+    monkeypatch.setattr(degrade, "practical_degradation", broken)  # the forked workers see it
+    mixture = synth.PracticalMixture(clean=0, gaussian=0, jpeg=0, practical=1)
+    for workers in (0, 1):
+        pairs = synth.PracticalPairs(_photos(1), 24, 2, 0, mixture, workers=workers)
+        with pytest.raises(ValueError, match="the degradation broke"):
+            pairs()
+        pairs.close()
+
+
+def test_pair_workers_default_to_a_thread_on_cpu_and_to_the_cores_on_a_gpu(monkeypatch):
+    import os
+
+    assert recipes.pair_workers(None, torch.device("cpu")) == 0
+    assert recipes.pair_workers(3, torch.device("cpu")) == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert recipes.pair_workers(None, torch.device("cuda")) == 14
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)))
+    assert recipes.pair_workers(None, torch.device("cuda")) == 16
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert recipes.pair_workers(None, torch.device("cuda")) == 1
+    assert recipes.pair_workers(0, torch.device("cuda")) == 0
+
+
 def test_settings_change_nested_recipe_fields_and_refuse_unknown_ones(practical):
     recipe = recipes.RECIPES["tinyreal"]
     changed = recipes.override(recipe, "practical.clean=1")

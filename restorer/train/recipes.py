@@ -202,16 +202,20 @@ class Batches:
     """Makes ``(clean, degraded)`` float32 NCHW batches for a recipe on a device."""
 
     def __init__(self, recipe: Recipe, images: Sequence[np.ndarray], device: torch.device,
-                 seed: int, workers: int = 4):
+                 seed: int, workers: int | None = None):
         self.device = device
         self.recipe = recipe
-        if recipe.task == "practical":  # made on the CPU (restorer.image.degrade), a batch ahead
+        self.pairs: synth.PracticalPairs | None = None
+        if recipe.task == "practical":  # made on the CPU (restorer.image.degrade), ahead
             self.pairs = synth.PracticalPairs(images, recipe.patch, recipe.batch, seed,
-                                              recipe.practical, recipe.degradation)
+                                              recipe.practical, recipe.degradation,
+                                              workers=pair_workers(workers, device),
+                                              pin_memory=device.type == "cuda")
             return
         variants: list[list[np.ndarray]] = []
         if recipe.task in ("jpeg", "mixture"):
-            variants = synth.jpeg_variants(images, recipe.qualities, workers)
+            variants = synth.jpeg_variants(images, recipe.qualities,
+                                           4 if workers is None else max(workers, 1))
         if recipe.task == "sr":
             scale = recipe.net["scale"]
             cleans, lows = synth.bicubic_lows(images, scale)
@@ -229,8 +233,8 @@ class Batches:
     def __call__(self) -> tuple[torch.Tensor, ...]:
         """``(clean, degraded)``, and the true noise map third for a practical recipe."""
         recipe = self.recipe
-        if recipe.task == "practical":
-            return tuple(t.to(self.device) for t in self.pairs())
+        if self.pairs is not None:
+            return tuple(t.to(self.device, non_blocking=True) for t in self.pairs())
         generator = self.generator
         crops = self.bank.sample(recipe.patch, recipe.batch, generator, recipe.permute_channels)
         clean = synth.float_batch(crops["clean"])
@@ -249,6 +253,24 @@ class Batches:
         noisy = synth.add_noise(clean, recipe.sigma_range, generator, shared)
         kind = kind[:, None, None, None]
         return clean, torch.where(kind == 0, clean, torch.where(kind == 1, noisy, jpeg))
+
+    def close(self) -> None:
+        """Stop the processes or the thread making a practical recipe's pairs."""
+        if self.pairs is not None:
+            self.pairs.close()
+
+
+def pair_workers(workers: int | None, device: torch.device) -> int:
+    """Processes making a practical recipe's pairs: ``workers`` if given (0: one thread in the
+    training process); by default none on a CPU (its cores train) and, on a GPU, the host's
+    cores less two (the training loop and the copy to the GPU), at most 16."""
+    if workers is not None:
+        return workers
+    if device.type == "cpu":
+        return 0
+    import os
+
+    return max(1, min(16, len(os.sched_getaffinity(0)) - 2))
 
 
 def hardware(device: torch.device) -> str:
@@ -395,7 +417,7 @@ def _provenance(name: str, recipe: Recipe, command: str | None, lr: float, seed:
 
 def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: float,
                  device: str = "auto", init: str | None = None, lr: float | None = None,
-                 seed: int = 0, val_seconds: float = 150.0, workers: int = 4,
+                 seed: int = 0, val_seconds: float = 150.0, workers: int | None = None,
                  command: str | None = None, batch: int | None = None,
                  progress: Callable[[dict[str, Any]], None] | None = None,
                  keep_checkpoints: bool = False, estimator_lr_scale: float | None = None,
@@ -417,7 +439,7 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
     torch.manual_seed(seed)
     setup_started = time.perf_counter()
     images = load_training_images(data, recipe)
-    batches = Batches(recipe, images, device, seed, workers)
+    batches = Batches(recipe, images, device, seed, workers)  # its processes fork before CUDA
     net, init_info = _recipe_net(recipe, init)
     net, precision = _on_device(net, recipe, device, precision_name)
     base_lr = lr or recipe.lr
@@ -425,24 +447,40 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
     trainer = Trainer(net, _optimizer(net, recipe, base_lr), recipe.loss,
                       precision, EMA(net, recipe.ema, buffers=False))
     schedule = Schedule(base_lr, recipe.min_lr, recipe.warmup)  # by wall time, warm-up by step
-    ema = trainer.averaged()
     provenance = _provenance(name, recipe, command, base_lr, seed, len(images), device, net,
                              init_info, precision.autocast is not None)
     setup_seconds = time.perf_counter() - setup_started
     log.info("%s: %s, %d parameters, %d training images, setup %.0f s on %s", name, recipe.net,
              count_parameters(net), len(images), setup_seconds, device)
-    budget = minutes * 60.0
-    started = time.perf_counter()
-    last_val = started
-    step, running = 0, 0.0
-    good = _snapshot(0, net, ema)
     checkpoint = _Checkpoints(name, out, recipe, data, provenance, init_info or {},
                               keep_checkpoints, progress)
+    try:
+        _run_steps(name, recipe, trainer, batches, schedule, minutes * 60.0, val_seconds,
+                   checkpoint)
+    finally:
+        batches.close()
+    return provenance
+
+
+def _run_steps(name: str, recipe: Recipe, trainer: Trainer, batches: Batches,
+               schedule: Schedule, budget: float, val_seconds: float,
+               checkpoint: _Checkpoints) -> None:
+    """Train for ``budget`` seconds of wall time, validating every ``val_seconds`` and at the
+    end; a step whose loss is not finite goes back to the last good weights at half the rate.
+    The progress lines say the share of the time spent waiting for batches (on a GPU: too few
+    ``--workers`` making them)."""
+    net, ema = trainer.net, trainer.averaged()
+    base_lr = schedule.lr
+    started = time.perf_counter()
+    last_val = started
+    step, running, waited = 0, 0.0, 0.0
+    good = _snapshot(0, net, ema)
     while True:
         elapsed = time.perf_counter() - started
         if elapsed >= budget:
             break
         clean, degraded, *noise_map = batches()
+        waited += time.perf_counter() - started - elapsed
         loss = trainer.step(clean, degraded, schedule(elapsed / budget, step), *noise_map,
                             true_share=recipe.map_true_share, map_grad=recipe.map_grad)
         if not math.isfinite(loss):  # diverged: back to the last good weights, half the rate
@@ -458,15 +496,15 @@ def train_recipe(name: str, data: str | Path, out_dir: str | Path, minutes: floa
         step += 1
         if step % LOG_EVERY == 0:
             good = _snapshot(step, net, ema)
-            log.info("%s step %d loss %.5f lr %.2e %.1f steps/s", name, step, running / LOG_EVERY,
-                     trainer.optimizer.param_groups[0]["lr"],
-                     step / (time.perf_counter() - started))
+            seconds = time.perf_counter() - started
+            log.info("%s step %d loss %.5f lr %.2e %.1f steps/s, %.0f%% waiting for data", name,
+                     step, running / LOG_EVERY, trainer.optimizer.param_groups[0]["lr"],
+                     step / seconds, 100 * waited / seconds)
             running = 0.0
         if time.perf_counter() - last_val >= val_seconds:
             checkpoint(step, time.perf_counter() - started, ema)
             last_val = time.perf_counter()
     checkpoint(step, time.perf_counter() - started, ema)
-    return provenance
 
 
 def _on_device(net: torch.nn.Module, recipe: Recipe, device: torch.device,
@@ -788,7 +826,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--val-seconds", type=float, default=150.0)
-    parser.add_argument("--workers", type=int, default=4, help="processes that bank JPEGs")
+    parser.add_argument("--workers", type=int,
+                        help="processes that bank JPEGs (default 4), or that make a practical "
+                             "recipe's pairs (default: 0, a thread, on a CPU; the cores less "
+                             "two, at most 16, on a GPU)")
     parser.add_argument("--keep-checkpoints", action="store_true",
                         help="keep every validation's weights (float16) as NAME-stepN too")
     parser.add_argument("--estimator-lr-scale", type=float,
