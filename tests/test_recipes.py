@@ -462,6 +462,19 @@ def test_without_map_grad_the_estimator_learns_from_the_map_loss_alone(practical
                for a, p in zip(detached, net.estimator.parameters()))
     end_to_end = estimator_grads(net, map_grad=True)
     assert any(not torch.allclose(a, b, atol=1e-7) for a, b in zip(detached, end_to_end))
+    # with the trunk frozen too the image loss can teach nothing: the trunk does not run and
+    # the estimator's gradient is the map loss's as before
+    for p in net.trunk.parameters():
+        p.requires_grad_(False)
+
+    def no_trunk(*args):
+        raise AssertionError("the frozen trunk ran")
+
+    net.trunk.forward = no_trunk
+    alone = estimator_grads(net, map_grad=False)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(detached, alone))
+    with pytest.raises(AssertionError, match="the frozen trunk ran"):
+        estimator_grads(net, map_grad=True)  # end to end, the map's effect still counts
 
 
 @pytest.mark.slow  # trains for a few seconds of wall-clock time

@@ -141,18 +141,26 @@ def noise_map_step(net: nn.Module, optimizer: torch.optim.Optimizer, clean: torc
     ``strength`` control relies on it) and to work with its own estimates. ``map_grad=False``
     stops the image loss at the map: the estimator then learns from the map loss alone and its
     map stays a noise level (end to end, as CBDNet trains, the image loss may teach it any map
-    the restoration likes). Returns the loss."""
+    the restoration likes); with the trunk frozen too, the step is the map loss's alone and the
+    trunk does not run. Returns the loss."""
     net.train()
     inner = unwrap(net)
+    # a frozen trunk and no gradient through the map: the image loss could teach nothing, so
+    # the step is the estimator's on its map loss alone, without running the trunk (~100x less;
+    # not under DDP, whose wrapped forward must run for the gradients to be averaged)
+    estimator_only = (net is inner and not map_grad
+                      and not any(p.requires_grad for p in inner.trunk.parameters()))
     with torch.autocast(degraded.device.type, dtype=autocast_dtype or torch.float32,
                         enabled=autocast_dtype is not None):
         estimate = inner.estimate(degraded)
-        given = estimate.clone() if map_grad else estimate.detach().clone()
-        split = int(round(true_share * degraded.shape[0]))
-        given[:split] = noise_map[:split]
-        restored = net(degraded, given)
-    value = (nn.functional.l1_loss(restored.float(), clean)
-             + map_weight * asymmetric_map_loss(estimate.float(), noise_map))
+        if not estimator_only:
+            given = estimate.clone() if map_grad else estimate.detach().clone()
+            split = int(round(true_share * degraded.shape[0]))
+            given[:split] = noise_map[:split]
+            restored = net(degraded, given)
+    value = map_weight * asymmetric_map_loss(estimate.float(), noise_map)
+    if not estimator_only:
+        value = nn.functional.l1_loss(restored.float(), clean) + value
     optimizer.zero_grad(set_to_none=True)
     value.backward()
     optimizer.step()
