@@ -433,6 +433,28 @@ def test_a_frozen_part_keeps_every_weight_while_the_rest_trains(practical):
         recipes._optimizer(whole, everything, 1e-2)
 
 
+def test_a_wider_estimator_starts_anew_on_the_trunk_of_its_init(practical, tmp_path):
+    from restorer.weights.checkpoint import save_model
+
+    recipe = recipes.RECIPES["tinyreal"]
+    torch.manual_seed(1)
+    start = build_net(recipe.net)
+    save_model(str(tmp_path / "start.safetensors"), start, {"recipe": "tinyreal"})
+    same, _ = recipes._recipe_net(recipe, str(tmp_path / "start.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(),
+                                                 start.state_dict().values()))
+    wider = recipes.override(recipes.override(recipe, "net.estimator_layers=5"),
+                             "net.estimator_features=6")
+    net, info = recipes._recipe_net(wider, str(tmp_path / "start.safetensors"))
+    assert info["uri"].endswith("start.safetensors")
+    assert all(torch.equal(a, b) for a, b in zip(net.trunk.state_dict().values(),
+                                                 start.trunk.state_dict().values()))
+    assert len(net.estimator) == 9 and net.estimator[0].out_channels == 6
+    other = recipes.override(recipe, "net.trunk.features=4,8,16")  # another trunk: refused
+    with pytest.raises(ValueError, match="holds net"):
+        recipes._recipe_net(other, str(tmp_path / "start.safetensors"))
+
+
 def test_without_map_grad_the_estimator_learns_from_the_map_loss_alone(practical):
     """``map_grad = False``: the image loss stops at the map, so the estimator's gradient is
     the map loss's alone (the same as a step on the map loss by hand); end to end (the default)

@@ -380,20 +380,33 @@ def _as_trained(name: str, settings: Sequence[str], batch: int | None, patch: in
 def _recipe_net(recipe: Recipe, init: str | None
                 ) -> tuple[torch.nn.Module, dict[str, Any] | None]:
     """The recipe's net, with ``init``'s weights when given (a U-Net becomes a noise-map
-    net's trunk, :func:`restorer.nets.noisemap.from_unet`), and what the provenance records
-    of ``init`` (None without one)."""
+    net's trunk, :func:`restorer.nets.noisemap.from_unet`; a noise-map net whose estimator
+    is not the recipe's shape gives its trunk only, e.g. ``--set net.estimator_layers=8``
+    widens it), and what the provenance records of ``init`` (None without one)."""
     net = build_net(recipe.net)
     if not init:
         return net, None
     start = load_model(init)
     if recipe.net["arch"] == "noisemap" and start.spec["arch"] == "unet":
         start = dataclasses.replace(start, net=from_unet(start.net.float(), net.config))
-    if start.net.state_dict().keys() != net.state_dict().keys():
+    if _shapes(start.net) == _shapes(net):
+        net.load_state_dict(start.net.state_dict())
+    elif (start.spec["arch"] == recipe.net["arch"] == "noisemap"
+          and _shapes(start.net.trunk) == _shapes(net.trunk)):
+        net.trunk.load_state_dict(start.net.trunk.state_dict())
+        log.info("%s: its trunk continues; its estimator (%d layers x %d) is not the recipe's "
+                 "(%d x %d) and starts anew", init, start.net.config.estimator_layers,
+                 start.net.config.estimator_features, net.config.estimator_layers,
+                 net.config.estimator_features)
+    else:
         raise ValueError(f"{init} holds net {start.spec}, not the recipe's {recipe.net}")
-    net.load_state_dict(start.net.state_dict())
     return net, {"uri": str(init), "sha256": start.sha256,
                  "steps": start.provenance.get("steps_total", start.provenance.get("steps")),
                  "wall_seconds": start.provenance.get("wall_seconds_total")}
+
+
+def _shapes(net: torch.nn.Module) -> dict[str, torch.Size]:
+    return {key: value.shape for key, value in net.state_dict().items()}
 
 
 def _snapshot(step: int, net: torch.nn.Module, ema: torch.nn.Module) -> dict[str, Any]:
