@@ -374,7 +374,7 @@ def jpeg_float(img: np.ndarray, quality: int) -> np.ndarray:
 
 def camera_noise(img: np.ndarray, rng: np.random.Generator, shot: float, read: float,
                  pattern: str, gains: tuple[float, float], colour_matrix: np.ndarray,
-                 gamma: float, contrast: float, noise: bool = True, luma_sigma: float = 0.0,
+                 gamma: float, contrast: float, luma_sigma: float = 0.0,
                  chroma_sigma: float = 0.0, chroma_keep: float = 1.0) -> np.ndarray:
     """An sRGB-like image (float HWx3 ``[0, 1]``) with the noise a camera at high ISO leaves:
     undo the tone curve, the colour matrix and the white balance (``gains``: red, blue), sample
@@ -383,9 +383,8 @@ def camera_noise(img: np.ndarray, rng: np.random.Generator, shot: float, read: f
     that development gives with the noise less what it gives without, added to ``img``. The
     signal itself is not developed: a camera demosaics it far better than bilinear
     interpolation, whose loss (7-8 levels RMS on McMaster's detail, up to 30 at edges) a net
-    would otherwise learn to undo, and then "sharpen" every photo it is given. ``noise=False``
-    returns ``img`` (the reference that makes the noise map). float32, clipped to ``[0, 1]``,
-    not rounded.
+    would otherwise learn to undo, and then "sharpen" every photo it is given. float32, clipped
+    to ``[0, 1]``, not rounded.
 
     ``luma_sigma`` / ``chroma_sigma`` > 0: the camera's own processing shapes the noise
     (:func:`isp_shape_noise`: the noise's luma spread over ``luma_sigma`` px at its variance,
@@ -394,8 +393,6 @@ def camera_noise(img: np.ndarray, rng: np.random.Generator, shot: float, read: f
     if img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"camera_noise takes HWx3 images, got {img.shape}")
     img = img.astype(np.float32)
-    if not noise:
-        return img.copy()
     gain = np.array([gains[0], 1.0, gains[1]], np.float32)
     linear = inverse_tone_curve(img, gamma, contrast)
     camera = linear @ np.linalg.inv(colour_matrix).T.astype(np.float32) / gain
@@ -582,7 +579,8 @@ def draw_practical_plan(rng: np.random.Generator, gray: bool,
 def apply_practical_plan(img: np.ndarray, plan: Sequence[dict], noise: bool = True
                          ) -> np.ndarray:
     """Run ``plan`` (:func:`draw_practical_plan`) on ``img`` (float HWx3 ``[0, 1]``);
-    ``noise=False`` skips the noise draws (keeping the camera's processing). Returns the 8-bit
+    ``noise=False`` skips the noise draws (the camera's too: it adds noise and leaves the
+    photo's signal as it was; the reference that makes the noise map). Returns the 8-bit
     result as float32 ``[0, 1]`` (clipped and rounded at the end, and before each JPEG)."""
     out = img.astype(np.float32)
     for step in plan:
@@ -593,10 +591,10 @@ def apply_practical_plan(img: np.ndarray, plan: Sequence[dict], noise: bool = Tr
             out = resize_down_up(out, step["factor"], step["down"], step["up"])
         elif op == "jpeg":
             out = jpeg_float(out, step["quality"])
-        elif op == "camera":
+        elif noise and op == "camera":
             out = camera_noise(out, np.random.default_rng(step["seed"]), step["shot"],
                                step["read"], step["pattern"], step["gains"],
-                               step["colour_matrix"], step["gamma"], step["contrast"], noise,
+                               step["colour_matrix"], step["gamma"], step["contrast"],
                                step.get("luma_sigma", 0.0), step.get("chroma_sigma", 0.0),
                                step.get("chroma_keep", 1.0))
         elif noise and op == "poisson_gaussian":
