@@ -186,3 +186,43 @@ def test_strength_scales_the_map_the_trunk_sees():
         net.strength = 1.0
         assert torch.allclose(doubled, net(x, 2 * given))
         assert not torch.allclose(doubled, net(x, given))
+
+
+def test_a_pooled_estimate_is_the_weighted_mean_of_its_window():
+    """``estimator_window`` w: at half resolution each plane's level (softplus of the first
+    outputs) is averaged over a w x w window (replicated at the border), weighted by the
+    sigmoid of the second outputs, then brought back up as the per-pixel map is."""
+    from torch.nn import functional
+
+    from restorer.nets.noisemap import MAP_SCALE
+
+    torch.manual_seed(3)
+    net = build_net({"arch": "noisemap", "channels": 3, "estimator_features": 4,
+                     "estimator_layers": 3, "estimator_window": 3,
+                     "trunk": {"arch": "unet", "channels": 3, "num_features": (8, 16),
+                               "num_blocks": 1, "guide_channels": 3}}).eval()
+    assert net.estimator[-1].out_channels == 6
+    x = torch.rand(1, 3, 12, 16)
+    with torch.no_grad():
+        raw = net.estimator(x)[0]
+        level, weight = functional.softplus(raw[:3]), torch.sigmoid(raw[3:]) + 1e-4
+        height, width = level.shape[-2:]
+        expected = torch.empty_like(level)
+        for i in range(height):
+            for j in range(width):
+                rows = [min(max(r, 0), height - 1) for r in range(i - 1, i + 2)]
+                cols = [min(max(c, 0), width - 1) for c in range(j - 1, j + 2)]
+                w = weight[:, rows][:, :, cols]
+                expected[:, i, j] = (w * level[:, rows][:, :, cols]).sum((1, 2)) / w.sum((1, 2))
+        up = functional.interpolate(expected[None], scale_factor=2, mode="bilinear",
+                                    align_corners=False) * MAP_SCALE
+        assert torch.allclose(net.estimate(x), up, atol=1e-6)
+        # the window widens what the estimate sees: a pixel 6 px off moves it only pooled
+        moved = x.clone()
+        moved[..., 0, 0] += 0.5
+        plain = build_net({**net.config.__dict__, "arch": "noisemap", "estimator_window": 0})
+        plain.eval()
+        assert torch.equal(plain.estimate(moved)[..., 8:, 8:], plain.estimate(x)[..., 8:, 8:])
+        assert not torch.equal(net.estimate(moved)[..., 8:, 8:], net.estimate(x)[..., 8:, 8:])
+    with pytest.raises(ValueError, match="odd number"):
+        build_net({**net.config.__dict__, "arch": "noisemap", "estimator_window": 4})

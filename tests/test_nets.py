@@ -69,7 +69,18 @@ def test_receptive_field_is_what_the_net_sees(arch):
     """
     torch.manual_seed(0)
     channels = 3 if arch in RGB_ONLY else 1
-    net = build_net(_small(arch, channels)).eval()
+    _check_receptive_field(build_net(_small(arch, channels)).eval(), arch, channels)
+
+
+def test_a_pooled_estimator_widens_the_receptive_field_by_its_window():
+    torch.manual_seed(0)
+    spec = {**_small("noisemap", 3), "estimator_window": 7}
+    net = build_net(spec).eval()
+    assert net.receptive_field == build_net(_small("noisemap", 3)).receptive_field + 12
+    _check_receptive_field(net, "noisemap", 3)
+
+
+def _check_receptive_field(net, arch, channels):
     scale, half = net.scale, net.receptive_field // 2
     x = torch.rand(1, channels, 96, 96)
     reach = 0

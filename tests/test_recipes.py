@@ -551,3 +551,38 @@ def test_the_next_default_recipe_builds_the_net_of_its_stage_files():
     trunk = net.trunk.state_dict()
     for key, value in get_model("restore-default").net.state_dict().items():
         assert key in trunk and (trunk[key].shape == value.shape or key == "down.0.0.weight")
+
+
+def test_map_weight_zero_teaches_the_estimator_through_the_frozen_trunk_alone(practical):
+    """``map_weight = 0`` with the trunk frozen: the estimator's gradient is the image loss's
+    through the map (the map the trunk restores best with), the map loss adds nothing; with
+    ``map_grad = false`` too it could learn nothing, and the recipe says so."""
+    from restorer.train.core import noise_map_step
+
+    recipe = recipes.override(recipes.RECIPES["tinyreal"], "map_weight=0")
+    assert recipe.map_weight == 0.0
+    with pytest.raises(ValueError, match="nothing to learn"):
+        recipes.override(recipe, "map_grad=false")
+    with pytest.raises(ValueError, match=">= 0"):
+        recipes.override(recipe, "map_weight=-1")
+    torch.manual_seed(0)
+    clean = torch.rand(4, 3, 16, 16)
+    degraded = clean + 0.1 * torch.randn(clean.shape)
+    target = torch.full_like(clean, 0.1)
+    net = build_net(recipe.net)
+    recipes._freeze(net, ("trunk",))
+
+    def estimator_grads(map_weight):
+        optimizer = torch.optim.SGD(net.parameters(), lr=0.0)
+        noise_map_step(net, optimizer, clean, degraded, target, true_share=0.0,
+                       map_weight=map_weight)
+        return [p.grad.clone() for p in net.estimator.parameters()]
+
+    image_only = estimator_grads(0.0)
+    net.zero_grad()
+    torch.nn.functional.l1_loss(net(degraded), clean).backward()
+    assert all(torch.allclose(a, p.grad, atol=1e-7)
+               for a, p in zip(image_only, net.estimator.parameters()))
+    assert any(g.abs().sum() > 0 for g in image_only)
+    assert any(not torch.allclose(a, b, atol=1e-7)
+               for a, b in zip(image_only, estimator_grads(1.0)))

@@ -226,14 +226,16 @@ def test_unet_pads_to_its_alignment_with_the_mirror_image(shape):
     assert np.array_equal(seen[0][0, 0].numpy(), expected)
 
 
+@pytest.mark.parametrize("window", [0, 5])
 @pytest.mark.parametrize("balanced", [False, True])
 @pytest.mark.parametrize("shape", [(61, 133), (7, 9), (1, 1), (129, 2)])
-def test_noise_map_net_tiles_like_whole_images(shape, balanced):
+def test_noise_map_net_tiles_like_whole_images(shape, balanced, window):
     """The estimator runs at half resolution (stride 2, bilinear back up) on the aligned,
-    padded image: tiles starting on multiples of the alignment see the same map."""
+    padded image, its pooling window inside the receptive field: tiles starting on multiples
+    of the alignment see the same map."""
     torch.manual_seed(4)
     net = build_net({"arch": "noisemap", "channels": 3, "estimator_features": 4,
-                     "estimator_layers": 3,
+                     "estimator_layers": 3, "estimator_window": window,
                      "trunk": {"arch": "unet", "channels": 3, "num_features": (8, 16, 32),
                                "num_blocks": 1, "guide_channels": 3}}).eval()
     image = torch.rand(3, *shape)

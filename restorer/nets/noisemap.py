@@ -8,7 +8,11 @@ makes the training targets: :func:`restorer.image.degrade.noise_level_map` of th
 demosaicing, the camera's processing, tone curve and JPEG; noise spread over neighbours reads
 higher than its std). The
 estimator runs at half resolution (a stride-2 convolution, 3x3 convolutions, bilinear x2 back
-up): noise levels vary slowly, and so it costs about 1% of the U-Net per pixel.
+up): noise levels vary slowly, and so it costs about 1% of the U-Net per pixel. With an
+``estimator_window`` its per-pixel levels are averaged over that window (half-resolution
+pixels), each weighted by a second output of the estimator (flat pixels tell the noise level
+better than textured ones); the window adds to the receptive field, and so to the tiles'
+overlap.
 
 ``strength`` scales the map before the U-Net sees it: 1 removes the noise the estimator
 found; below 1 the net takes the image for cleaner than it is and keeps fine grain (0 keeps
@@ -39,6 +43,9 @@ class NoiseMapConfig:
     channels: int = 3
     estimator_features: int = 24  # width of the estimator's convolutions
     estimator_layers: int = 4  # 3x3 convolutions of the estimator (the first has stride 2)
+    # > 0: the estimate is pooled over a window of this many half-resolution pixels (odd),
+    # weighted by a second output per plane (see NoiseMapNet.estimate); 0: per pixel
+    estimator_window: int = 0
     trunk: Mapping[str, Any] = field(default_factory=lambda: {
         "arch": "unet", "channels": 3, "num_features": [32, 64, 128, 256], "num_blocks": 2,
         "guide_channels": 3})
@@ -50,6 +57,9 @@ class NoiseMapConfig:
         if self.estimator_layers < 2 or self.estimator_features < 1:
             raise ValueError(f"the estimator needs >= 2 layers of positive width, got "
                              f"{self.estimator_layers} x {self.estimator_features}")
+        if self.estimator_window < 0 or (self.estimator_window and self.estimator_window % 2 == 0):
+            raise ValueError(f"estimator_window {self.estimator_window}: give an odd number of "
+                             f"half-resolution pixels, or 0 for a per-pixel estimate")
 
 
 class NoiseMapNet(nn.Module):
@@ -75,19 +85,34 @@ class NoiseMapNet(nn.Module):
                                    nn.ReLU(inplace=True)]
         for _ in range(config.estimator_layers - 2):
             layers += [nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True)]
-        layers.append(nn.Conv2d(width, config.channels, 3, padding=1))
+        outputs = config.channels * (2 if config.estimator_window else 1)
+        layers.append(nn.Conv2d(width, outputs, 3, padding=1))
         self.estimator = nn.Sequential(*layers)
         self.strength = 1.0
 
     @property
     def receptive_field(self) -> int:
         """The trunk's window widened by the estimator's (each of its 3x3 convolutions after
-        the first adds 4 px at stride 2; the first and the bilinear upsampling 3 + 2 px)."""
-        estimator = 3 + 4 * (self.config.estimator_layers - 1) + 2
+        the first adds 4 px at stride 2; the first and the bilinear upsampling 3 + 2 px; the
+        pooling window 2 px per half-resolution pixel beyond the first)."""
+        window = max(self.config.estimator_window, 1)
+        estimator = 3 + 4 * (self.config.estimator_layers - 1) + 2 + 2 * (window - 1)
         return self.trunk.receptive_field + estimator - 1
 
     def _estimate_aligned(self, x: torch.Tensor) -> torch.Tensor:
-        low = functional.softplus(self.estimator(x))
+        out = self.estimator(x)
+        window = self.config.estimator_window
+        if window:
+            out = out.float()
+            level = functional.softplus(out[:, : self.channels])
+            weight = torch.sigmoid(out[:, self.channels:]) + 1e-4
+            half = window // 2
+            pooled = [functional.avg_pool2d(
+                functional.pad(part, (half,) * 4, mode="replicate"), window, stride=1)
+                for part in (weight * level, weight)]
+            low = pooled[0] / pooled[1]
+        else:
+            low = functional.softplus(out)
         return functional.interpolate(low, scale_factor=2, mode="bilinear",
                                       align_corners=False) * MAP_SCALE
 

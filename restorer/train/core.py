@@ -142,7 +142,8 @@ def noise_map_step(net: nn.Module, optimizer: torch.optim.Optimizer, clean: torc
     stops the image loss at the map: the estimator then learns from the map loss alone and its
     map stays a noise level (end to end, as CBDNet trains, the image loss may teach it any map
     the restoration likes); with the trunk frozen too, the step is the map loss's alone and the
-    trunk does not run. Returns the loss."""
+    trunk does not run. ``map_weight=0`` with the trunk frozen and the gradient through the map:
+    the estimator learns the map the trunk restores best with. Returns the loss."""
     net.train()
     inner = unwrap(net)
     # a frozen trunk and no gradient through the map: the image loss could teach nothing, so
@@ -231,19 +232,19 @@ class Trainer:
 
     def step(self, clean: torch.Tensor, degraded: torch.Tensor, lr: float,
              noise_map: torch.Tensor | None = None, true_share: float = 0.5,
-             map_grad: bool = True) -> float:
+             map_grad: bool = True, map_weight: float = 1.0) -> float:
         """One step at learning rate ``lr`` on a batch already on the net's device; returns
         the loss before the step (not finite when training diverged). With ``noise_map`` (a
-        noise-map net's true noise levels) it is a :func:`noise_map_step` (``true_share`` and
-        ``map_grad`` are its own). A parameter group with an ``lr_scale`` runs at that
-        multiple of ``lr``."""
+        noise-map net's true noise levels) it is a :func:`noise_map_step` (``true_share``,
+        ``map_grad`` and ``map_weight`` are its own). A parameter group with an ``lr_scale``
+        runs at that multiple of ``lr``."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         if self.precision.channels_last:
             degraded = degraded.contiguous(memory_format=torch.channels_last)
         if noise_map is not None:
             loss = noise_map_step(self.net, self.optimizer, clean, degraded, noise_map,
-                                  true_share=true_share,
+                                  map_weight=map_weight, true_share=true_share,
                                   autocast_dtype=self.precision.autocast, map_grad=map_grad)
         else:
             loss = train_step(self.net, self.optimizer, clean, degraded, self.loss,

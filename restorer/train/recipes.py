@@ -107,6 +107,9 @@ class Recipe:
     # the image loss's gradient reaches a noise-map net's estimator through its map (end to end,
     # as CBDNet); False: the estimator learns from the map loss alone (train.noise_map_step)
     map_grad: bool = True
+    # weight of the map loss (train.asymmetric_map_loss) beside the image loss; 0 with the trunk
+    # frozen and map_grad: the estimator learns the map the trunk restores best with
+    map_weight: float = 1.0
     # parts of the net (its attributes, e.g. "trunk") that keep their weights: no gradient and
     # not in the optimizer (a tiny learning rate is no freeze: Adam moves every weight by ~lr a
     # step whatever its gradient); ``--set freeze=trunk``
@@ -117,6 +120,14 @@ class Recipe:
     # Not trained itself: an opponent net (restorer.nets.opponent) whose trunk is the shipped
     # net of this recipe; ``--ship`` takes that recipe's stage files.
     trunk_of: str | None = None
+
+    def __post_init__(self):
+        if not self.map_weight >= 0:
+            raise ValueError(f"map_weight {self.map_weight}: give a weight >= 0")
+        if self.map_weight == 0 and not self.map_grad:
+            raise ValueError("map_weight=0 with map_grad=false leaves a noise-map net's "
+                             "estimator nothing to learn from: give map_weight > 0, or "
+                             "map_grad=true to teach it through the image loss")
 
     @property
     def channels(self) -> int:
@@ -172,7 +183,7 @@ RECIPES: dict[str, Recipe] = {
     "restore-photo": Recipe(
         ships_as="restore-default",
         net={"arch": "noisemap", "channels": 3, "estimator_features": 24,
-             "estimator_layers": 4,
+             "estimator_layers": 4, "estimator_window": 0,
              "trunk": {"arch": "unet", "channels": 3, "features": [32, 64, 128, 256],
                        "blocks": 2, "guide_channels": 3}},
         train=("urban100", "sunhays80", "train400"), task="practical", patch=64, batch=16,
@@ -394,15 +405,19 @@ def _recipe_net(recipe: Recipe, init: str | None
     elif (start.spec["arch"] == recipe.net["arch"] == "noisemap"
           and _shapes(start.net.trunk) == _shapes(net.trunk)):
         net.trunk.load_state_dict(start.net.trunk.state_dict())
-        log.info("%s: its trunk continues; its estimator (%d layers x %d) is not the recipe's "
-                 "(%d x %d) and starts anew", init, start.net.config.estimator_layers,
-                 start.net.config.estimator_features, net.config.estimator_layers,
-                 net.config.estimator_features)
+        log.info("%s: its trunk continues; its estimator (%s) is not the recipe's (%s) and "
+                 "starts anew", init, _estimator_shape(start.net), _estimator_shape(net))
     else:
         raise ValueError(f"{init} holds net {start.spec}, not the recipe's {recipe.net}")
     return net, {"uri": str(init), "sha256": start.sha256,
                  "steps": start.provenance.get("steps_total", start.provenance.get("steps")),
                  "wall_seconds": start.provenance.get("wall_seconds_total")}
+
+
+def _estimator_shape(net: torch.nn.Module) -> str:
+    config = net.config
+    return (f"{config.estimator_layers} layers x {config.estimator_features}, window "
+            f"{config.estimator_window}")
 
 
 def _shapes(net: torch.nn.Module) -> dict[str, torch.Size]:
@@ -495,7 +510,8 @@ def _run_steps(name: str, recipe: Recipe, trainer: Trainer, batches: Batches,
         clean, degraded, *noise_map = batches()
         waited += time.perf_counter() - started - elapsed
         loss = trainer.step(clean, degraded, schedule(elapsed / budget, step), *noise_map,
-                            true_share=recipe.map_true_share, map_grad=recipe.map_grad)
+                            true_share=recipe.map_true_share, map_grad=recipe.map_grad,
+                            map_weight=recipe.map_weight)
         if not math.isfinite(loss):  # diverged: back to the last good weights, half the rate
             base_lr /= 2
             log.warning("%s: loss %s at step %d; back to step %d's weights, peak lr %.1e",
