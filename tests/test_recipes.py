@@ -336,6 +336,42 @@ def test_worker_processes_make_the_pairs_reproducibly_and_stop_on_close():
     assert not torch.equal(runs[0][0][0], runs[2][0][0])
 
 
+def test_the_smooth_share_picks_the_flattest_of_its_candidate_crops():
+    """practical.smooth: that share of the crops is the smoothest of smooth_pick random ones.
+    One photo flat but for a gentle ramp, one textured all over: clean crops (the identity
+    pairs) come from the flat one ~1/2 of the time at smooth 0 and all but (1/2)^8 of the time
+    at smooth 1 with 8 candidates; each is the least rough of its candidates."""
+    ramp = np.repeat(np.linspace(60, 90, 48, dtype=np.float32)[None, :, None], 48, 0)
+    flat = (np.repeat(ramp, 3, 2) + np.array([0, 40, 80])).round().astype(np.uint8)  # colour
+    textured = _photos(1)[0]
+    assert synth.roughness(flat) < 1 < synth.roughness(textured)
+
+    def flat_share(smooth):
+        mixture = synth.PracticalMixture(clean=1, gaussian=0, jpeg=0, practical=0, gray=0,
+                                         smooth=smooth, smooth_pick=8)
+        maker = synth.PairMaker([flat, textured], 24, 64, mixture, degrade.PracticalConfig())
+        clean, degraded, noise_map = maker.batch(np.random.default_rng(3))
+        assert torch.equal(clean, degraded) and float(noise_map.abs().max()) == 0
+        rough = [synth.roughness(crop.permute(1, 2, 0).numpy() * 255) for crop in clean]
+        return float(np.mean([r < 1 for r in rough]))
+
+    assert 0.3 < flat_share(0.0) < 0.7
+    assert flat_share(1.0) == 1.0
+    # a draw picks the smoothest of its candidates: the same generator, the same candidates
+    maker = synth.PairMaker([flat, textured], 24, 1, synth.PracticalMixture(
+        clean=1, gaussian=0, jpeg=0, practical=0, gray=0, smooth=1, smooth_pick=5),
+        degrade.PracticalConfig())
+    rng, again = np.random.default_rng(11), np.random.default_rng(11)
+    picked = maker._crop(rng) * 255
+    again.random()  # the smooth draw
+    candidates = degrade.sample_patches([flat, textured], 24, 5, again)
+    assert np.allclose(picked, candidates[int(np.argmin([synth.roughness(c) for c in candidates]))])
+    with pytest.raises(ValueError, match="practical.smooth = 1.5"):
+        synth.PracticalMixture(smooth=1.5)
+    with pytest.raises(ValueError, match="smooth_pick = 0"):
+        synth.PracticalMixture(smooth_pick=0)
+
+
 def test_a_worker_process_failure_reaches_the_training_loop(monkeypatch):
     def broken(clean, rng, config):
         raise ValueError("the degradation broke")
