@@ -317,8 +317,8 @@ class PairMaker:
         mix = self.mixture
         count = mix.smooth_pick if mix.smooth > 0 and rng.random() < mix.smooth else 1
         crops = degrade.sample_patches(pool, self.patch, count, rng)
-        smoothest = min(range(count), key=lambda i: roughness(crops[i]))
-        return crops[smoothest].astype(np.float32) / 255
+        crop = crops[0] if count == 1 else min(crops, key=roughness)  # no measure on a lone crop
+        return crop.astype(np.float32) / 255
 
     def _pair(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         mix = self.mixture
