@@ -491,6 +491,42 @@ def test_a_wider_estimator_starts_anew_on_the_trunk_of_its_init(practical, tmp_p
         recipes._recipe_net(other, str(tmp_path / "start.safetensors"))
 
 
+def test_a_chroma_branch_starts_at_zero_on_a_trained_net_and_trains_alone(practical, tmp_path):
+    """``--init`` a net without a chroma branch into a recipe with one: trunk and estimator
+    continue, the branch starts anew at zero (the net restores as its init did); with
+    ``freeze=trunk,estimator`` only the branch's weights move."""
+    import dataclasses
+
+    from restorer.train.core import noise_map_step
+    from restorer.weights.checkpoint import save_model
+
+    recipe = recipes.RECIPES["tinyreal"]
+    torch.manual_seed(2)
+    start = build_net(recipe.net).eval()
+    save_model(str(tmp_path / "start.safetensors"), start, {"recipe": "tinyreal"})
+    branched = dataclasses.replace(recipe, net={**recipe.net, "chroma_features": 4,
+                                                "chroma_layers": 2, "chroma_scale": 2})
+    branched = recipes.override(branched, "freeze=trunk,estimator")
+    net, _ = recipes._recipe_net(branched, str(tmp_path / "start.safetensors"))
+    for part in ("trunk", "estimator"):
+        assert all(torch.equal(a, b) for a, b in zip(getattr(net, part).state_dict().values(),
+                                                     getattr(start, part).state_dict().values()))
+    x = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(net.eval()(x), start(x), atol=1e-6)
+    recipes._freeze(net, branched.freeze)
+    optimizer = recipes._optimizer(net, branched, 1e-2)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    clean = torch.rand(4, 3, 16, 16)
+    degraded = clean + 0.1 * torch.randn(clean.shape)
+    for _ in range(3):
+        noise_map_step(net, optimizer, clean, degraded, torch.full_like(clean, 0.1),
+                       map_weight=0.0, true_share=0.0)
+    after = net.state_dict()
+    moved = {k for k in after if not torch.equal(after[k], before[k])}
+    assert moved and all(k.startswith("chroma.") for k in moved)
+
+
 def test_without_map_grad_the_estimator_learns_from_the_map_loss_alone(practical):
     """``map_grad = False``: the image loss stops at the map, so the estimator's gradient is
     the map loss's alone (the same as a step on the map loss by hand); end to end (the default)

@@ -226,18 +226,23 @@ def test_unet_pads_to_its_alignment_with_the_mirror_image(shape):
     assert np.array_equal(seen[0][0, 0].numpy(), expected)
 
 
-@pytest.mark.parametrize("window", [0, 5])
+@pytest.mark.parametrize("window,chroma", [(0, 0), (5, 0), (0, 2)])
 @pytest.mark.parametrize("balanced", [False, True])
 @pytest.mark.parametrize("shape", [(61, 133), (7, 9), (1, 1), (129, 2)])
-def test_noise_map_net_tiles_like_whole_images(shape, balanced, window):
+def test_noise_map_net_tiles_like_whole_images(shape, balanced, window, chroma):
     """The estimator runs at half resolution (stride 2, bilinear back up) on the aligned,
     padded image, its pooling window inside the receptive field: tiles starting on multiples
-    of the alignment see the same map."""
+    of the alignment see the same map. A chroma branch (space-to-depth by ``chroma`` px, its
+    last convolution made non-zero here) tiles the same: its blocks start on the alignment."""
     torch.manual_seed(4)
     net = build_net({"arch": "noisemap", "channels": 3, "estimator_features": 4,
                      "estimator_layers": 3, "estimator_window": window,
+                     "chroma_features": 4 if chroma else 0, "chroma_layers": 2,
+                     "chroma_scale": chroma or 4,
                      "trunk": {"arch": "unet", "channels": 3, "num_features": (8, 16, 32),
                                "num_blocks": 1, "guide_channels": 3}}).eval()
+    if chroma:
+        torch.nn.init.normal_(net.chroma.body[-1].weight, std=0.05)
     image = torch.rand(3, *shape)
     rf = net.receptive_field
     with torch.no_grad():

@@ -19,15 +19,24 @@ found; below 1 the net takes the image for cleaner than it is and keeps fine gra
 all of it and still removes compression artifacts); above 1 it cleans harder. It is a
 setting of the net at run time (``net.strength``), not a weight.
 
+With ``chroma_features`` > 0 (colour nets only), a chroma branch follows the U-Net: it sees
+the restored image's luma and chroma, the input's chroma and the (scaled) map at
+1/``chroma_scale`` resolution (space-to-depth, then 3x3 convolutions; pixel shuffle back) and
+adds a correction to the restored chroma. A U-Net of four levels leaves camera noise's colour
+blotches (4-16 px) almost untouched; the branch reaches ``chroma_scale`` x (2 x
+``chroma_layers`` + 1) px for ~5% of the U-Net's cost per pixel. Its last convolution starts
+at zero, so a net given the branch restores exactly as before until the branch is trained.
+
 Input and output are float32 ``[0, 1]`` NCHW with ``channels`` planes. The input is padded to
 a multiple of ``alignment`` (mirror image, bottom and right) once for both parts, so the net
 is translation-equivariant in steps of ``alignment`` and tiled == untiled holds as for a
 U-Net.
 """
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -49,6 +58,12 @@ class NoiseMapConfig:
     trunk: Mapping[str, Any] = field(default_factory=lambda: {
         "arch": "unet", "channels": 3, "num_features": [32, 64, 128, 256], "num_blocks": 2,
         "guide_channels": 3})
+    chroma_features: int = 0  # > 0: width of the chroma branch (see ChromaBranch); 0: none
+    chroma_layers: int = 6  # its 3x3 convolutions, at 1/chroma_scale resolution
+    chroma_scale: int = 4  # its space-to-depth factor
+    # specs written before the branch existed rebuild nets without it (and keep their hash)
+    omitted_at_default: ClassVar[tuple[str, ...]] = (
+        "chroma_features", "chroma_layers", "chroma_scale")
 
     def __post_init__(self):
         from restorer.nets import canonical_spec  # the registry imports this module
@@ -60,6 +75,62 @@ class NoiseMapConfig:
         if self.estimator_window < 0 or (self.estimator_window and self.estimator_window % 2 == 0):
             raise ValueError(f"estimator_window {self.estimator_window}: give an odd number of "
                              f"half-resolution pixels, or 0 for a per-pixel estimate")
+        if self.chroma_features and (self.channels != 3 or self.chroma_layers < 2
+                                     or self.chroma_scale < 1):
+            raise ValueError(f"a chroma branch ({self.chroma_features} features) needs 3 "
+                             f"planes, >= 2 layers and a scale >= 1; got {self.channels} planes, "
+                             f"{self.chroma_layers} layers, scale {self.chroma_scale}: give "
+                             f"chroma_features = 0 for none")
+
+
+# RGB -> luma and two colour differences (BT.601 YCbCr without offsets), and back
+YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+
+
+class ChromaBranch(nn.Module):
+    """A correction of the restored image's chroma from a wide, low-resolution view.
+
+    Inputs per pixel: the restored luma and chroma, the input's chroma and the mean of the
+    noise map over planes (6 planes), space-to-depth by ``scale``; ``layers`` 3x3 convolutions
+    of ``features`` (ReLU between); the last makes 2 x scale^2 planes that pixel shuffle turns
+    into a full-resolution (Cb, Cr) correction, added before the image goes back to RGB. The
+    last convolution starts at zero (the branch adds nothing until trained)."""
+
+    def __init__(self, features: int, layers: int, scale: int):
+        super().__init__()
+        self.scale = scale
+        area = scale * scale
+        convs: list[nn.Module] = [nn.Conv2d(6 * area, features, 3, padding=1),
+                                  nn.ReLU(inplace=True)]
+        for _ in range(layers - 2):
+            convs += [nn.Conv2d(features, features, 3, padding=1), nn.ReLU(inplace=True)]
+        convs.append(nn.Conv2d(features, 2 * area, 3, padding=1))
+        nn.init.zeros_(convs[-1].weight)
+        nn.init.zeros_(convs[-1].bias)
+        self.body = nn.Sequential(*convs)
+        forward = torch.tensor(YCBCR)
+        self.register_buffer("to_ycc", forward, persistent=False)
+        self.register_buffer("to_rgb", torch.linalg.inv(forward), persistent=False)
+
+    @property
+    def receptive_field(self) -> int:
+        """Each 3x3 convolution reaches one block of ``scale`` px further on either side, and a
+        pixel may sit anywhere in its own block: ``scale - 1`` px more on one side."""
+        convs = sum(isinstance(m, nn.Conv2d) for m in self.body)
+        return 2 * (convs * self.scale + self.scale - 1) + 1
+
+    def forward(self, restored: torch.Tensor, x: torch.Tensor,
+                noise_map: torch.Tensor) -> torch.Tensor:
+        # The colour transforms stay in float32 under autocast (8-bit output needs it); the
+        # convolutions run in the autocast precision.
+        with torch.autocast(x.device.type, enabled=False):
+            ycc = torch.einsum("ij,bjhw->bihw", self.to_ycc, restored.float())
+            seen = torch.cat([ycc, torch.einsum("ij,bjhw->bihw", self.to_ycc[1:], x.float()),
+                              noise_map.float().mean(1, keepdim=True)], 1)
+        correction = self.body(functional.pixel_unshuffle(seen, self.scale))
+        with torch.autocast(x.device.type, enabled=False):
+            chroma = ycc[:, 1:] + functional.pixel_shuffle(correction.float(), self.scale)
+            return torch.einsum("ij,bjhw->bihw", self.to_rgb, torch.cat([ycc[:, :1], chroma], 1))
 
 
 class NoiseMapNet(nn.Module):
@@ -80,6 +151,11 @@ class NoiseMapNet(nn.Module):
                              f"at its size with {config.channels} guide planes; {config.trunk} "
                              f"does not: give a U-Net with guide_channels = {config.channels}")
         self.alignment = max(2, self.trunk.alignment)
+        self.chroma = None
+        if config.chroma_features:
+            self.chroma = ChromaBranch(config.chroma_features, config.chroma_layers,
+                                       config.chroma_scale)
+            self.alignment = math.lcm(self.alignment, config.chroma_scale)
         width = config.estimator_features
         layers: list[nn.Module] = [nn.Conv2d(config.channels, width, 3, stride=2, padding=1),
                                    nn.ReLU(inplace=True)]
@@ -97,7 +173,8 @@ class NoiseMapNet(nn.Module):
         pooling window 2 px per half-resolution pixel beyond the first)."""
         window = max(self.config.estimator_window, 1)
         estimator = 3 + 4 * (self.config.estimator_layers - 1) + 2 + 2 * (window - 1)
-        return self.trunk.receptive_field + estimator - 1
+        field = self.trunk.receptive_field + estimator - 1
+        return field if self.chroma is None else field + self.chroma.receptive_field - 1
 
     def _estimate_aligned(self, x: torch.Tensor) -> torch.Tensor:
         out = self.estimator(x)
@@ -133,7 +210,10 @@ class NoiseMapNet(nn.Module):
             noise_map = self._estimate_aligned(padded)
         else:
             noise_map = pad_reflect(noise_map, pad_h, pad_w)
-        restored = self.trunk(padded, noise_map * self.strength)
+        noise_map = noise_map * self.strength
+        restored = self.trunk(padded, noise_map)
+        if self.chroma is not None:
+            restored = self.chroma(restored, padded, noise_map)
         return restored[..., :height, :width]
 
 

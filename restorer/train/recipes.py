@@ -183,7 +183,8 @@ RECIPES: dict[str, Recipe] = {
     "restore-photo": Recipe(
         ships_as="restore-default",
         net={"arch": "noisemap", "channels": 3, "estimator_features": 24,
-             "estimator_layers": 4, "estimator_window": 0,
+             "estimator_layers": 4, "estimator_window": 0, "chroma_features": 0,
+             "chroma_layers": 6, "chroma_scale": 4,
              "trunk": {"arch": "unet", "channels": 3, "features": [32, 64, 128, 256],
                        "blocks": 2, "guide_channels": 3}},
         train=("urban100", "sunhays80", "train400"), task="practical", patch=64, batch=16,
@@ -393,7 +394,7 @@ def _recipe_net(recipe: Recipe, init: str | None
     """The recipe's net, with ``init``'s weights when given (a U-Net becomes a noise-map
     net's trunk, :func:`restorer.nets.noisemap.from_unet`; a noise-map net whose estimator
     is not the recipe's shape gives its trunk only, e.g. ``--set net.estimator_layers=8``
-    widens it), and what the provenance records of ``init`` (None without one)."""
+    widens it; a part init lacks, e.g. a chroma branch, starts anew), and what the provenance records of ``init`` (None without one)."""
     net = build_net(recipe.net)
     if not init:
         return net, None
@@ -404,9 +405,15 @@ def _recipe_net(recipe: Recipe, init: str | None
         net.load_state_dict(start.net.state_dict())
     elif (start.spec["arch"] == recipe.net["arch"] == "noisemap"
           and _shapes(start.net.trunk) == _shapes(net.trunk)):
-        net.trunk.load_state_dict(start.net.trunk.state_dict())
-        log.info("%s: its trunk continues; its estimator (%s) is not the recipe's (%s) and "
-                 "starts anew", init, _estimator_shape(start.net), _estimator_shape(net))
+        anew = []  # the parts of the recipe's net that init lacks or holds in another shape
+        for part, module in net.named_children():
+            given = getattr(start.net, part, None)
+            if given is not None and _shapes(given) == _shapes(module):
+                module.load_state_dict(given.state_dict())
+            else:
+                anew.append(part)
+        log.info("%s: its trunk continues; %s start anew (estimator: init's %s, the recipe's "
+                 "%s)", init, anew, _estimator_shape(start.net), _estimator_shape(net))
     else:
         raise ValueError(f"{init} holds net {start.spec}, not the recipe's {recipe.net}")
     return net, {"uri": str(init), "sha256": start.sha256,
