@@ -26,6 +26,8 @@ adds a correction to the restored chroma. A U-Net of four levels leaves camera n
 blotches (4-16 px) almost untouched; the branch reaches ``chroma_scale`` x (2 x
 ``chroma_layers`` + 1) px for ~5% of the U-Net's cost per pixel. Its last convolution starts
 at zero, so a net given the branch restores exactly as before until the branch is trained.
+No stage file has a trained one yet: on the training mixture it learnt nothing that carried to
+cc15 (``restorer/zoo/stages/README.md``, stages 30-32).
 
 Input and output are float32 ``[0, 1]`` NCHW with ``channels`` planes. The input is padded to
 a multiple of ``alignment`` (mirror image, bottom and right) once for both parts, so the net
