@@ -22,8 +22,8 @@ setting of the net at run time (``net.strength``), not a weight.
 With ``chroma_features`` > 0 (colour nets only), a chroma branch follows the U-Net: it sees
 the restored image's luma and chroma, the input's chroma and the (scaled) map at
 1/``chroma_scale`` resolution (space-to-depth, then 3x3 convolutions; pixel shuffle back) and
-adds a correction to the restored chroma. A U-Net of four levels leaves camera noise's colour
-blotches (4-16 px) almost untouched; the branch reaches ``chroma_scale`` x (2 x
+adds a correction to the restored chroma. It was added because the U-Net leaves cc15's colour
+blotches (4-16 px) almost untouched; the branch reaches ~``chroma_scale`` x (2 x
 ``chroma_layers`` + 1) px for ~5% of the U-Net's cost per pixel. Its last convolution starts
 at zero, so a net given the branch restores exactly as before until the branch is trained.
 No stage file has a trained one yet: on the training mixture it learnt nothing that carried to
