@@ -394,7 +394,8 @@ def _recipe_net(recipe: Recipe, init: str | None
     """The recipe's net, with ``init``'s weights when given (a U-Net becomes a noise-map
     net's trunk, :func:`restorer.nets.noisemap.from_unet`; a noise-map net whose estimator
     is not the recipe's shape gives its trunk only, e.g. ``--set net.estimator_layers=8``
-    widens it; a part init lacks, e.g. a chroma branch, starts anew), and what the provenance records of ``init`` (None without one)."""
+    widens it; a part init lacks, e.g. a chroma branch, starts anew), and what the provenance
+    records of ``init`` (None without one)."""
     net = build_net(recipe.net)
     if not init:
         return net, None
