@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from restorer.errors import ModelError
-from restorer.nets import ALIASES, NETS, RestorationNet, build_net, net_spec
+from restorer.nets import ALIASES, NETS, RestorationNet, build_net, net_spec, noisemap
 from restorer.weights.checkpoint import (
     MODEL_FORMAT,
     MODEL_FORMAT_VERSION,
@@ -272,6 +272,30 @@ def test_a_new_chroma_branch_restores_as_the_net_without_it():
     luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
     assert (changed - before).abs().max() > 1e-3
     assert torch.allclose((changed * luma).sum(1), (before * luma).sum(1), atol=1e-5)
+
+
+def test_a_new_chroma_branch_carries_the_chroma_noise_to_its_last_layer():
+    """On a photo-like input (a gray ramp with chroma noise of 3 levels, the map at that
+    level), the features reaching a new 6-layer branch's last convolution keep a spread of
+    order 0.1, and the part of them the noise makes above 0.02: its inputs are scaled (what
+    the trunk removed from the chroma x 32) and its layers He-initialised. Unscaled inputs and
+    PyTorch's default initialisation left them at 0.017 and 1e-4 here (4e-4 on cc15), and
+    stages 30-33 learnt nothing."""
+    torch.manual_seed(0)
+    net = build_net({**_small("noisemap", 3), "chroma_features": 48, "chroma_layers": 6,
+                     "chroma_scale": 4}).eval()
+    seen = []
+    net.chroma.body[-1].register_forward_hook(lambda module, inputs, out: seen.append(inputs[0]))
+    ramp = torch.linspace(0.2, 0.8, 64).view(1, 1, 1, 64).expand(1, 3, 64, 64)
+    chroma = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(1)) * 3 / 255
+    to_rgb = torch.linalg.inv(torch.tensor(noisemap.YCBCR))[:, 1:]
+    noisy = ramp + torch.einsum("ij,bjhw->bihw", to_rgb, chroma)
+    level = torch.full_like(ramp, 3 / 255)
+    with torch.no_grad():
+        net(noisy, level)
+        net(ramp.contiguous(), level)
+    assert float(seen[0].std()) > 0.1, float(seen[0].std())
+    assert float((seen[0] - seen[1]).std()) > 0.02, float((seen[0] - seen[1]).std())
 
 
 def test_a_chroma_branch_needs_colour_and_is_left_out_of_specs_without_it():

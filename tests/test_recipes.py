@@ -372,6 +372,48 @@ def test_the_smooth_share_picks_the_flattest_of_its_candidate_crops():
         synth.PracticalMixture(smooth_pick=0)
 
 
+def test_the_enlarge_share_cuts_smaller_crops_and_enlarges_them_bicubic():
+    """practical.enlarge: that share of the crops is cut at patch / factor px and enlarged
+    back to the patch (bicubic, uint8 like a stored photo), softer per pixel than a crop cut at
+    the patch size; enlarge 0 draws no extra random numbers (a seed's batches stay as they were)."""
+    photos = _photos(2)
+
+    def clean_crops(**kw):
+        mixture = synth.PracticalMixture(clean=1, gaussian=0, jpeg=0, practical=0, gray=0, **kw)
+        maker = synth.PairMaker(photos, 24, 32, mixture, degrade.PracticalConfig())
+        clean, degraded, _ = maker.batch(np.random.default_rng(5))
+        assert torch.equal(clean, degraded) and clean.shape == (32, 3, 24, 24)
+        return clean
+
+    sharp, soft = clean_crops(), clean_crops(enlarge=1.0, enlarge_range=(3.0, 3.0))
+    assert torch.equal(sharp, clean_crops(enlarge=0.0, enlarge_range=(2.0, 2.5)))
+
+    def rough(batch):
+        return np.mean([synth.roughness(c.permute(1, 2, 0).numpy() * 255) for c in batch])
+
+    assert rough(soft) < 0.6 * rough(sharp)
+    # a draw: the enlarge draw, then an 8 px crop of the same generator, enlarged 3x
+    maker = synth.PairMaker(photos, 24, 1, synth.PracticalMixture(
+        clean=1, gaussian=0, jpeg=0, practical=0, gray=0, enlarge=1, enlarge_range=(3.0, 3.0)),
+        degrade.PracticalConfig())
+    rng, again = np.random.default_rng(7), np.random.default_rng(7)
+    picked = maker._crop(rng) * 255
+    again.random(), again.uniform(3.0, 3.0)
+    small = degrade.sample_patches(photos, 8, 1, again)[0]
+    assert small.shape == (8, 8, 3)
+    expected = np.asarray(Image.fromarray(np.ascontiguousarray(small)).resize(
+        (24, 24), Image.Resampling.BICUBIC))
+    assert np.array_equal(np.round(picked).astype(np.uint8), expected)
+    with pytest.raises(ValueError, match="practical.enlarge = 2"):
+        synth.PracticalMixture(enlarge=2)
+    with pytest.raises(ValueError, match="enlarge_range"):
+        synth.PracticalMixture(enlarge_range=(0.5, 2.0))
+    recipe = recipes.override(recipes.override(recipes.RECIPES["restore-photo"],
+                                               "practical.enlarge=0.5"),
+                              "practical.enlarge_range=2,2.5")
+    assert recipe.practical.enlarge == 0.5 and recipe.practical.enlarge_range == (2.0, 2.5)
+
+
 def test_a_worker_process_failure_reaches_the_training_loop(monkeypatch):
     def broken(clean, rng, config):
         raise ValueError("the degradation broke")

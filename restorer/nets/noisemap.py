@@ -92,11 +92,18 @@ YCBCR = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0
 class ChromaBranch(nn.Module):
     """A correction of the restored image's chroma from a wide, low-resolution view.
 
-    Inputs per pixel: the restored luma and chroma, the input's chroma and the mean of the
-    noise map over planes (6 planes), space-to-depth by ``scale``; ``layers`` 3x3 convolutions
-    of ``features`` (ReLU between); the last makes 2 x scale^2 planes that pixel shuffle turns
-    into a full-resolution (Cb, Cr) correction, added before the image goes back to RGB. The
-    last convolution starts at zero (the branch adds nothing until trained)."""
+    Inputs per pixel (6 planes), each scaled to be of order 1 where it matters: the restored
+    luma (centred), the restored chroma, what the trunk removed from the input's chroma (noise
+    of a few levels) and the mean of the noise map over planes (``INPUT_SCALES``);
+    space-to-depth by ``scale``; ``layers`` 3x3 convolutions of ``features`` (ReLU between,
+    He-initialised); the last makes 2 x scale^2 planes that pixel shuffle turns into a
+    full-resolution (Cb, Cr) correction, added before the image goes back to RGB. The last
+    convolution starts at zero (the branch adds nothing until trained). Unscaled inputs (luma
+    in [0, 1] beside chroma noise of 0.01) and PyTorch's default initialisation left the last
+    layer's inputs at ~1e-4 and the branch untrainable (stages 30-33)."""
+
+    # luma - 0.5, Cb, Cr, removed Cb, removed Cr, map: x 2, 8, 8, 32, 32, 16
+    INPUT_SCALES = (2.0, 8.0, 8.0, 32.0, 32.0, 16.0)
 
     def __init__(self, features: int, layers: int, scale: int):
         super().__init__()
@@ -107,12 +114,19 @@ class ChromaBranch(nn.Module):
         for _ in range(layers - 2):
             convs += [nn.Conv2d(features, features, 3, padding=1), nn.ReLU(inplace=True)]
         convs.append(nn.Conv2d(features, 2 * area, 3, padding=1))
+        for conv in convs[:-1:2]:
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
         nn.init.zeros_(convs[-1].weight)
         nn.init.zeros_(convs[-1].bias)
         self.body = nn.Sequential(*convs)
         forward = torch.tensor(YCBCR)
         self.register_buffer("to_ycc", forward, persistent=False)
         self.register_buffer("to_rgb", torch.linalg.inv(forward), persistent=False)
+        self.register_buffer("scales", torch.tensor(self.INPUT_SCALES).view(1, -1, 1, 1),
+                             persistent=False)
+        self.register_buffer("offsets", torch.tensor([0.5, 0, 0, 0, 0, 0]).view(1, -1, 1, 1),
+                             persistent=False)
 
     @property
     def receptive_field(self) -> int:
@@ -127,8 +141,9 @@ class ChromaBranch(nn.Module):
         # convolutions run in the autocast precision.
         with torch.autocast(x.device.type, enabled=False):
             ycc = torch.einsum("ij,bjhw->bihw", self.to_ycc, restored.float())
-            seen = torch.cat([ycc, torch.einsum("ij,bjhw->bihw", self.to_ycc[1:], x.float()),
-                              noise_map.float().mean(1, keepdim=True)], 1)
+            removed = torch.einsum("ij,bjhw->bihw", self.to_ycc[1:], x.float()) - ycc[:, 1:]
+            seen = torch.cat([ycc, removed, noise_map.float().mean(1, keepdim=True)], 1)
+            seen = (seen - self.offsets) * self.scales
         correction = self.body(functional.pixel_unshuffle(seen, self.scale))
         with torch.autocast(x.device.type, enabled=False):
             chroma = ycc[:, 1:] + functional.pixel_shuffle(correction.float(), self.scale)
