@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save as save_tensors
 
 from restorer.errors import ModelError
-from restorer.nets import ALIASES, NETS, RestorationNet, build_net, net_spec, noisemap
+from restorer.nets import ALIASES, NETS, RestorationNet, build_net, net_spec
 from restorer.weights.checkpoint import (
     MODEL_FORMAT,
     MODEL_FORMAT_VERSION,
@@ -288,8 +288,7 @@ def test_a_new_chroma_branch_carries_the_chroma_noise_to_its_last_layer():
     net.chroma.body[-1].register_forward_hook(lambda module, inputs, out: seen.append(inputs[0]))
     ramp = torch.linspace(0.2, 0.8, 64).view(1, 1, 1, 64).expand(1, 3, 64, 64)
     chroma = torch.randn(1, 2, 64, 64, generator=torch.Generator().manual_seed(1)) * 3 / 255
-    to_rgb = torch.linalg.inv(torch.tensor(noisemap.YCBCR))[:, 1:]
-    noisy = ramp + torch.einsum("ij,bjhw->bihw", to_rgb, chroma)
+    noisy = ramp + torch.einsum("ij,bjhw->bihw", net.chroma.to_rgb[:, 1:], chroma)
     level = torch.full_like(ramp, 3 / 255)
     with torch.no_grad():
         net(noisy, level)

@@ -125,8 +125,6 @@ class ChromaBranch(nn.Module):
         self.register_buffer("to_rgb", torch.linalg.inv(forward), persistent=False)
         self.register_buffer("scales", torch.tensor(self.INPUT_SCALES).view(1, -1, 1, 1),
                              persistent=False)
-        self.register_buffer("offsets", torch.tensor([0.5, 0, 0, 0, 0, 0]).view(1, -1, 1, 1),
-                             persistent=False)
 
     @property
     def receptive_field(self) -> int:
@@ -142,8 +140,8 @@ class ChromaBranch(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             ycc = torch.einsum("ij,bjhw->bihw", self.to_ycc, restored.float())
             removed = torch.einsum("ij,bjhw->bihw", self.to_ycc[1:], x.float()) - ycc[:, 1:]
-            seen = torch.cat([ycc, removed, noise_map.float().mean(1, keepdim=True)], 1)
-            seen = (seen - self.offsets) * self.scales
+            seen = torch.cat([ycc[:, :1] - 0.5, ycc[:, 1:], removed,
+                              noise_map.float().mean(1, keepdim=True)], 1) * self.scales
         correction = self.body(functional.pixel_unshuffle(seen, self.scale))
         with torch.autocast(x.device.type, enabled=False):
             chroma = ycc[:, 1:] + functional.pixel_shuffle(correction.float(), self.scale)
