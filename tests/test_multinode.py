@@ -24,7 +24,8 @@ from pathlib import Path
 import pytest
 from helpers import free_port
 
-pytestmark = pytest.mark.slow
+# first: before any test starts Ray in the pytest process (see conftest's collection hook)
+pytestmark = [pytest.mark.slow, pytest.mark.first]
 
 NODES = 3  # the head and two workers
 CPUS_PER_NODE = 2
