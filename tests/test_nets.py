@@ -309,8 +309,33 @@ def test_a_chroma_branch_needs_colour_and_is_left_out_of_specs_without_it():
     branched = net_spec(_chroma_net())
     assert (branched["chroma_features"], branched["chroma_layers"],
             branched["chroma_scale"]) == (6, 2, 2)
+    assert "chroma_leak" not in branched  # a ReLU branch's spec (stage 35's) stays as written
     rebuilt = build_net(branched)
     assert rebuilt.state_dict().keys() == _chroma_net().state_dict().keys()
+
+
+@pytest.mark.parametrize("leak", [0.0, 0.1])
+def test_a_leaky_chroma_branch_still_learns_through_units_that_are_off(leak):
+    """Every unit of the first hidden layer pushed negative (bias -100): a ReLU branch passes
+    its first convolution no gradient at all (stage 34's dead units); with ``chroma_leak`` the
+    gradient comes through at the leak's share. The leak is written in the spec; a slope
+    outside [0, 1) is refused."""
+    spec = {**_small("noisemap", 3), "chroma_features": 6, "chroma_layers": 3,
+            "chroma_scale": 2, "chroma_leak": leak}
+    net = build_net(spec)
+    torch.nn.init.normal_(net.chroma.body[-1].weight, std=0.05)
+    first = net.chroma.body[0]
+    torch.nn.init.constant_(first.bias, -100.0)
+    net(torch.rand(2, 3, 32, 32)).square().mean().backward()
+    flowing = float(first.weight.grad.abs().max())
+    if leak:
+        assert flowing > 1e-6
+        assert net_spec(net)["chroma_leak"] == leak
+        assert isinstance(net.chroma.body[1], torch.nn.LeakyReLU)
+    else:
+        assert flowing == 0.0
+    with pytest.raises(ValueError, match="negative slope in"):
+        build_net({**spec, "chroma_leak": 1.0})
 
 
 def test_a_chroma_branch_keeps_its_colour_transforms_in_float32_under_autocast():

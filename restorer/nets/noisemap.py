@@ -63,9 +63,12 @@ class NoiseMapConfig:
     chroma_features: int = 0  # > 0: width of the chroma branch (see ChromaBranch); 0: none
     chroma_layers: int = 6  # its 3x3 convolutions, at 1/chroma_scale resolution
     chroma_scale: int = 4  # its space-to-depth factor
+    # the negative slope of its hidden activations: 0 is a ReLU (stage 35's branch); a leak
+    # keeps units that a noisy start pushed negative learning (ReLUs there die, stage 34)
+    chroma_leak: float = 0.0
     # specs written before the branch existed rebuild nets without it (and keep their hash)
     omitted_at_default: ClassVar[tuple[str, ...]] = (
-        "chroma_features", "chroma_layers", "chroma_scale")
+        "chroma_features", "chroma_layers", "chroma_scale", "chroma_leak")
 
     def __post_init__(self):
         from restorer.nets import canonical_spec  # the registry imports this module
@@ -83,6 +86,9 @@ class NoiseMapConfig:
                              f"planes, >= 2 layers and a scale >= 1; got {self.channels} planes, "
                              f"{self.chroma_layers} layers, scale {self.chroma_scale}: give "
                              f"chroma_features = 0 for none")
+        if not 0.0 <= self.chroma_leak < 1.0:
+            raise ValueError(f"chroma_leak {self.chroma_leak}: give a negative slope in [0, 1) "
+                             f"(0: a ReLU)")
 
 
 # RGB -> luma and two colour differences (BT.601 YCbCr without offsets), and back
@@ -95,8 +101,8 @@ class ChromaBranch(nn.Module):
     Inputs per pixel (6 planes), each scaled to be of order 1 where it matters: the restored
     luma (centred), the restored chroma, what the trunk removed from the input's chroma (noise
     of a few levels) and the mean of the noise map over planes (``INPUT_SCALES``);
-    space-to-depth by ``scale``; ``layers`` 3x3 convolutions of ``features`` (ReLU between,
-    He-initialised); the last makes 2 x scale^2 planes that pixel shuffle turns into a
+    space-to-depth by ``scale``; ``layers`` 3x3 convolutions of ``features`` (ReLU between, or
+    a leaky ReLU of slope ``leak``; He-initialised); the last makes 2 x scale^2 planes that pixel shuffle turns into a
     full-resolution (Cb, Cr) correction, added before the image goes back to RGB. The last
     convolution starts at zero (the branch adds nothing until trained). Unscaled inputs (luma
     in [0, 1] beside chroma noise of 0.01) and PyTorch's default initialisation left the last
@@ -105,17 +111,20 @@ class ChromaBranch(nn.Module):
     # luma - 0.5, Cb, Cr, removed Cb, removed Cr, map: x 2, 8, 8, 32, 32, 16
     INPUT_SCALES = (2.0, 8.0, 8.0, 32.0, 32.0, 16.0)
 
-    def __init__(self, features: int, layers: int, scale: int):
+    def __init__(self, features: int, layers: int, scale: int, leak: float = 0.0):
         super().__init__()
         self.scale = scale
         area = scale * scale
-        convs: list[nn.Module] = [nn.Conv2d(6 * area, features, 3, padding=1),
-                                  nn.ReLU(inplace=True)]
+
+        def activation() -> nn.Module:
+            return nn.LeakyReLU(leak, inplace=True) if leak else nn.ReLU(inplace=True)
+
+        convs: list[nn.Module] = [nn.Conv2d(6 * area, features, 3, padding=1), activation()]
         for _ in range(layers - 2):
-            convs += [nn.Conv2d(features, features, 3, padding=1), nn.ReLU(inplace=True)]
+            convs += [nn.Conv2d(features, features, 3, padding=1), activation()]
         convs.append(nn.Conv2d(features, 2 * area, 3, padding=1))
         for conv in convs[:-1:2]:
-            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.kaiming_normal_(conv.weight, a=leak, nonlinearity="leaky_relu")
             nn.init.zeros_(conv.bias)
         nn.init.zeros_(convs[-1].weight)
         nn.init.zeros_(convs[-1].bias)
@@ -169,7 +178,7 @@ class NoiseMapNet(nn.Module):
         self.chroma = None
         if config.chroma_features:
             self.chroma = ChromaBranch(config.chroma_features, config.chroma_layers,
-                                       config.chroma_scale)
+                                       config.chroma_scale, config.chroma_leak)
             self.alignment = math.lcm(self.alignment, config.chroma_scale)
         width = config.estimator_features
         layers: list[nn.Module] = [nn.Conv2d(config.channels, width, 3, stride=2, padding=1),

@@ -184,7 +184,7 @@ RECIPES: dict[str, Recipe] = {
         ships_as="restore-default",
         net={"arch": "noisemap", "channels": 3, "estimator_features": 24,
              "estimator_layers": 4, "estimator_window": 0, "chroma_features": 0,
-             "chroma_layers": 6, "chroma_scale": 4,
+             "chroma_layers": 6, "chroma_scale": 4, "chroma_leak": 0.0,
              "trunk": {"arch": "unet", "channels": 3, "features": [32, 64, 128, 256],
                        "blocks": 2, "guide_channels": 3}},
         train=("urban100", "sunhays80", "train400"), task="practical", patch=64, batch=16,
