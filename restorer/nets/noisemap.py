@@ -102,11 +102,12 @@ class ChromaBranch(nn.Module):
     luma (centred), the restored chroma, what the trunk removed from the input's chroma (noise
     of a few levels) and the mean of the noise map over planes (``INPUT_SCALES``);
     space-to-depth by ``scale``; ``layers`` 3x3 convolutions of ``features`` (ReLU between, or
-    a leaky ReLU of slope ``leak``; He-initialised); the last makes 2 x scale^2 planes that pixel shuffle turns into a
-    full-resolution (Cb, Cr) correction, added before the image goes back to RGB. The last
-    convolution starts at zero (the branch adds nothing until trained). Unscaled inputs (luma
-    in [0, 1] beside chroma noise of 0.01) and PyTorch's default initialisation left the last
-    layer's inputs at ~1e-4 and the branch untrainable (stages 30-33)."""
+    a leaky ReLU of slope ``leak``; He-initialised); the last makes 2 x scale^2 planes that
+    pixel shuffle turns into a full-resolution (Cb, Cr) correction, added before the image
+    goes back to RGB. The last convolution starts at zero (the branch adds nothing until
+    trained). Unscaled inputs (luma in [0, 1] beside chroma noise of 0.01) and PyTorch's default
+    initialisation left the last layer's inputs at ~1e-4 and the branch untrainable (stages
+    30-33); with ReLUs its hidden units then died (34-35), a leak keeps them learning (36)."""
 
     # luma - 0.5, Cb, Cr, removed Cb, removed Cr, map: x 2, 8, 8, 32, 32, 16
     INPUT_SCALES = (2.0, 8.0, 8.0, 32.0, 32.0, 16.0)
